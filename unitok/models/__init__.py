@@ -1,0 +1,1 @@
+"""Architecture only: encoder, projection, quantizer, decoder, text tower, and the whole UniTok."""
