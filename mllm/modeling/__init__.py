@@ -1,0 +1,10 @@
+"""The unified MLLM as a registered transformers model (`model_type = "unitok_mllm"`)."""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mllm.modeling.configuration import IMAGE_TOKEN_INDEX, UniMLLMConfig
+from mllm.modeling.modeling import UniMLLMForCausalLM, default_attn_implementation
+
+AutoConfig.register(UniMLLMConfig.model_type, UniMLLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(UniMLLMConfig, UniMLLMForCausalLM, exist_ok=True)
+
+__all__ = ["IMAGE_TOKEN_INDEX", "UniMLLMConfig", "UniMLLMForCausalLM", "default_attn_implementation"]

@@ -1,0 +1,220 @@
+"""The unified MLLM on a tiny config: parity, causality, depth head, losses, checkpoints, generation."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import mllm  # noqa: F401  (registers the model type)
+from mllm import IMAGE_TOKEN_INDEX as IMG, UniMLLMForCausalLM
+from mllm.data.collate import Sample, collate
+from mllm.generate import (SamplingConfig, answer, cfg_mix, generate_images, reference_answer,
+                           reference_generate_images, sample_logits)
+from mllm_tiny import tiny_config
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = UniMLLMForCausalLM(tiny_config()).eval()
+    with torch.no_grad():  # make the frozen codebooks non-trivial
+        for cb in m.model.multi_embedder.quantizer.codebooks:
+            cb.codebook.weight.normal_()
+    return m
+
+
+def _codes(seed, h=2, w=3):
+    return torch.randint(0, 64, (4, h, w), generator=torch.Generator().manual_seed(seed))
+
+
+def test_text_only_logits_equal_plain_llama(model):
+    cfg = model.config.to_dict()
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig.__dataclass_fields__}))
+    result = llama.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == []
+    llama.eval()
+    ids = torch.randint(5, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits,
+                          llama(input_ids=ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_embedder_is_causal(model):
+    emb = model.model.multi_embedder
+    codes = torch.randint(0, 64, (2, 4, 6))
+    base = emb(codes)
+    later = codes.clone()
+    later[:, :, 4:] = (later[:, :, 4:] + 7) % 64
+    changed = emb(later)
+    assert torch.allclose(changed[:, :4], base[:, :4], atol=1e-6)
+    assert not torch.allclose(changed[:, 4:], base[:, 4:])
+    cache = {}
+    inc = torch.cat([emb(codes[:, :, t:t + 1], kv_cache=cache) for t in range(6)], 1)
+    assert torch.allclose(inc, base, atol=1e-5)
+
+
+def test_depth_head_teacher_forced_equals_step_by_step(model):
+    head = model.ar_head
+    h = torch.randn(3, 64)
+    codes = torch.randint(0, 64, (3, 4))
+    tf = head(h, codes)  # (3, K, V)
+    cache = head.new_cache()
+    x = head.start_input(h)
+    for i in range(4):
+        step = head.step(x, i, cache)
+        assert torch.allclose(step, tf[:, i], atol=1e-5)
+        if i < 3:
+            x = head.embed_code(i, codes[:, i])
+
+
+def test_collate_expands_images_and_masks_labels():
+    s = Sample([1, 10, IMG, 11, 12], [-100, -100, -100, 11, 12], [_codes(0)], [True])
+    b = collate([s, Sample([1, 20, 21], [-100, 20, 21])], pad_id=0)
+    assert b["input_ids"].shape == (2, 10)
+    assert b["labels"][0].tolist() == [-100] * 8 + [11, 12]
+    assert b["image_starts"].tolist() == [[0, 2]] and b["image_lens"].tolist() == [6]
+    assert torch.equal(b["image_codes"][0], _codes(0).reshape(4, 6))
+    assert b["attention_mask"][1].tolist() == [1, 1, 1] + [0] * 7
+    left = collate([s, Sample([1, 20, 21], [-100, 20, 21])], pad_id=0, padding_side="left")
+    assert left["attention_mask"][1].tolist() == [0] * 7 + [1, 1, 1]
+    assert left["position_ids"][1, 7:].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="placeholders"):
+        Sample([1, IMG], [-100, -100], [])
+
+
+def test_losses_match_hand_computation(model):
+    samples = [Sample([1, 10, 11, 3, IMG, 4, 2], [-100, -100, -100, 3, -100, 4, 2], [_codes(1)], [True]),
+               Sample([1, IMG, 30, 31, 2], [-100, -100, 30, 31, 2], [_codes(2, 1, 2)], [False])]
+    b = collate(samples)
+    batch = {k: b[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "image_codes",
+                               "image_lens", "image_starts", "image_gen")}
+    out = model(**batch)
+    embeds = model.build_inputs_embeds(b["input_ids"], b["image_codes"], b["image_lens"], b["image_starts"])
+    full = model(inputs_embeds=embeds, attention_mask=b["attention_mask"], position_ids=b["position_ids"])
+    logits, hidden = full.logits[:, :-1], full.hidden_states_last
+    tgt = b["labels"][:, 1:]
+    sel = tgt != -100
+    text = F.cross_entropy(logits[sel], tgt[sel])
+    assert int(sel.sum()) == 6 and torch.allclose(out.text_loss, text, atol=1e-5)
+    # image: generated image 0 starts at column 4 of row 0 -> hidden states 3..8 predict its 6 positions
+    h = hidden[0, 3:9]
+    targets = _codes(1).reshape(4, 6).T
+    img_logits = model.ar_head(h, targets)
+    ce = F.cross_entropy(img_logits.reshape(-1, 64), targets.reshape(-1))
+    image = ce + 5e-5 * img_logits.max(-1).values.pow(2).mean()
+    assert torch.allclose(out.image_loss, image, atol=1e-5)
+    n_img, n_txt = 6 * 4, 6
+    assert torch.allclose(out.loss, (image * n_img + text * n_txt) / (n_img + n_txt), atol=1e-5)
+
+
+def test_every_trainable_parameter_gets_a_gradient_without_images(model):
+    model.train()
+    b = collate([Sample([1, 20, 21, 22], [-100, 20, 21, 22])])
+    out = model(**{k: b[k] for k in ("input_ids", "labels", "attention_mask", "position_ids", "image_codes",
+                                     "image_lens", "image_starts", "image_gen")})
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    assert not any(p.requires_grad for p in model.model.multi_embedder.quantizer.parameters())
+
+
+def test_save_and_from_pretrained_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, UniMLLMForCausalLM)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(5, 300, (1, 8))
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_load_tokenizer_weights():
+    from unitok import UniTok, preset
+
+    torch.manual_seed(0)
+    tok = UniTok(preset("debug"))
+    m = UniMLLMForCausalLM(tiny_config())
+    m.load_tokenizer_weights(tok)
+    emb = m.model.multi_embedder
+    assert torch.equal(emb.quantizer.codebooks[2].codebook.weight, tok.quantizer.codebooks[2].codebook.weight)
+    assert torch.equal(emb.attn_projection.attn.qkv.weight, tok.post_quant_proj.attn.qkv.weight)
+    codes = tok.encode(torch.rand(1, 3, 32, 32) * 2 - 1).flatten(2)
+    # causal embedder = the tokenizer's projection run causally: the last position sees every code,
+    # so it agrees with the tokenizer's full attention there, and only there
+    full = tok.tokens_from_codes(codes)
+    causal = emb.attn_projection(emb.quantizer(codes))
+    assert torch.allclose(full[:, -1], causal[:, -1], atol=1e-5)
+    assert not torch.allclose(full[:, 0], causal[:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="heads"):
+        UniMLLMForCausalLM(tiny_config(embed_num_heads=4)).load_tokenizer_weights(tok)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_cached_image_generation_equals_full_recompute(model, cfg_scale):
+    prompts = [[1, 50, 51, 3], [1, 60, 3]]
+    null = [1, 99, 3]
+    greedy = SamplingConfig(temperature=0)
+    fast = generate_images(model, prompts, (2, 3), null_ids=null, cfg_scale=cfg_scale, sampling=greedy)
+    slow = reference_generate_images(model, prompts, (2, 3), null_ids=null, cfg_scale=cfg_scale, sampling=greedy)
+    assert fast.shape == (2, 4, 2, 3)
+    assert torch.equal(fast, slow)
+
+
+def test_cached_answer_equals_full_recompute(model):
+    prompts = [Sample([1, IMG, 40, 41], [-100] * 4, [_codes(3)]), Sample([1, 42], [-100, -100])]
+    fast = answer(model, prompts, max_new_tokens=6, stop_ids={2})
+    slow = reference_answer(model, prompts, max_new_tokens=6, stop_ids={2})
+    assert fast == slow and all(len(r) > 0 for r in fast)
+
+
+def test_cfg_and_sampling_rules():
+    lc, lu = torch.randn(3, 10), torch.randn(3, 10)
+    assert torch.allclose(cfg_mix(lc, lu, 1.0), lc, atol=1e-6)
+    assert torch.allclose(cfg_mix(lc, lu, 2.0), 2 * lc - lu, atol=1e-6)
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert sample_logits(logits, SamplingConfig(temperature=0)).item() == 2
+    g = torch.Generator().manual_seed(0)
+    assert all(sample_logits(logits, SamplingConfig(top_k=1), g).item() == 2 for _ in range(5))
+    picks = {sample_logits(logits, SamplingConfig(top_k=2), g).item() for _ in range(200)}
+    assert picks == {2, 3}
+    picks = {sample_logits(torch.tensor([[0.0, 0.0, 10.0, 9.0]]), SamplingConfig(top_p=0.5), g).item()
+             for _ in range(100)}
+    assert picks == {2}
+
+
+def test_seeded_sampling_is_reproducible_and_cfg1_is_conditional(model):
+    prompts = [[1, 50, 3]]
+    s = SamplingConfig(temperature=1.0, top_k=20)
+    a = generate_images(model, prompts, (1, 2), sampling=s, generator=torch.Generator().manual_seed(5))
+    b = generate_images(model, prompts, (1, 2), sampling=s, generator=torch.Generator().manual_seed(5))
+    c = generate_images(model, prompts, (1, 2), null_ids=[1, 9, 3], cfg_scale=1.0, sampling=s,
+                        generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_packed_rows_do_not_attend_across_samples(model):
+    samples = [Sample([1, 10, IMG, 11], [-100, 10, -100, 11], [_codes(4)], [True]),
+               Sample([1, 20, 21, 22, 23], [-100, 20, 21, 22, 23]),
+               Sample([1, IMG, 30], [-100, -100, 30], [_codes(5, 1, 1)], [False])]
+    packed = collate(samples, pack_to=24)
+    assert packed["input_ids"].shape == (1, 24) and packed["attention_mask"] is None
+    emb = model.build_inputs_embeds(packed["input_ids"], packed["image_codes"], packed["image_lens"],
+                                    packed["image_starts"])
+    logits = model(inputs_embeds=emb, position_ids=packed["position_ids"]).logits[0]
+    start = 0
+    for s in samples:
+        alone = collate([s])
+        e = model.build_inputs_embeds(alone["input_ids"], alone["image_codes"], alone["image_lens"],
+                                      alone["image_starts"])
+        ref = model(inputs_embeds=e, attention_mask=alone["attention_mask"],
+                    position_ids=alone["position_ids"]).logits[0]
+        n = ref.shape[0]
+        assert torch.allclose(logits[start:start + n], ref, atol=1e-5)
+        start += n
+    # packed training loss equals the token-weighted combination computed on the padded batch
+    keys = ("input_ids", "labels", "attention_mask", "position_ids", "image_codes", "image_lens",
+            "image_starts", "image_gen")
+    padded = collate(samples)
+    lp = model(**{k: packed[k] for k in keys}).loss
+    lq = model(**{k: padded[k] for k in keys}).loss
+    assert torch.allclose(lp, lq, atol=1e-5)
