@@ -218,3 +218,22 @@ def test_packed_rows_do_not_attend_across_samples(model):
     lp = model(**{k: packed[k] for k in keys}).loss
     lq = model(**{k: padded[k] for k in keys}).loss
     assert torch.allclose(lp, lq, atol=1e-5)
+
+
+def test_from_local_llama_folder(tmp_path):
+    from unitok import UniTok, preset
+
+    torch.manual_seed(0)
+    cfg = tiny_config().to_dict()
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig.__dataclass_fields__}))
+    llama.save_pretrained(tmp_path / "llama")
+    tok = UniTok(preset("debug"))
+    m = UniMLLMForCausalLM.from_llama(tmp_path / "llama", tokenizer=tok, depth_num_layers=1).eval()
+    assert m.config.num_codebooks == 4 and m.config.embed_width == 32 and m.config.depth_num_layers == 1
+    assert torch.equal(m.model.layers[1].mlp.up_proj.weight, llama.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(m.model.multi_embedder.quantizer.codebooks[0].codebook.weight,
+                       tok.quantizer.codebooks[0].codebook.weight)
+    ids = torch.randint(5, 300, (1, 6))
+    assert torch.allclose(m(input_ids=ids).logits, llama.eval()(input_ids=ids).logits, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        UniMLLMForCausalLM.from_llama(tmp_path / "nowhere")

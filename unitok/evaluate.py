@@ -1,0 +1,240 @@
+"""Tokenizer evaluation: reconstruction (rFID, IS, PSNR, SSIM), codebook usage, zero-shot accuracy.
+
+    python -m unitok.evaluate --tokenizer CKPT --images REF_DIR [--inception-weights FILE]
+        [--zeroshot-dir IMAGEFOLDER --classnames imagenet|folders] [--size 256] [--out OUT_DIR]
+
+- Reconstruction: each image of REF_DIR goes through Resize + CenterCrop(size), encode, decode; the
+  reconstructions are written as PNGs under OUT_DIR/recon and compared with the centre crops
+  (written under OUT_DIR/reference) by PSNR and SSIM (scikit-image) and, with --inception-weights,
+  by rFID and IS from torch-fidelity's `inception-v3-compat` extractor (REFERENCE.md 5.1). The
+  weights file must be local; it is checked with `torch.load(weights_only=True)` first because
+  torch-fidelity itself unpickles it without that guard.
+- Codebook: per-codebook usage (% of entries hit) and perplexity exp(H(code histogram)).
+- Zero-shot: open_clip's zero-shot classifier (class names x templates, averaged and renormalised
+  text embeddings) against `encode_image` (the quantized path); top-1 and top-5.
+Multi-rank: images are split across ranks; counts are all-reduced; only rank 0 writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Sorted image files under `folder` (recursive)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"no images in {folder}")
+    return files
+
+
+def load_val_image(path: Path, size: int) -> torch.Tensor:
+    """Resize (short side, bicubic) + CenterCrop -> (3, size, size) in [-1, 1]."""
+    from torchvision.transforms import functional as TF
+
+    img = Image.open(path).convert("RGB")
+    img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+    return TF.to_tensor(img) * 2 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def psnr_ssim(ref: np.ndarray, rec: np.ndarray) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of two uint8 images."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr = peak_signal_noise_ratio(ref, rec, data_range=255)
+    ssim = structural_similarity(ref, rec, channel_axis=2, data_range=255)
+    return float(min(psnr, 100.0)), float(ssim)
+
+
+def codebook_stats(counts: torch.Tensor) -> dict[str, list[float]]:
+    """counts (K, V) -> usage percent and perplexity per codebook."""
+    p = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+    return {"usage_pct": ((counts > 0).float().mean(1) * 100).tolist(), "perplexity": ent.exp().tolist()}
+
+
+def check_local_weights(path: str | Path) -> Path:
+    """Refuse a missing file or one that holds anything but tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights not found: {path}")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means we will not hand it to an unsafe loader
+        raise ValueError(f"{path} is not a plain tensor state dict (refusing to unpickle it): {e}") from e
+    return path
+
+
+def fid_is(recon_dir: Path, ref_dir: Path, weights: Path, batch_size: int = 64) -> dict[str, float]:
+    """rFID and IS with torch-fidelity's inception-v3-compat extractor on local weights."""
+    import torch_fidelity
+
+    n = sum(1 for _ in recon_dir.glob("*.png"))
+    m = torch_fidelity.calculate_metrics(
+        input1=str(recon_dir), input2=str(ref_dir), fid=True, isc=True, feature_extractor="inception-v3-compat",
+        feature_layer_fid="2048", feature_layer_isc="logits_unbiased",
+        feature_extractor_weights_path=str(check_local_weights(weights)), batch_size=batch_size,
+        isc_splits=max(1, min(10, n // 2)),  # 10 splits as in the release; fewer on tiny folders
+        samples_shuffle=True, rng_seed=0, save_cpu_ram=True, cuda=torch.cuda.is_available(), verbose=False)
+    return {"rfid": float(m["frechet_inception_distance"]), "is": float(m["inception_score_mean"])}
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model, images: list[Path], size: int, out_dir: Path, batch_size: int = 16,
+                            rank: int = 0, world: int = 1) -> dict:
+    """Reconstruct this rank's share of `images`; write PNGs; return summed metrics and code counts."""
+    from unitok.models.unitok import UniTok  # noqa: F401  (type only)
+
+    device = model.device
+    K, V = model.num_codebooks, model.codebook_size
+    counts = torch.zeros(K, V, dtype=torch.float64)
+    mine = images[rank::world]
+    psnr_sum = ssim_sum = 0.0
+    (out_dir / "recon").mkdir(parents=True, exist_ok=True)
+    (out_dir / "reference").mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(mine), batch_size):
+        paths = mine[i:i + batch_size]
+        x = torch.stack([load_val_image(p, size) for p in paths]).to(device)
+        codes = model.encode(x)
+        rec = model.decode(codes)
+        counts += torch.stack([torch.bincount(codes[:, k].flatten().cpu(), minlength=V) for k in range(K)]).double()
+        for p, a, b in zip(paths, x, rec):
+            ref8, rec8 = to_uint8(a), to_uint8(b)
+            ps, ss = psnr_ssim(ref8, rec8)
+            psnr_sum += ps
+            ssim_sum += ss
+            name = f"{images.index(p):06d}.png"
+            Image.fromarray(ref8).save(out_dir / "reference" / name)
+            Image.fromarray(rec8).save(out_dir / "recon" / name)
+    return {"n": len(mine), "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "counts": counts}
+
+
+@torch.no_grad()
+def zero_shot(model, folder: Path, classnames: str, size: int, batch_size: int = 32, rank: int = 0,
+              world: int = 1) -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy on an ImageFolder (summed counts for this rank)."""
+    import open_clip
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder))
+    if classnames == "imagenet":
+        if len(ds.classes) != len(IMAGENET_CLASSNAMES):
+            raise ValueError(f"--classnames imagenet needs 1000 class folders, found {len(ds.classes)}")
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        names = [c.replace("_", " ") for c in ds.classes]
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.cfg.text.context_length)
+    weights = build_zero_shot_classifier(model, tok, names, OPENAI_IMAGENET_TEMPLATES, 10, model.device)
+    top1 = top5 = n = 0
+    idx = list(range(len(ds)))[rank::world]
+    for i in range(0, len(idx), batch_size):
+        items = [ds.samples[j] for j in idx[i:i + batch_size]]
+        x = torch.stack([load_val_image(Path(p), size) for p, _ in items]).to(model.device)
+        y = torch.tensor([t for _, t in items], device=model.device)
+        logits = 100.0 * model.encode_image(x, normalize=True) @ weights
+        k = min(5, logits.shape[1])
+        pred = logits.topk(k, dim=1).indices
+        top1 += int((pred[:, 0] == y).sum())
+        top5 += int((pred == y[:, None]).any(1).sum())
+        n += len(items)
+    return {"top1_correct": top1, "top5_correct": top5, "n": n, "num_classes": len(names)}
+
+
+def _reduce(x: torch.Tensor) -> torch.Tensor:
+    from runtime.distributed import get_world_size
+
+    if get_world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(x)
+    return x
+
+
+def run(args) -> dict:
+    """Evaluate and return the metrics dict (rank 0 also writes OUT_DIR/metrics.json)."""
+    from runtime.distributed import barrier, get_rank, get_world_size, is_main_process, launcher_env
+    from unitok.loading import load_tokenizer
+
+    if launcher_env()[1] > 1:
+        from runtime.distributed import init_distributed
+
+        init_distributed()
+    rank, world = get_rank(), get_world_size()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_tokenizer(args.tokenizer, device=device, attn_mode=args.attn_mode)
+    out = Path(args.out)
+    metrics: dict = {"tokenizer": str(args.tokenizer), "size": args.size}
+    if args.images:
+        images = list_images(Path(args.images))
+        r = evaluate_reconstruction(model, images, args.size, out, args.batch_size, rank, world)
+        sums = _reduce(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
+        counts = _reduce(r["counts"])
+        metrics.update(num_images=int(sums[0]), psnr=float(sums[1] / sums[0]), ssim=float(sums[2] / sums[0]))
+        stats = codebook_stats(counts)
+        metrics.update(codebook_usage_pct=stats["usage_pct"], codebook_perplexity=stats["perplexity"],
+                       mean_usage_pct=float(np.mean(stats["usage_pct"])),
+                       mean_perplexity=float(np.mean(stats["perplexity"])))
+        barrier()
+        if args.inception_weights and is_main_process():
+            metrics.update(fid_is(out / "recon", out / "reference", Path(args.inception_weights)))
+    if args.zeroshot_dir:
+        z = zero_shot(model, Path(args.zeroshot_dir), args.classnames, args.size, args.batch_size, rank, world)
+        c = _reduce(torch.tensor([z["top1_correct"], z["top5_correct"], z["n"]], dtype=torch.float64))
+        metrics.update(zeroshot_top1=float(100 * c[0] / c[2]), zeroshot_top5=float(100 * c[1] / c[2]),
+                       zeroshot_images=int(c[2]), zeroshot_classes=z["num_classes"])
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(format_table(metrics))
+    return metrics
+
+
+def format_table(metrics: dict) -> str:
+    """Markdown table of the scalar metrics."""
+    rows = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) and math.isfinite(v) else f"| {k} | {v} |"
+              for k, v in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="checkpoint folder or official unitok_tokenizer.pth")
+    p.add_argument("--attn-mode", choices=["full", "causal"], default="full", help="official .pth files only")
+    p.add_argument("--images", help="folder of reference images for reconstruction metrics")
+    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth for rFID/IS")
+    p.add_argument("--zeroshot-dir", help="ImageFolder for zero-shot classification")
+    p.add_argument("--classnames", choices=["imagenet", "folders"], default="folders")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="eval_out")
+    a = p.parse_args(argv)
+    if not a.images and not a.zeroshot_dir:
+        p.error("give --images and/or --zeroshot-dir")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
