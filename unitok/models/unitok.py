@@ -55,7 +55,11 @@ class UniTok(nn.Module):
         self.text_encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         self.projection = nn.Linear(D, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # One element, not 0-dim: DeepSpeed's initial parameter broadcast views every parameter as
+        # bytes, which fails on 0-dim tensors. Checkpoints still store it as () like the release.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
+        self.register_state_dict_post_hook(_logit_scale_to_scalar)
+        self.register_load_state_dict_pre_hook(_logit_scale_from_scalar)
 
     def _init_decoder_side(self):
         # Release init for decoder and projections: Linear trunc_normal(0.02), conv xavier(0.5).
@@ -195,7 +199,9 @@ class UniTok(nn.Module):
             "codes": q.codes.view(B, self.num_codebooks, *grid),
             "clip_image_features": self._clip_head(tokens),
             "clip_text_features": self.encode_text(texts) if texts is not None else None,
-            "logit_scale": self.logit_scale.exp(),
+            # clamped here as well as by clamp_logit_scale(): optimizers that keep a master copy
+            # (DeepSpeed ZeRO) would undo an in-place clamp of the module parameter
+            "logit_scale": self.logit_scale.clamp(0, math.log(100)).exp().squeeze(0),
         }
 
     @torch.no_grad()
@@ -271,3 +277,14 @@ class UniTok(nn.Module):
         model.reset_nonpersistent_buffers()
         return model.eval()
 
+
+def _logit_scale_to_scalar(module, state_dict, prefix, local_metadata):
+    key = prefix + "logit_scale"
+    if key in state_dict:
+        state_dict[key] = state_dict[key].reshape(())
+
+
+def _logit_scale_from_scalar(module, state_dict, prefix, *args):
+    key = prefix + "logit_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)

@@ -1,0 +1,1 @@
+"""Shared training runtime for both stages: distributed setup, checkpoints, logging, DeepSpeed configs."""

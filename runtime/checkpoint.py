@@ -1,0 +1,154 @@
+"""The checkpoint contract (STYLE.md rule 13): atomic step folders, a `latest` pointer, keep-last-k.
+
+Layout:
+    run_dir/step-00001234/          everything needed to continue
+        <deepspeed engine folders>  model + optimizer (+ scheduler) state per engine
+        rank00000.pt ...            per-rank RNG states and data-loader position
+        trainer_state.json          step, config, git SHA, metrics
+    run_dir/latest                  text file naming the newest COMPLETE step folder
+A step is first written to `run_dir/.tmp-step-00001234/` and renamed into place by rank 0 after a
+barrier, so a kill -9 during a save leaves the previous checkpoint and `latest` untouched. The
+`latest` pointer is replaced atomically (write + os.replace) last. A shared filesystem is assumed
+for multi-node runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from runtime.distributed import barrier, get_rank, is_main_process
+
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def git_sha() -> str:
+    """The repository's HEAD commit, or 'unknown'."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as tensors/plain types (loadable with weights_only)."""
+    import random
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save, find and prune step folders under `run_dir`."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError("keep_last must be >= 1")
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+
+    # ---- discovery -------------------------------------------------------------------------
+    def complete_steps(self) -> list[int]:
+        """Steps with a finished folder (temporary folders are ignored)."""
+        if not self.run_dir.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.run_dir.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+    def latest(self) -> Path | None:
+        """The folder named by `latest`, falling back to the newest complete folder."""
+        ptr = self.run_dir / "latest"
+        if ptr.is_file():
+            cand = self.run_dir / ptr.read_text().strip()
+            if cand.is_dir():
+                return cand
+        steps = self.complete_steps()
+        return self.run_dir / step_name(steps[-1]) if steps else None
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """`auto` -> latest or None; a path -> that folder (error if missing); None/'none' -> None."""
+        if resume in (None, "", "none"):
+            return None
+        if resume == "auto":
+            return self.latest()
+        p = Path(resume)
+        if not p.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        return p
+
+    # ---- saving ----------------------------------------------------------------------------
+    def tmp_dir(self, step: int) -> Path:
+        return self.run_dir / f".tmp-{step_name(step)}"
+
+    def save(self, step: int, write: Callable[[Path], None], rank_state: dict[str, Any],
+             trainer_state: dict[str, Any]) -> Path:
+        """Collective. `write(tmp_dir)` writes the engines' state (every rank calls it)."""
+        tmp = self.tmp_dir(step)
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp)
+        torch.save(rank_state, tmp / f"rank{get_rank():05d}.pt")
+        barrier()
+        final = self.run_dir / step_name(step)
+        if is_main_process():
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ptr_tmp = self.run_dir / ".latest.tmp"
+            ptr_tmp.write_text(final.name)
+            os.replace(ptr_tmp, self.run_dir / "latest")
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = self.complete_steps()
+        for s in steps[:-self.keep_last]:
+            shutil.rmtree(self.run_dir / step_name(s), ignore_errors=True)
+        for p in self.run_dir.glob(".tmp-step-*"):  # leftovers of interrupted saves
+            shutil.rmtree(p, ignore_errors=True)
+
+    # ---- loading ---------------------------------------------------------------------------
+    @staticmethod
+    def load_rank_state(ckpt: Path) -> dict[str, Any]:
+        """This rank's RNG and data state (falls back to rank 0's when resuming on fewer ranks)."""
+        f = ckpt / f"rank{get_rank():05d}.pt"
+        if not f.is_file():
+            f = ckpt / "rank00000.pt"
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+    @staticmethod
+    def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+        return json.loads((ckpt / "trainer_state.json").read_text())

@@ -1,0 +1,50 @@
+"""DeepSpeed configs: the JSON files hold ZeRO/offload/precision only; batch arithmetic is injected here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.distributed import warn_once
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def load_ds_config(name_or_path: str, *, micro_batch: int, grad_accum: int, world_size: int,
+                   grad_clip: float | None, precision: str = "auto") -> dict[str, Any]:
+    """Read `ds_configs/<name>.json` (or a path), inject global = micro x accum x world, and precision."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {p}")
+    cfg = json.loads(p.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in cfg:
+            raise ValueError(f"{p} sets {key}: batch sizes are computed by the trainer, remove it")
+    if micro_batch <= 0 or grad_accum <= 0 or world_size <= 0:
+        raise ValueError("micro batch, gradient accumulation and world size must be positive")
+    global_batch = micro_batch * grad_accum * world_size
+    assert global_batch == micro_batch * grad_accum * world_size
+    cfg["train_batch_size"] = global_batch
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    if grad_clip is not None:
+        cfg["gradient_clipping"] = grad_clip
+    if precision not in ("auto", "bf16", "autocast", "fp32"):
+        raise ValueError(f"precision must be auto, bf16, autocast or fp32, got {precision!r}")
+    if precision in ("bf16", "autocast") and not torch.cuda.is_available():
+        warn_once(f"{precision} requested without a GPU: running fp32")
+        precision = "fp32"
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    # bf16: DeepSpeed keeps bf16 weights + fp32 master copies (the MLLM). autocast: fp32 weights and a
+    # bf16 autocast forward (the tokenizer, whose quantizer path must see fp32 weights).
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    if precision == "autocast":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    cfg.setdefault("steps_per_print", 10**9)  # our own log line replaces DeepSpeed's
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg

@@ -1,0 +1,136 @@
+"""Rank-0 logging: console + run_dir/log.txt, one fixed-format metrics line, optional sinks.
+
+The fixed line: `step 120/1000 | loss 1.2345 | l1 0.1 ... | grad_norm 3.2 | lr 1.0e-04 | 12.3 samples/s |
+456 tok/s | mem 1.2G | eta 0:10:00`. A tqdm progress bar appears only on an interactive terminal.
+Sinks: none, tensorboard (offline by nature) or wandb (offline when WANDB_MODE=offline).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.distributed import is_main_process
+
+_LOGGER_NAME = "unitok_mllm"
+
+
+def setup_logging(run_dir: str | os.PathLike | None) -> logging.Logger:
+    """Console + file handler on rank 0; warnings only elsewhere."""
+    log = logging.getLogger(_LOGGER_NAME)
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if is_main_process():
+        log.setLevel(logging.INFO)
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(fmt)
+        log.addHandler(h)
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(Path(run_dir) / "log.txt")
+            fh.setFormatter(fmt)
+            log.addHandler(fh)
+    else:
+        log.setLevel(logging.WARNING)
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    return log
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(_LOGGER_NAME)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or this process's peak RSS on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def format_line(step: int, total: int, metrics: dict[str, float], samples_s: float, tokens_s: float | None,
+                mem_gb: float, eta_s: float) -> str:
+    """The fixed-format log line."""
+    parts = [f"step {step}/{total}"]
+    for k, v in metrics.items():
+        parts.append(f"{k} {v:.2e}" if k == "lr" else f"{k} {v:.4f}")
+    parts.append(f"{samples_s:.2f} samples/s")
+    if tokens_s is not None:
+        parts.append(f"{tokens_s:.0f} tok/s")
+    parts.append(f"mem {mem_gb:.2f}G")
+    parts.append(f"eta {datetime.timedelta(seconds=int(max(eta_s, 0)))}")
+    return " | ".join(parts)
+
+
+class MetricSink:
+    """none | tensorboard | wandb; rank 0 only. Imports lazily."""
+
+    def __init__(self, kind: str, run_dir: str | os.PathLike, config: dict[str, Any], project: str):
+        if kind not in ("none", "tensorboard", "wandb"):
+            raise ValueError(f"metrics sink must be none, tensorboard or wandb, got {kind!r}")
+        self.kind = kind if is_main_process() else "none"
+        self._tb = self._wandb = None
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self._tb.add_text("config", f"```\n{config}\n```")
+        elif self.kind == "wandb":
+            import wandb
+
+            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, resume="allow",
+                                     id=Path(run_dir).name)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class Progress:
+    """Throughput/ETA bookkeeping and a tqdm bar on interactive terminals (rank 0)."""
+
+    def __init__(self, start_step: int, total_steps: int):
+        self.start_step, self.total = start_step, total_steps
+        self.t0 = self.t_last = time.perf_counter()
+        self.samples = self.tokens = 0
+        self.bar = None
+        if is_main_process() and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, leave=False)
+
+    def update(self, samples: int, tokens: int = 0) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def rates(self, step: int) -> tuple[float, float, float]:
+        """(samples/s, tokens/s, eta seconds) since the last call."""
+        now = time.perf_counter()
+        dt = max(now - self.t_last, 1e-9)
+        sps, tps = self.samples / dt, self.tokens / dt
+        done = step - self.start_step
+        eta = (now - self.t0) / max(done, 1) * (self.total - step)
+        self.t_last, self.samples, self.tokens = now, 0, 0
+        return sps, tps, eta
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

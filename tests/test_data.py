@@ -1,0 +1,178 @@
+"""The webdataset image-text pipeline over shards written in tmp_path (REFERENCE.md 4.8)."""
+import io
+import json
+import random
+import tarfile
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from unitok.data import (COLORS, DataConfig, ImageTextLoader, get_tokenizer, render_shape, val_transform,
+                         write_synthetic_shards)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # wds.warn_and_continue on bad members
+
+
+def _cfg(shards, **kw) -> DataConfig:
+    base = dict(shards=shards, img_size=32, local_batch_size=4, num_workers=0, context_length=16,
+                shuffle_buffer=16, shuffle_initial=4)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def _read_tar(path):
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def _nearest_color(rgb) -> str:
+    return min(COLORS, key=lambda c: sum((p - q) ** 2 for p, q in zip(rgb, COLORS[c])))
+
+
+def test_synthetic_shards_are_deterministic_and_consistent(tmp_path):
+    a = write_synthetic_shards(tmp_path / "a", num_shards=2, samples_per_shard=30, size=32, seed=3)
+    b = write_synthetic_shards(tmp_path / "b", num_shards=2, samples_per_shard=30, size=32, seed=3)
+    c = write_synthetic_shards(tmp_path / "c", num_shards=2, samples_per_shard=6, size=32, seed=4)
+    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
+    assert open(a[0], "rb").read() != open(c[0], "rb").read()
+    members = _read_tar(a[0])
+    assert len(members) == 30 * 3
+    for name in [n for n in members if n.endswith(".txt")]:
+        key = name[:-4]
+        caption = members[name].decode()
+        meta = json.loads(members[key + ".json"])
+        assert caption == f"a {meta['color']} {meta['shape']} on a {meta['background']} background"
+        img = Image.open(io.BytesIO(members[key + ".jpg"])).convert("RGB")
+        assert img.size == (32, 32)
+        # the centre shows the shape, the corners the background: nearest palette colour (JPEG)
+        for xy, name_ in [((16, 16), meta["color"]), ((0, 0), meta["background"]), ((31, 31), meta["background"])]:
+            assert _nearest_color(img.getpixel(xy)) == name_, (xy, name_)
+
+
+def test_batches_shapes_ranges_and_tokens(tmp_path):
+    shards = write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=8, size=40, seed=0)
+    loader = ImageTextLoader(_cfg(shards, train=False))  # fixed order: shard 0 first
+    batches = list(loader)
+    assert len(batches) == 4 and loader.stats.counts["samples"] == 16 and loader.stats.skipped == 0
+    b = batches[0]
+    assert b["images"].shape == (4, 3, 32, 32) and b["images"].dtype == torch.float32
+    assert b["texts"].shape == (4, 16) and b["texts"].dtype == torch.int64
+    assert -1 <= b["images"].min() < 0 < b["images"].max() <= 1
+    # the first batch is exactly the first 4 samples of shard 0, transformed and tokenized
+    samples = list(wds.WebDataset(shards[0], shardshuffle=False).decode("pilrgb"))[:4]
+    expected = torch.stack([val_transform(s["jpg"], 32) for s in samples])
+    assert torch.equal(b["images"], expected)
+    assert torch.equal(b["texts"], get_tokenizer("ViT-B-32", 16)([s["txt"] for s in samples]))
+    # training crops: random, seeded, still in range
+    train = list(ImageTextLoader(_cfg(shards)))
+    again = list(ImageTextLoader(_cfg(shards)))
+    assert all(torch.equal(x["images"], y["images"]) for x, y in zip(train, again))
+    assert all(-1 <= x["images"].min() and x["images"].max() <= 1 for x in train)
+    assert not all(torch.equal(x["images"], y["images"]) for x, y in zip(train, batches))
+
+
+def _write_bad_shard(path):
+    rng = random.Random(0)
+    good = []
+    for i in range(5):
+        buf = io.BytesIO()
+        render_shape("circle", "red", "blue", 32, rng).save(buf, format="PNG")
+        good.append({"__key__": f"good{i}", "png": buf.getvalue(), "txt": "a red circle on a blue background"})
+    with wds.TarWriter(str(path)) as sink:
+        sink.write(good[0])
+        sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8 this is not a jpeg", "txt": "broken"})
+        sink.write(good[1])
+        sink.write({"__key__": "nocaption", "png": good[2]["png"]})
+        sink.write(good[2])
+        sink.write({"__key__": "noimage", "txt": "a caption without an image"})
+        for g in good[3:]:
+            sink.write(g)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers):
+    _write_bad_shard(tmp_path / "bad.tar")
+    good = write_synthetic_shards(tmp_path / "good", num_shards=1, samples_per_shard=3, size=32)
+    loader = ImageTextLoader(_cfg([str(tmp_path / "bad.tar"), *good], local_batch_size=2,
+                                  num_workers=num_workers, train=False))
+    batches = list(loader)
+    counts = loader.stats.as_dict()  # the counts crossed from the workers to the main process
+    assert counts == {"samples": 8, "read_errors": 0, "decode_errors": 1, "missing_image": 1, "missing_text": 1}
+    # 2 workers: bad.tar gives 5 samples -> 2 batches, the good shard 3 -> 1; one pass drops partials
+    assert len(batches) == (4 if num_workers == 0 else 3)
+    assert loader.state_dict()["stats"] == counts
+
+
+def _same(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(torch.equal(x["images"], y["images"]) and torch.equal(x["texts"], y["texts"])
+                                      for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("num_workers,per_epoch,stop", [(0, 0, 3), (2, 0, 4), (2, 7, 5)])
+def test_resume_continues_exactly(tmp_path, num_workers, per_epoch, stop):
+    # uneven shards (3 x 6 and 2 x 5 samples): workers run out at different times in one-pass mode;
+    # per_epoch = 7 exceeds one pass of a worker and forces a second, reshuffled pass
+    shards = (write_synthetic_shards(tmp_path / "a", num_shards=3, samples_per_shard=6, size=32, seed=1)
+              + write_synthetic_shards(tmp_path / "b", num_shards=2, samples_per_shard=5, size=32, seed=2))
+    cfg = _cfg(shards, num_workers=num_workers, num_batches_per_epoch=per_epoch)
+    full = ImageTextLoader(cfg)
+    epoch0, epoch1 = list(full), list(full)
+    if per_epoch:
+        assert len(epoch0) == len(epoch1) == per_epoch
+    assert not _same(epoch0, epoch1)  # the shard and sample order depend on the epoch
+    first = ImageTextLoader(cfg)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == stop:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    assert state["epoch"] == 0 and state["batches"] == stop
+    resumed = ImageTextLoader(cfg)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    assert _same(head + tail, epoch0)
+    assert resumed.stats.counts["samples"] == full.stats.counts["samples"] // 2
+    # a resume inside epoch 1 as well
+    mid = ImageTextLoader(cfg)
+    list(mid)
+    it = iter(mid)
+    one = [next(it)]
+    state = mid.state_dict()
+    del it
+    again = ImageTextLoader(cfg)
+    again.load_state_dict(state)
+    assert _same(one + list(again), epoch1)
+
+
+def test_two_ranks_get_disjoint_samples(tmp_path, monkeypatch):
+    shards = write_synthetic_shards(tmp_path, num_shards=4, samples_per_shard=8, size=32, seed=5)
+    seen = []
+    for rank in range(2):
+        batches = list(ImageTextLoader(_cfg(shards), rank=rank, world_size=2))
+        assert len(batches) == 4  # 2 shards x 8 samples / 4 per batch
+        seen.append({bytes(img.numpy().tobytes()) for b in batches for img in b["images"]})
+    assert len(seen[0]) == len(seen[1]) == 16 and not seen[0] & seen[1]
+    # without explicit arguments the split follows RANK / WORLD_SIZE (wds.split_by_node)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    env_loader = ImageTextLoader(_cfg(shards))
+    assert env_loader.rank == 1 and env_loader.world_size == 2
+    assert {bytes(img.numpy().tobytes()) for b in env_loader for img in b["images"]} == seen[1]
+
+
+def test_config_and_loader_errors(tmp_path):
+    shards = write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=2, size=32)
+    with pytest.raises(ValueError):
+        DataConfig(img_size=0)
+    with pytest.raises(ValueError):
+        DataConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="at least 4"):
+        ImageTextLoader(_cfg(shards, num_workers=2), rank=0, world_size=2)
+    with pytest.raises(FileNotFoundError):
+        ImageTextLoader(_cfg([str(tmp_path / "missing.tar")]))
+    state = ImageTextLoader(_cfg(shards)).state_dict()
+    with pytest.raises(ValueError, match="exact resume"):
+        ImageTextLoader(_cfg(shards, seed=1)).load_state_dict(state)

@@ -1,0 +1,64 @@
+"""The tokenizer trainer through the real `deepspeed` launcher on 2 CPU ranks: run, kill -9, resume."""
+import json
+
+import pytest
+import torch
+
+from launch_utils import deepspeed_module
+from unitok import load_tokenizer
+from unitok.data import write_synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(d, num_shards=4, samples_per_shard=24, size=32, seed=0)
+    return str(d / "shapes-{000000..000003}.tar")
+
+
+def _args(run_dir, shards, *extra):
+    return ["--preset", "debug", "--run-dir", str(run_dir), "--data.shards", shards, "--data.local-batch-size", "4",
+            "--data.num-workers", "0", "--total-steps", "6", "--save-every", "3", "--log-every", "1",
+            "--gan.random-backbone", "--gan.backbone", "debug", "--loss.lpips-random-backbone",
+            "--gan.start-frac", "0.3", *extra]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
+    full = tmp_path / "full"
+    deepspeed_module("unitok.train", _args(full, shards))
+    a = _metrics(full)
+    assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
+    assert "g" in a[-1] and "d_total" in a[-1]  # the GAN is active after 30% of training
+    assert sorted(p.name for p in full.iterdir() if p.name.startswith("step-")) == ["step-00000003",
+                                                                                     "step-00000006"]
+    tok = load_tokenizer(full / "export")
+    assert tok.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 4, 2, 2)
+
+    crash = tmp_path / "crash"
+    p = deepspeed_module("unitok.train", _args(crash, shards, "--debug.kill-at-step", "4"), check=False)
+    assert p.returncode != 0
+    assert (crash / "latest").read_text() == "step-00000003"
+    deepspeed_module("unitok.train", _args(crash, shards))
+    b = _metrics(crash)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["data_hash"] == y["data_hash"]
+        for k in ("total", "l1", "l2", "vq", "clip", "g", "d_total", "grad_norm", "lr"):
+            if k in x:
+                assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, shards):
+    run = tmp_path / "run"
+    p = deepspeed_module("unitok.train", _args(run, shards, "--debug.kill-at-step", "6", "--debug.kill-during-save"),
+                         check=False)
+    assert p.returncode != 0
+    assert (run / "latest").read_text() == "step-00000003"
+    assert not (run / "step-00000006").exists()
+    deepspeed_module("unitok.train", _args(run, shards))  # resumes from step 3 and finishes
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert (run / "latest").read_text() == "step-00000006" and not list(run.glob(".tmp-*"))
