@@ -66,6 +66,15 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
         self.ar_head = DepthHead(config)
         self.post_init()
 
+    def _init_weights(self, module):
+        """HF's generic init, plus the attention projection's q/v biases (zeros, as in UniTok)."""
+        super()._init_weights(module)
+        from unitok.models.projection import ProjectionAttention
+
+        if isinstance(module, ProjectionAttention):
+            for t in (module.q_bias, module.v_bias, module.zero_k_bias):
+                t.data.zero_()
+
     # ---- input side -----------------------------------------------------------------------
     def embed_images(self, image_codes: torch.Tensor | None) -> torch.Tensor:
         """image_codes (N, K, Lmax) -> (N, Lmax, hidden). N = 0 runs a dummy image (see module doc)."""

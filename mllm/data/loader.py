@@ -1,0 +1,284 @@
+"""`MixtureLoader`: recipe sources -> mixed, templated, packed `collate()` batches; resumable mid-epoch.
+
+Streams. The loader runs one mixture stream per split, split = rank * W + worker (W = max(1,
+num_workers)); each split reads its own shards (sources.py). A stream draws samples one by one:
+    draw n picks a source from hash_uniform(seed, split, n) with probability
+        weight mode:  weight_i / sum(active weights)           (finite mode: exhausted sources drop out)
+        budget mode:  remaining_i / sum(remaining)             (exact per-epoch counts, without replacement)
+    and takes that source's next templated sample.
+Batches. pack=True: each sample goes to the first of the batch's (at most micro_batch_size) rows of
+max_len positions where it fits; the first sample that fits no row is held for the next batch.
+The rows are handed to `collate(..., pack_to=max_len)` in row order, which reproduces them.
+pack=False: micro_batch_size samples, right-padded to the longest.
+
+Resume. After each batch the stream records a snapshot: draw counter, budget counts, and each source's
+Position and counters, taken BEFORE any held sample was drawn. A stream rebuilt from a snapshot
+therefore redraws the held sample and yields exactly the batches that would have followed; nothing
+is replayed and no buffer is saved. With worker processes every batch carries its worker's snapshot;
+a restored loader rotates the worker -> stream mapping so the round-robin order continues.
+`state_dict()` is JSON-able; save one per rank.
+
+Infinite mode (default) cycles every source over epochs (reshuffled per epoch); in budget mode one
+"mixture epoch" is sum(budgets) / num_splits samples per split. Finite mode stops after one pass
+(weight mode: when every source is exhausted; budget mode: after one mixture epoch).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mllm.data import templates as T
+from mllm.data.collate import Sample, collate
+from mllm.data.recipe import Recipe, load_recipe
+from mllm.data.sources import SKIP_REASONS, Position, Source, build_source, hash_uniform
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_MIX_TAG = 0x6D6978  # "mix": separates mixing draws from per-record draws
+
+
+class _MixtureStream:
+    """One split's stream of (batch, snapshot)."""
+
+    def __init__(self, loader: "MixtureLoader", split: int, state: dict[str, Any] | None,
+                 index_cache: dict | None = None):
+        self.L, self.split = loader, split
+        r = loader.recipe
+        self.sources: list[Source] = [
+            build_source(r, cfg, loader.tokenizer, seed=loader.seed, max_len=loader.max_len, boi_id=loader.boi_id,
+                         eoi_id=loader.eoi_id, index_cache=index_cache) for cfg in r.sources]
+        self.budget_mode = r.mode == "budget"
+        self.weights = [float(c.weight or 0.0) for c in r.sources]
+        self.local_budgets = [self._local_budget(c.budget) for c in r.sources] if self.budget_mode else []
+        self.draws, self.mix_epoch = 0, 0
+        self.remaining = list(self.local_budgets)
+        self.positions = [Position() for _ in self.sources]
+        self.exhausted = [False] * len(self.sources)
+        if state is not None:
+            self._restore(state)
+        # Budget mode cycles sources inside a mixture epoch; weight mode cycles only when infinite.
+        src_infinite = self.budget_mode or loader.infinite
+        self.iters = [s.stream(p, split, loader.num_splits, infinite=src_infinite)
+                      for s, p in zip(self.sources, self.positions)]
+        self.held: Sample | None = None
+
+    def _local_budget(self, budget: int) -> int:
+        n = self.L.num_splits
+        return budget // n + (1 if self.split < budget % n else 0)
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        self.draws, self.mix_epoch = int(st["draws"]), int(st["mix_epoch"])
+        self.remaining = [int(x) for x in st["remaining"]]
+        for i, s in enumerate(self.sources):
+            ss = st["sources"][s.name]
+            self.positions[i] = Position.from_list(ss["position"])
+            self.exhausted[i] = bool(ss["exhausted"])
+            s.counters = dict(ss["counters"])
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state that restarts this stream at the next draw."""
+        return {"draws": self.draws, "mix_epoch": self.mix_epoch, "remaining": list(self.remaining),
+                "sources": {s.name: {"position": self.positions[i].to_list(), "exhausted": self.exhausted[i],
+                                     "counters": dict(s.counters)} for i, s in enumerate(self.sources)}}
+
+    def _draw(self) -> Sample | None:
+        while True:
+            if self.budget_mode:
+                active = [i for i, r in enumerate(self.remaining) if r > 0]
+                if not active:
+                    if not self.L.infinite or not any(self.local_budgets):
+                        return None
+                    self.mix_epoch += 1
+                    self.remaining = list(self.local_budgets)
+                    continue
+                w = [float(self.remaining[i]) for i in active]
+            else:
+                active = [i for i, e in enumerate(self.exhausted) if not e]
+                if not active:
+                    return None
+                w = [self.weights[i] for i in active]
+            u = hash_uniform(self.L.seed, _MIX_TAG, self.split, self.draws) * sum(w)
+            self.draws += 1
+            i, acc = active[-1], 0.0
+            for j, wj in zip(active, w):
+                acc += wj
+                if u < acc:
+                    i = j
+                    break
+            item = next(self.iters[i], None)
+            if item is None:  # only in finite weight mode
+                self.exhausted[i] = True
+                continue
+            sample, self.positions[i] = item
+            if self.budget_mode:
+                self.remaining[i] -= 1
+            return sample
+
+    def batches(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        L = self.L
+        snap = self.snapshot()
+        while True:
+            rows: list[list[Sample]] = []
+            used: list[int] = []
+            while True:
+                s, self.held = (self.held, None) if self.held is not None else (self._draw(), None)
+                if s is None:
+                    break
+                if L.pack:
+                    # First fit over the batch's rows. Handing collate the samples row by row then
+                    # reproduces exactly these rows: the sample that opened row r+1 fit none of rows
+                    # 0..r when it was placed, and rows only fill up afterwards.
+                    n = s.expanded_length()
+                    r = next((i for i, u in enumerate(used) if u + n <= L.max_len), None)
+                    if r is None:
+                        if len(rows) == L.micro_batch_size:
+                            self.held = s  # first sample of the next batch; `snap` predates its draw
+                            break
+                        rows.append([])
+                        used.append(0)
+                        r = len(rows) - 1
+                    rows[r].append(s)
+                    used[r] += n
+                else:
+                    rows.append([s])
+                snap = self.snapshot()
+                if not L.pack and len(rows) == L.micro_batch_size:
+                    break
+            if not rows:
+                return
+            samples = [s for row in rows for s in row]
+            batch = collate(samples, pad_id=L.pad_id, pack_to=L.max_len if L.pack else None)
+            assert batch["input_ids"].shape[0] == len(rows)  # collate kept the planned rows
+            yield batch, snap
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """DataLoader worker side: worker w runs the stream of logical worker (w + rotation) % W."""
+
+    def __init__(self, loader: "MixtureLoader", rotation: int, states: dict[int, dict]):
+        super().__init__()
+        self.loader, self.rotation, self.states = loader, rotation, states
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        W = self.loader.num_workers
+        logical = (info.id + self.rotation) % W
+        stream = _MixtureStream(self.loader, self.loader.rank * W + logical, self.states.get(logical), {})
+        for batch, snap in stream.batches():
+            yield logical, batch, snap
+
+
+class MixtureLoader:
+    """Mix, template and pack a recipe's sources into `collate()` batches (see the module docstring).
+
+    Iterating yields batch dicts (`collate` output). Each new `iter()` continues from the current
+    state (after the last batch handed out), so `state_dict()` can be saved at any step.
+    """
+
+    def __init__(self, recipe: Recipe | str | os.PathLike, tokenizer, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, micro_batch_size: int = 1, max_len: int = 2048, pack: bool = True, pad_id: int = 0,
+                 num_workers: int = 0, infinite: bool = True, boi_id: int = T.BOI_TOKEN_ID,
+                 eoi_id: int = T.EOI_TOKEN_ID):
+        if not isinstance(recipe, Recipe):
+            recipe = load_recipe(Path(recipe))
+        else:
+            recipe.check_paths()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if micro_batch_size < 1 or max_len < 1 or num_workers < 0:
+            raise ValueError("micro_batch_size and max_len must be >= 1 and num_workers >= 0")
+        T.special_ids(tokenizer)  # fail now if bos/eos are missing
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch_size, self.max_len, self.pack, self.pad_id = micro_batch_size, max_len, pack, pad_id
+        self.num_workers, self.infinite, self.boi_id, self.eoi_id = num_workers, infinite, boi_id, eoi_id
+        self.num_splits = world_size * max(1, num_workers)
+        small = [c.name for c in recipe.sources if c.budget is not None and c.budget < self.num_splits]
+        if small:
+            raise ValueError(f"sources {small} have a budget smaller than world_size * num_workers = "
+                             f"{self.num_splits}; some streams would never draw from them")
+        self._snapshots: dict[int, dict[str, Any]] = {}  # logical worker -> stream snapshot
+        self._consumed = 0
+        self._positions_total = 0
+        self._positions_pad = 0
+        self._index_cache: dict = {}
+
+    # ---- iteration --------------------------------------------------------------------------------
+    def _record(self, logical: int, snap: dict[str, Any], batch: dict[str, torch.Tensor]) -> None:
+        self._snapshots[logical] = snap
+        self._consumed += 1
+        total = batch["input_ids"].numel()
+        self._positions_total += total
+        self._positions_pad += int(round(float(batch["pad_ratio"]) * total))
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.num_workers == 0:
+            stream = _MixtureStream(self, self.rank, self._snapshots.get(0), self._index_cache)
+            for batch, snap in stream.batches():
+                self._record(0, snap, batch)
+                yield batch
+            return
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used before forking
+        ds = _WorkerDataset(self, self._consumed % self.num_workers, dict(self._snapshots))
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        for logical, batch, snap in dl:
+            self._record(int(logical), snap, batch)
+            yield batch
+
+    # ---- state --------------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"recipe": self.recipe.name, "sources": [s.name for s in self.recipe.sources],
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "micro_batch_size": self.micro_batch_size,
+                "max_len": self.max_len, "pack": self.pack, "infinite": self.infinite}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position of this rank's stream (after the last batch handed out)."""
+        return {"version": STATE_VERSION, **self._identity(), "consumed_batches": self._consumed,
+                "positions_total": self._positions_total, "positions_pad": self._positions_pad,
+                "workers": {str(k): v for k, v in self._snapshots.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` output; ValueError if it came from a different setup."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
+        for k, v in self._identity().items():
+            if state.get(k) != v:
+                raise ValueError(f"loader state was saved with {k}={state.get(k)!r}, this loader has {v!r}; "
+                                 "the stream cannot continue exactly")
+        self._consumed = int(state["consumed_batches"])
+        self._positions_total = int(state["positions_total"])
+        self._positions_pad = int(state["positions_pad"])
+        self._snapshots = {int(k): v for k, v in state["workers"].items()}
+
+    # ---- logging -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per-source counters (samples seen, skipped by reason, kind counts) summed over workers,
+        batches handed out, and the running pad ratio (pad positions / all positions)."""
+        sources: dict[str, dict[str, Any]] = {}
+        for s in self.recipe.sources:
+            agg: dict[str, Any] = {"records": 0, "samples": 0, "skipped": {r: 0 for r in SKIP_REASONS}}
+            for snap in self._snapshots.values():
+                for k, v in snap["sources"][s.name]["counters"].items():
+                    if k.startswith("skipped/"):
+                        r = k[len("skipped/"):]
+                        agg["skipped"][r] = agg["skipped"].get(r, 0) + v
+                    else:
+                        agg[k] = agg.get(k, 0) + v
+            sources[s.name] = agg
+        pad = self._positions_pad / self._positions_total if self._positions_total else 0.0
+        return {"sources": sources, "batches": self._consumed, "pad_ratio": pad}
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """One log line: `batches=.. pad=..% | name: samples=.. skipped[reason=..]`."""
+    parts = [f"batches={stats['batches']} pad={100 * stats['pad_ratio']:.1f}%"]
+    for name, s in stats["sources"].items():
+        skipped = " ".join(f"{k}={v}" for k, v in s["skipped"].items() if v)
+        parts.append(f"{name}: samples={s['samples']}" + (f" skipped[{skipped}]" if skipped else ""))
+    return " | ".join(parts)

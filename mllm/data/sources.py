@@ -1,0 +1,719 @@
+"""Source readers: raw records from files in a deterministic, resumable order, with bad-data counters.
+
+Kinds (on-disk formats in data_recipes/README.md):
+    text          JSONL (.jsonl, .jsonl.gz, .jsonl.zst if `zstandard` is installed) or parquet (if
+                  `pyarrow` is installed); one document per row in field `text`.
+    pairs         code shards (webdataset tars): `codes.npy` uint16 (K, h, w), `txt` caption, optional
+                  `json` (extra caption fields, `path`); each pair becomes text-to-image with
+                  probability t2i_ratio, else a caption sample.
+    t2i           code shards, always text-to-image (finetune sets).
+    instructions  LLaVA / Mini-Gemini conversations: a JSON list or JSONL, `{id, image, conversations}`;
+                  image codes are looked up by relative path in code shards (their json `path`).
+
+Order. A source is a list of files ("shards"). Epoch e visits the shards in a permutation seeded by
+(seed, source name, e); within a tar or instruction shard the records are permuted too (the shard is
+read whole: code shards are small). Text files are read in order (DCLM ships pre-shuffled), so resume
+can seek to a byte offset. Splitting over ranks/workers: by shard when there are at least as many
+shards as splits, else by record (every split reads the shard and keeps every n-th record).
+
+Position = (epoch, shard, record, chunk, offset): the next record to read; any position restarts the
+stream exactly, so resume never replays the data stream. Per-record randomness (t2i vs caption,
+caption dropout, caption choice) is a hash of (seed, source, epoch, shard, record), not RNG state.
+
+Bad data is skipped and counted per source: missing_image, malformed (JSON line, conversation),
+empty_text, too_long (longer than max_len after image expansion), corrupt (tar/member unreadable).
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mllm.data import templates as T
+from mllm.data.collate import Sample
+from mllm.data.recipe import Recipe, SourceConfig
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_image", "malformed", "empty_text", "too_long", "corrupt")
+_MASK64 = (1 << 64) - 1
+
+
+# ---- deterministic randomness ----------------------------------------------------------------------
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def hash_uniform(*keys: int) -> float:
+    """A uniform float in [0, 1) that is a pure function of integer keys (stateless, so resumable)."""
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return (h >> 11) * 2.0 ** -53
+
+
+def name_key(name: str) -> int:
+    """Stable integer for a source name (adding a source does not change the others' order)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def permutation(n: int, *keys: int) -> np.ndarray:
+    """Permutation of range(n) seeded by keys."""
+    return np.random.default_rng([int(k) & _MASK64 for k in keys]).permutation(n)
+
+
+# ---- records and positions ---------------------------------------------------------------------------
+@dataclass
+class TextRecord:
+    """One text document."""
+
+    key: str
+    text: str
+
+
+@dataclass
+class PairRecord:
+    """One image (as codes) with its caption and json metadata."""
+
+    key: str
+    codes: np.ndarray
+    """(K, h, w) integer codes."""
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InstructionRecord:
+    """One conversation with the codes of its images."""
+
+    key: str
+    conversations: list[dict[str, Any]]
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class Position:
+    """Where a source stream continues: the next record to read."""
+
+    epoch: int = 0
+    shard: int = 0
+    """Index into this epoch's (split-filtered) shard order."""
+    record: int = 0
+    """Index into the shard's record order."""
+    chunk: int = 0
+    """Next sample of a record that produced several (split text)."""
+    offset: int = 0
+    """Byte offset of `record` in a plain JSONL file (fast resume); 0 elsewhere."""
+
+    def to_list(self) -> list[int]:
+        """JSON-able form."""
+        return [self.epoch, self.shard, self.record, self.chunk, self.offset]
+
+    @classmethod
+    def from_list(cls, v) -> "Position":
+        """Inverse of to_list."""
+        return cls(*[int(x) for x in v])
+
+
+class Skip(Exception):
+    """A record is bad; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+# ---- base ----------------------------------------------------------------------------------------------
+class Source:
+    """A source of one recipe entry: iterate it for raw records, `stream()` for templated samples."""
+
+    kind = ""
+
+    def __init__(self, cfg: SourceConfig, files: list[Path], tokenizer=None, *, seed: int = 0,
+                 max_len: int | None = None, boi_id: int = T.BOI_TOKEN_ID, eoi_id: int = T.EOI_TOKEN_ID):
+        if not files:
+            raise ValueError(f"source {cfg.name!r} has no files")
+        self.cfg, self.files, self.tokenizer = cfg, list(files), tokenizer
+        self.seed, self.max_len, self.boi_id, self.eoi_id = seed, max_len, boi_id, eoi_id
+        self.counters: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    @property
+    def name(self) -> str:
+        """The recipe's source name."""
+        return self.cfg.name
+
+    # -- counters
+    def count(self, key: str, n: int = 1) -> None:
+        """Increment a counter."""
+        self.counters[key] = self.counters.get(key, 0) + n
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        """Count a skipped record (and warn once per reason)."""
+        self.count("skipped/" + reason)
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("source %s: skipping bad data (%s) %s; further ones are only counted",
+                        self.name, reason, detail[:200])
+
+    def stats(self) -> dict[str, Any]:
+        """{records, samples, <kind counts>, skipped: {reason: n}}."""
+        out: dict[str, Any] = {"records": 0, "samples": 0}
+        skipped = {r: 0 for r in SKIP_REASONS}
+        for k, v in self.counters.items():
+            if k.startswith("skipped/"):
+                skipped[k[len("skipped/"):]] = v
+            else:
+                out[k] = v
+        out["skipped"] = skipped
+        return out
+
+    # -- order
+    def shard_order(self, epoch: int, split: int, num_splits: int) -> tuple[list[int], bool]:
+        """(shard ids of this split in epoch order, whether records are split instead of shards)."""
+        n = len(self.files)
+        order = (permutation(n, self.seed, name_key(self.name), epoch).tolist() if self.cfg.shuffle
+                 else list(range(n)))
+        if n >= num_splits:
+            return order[split::num_splits], False
+        return order, True
+
+    def record_order(self, n: int, epoch: int, shard: int) -> list[int]:
+        """Order of the n records of a whole-read shard."""
+        if not self.cfg.shuffle:
+            return list(range(n))
+        return permutation(n, self.seed, name_key(self.name), epoch, shard, 1).tolist()
+
+    def uniform(self, epoch: int, shard: int, record: int, purpose: int) -> float:
+        """Per-record random number (pure function of the record's identity)."""
+        return hash_uniform(self.seed, name_key(self.name), epoch, shard, record, purpose)
+
+    # -- to be implemented per kind
+    def shard_records(self, shard: int, epoch: int, start: Position, split: int, num_splits: int,
+                      by_record: bool) -> Iterator[tuple[int, Any, int, int]]:
+        """Yield (record index, record, its byte offset, byte offset of the next record) from `start`
+        on (offsets only for seekable text files, else 0); bad records are counted, not yielded."""
+        raise NotImplementedError
+
+    def to_samples(self, record, epoch: int, shard: int, index: int) -> list[Sample]:
+        """Template one record (counted skips give [])."""
+        raise NotImplementedError
+
+    # -- iteration
+    def _check_len(self, s: Sample) -> Sample | None:
+        if self.max_len is not None and s.expanded_length() > self.max_len:
+            self.skip("too_long", f"{s.expanded_length()} > max_len {self.max_len}")
+            return None
+        return s
+
+    def records(self, start: Position | None = None, split: int = 0, num_splits: int = 1,
+                infinite: bool = False) -> Iterator[tuple[Any, int, int, int]]:
+        """Raw records from `start`: (record, epoch, global shard id, record index)."""
+        pos = start or Position()
+        epoch, si, ri, off = pos.epoch, pos.shard, pos.record, pos.offset
+        while True:
+            order, by_record = self.shard_order(epoch, split, num_splits)
+            while si < len(order):
+                p = Position(epoch, si, ri, 0, off)
+                for idx, rec, _, _ in self.shard_records(order[si], epoch, p, split, num_splits, by_record):
+                    yield rec, epoch, order[si], idx
+                si, ri, off = si + 1, 0, 0
+            if not infinite:
+                return
+            epoch, si = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass of raw records (epoch 0, no split)."""
+        for rec, *_ in self.records():
+            yield rec
+
+    def stream(self, start: Position | None = None, split: int = 0, num_splits: int = 1,
+               infinite: bool = True) -> Iterator[tuple[Sample, Position]]:
+        """Templated samples with the position that follows each one."""
+        pos = start or Position()
+        epoch, si, ri, chunk, off = pos.epoch, pos.shard, pos.record, pos.chunk, pos.offset
+        fresh_epoch = si == 0 and ri == 0 and chunk == 0
+        while True:
+            produced = False
+            order, by_record = self.shard_order(epoch, split, num_splits)
+            while si < len(order):
+                g = order[si]
+                p = Position(epoch, si, ri, 0, off)
+                for idx, rec, own_off, next_off in self.shard_records(g, epoch, p, split, num_splits, by_record):
+                    samples = self.to_samples(rec, epoch, g, idx)
+                    for c in range(chunk, len(samples)):
+                        self.count("samples")
+                        produced = True
+                        if c + 1 < len(samples):
+                            yield samples[c], Position(epoch, si, idx, c + 1, own_off)
+                        else:
+                            yield samples[c], Position(epoch, si, idx + 1, 0, next_off)
+                    chunk = 0
+                si, ri, off = si + 1, 0, 0
+            if not infinite:
+                return
+            if fresh_epoch and not produced:
+                raise ValueError(f"source {self.name!r} produced no usable sample in a full pass over its "
+                                 f"{len(self.files)} files for split {split}/{num_splits}; stats: {self.stats()}")
+            epoch, si, ri, chunk, off, fresh_epoch = epoch + 1, 0, 0, 0, 0, True
+
+
+# ---- text ------------------------------------------------------------------------------------------------
+def _require(module: str, path: Path, what: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ImportError(f"reading {path} needs the optional package `{module}` ({what}); "
+                          f"install it with `pip install {module}` or convert the file to plain .jsonl") from None
+
+
+class TextSource(Source):
+    """Documents from JSONL / JSONL.gz / JSONL.zst / parquet files (field `text_field`)."""
+
+    kind = "text"
+
+    def __init__(self, cfg, files, tokenizer=None, **kw):
+        super().__init__(cfg, files, tokenizer, **kw)
+        for f in self.files:  # fail at construction, not hours into a run
+            name = f.name.lower()
+            if name.endswith(".zst"):
+                _require("zstandard", f, "zstd-compressed JSONL")
+            elif name.endswith(".parquet"):
+                _require("pyarrow", f, "parquet")
+            elif not (name.endswith(".jsonl") or name.endswith(".json") or name.endswith(".jsonl.gz")):
+                raise ValueError(f"source {cfg.name!r}: unsupported text file {f} "
+                                 "(use .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
+
+    def _lines(self, path: Path, start: Position) -> Iterator[tuple[int, bytes, int]]:
+        """(line index, raw line, its byte offset, offset after it) from start.record; plain JSONL seeks
+        to start.offset, compressed files skip lines by count (offsets 0)."""
+        name = path.name.lower()
+        if name.endswith(".jsonl") or name.endswith(".json"):
+            with open(path, "rb") as f:
+                f.seek(start.offset)
+                idx, off = start.record, start.offset
+                for line in f:
+                    yield idx, line, off, off + len(line)
+                    off += len(line)
+                    idx += 1
+            return
+        if name.endswith(".gz"):
+            fh = gzip.open(path, "rb")
+        else:
+            zstd = _require("zstandard", path, "zstd-compressed JSONL")
+            fh = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        with fh:  # compressed streams cannot seek: skip lines by count
+            for idx, line in enumerate(fh):
+                if idx >= start.record:
+                    yield idx, line, 0, 0
+
+    def shard_records(self, shard, epoch, start, split, num_splits, by_record):
+        path = self.files[shard]
+        field = self.cfg.text_field
+        if path.name.lower().endswith(".parquet"):
+            _require("pyarrow", path, "parquet")
+            import pyarrow.parquet as pq
+
+            idx = 0
+            for batch in pq.ParquetFile(str(path)).iter_batches(columns=[field]):
+                for value in batch.column(0).to_pylist():
+                    if idx >= start.record and (not by_record or idx % num_splits == split):
+                        rec = self._text_record(f"{path.name}:{idx}", value)
+                        if rec is not None:
+                            yield idx, rec, 0, 0
+                    idx += 1
+            return
+        for idx, line, own, off in self._lines(path, start):
+            if by_record and idx % num_splits != split:
+                continue
+            if not line.strip():
+                continue  # blank separator lines are not records
+            try:
+                obj = json.loads(line)
+                value = obj.get(field) if isinstance(obj, dict) else None
+            except (ValueError, UnicodeDecodeError) as e:
+                self.skip("malformed", f"{path}:{idx + 1}: {e}")
+                continue
+            if value is None:
+                self.skip("malformed", f"{path}:{idx + 1}: no string field {field!r}")
+                continue
+            rec = self._text_record(f"{path.name}:{idx}", value)
+            if rec is not None:
+                yield idx, rec, own, off
+
+    def _text_record(self, key: str, value) -> TextRecord | None:
+        if not isinstance(value, str):
+            self.skip("malformed", f"{key}: field {self.cfg.text_field!r} is not a string")
+            return None
+        if not value.strip():
+            self.skip("empty_text", key)
+            return None
+        self.count("records")
+        return TextRecord(key, value)
+
+    def to_samples(self, record, epoch, shard, index):
+        out = T.text_samples(self.tokenizer, record.text, self.max_len, self.cfg.text_overflow)
+        if not out:
+            self.skip("too_long", record.key)
+        return out
+
+
+# ---- code shards -----------------------------------------------------------------------------------------
+def read_tar_samples(path: Path, on_error) -> list[dict[str, Any]]:
+    """All samples of a webdataset tar ({__key__, ext: bytes}); read errors go to on_error(exn)."""
+    import webdataset as wds
+
+    errors = []
+
+    def handler(exn):
+        errors.append(exn)
+        on_error(exn)
+        return True  # keep what was read before the damage
+
+    samples = list(wds.tariterators.tarfile_samples([{"url": str(path)}], handler=handler))
+    if not errors and not _has_end_marker(path):
+        # tarfile stops silently when a file is cut at a header boundary; a complete archive ends
+        # with two zero blocks.
+        on_error(ValueError(f"{path} is truncated (no end-of-archive marker)"))
+    return samples
+
+
+def _has_end_marker(path: Path) -> bool:
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+def decode_codes(data: bytes) -> np.ndarray:
+    """codes.npy bytes -> (K, h, w) integer array; ValueError if unreadable."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises several types for damaged bytes
+        raise ValueError(f"unreadable codes.npy: {e}") from e
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"codes.npy must be an integer (K, h, w) array, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+class PairSource(Source):
+    """Image codes + captions from code shards; text-to-image with probability t2i_ratio, else caption."""
+
+    kind = "pairs"
+
+    def __init__(self, cfg, files, tokenizer=None, **kw):
+        super().__init__(cfg, files, tokenizer, **kw)
+        self._cache: tuple[int, list] | None = None  # (shard id, samples): the shard being read
+
+    def _shard(self, shard: int) -> list[dict[str, Any]]:
+        if self._cache is None or self._cache[0] != shard:
+            path = self.files[shard]
+            self._cache = (shard, read_tar_samples(path, lambda e: self.skip("corrupt", f"{path}: {e}")))
+        return self._cache[1]
+
+    def shard_records(self, shard, epoch, start, split, num_splits, by_record):
+        samples = self._shard(shard)
+        order = self.record_order(len(samples), epoch, shard)
+        for idx in range(start.record, len(order)):
+            if by_record and idx % num_splits != split:
+                continue
+            rec = self._decode(samples[order[idx]])
+            if rec is not None:
+                yield idx, rec, 0, 0
+
+    def _decode(self, s: dict[str, Any]) -> PairRecord | None:
+        key = f"{Path(s.get('__url__', '')).name}:{s.get('__key__')}"
+        if "codes.npy" not in s:
+            self.skip("missing_image", f"{key} has no codes.npy")
+            return None
+        try:
+            codes = decode_codes(s["codes.npy"])
+        except ValueError as e:
+            self.skip("corrupt", f"{key}: {e}")
+            return None
+        try:
+            caption = s.get("txt", b"").decode("utf-8").strip()
+            meta = json.loads(s["json"]) if "json" in s else {}
+            if not isinstance(meta, dict):
+                raise ValueError("json member is not an object")
+        except (ValueError, UnicodeDecodeError) as e:
+            self.skip("malformed", f"{key}: {e}")
+            return None
+        self.count("records")
+        return PairRecord(key, codes, caption, meta)
+
+    def choose_caption(self, rec: PairRecord, u: float) -> str:
+        """The release's rule: the `caption_field` caption with probability caption_field_prob when
+        both exist, else whichever exists ('no' counts as absent)."""
+        alt = rec.meta.get(self.cfg.caption_field) if self.cfg.caption_field else None
+        alt = alt.strip() if isinstance(alt, str) and alt.strip() not in ("", "no") else ""
+        if alt and rec.caption:
+            return alt if u < self.cfg.caption_field_prob else rec.caption
+        return alt or rec.caption
+
+    def to_samples(self, record, epoch, shard, index):
+        caption = self.choose_caption(record, self.uniform(epoch, shard, index, 1))
+        if not caption:
+            self.skip("empty_text", record.key)
+            return []
+        if self.uniform(epoch, shard, index, 0) < self.cfg.t2i_ratio:
+            null = self.uniform(epoch, shard, index, 2) < self.cfg.caption_dropout
+            s = T.t2i_sample(self.tokenizer, None if null else caption, record.codes, self.boi_id, self.eoi_id)
+            tag = "null_prompt" if null else "t2i"
+        else:
+            s = T.caption_sample(self.tokenizer, caption, record.codes, self.boi_id, self.eoi_id)
+            tag = "caption"
+        if self._check_len(s) is None:
+            return []
+        self.count(tag)
+        return [s]
+
+
+class T2ISource(PairSource):
+    """Finetune text-to-image sets: code shards, every pair is a text-to-image sample."""
+
+    kind = "t2i"
+
+
+# ---- instructions -----------------------------------------------------------------------------------------
+class CodeIndex:
+    """Relative image path -> location of its codes.npy inside code shards (random access by offset).
+
+    Built by scanning the shards' json `path` fields; optionally cached as JSON (rebuilt when the
+    shards' sizes or mtimes change). Lookups fall back to the path without its extension (Mini-Gemini
+    ocr_vqa images are .jpg in the json but may be stored as .png).
+    """
+
+    VERSION = 1
+
+    def __init__(self, shards: list[Path], cache: Path | None = None, on_error=None):
+        self.shards = [Path(p) for p in shards]
+        self.on_error = on_error or (lambda e: log.warning("code index: %s", e))
+        sig = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in self.shards]
+        self.entries: dict[str, list[int]] = {}
+        if cache is not None and Path(cache).is_file():
+            try:
+                data = json.loads(Path(cache).read_text())
+                if data.get("version") == self.VERSION and data.get("shards") == sig:
+                    self.entries = data["entries"]
+            except (ValueError, KeyError):
+                self.entries = {}
+        if not self.entries:
+            self._build()
+            if cache is not None:
+                tmp = Path(f"{cache}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps({"version": self.VERSION, "shards": sig, "entries": self.entries}))
+                os.replace(tmp, cache)
+        self._stems = {os.path.splitext(k)[0]: v for k, v in self.entries.items()}
+
+    def _build(self) -> None:
+        for si, path in enumerate(self.shards):
+            members: dict[str, dict[str, Any]] = {}
+            try:
+                with tarfile.open(path, "r:") as tf:
+                    for m in tf:
+                        if not m.isreg():
+                            continue
+                        base = os.path.basename(m.name)
+                        key, _, ext = base.partition(".")
+                        key = os.path.join(os.path.dirname(m.name), key)
+                        d = members.setdefault(key, {})
+                        if ext == "json":
+                            d["json"] = tf.extractfile(m).read()
+                        elif ext == "codes.npy":
+                            d["loc"] = [si, m.offset_data, m.size]
+            except (tarfile.TarError, OSError) as e:
+                self.on_error(f"{path}: {e}")
+            for key, d in members.items():
+                if "json" not in d or "loc" not in d:
+                    continue
+                try:
+                    rel = json.loads(d["json"]).get("path")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(rel, str) and rel:
+                    self.entries[rel] = d["loc"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, path: str) -> bool:
+        return self.locate(path) is not None
+
+    def locate(self, path: str) -> list[int] | None:
+        """[shard, offset, size] or None."""
+        return self.entries.get(path) or self._stems.get(os.path.splitext(path)[0])
+
+    def load(self, path: str) -> np.ndarray | None:
+        """Codes of an image, None if unknown; ValueError if the member is damaged."""
+        loc = self.locate(path)
+        if loc is None:
+            return None
+        si, off, size = loc
+        with open(self.shards[si], "rb") as f:
+            f.seek(off)
+            data = f.read(size)
+        if len(data) != size:
+            raise ValueError(f"{self.shards[si]} is truncated at the codes of {path}")
+        return decode_codes(data)
+
+
+class InstructionSource(Source):
+    """LLaVA / Mini-Gemini conversations (JSON list or JSONL files) with images from code shards."""
+
+    kind = "instructions"
+
+    def __init__(self, cfg, files, tokenizer=None, image_files: list[Path] = (), index_cache: dict | None = None,
+                 **kw):
+        super().__init__(cfg, files, tokenizer, **kw)
+        self.image_files = list(image_files)
+        self._index: CodeIndex | None = None
+        self._index_cache = index_cache  # shared between streams of one process
+        self._cache: tuple[int, list] | None = None
+
+    @property
+    def index(self) -> CodeIndex:
+        """The path -> codes index (built on first use)."""
+        if self._index is None:
+            key = (tuple(map(str, self.image_files)), self.cfg.image_index)
+            if self._index_cache is not None and key in self._index_cache:
+                self._index = self._index_cache[key]
+            else:
+                self._index = CodeIndex(self.image_files, Path(self.cfg.image_index) if self.cfg.image_index else None,
+                                        on_error=lambda e: self.skip("corrupt", str(e)))
+                if self._index_cache is not None:
+                    self._index_cache[key] = self._index
+        return self._index
+
+    def _shard(self, shard: int) -> list:
+        """Raw items of one file: parsed dicts (JSON list) or raw lines (JSONL, parsed lazily)."""
+        if self._cache is None or self._cache[0] != shard:
+            path = self.files[shard]
+            items: list = []
+            try:
+                if path.name.lower().endswith(".jsonl"):
+                    items = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+                else:
+                    items = json.loads(path.read_bytes())
+                    if not isinstance(items, list):
+                        raise ValueError("top level is not a list")
+            except (ValueError, UnicodeDecodeError) as e:
+                self.skip("malformed", f"{path}: {e}")
+                items = []
+            self._cache = (shard, items)
+        return self._cache[1]
+
+    def shard_records(self, shard, epoch, start, split, num_splits, by_record):
+        items = self._shard(shard)
+        order = self.record_order(len(items), epoch, shard)
+        for idx in range(start.record, len(order)):
+            if by_record and idx % num_splits != split:
+                continue
+            rec = self._decode(items[order[idx]], f"{self.files[shard].name}:{order[idx]}")
+            if rec is not None:
+                yield idx, rec, 0, 0
+
+    def _decode(self, item, where: str) -> InstructionRecord | None:
+        try:
+            obj = json.loads(item) if isinstance(item, (bytes, str)) else item
+            if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
+                raise ValueError("expected an object with a `conversations` list")
+        except (ValueError, UnicodeDecodeError) as e:
+            self.skip("malformed", f"{where}: {e}")
+            return None
+        img = obj.get("image")
+        paths = [] if img in (None, "") else ([img] if isinstance(img, str) else img)
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            self.skip("malformed", f"{where}: `image` must be a path or a list of paths")
+            return None
+        images = []
+        for p in paths:
+            try:
+                codes = self.index.load(p) if self.image_files else None
+            except ValueError as e:
+                self.skip("corrupt", f"{where}: {e}")
+                return None
+            if codes is None:
+                self.skip("missing_image", f"{where}: no codes for image {p!r}")
+                return None
+            images.append(codes)
+        self.count("records")
+        return InstructionRecord(str(obj.get("id", where)), obj["conversations"], images)
+
+    def to_samples(self, record, epoch, shard, index):
+        try:
+            s = T.conversation_sample(self.tokenizer, record.conversations, record.images, self.cfg.template)
+        except ValueError as e:
+            self.skip("malformed", f"{record.key}: {e}")
+            return []
+        if self._check_len(s) is None:
+            return []
+        self.count("with_image" if record.images else "text_only")
+        return [s]
+
+
+# ---- factory ------------------------------------------------------------------------------------------------
+SOURCE_CLASSES = {"text": TextSource, "pairs": PairSource, "t2i": T2ISource, "instructions": InstructionSource}
+
+
+def build_source(recipe: Recipe, cfg: SourceConfig, tokenizer=None, *, seed: int = 0, max_len: int | None = None,
+                 boi_id: int = T.BOI_TOKEN_ID, eoi_id: int = T.EOI_TOKEN_ID,
+                 index_cache: dict | None = None) -> Source:
+    """Instantiate the reader of one recipe source."""
+    kw: dict[str, Any] = dict(seed=seed, max_len=max_len, boi_id=boi_id, eoi_id=eoi_id)
+    if cfg.kind == "instructions":
+        kw.update(image_files=recipe.image_files(cfg), index_cache=index_cache)
+    return SOURCE_CLASSES[cfg.kind](cfg, recipe.files(cfg), tokenizer, **kw)
+
+
+def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike, per_shard: int = 10000) -> list[Path]:
+    """Split a big LLaVA JSON list (e.g. mgm_instruction.json) into JSONL shards 00000.jsonl, ...
+
+    Many small shards shuffle better and spare every rank from parsing a multi-GB JSON file.
+    """
+    items = json.loads(Path(src).read_bytes())
+    if not isinstance(items, list):
+        raise ValueError(f"{src}: top level is not a JSON list")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(0, len(items), per_shard):
+        p = out / f"{i // per_shard:05d}.jsonl"
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items[i:i + per_shard]))
+        os.replace(tmp, p)
+        paths.append(p)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mllm.data.sources split-json IN.json OUT_DIR [--per-shard N]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mllm.data.sources")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("split-json", help="split a LLaVA JSON list into JSONL shards")
+    sp.add_argument("src")
+    sp.add_argument("out_dir")
+    sp.add_argument("--per-shard", type=int, default=10000)
+    args = ap.parse_args(argv)
+    paths = split_json_list(args.src, args.out_dir, args.per_shard)
+    print(f"wrote {len(paths)} shards to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

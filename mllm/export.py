@@ -1,0 +1,67 @@
+"""ZeRO checkpoint -> Hugging Face folder (safetensors weights, tokenizer files, generation config).
+
+    python -m mllm.export --checkpoint runs/mllm/step-00001000 --out runs/mllm/export --tokenizer-dir Llama-2-7b-hf
+
+Weights are consolidated with DeepSpeed's `zero_to_fp32` (any ZeRO stage, any number of ranks).
+The folder loads with `AutoModelForCausalLM.from_pretrained(out)` after `import mllm`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                           dtype: torch.dtype = torch.float32) -> Path:
+    """Consolidate `checkpoint` (a step folder, or a run folder: its latest step) into `out_dir`."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import mllm  # noqa: F401
+    from mllm import UniMLLMConfig, UniMLLMForCausalLM
+
+    ckpt = Path(checkpoint)
+    if (ckpt / "latest").is_file() and not (ckpt / "mllm").is_dir():
+        ckpt = ckpt / (ckpt / "latest").read_text().strip()
+    if not (ckpt / "mllm_config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} is not an MLLM training checkpoint (no mllm_config.json)")
+    config = UniMLLMConfig.from_json_file(str(ckpt / "mllm_config.json"))
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
+    with torch.device("meta"):
+        model = UniMLLMForCausalLM(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.model.rotary_emb.__init__(config)  # non-persistent buffers: rebuilt, not loaded
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok.save_pretrained(tmp)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id, max_new_tokens=128, do_sample=False).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX folder, or a run folder (uses latest)")
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--tokenizer-dir", help="folder with the text tokenizer files to copy (Llama or an export)")
+    a = p.parse_args(argv)
+    print(f"wrote {export_from_checkpoint(a.checkpoint, a.out, a.tokenizer_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""Stage two: train the unified MLLM with DeepSpeed (ZeRO-3 by default).
+
+    deepspeed --num_gpus 8 -m mllm.train --stage pretrain --llama-dir Llama-2-7b-hf \
+        --tokenizer unitok_tokenizer.pth --run-dir runs/mllm_stage1            (launch/mllm_stage1.sh)
+    deepspeed --num_gpus 8 -m mllm.train --stage finetune --init-from runs/mllm_stage1/export \
+        --run-dir runs/mllm_stage2                                                (launch/mllm_stage2.sh)
+
+One switch selects the stage preset (REFERENCE.md 8.1): its recipe, learning rate, and the
+checkpoint to start from. `--trainable` picks the trained modules (default: everything but the
+frozen codebook; `mm_projector` alone is the projector-only warmup).
+Under ZeRO-3 the model is built inside `deepspeed.zero.Init` and the starting weights are copied in
+module by module with `GatheredParameters(modifier_rank=0)`, so no rank ever holds the whole model
+twice. Checkpoints follow runtime/checkpoint.py, with the data-loader state. Resuming on another
+number of ranks reloads the consolidated fp32 weights (DeepSpeed's zero_to_fp32) and restarts the
+optimizer moments and the data stream (logged).
+
+MFU = achieved FLOP/s / (peak FLOP/s x ranks), with FLOPs per step = 6 * N * T + 12 * L * d * S * T
+(N parameters the tokens pass through, T non-pad tokens, L layers, d width, S sequence length): the
+usual dense-transformer estimate (forward 2N + backward 4N per token, plus attention scores).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {
+    "pretrain": {"recipe": "data_recipes/stage1_pretrain.yaml", "lr": 5e-5},
+    "finetune": {"recipe": "data_recipes/stage2_finetune.yaml", "lr": 2e-5},
+}
+GROUPS = ("llm", "attn_projection", "mm_projector", "depth_head")
+
+
+@dataclass
+class MllmTrainConfig:
+    """A stage-two training run."""
+
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    """Stage preset: pretrain (stage-1 recipe, lr 5e-5, from Llama + tokenizer) or finetune (stage-2
+    recipe, lr 2e-5, from the pretrain export)."""
+    run_dir: str = "runs/mllm"
+    """Output folder."""
+    llama_dir: str | None = None
+    """Local HF Llama folder (weights + sentencepiece tokenizer); stage pretrain."""
+    tokenizer: str | None = None
+    """UniTok checkpoint (our folder or the official .pth) for the codebook and projection; pretrain."""
+    tokenizer_attn_mode: Literal["full", "causal"] = "full"
+    """Projection attention of an official tokenizer .pth (its keys do not record it)."""
+    init_from: str | None = None
+    """An exported MLLM folder to start from (stage finetune, or a continued pretrain)."""
+    recipe: str | None = None
+    """Data recipe YAML; default: the stage's."""
+    data_root: str | None = None
+    """Override the recipe's data root."""
+    lr: float | None = None
+    """Peak learning rate; default: the stage's."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_ratio: float = 0.03
+    """Linear warmup fraction, then cosine to end_ratio."""
+    end_ratio: float = 0.0
+    """Final LR fraction."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    trainable: tuple[str, ...] = GROUPS
+    """Trained module groups among llm, attn_projection, mm_projector, depth_head (codebook always frozen)."""
+    micro_batch: int = 4
+    """Rows per rank per micro step."""
+    grad_accum: int = 4
+    """Micro steps per optimizer step."""
+    max_len: int = 2048
+    """Positions per row (images count h*w each)."""
+    pack: bool = True
+    """Pack several samples per row (no attention across samples) instead of padding."""
+    num_workers: int = 2
+    """Data worker processes per rank."""
+    total_steps: int = 1000
+    """Optimizer steps."""
+    ds_config: str = "zero3"
+    """ds_configs/ name or path: zero3 (default), zero2, zero3_offload."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool | None = None
+    """Activation checkpointing of the Llama layers; default: on with a GPU."""
+    seed: int = 0
+    """Base seed."""
+    resume: str = "auto"
+    """auto, none, or a checkpoint folder."""
+    save_every: int = 500
+    """Checkpoint interval (steps)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    log_every: int = 10
+    """Log interval (steps)."""
+    metrics: Literal["none", "tensorboard", "wandb"] = "none"
+    """Metrics sink."""
+    peak_tflops: float = 0.0
+    """Per-device peak TFLOP/s for MFU (0 = 989 on H100, 312 on A100, none on CPU)."""
+    export: bool = True
+    """Write run_dir/export (HF folder) at the end."""
+    mllm: dict[str, int] = field(default_factory=dict)
+    """Extra UniMLLMConfig fields for a new model, e.g. `--mllm depth_num_layers 3`."""
+    kill_at_step: int = -1
+    """Tests: SIGKILL right after this step (and its checkpoint, if due)."""
+
+    def __post_init__(self):
+        self.trainable = tuple(self.trainable)
+        bad = set(self.trainable) - set(GROUPS)
+        if bad or not self.trainable:
+            raise ValueError(f"trainable groups must be a non-empty subset of {GROUPS}, got {self.trainable}")
+        for name in ("micro_batch", "grad_accum", "max_len", "total_steps", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    def resolved(self) -> "MllmTrainConfig":
+        """Fill stage defaults and check the starting point (before any engine starts)."""
+        st = STAGES[self.stage]
+        out = dataclasses.replace(self, recipe=self.recipe or str(ROOT / st["recipe"]), lr=self.lr or st["lr"])
+        if out.init_from is None:
+            if out.stage == "finetune":
+                raise ValueError("--stage finetune needs --init-from (the pretrain export folder)")
+            if out.llama_dir is None or out.tokenizer is None:
+                raise ValueError("--stage pretrain needs --llama-dir and --tokenizer (or --init-from)")
+        for p in (out.llama_dir, out.init_from):
+            if p is not None and not (Path(p) / "config.json").is_file():
+                raise FileNotFoundError(f"no config.json in {p}")
+        if out.tokenizer is not None and not Path(out.tokenizer).exists():
+            raise FileNotFoundError(f"tokenizer checkpoint not found: {out.tokenizer}")
+        if not Path(out.recipe).is_file():
+            raise FileNotFoundError(f"recipe not found: {out.recipe}")
+        return out
+
+
+def parse_config(argv: list[str] | None = None) -> MllmTrainConfig:
+    import tyro
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--local_rank", "--local-rank", type=int)  # from the deepspeed launcher
+    _, rest = pre.parse_known_args(argv)
+    return tyro.cli(MllmTrainConfig, args=rest).resolved()
+
+
+# ---- model construction ---------------------------------------------------------------------------
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    return files
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zero3: bool) -> list[str]:
+    """Copy `state` (read on rank 0 only under ZeRO-3) into the model; returns the keys not filled.
+
+    Under ZeRO-3 each submodule's partitioned parameters are gathered with modifier_rank=0, filled on
+    rank 0 and re-partitioned, one module at a time.
+    """
+    from runtime.distributed import get_rank
+
+    if not zero3:
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"unexpected weights: {result.unexpected_keys[:8]}")
+        return list(result.missing_keys)
+    import deepspeed
+
+    missing: list[str] = []
+    for mod_name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        bufs = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
+        if not params and not bufs:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if get_rank() == 0:
+                fresh = [prefix + n for n in {**params, **bufs} if prefix + n not in state]
+                if fresh:  # not in the checkpoint: the model's own init, on the gathered tensors
+                    model._init_weights(module)
+                    missing.extend(fresh)
+                for n, t in {**params, **bufs}.items():
+                    if prefix + n in state:
+                        t.data.copy_(state[prefix + n].to(t.dtype))
+        for n, b in bufs.items():  # buffers are not partitioned: broadcast rank 0's value
+            torch.distributed.broadcast(b.data, src=0)
+    return missing
+
+
+def build_model(cfg: MllmTrainConfig, ds: dict, log):
+    """The MLLM (partitioned under ZeRO-3) and the text tokenizer."""
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    import mllm  # noqa: F401  (registers the model type)
+    from mllm import UniMLLMConfig, UniMLLMForCausalLM
+    from mllm.modeling.modeling import default_attn_implementation
+    from runtime.distributed import get_rank
+
+    zero3 = ds["zero_optimization"].get("stage", 0) == 3
+    src = Path(cfg.init_from or cfg.llama_dir)
+    text_tok = AutoTokenizer.from_pretrained(src)
+    if text_tok.pad_token_id is None:
+        text_tok.pad_token = text_tok.unk_token  # pad = unk = 0, as released
+    tok_model = None
+    if cfg.init_from:
+        config = UniMLLMConfig.from_pretrained(src)
+    else:
+        from transformers import LlamaConfig
+
+        from unitok import load_tokenizer
+
+        tok_model = load_tokenizer(cfg.tokenizer, attn_mode=cfg.tokenizer_attn_mode)
+        base = {k: v for k, v in LlamaConfig.from_pretrained(src).to_dict().items()
+                if k in LlamaConfig.__dataclass_fields__}
+        q = tok_model.cfg.quantizer
+        config = UniMLLMConfig(**{**base, "num_codebooks": q.num_codebooks, "codebook_size": q.codebook_size,
+                                  "code_dim": q.code_dim, "embed_width": tok_model.cfg.encoder.width,
+                                  "embed_num_heads": tok_model.cfg.projection_heads, **cfg.mllm})
+    if config.pad_token_id is None:
+        config.pad_token_id = text_tok.pad_token_id
+    config._attn_implementation = default_attn_implementation()
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    if zero3:
+        # Partition at construction; skip random init (weights are loaded or initialised per module
+        # in load_into, where each module's parameters are gathered).
+        from transformers import initialization as hf_init
+
+        with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+            model = UniMLLMForCausalLM(config)
+    else:
+        model = UniMLLMForCausalLM(config)
+    state = None
+    if get_rank() == 0 or not zero3:
+        state = _read_weights(src)
+        if tok_model is not None:  # frozen codebooks + causal projection from the tokenizer
+            state.update({f"model.multi_embedder.quantizer.{k}": v
+                          for k, v in tok_model.quantizer.state_dict().items()})
+            state.update({f"model.multi_embedder.attn_projection.{k}": v
+                          for k, v in tok_model.post_quant_proj.state_dict().items()})
+    missing = load_into(model, state, zero3)
+    if get_rank() == 0:
+        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing})
+        log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})")
+    if not zero3:
+        model.to(dtype)
+    set_trainable(model, cfg.trainable)
+    use_ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else torch.cuda.is_available()
+    if use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, text_tok
+
+
+def set_trainable(model, groups: tuple[str, ...]) -> None:
+    """Freeze everything, then unfreeze the chosen groups; the codebook stays frozen."""
+    model.requires_grad_(False)
+    emb = model.model.multi_embedder
+    if "llm" in groups:
+        model.model.embed_tokens.requires_grad_(True)
+        model.model.layers.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if "attn_projection" in groups:
+        emb.attn_projection.requires_grad_(True)
+    if "mm_projector" in groups:
+        emb.mm_projector.requires_grad_(True)
+    if "depth_head" in groups:
+        model.ar_head.requires_grad_(True)
+    emb.quantizer.requires_grad_(False)
+
+
+def log_partition(model, info, log) -> list[int]:
+    """Log how many parameter elements each rank holds (ZeRO-3 partitions; other stages replicate)."""
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    counts = [local]
+    if info.world_size > 1:
+        t = torch.tensor([local], dtype=torch.long)
+        gathered = [torch.zeros_like(t) for _ in range(info.world_size)]
+        torch.distributed.all_gather(gathered, t)
+        counts = [int(x) for x in gathered]
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info(f"parameter elements per rank: {counts} of {total}")
+    return counts
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "image_codes", "image_lens",
+              "image_starts", "image_gen")
+
+
+def flops_per_step(model, tokens: int, seq_len: int) -> float:
+    """6 N T + 12 L d S T (see the module docstring)."""
+    c = model.config
+    n = getattr(model, "_num_params_total", None)
+    if n is None:
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        model._num_params_total = n
+    return 6.0 * n * tokens + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len * tokens
+
+
+def peak_flops(cfg: MllmTrainConfig) -> float | None:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return 989e12 if ("H100" in name or "H200" in name) else 312e12
+
+
+def train(cfg: MllmTrainConfig) -> dict[str, Any]:
+    """Run or resume; returns the last logged metrics."""
+    import deepspeed
+
+    from mllm.data.loader import MixtureLoader, format_stats
+    from mllm.data.recipe import load_recipe
+    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
+    from runtime.distributed import barrier, init_distributed, is_main_process
+    from runtime.ds_config import load_ds_config
+    from runtime.log import MetricSink, Progress, format_line, memory_gb, setup_logging
+    from runtime.optim import lambda_scheduler, warmup_cosine
+
+    info = init_distributed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    log = setup_logging(run_dir)
+    resolved = dataclasses.asdict(cfg)
+    if is_main_process():
+        (run_dir / "config.json").write_text(json.dumps({"config": resolved, "git_sha": git_sha()}, indent=2))
+    ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
+                        world_size=info.world_size, grad_clip=cfg.grad_clip, precision=cfg.precision)
+    model, text_tok = build_model(cfg, ds, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    log.info(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M parameters ({', '.join(cfg.trainable)}), "
+             f"ZeRO-{ds['zero_optimization'].get('stage', 0)}, world {info.world_size}, "
+             f"global batch {ds['train_batch_size']} rows of {cfg.max_len}")
+    log_partition(model, info, log)
+    if "offload_optimizer" in ds["zero_optimization"]:
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8,
+                                                      "weight_decay": cfg.weight_decay}}
+        opt = None
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    warm = int(cfg.warmup_ratio * cfg.total_steps)
+    sched_fn = lambda s: warmup_cosine(s, cfg.total_steps, warm, cfg.end_ratio)  # noqa: E731
+    if opt is not None:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds,
+                                               lr_scheduler=lambda_scheduler(opt, sched_fn))
+    else:
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
+                                                 lr_scheduler=lambda o: lambda_scheduler(o, sched_fn))
+    recipe = load_recipe(cfg.recipe, root=cfg.data_root)
+    loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
+                           micro_batch_size=cfg.micro_batch, max_len=cfg.max_len, pack=cfg.pack,
+                           pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers)
+    ckpts = CheckpointManager(run_dir, cfg.keep_last)
+    step = 0
+    resume_from = ckpts.resolve(cfg.resume)
+    if resume_from is not None:
+        step = _resume(engine, loader, ckpts, resume_from, info, log)
+    metrics_file = run_dir / "metrics.jsonl"
+    if is_main_process():
+        _truncate_metrics(metrics_file, step)
+    sink = MetricSink(cfg.metrics, run_dir, resolved, project="unitok-mllm")
+    progress = Progress(step, cfg.total_steps)
+    peak = peak_flops(cfg)
+    last: dict[str, Any] = {}
+    it = iter(loader)
+
+    def save(at: int):
+        def write(tmp: Path):
+            engine.save_checkpoint(str(tmp), tag="mllm")
+            if is_main_process():
+                model.config.to_json_file(str(tmp / "mllm_config.json"))
+        ckpts.save(at, write,
+                   {"data": loader.state_dict(), "rng": rng_state(), "world_size": info.world_size},
+                   {"step": at, "config": resolved, "git_sha": git_sha()})
+        log.info(f"saved {step_name(at)}")
+
+    while step < cfg.total_steps:
+        agg = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "tokens": 0, "samples": 0, "seq": 0}
+        hashes = []
+        for _ in range(cfg.grad_accum):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(loader)
+                batch = next(it)
+            hashes.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:8])
+            inputs = {k: (batch[k].to(info.device) if batch[k] is not None else None) for k in MODEL_KEYS}
+            out = engine(**inputs)
+            engine.backward(out.loss)
+            engine.step()
+            agg["loss"] += float(out.loss) / cfg.grad_accum
+            agg["text_loss"] += float(out.text_loss) / cfg.grad_accum
+            agg["image_loss"] += float(out.image_loss) / cfg.grad_accum
+            agg["tokens"] += round(batch["input_ids"].numel() * (1 - float(batch["pad_ratio"])))  # non-pad positions
+            agg["samples"] += int(batch["num_samples"])
+            agg["seq"] = batch["input_ids"].shape[1]
+        step += 1
+        progress.update(agg["samples"] * info.world_size, agg["tokens"] * info.world_size)
+        norm = engine.get_global_grad_norm()
+        last = {"step": step, "loss": agg["loss"], "text_loss": agg["text_loss"], "image_loss": agg["image_loss"],
+                "grad_norm": float(norm) if norm is not None else 0.0, "lr": float(engine.get_lr()[0]),
+                "data_hash": "".join(hashes)}
+        if is_main_process():
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(last) + "\n")
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            sps, tps, eta = progress.rates(step)
+            shown = {k: last[k] for k in ("loss", "text_loss", "image_loss", "grad_norm", "lr")}
+            line = format_line(step, cfg.total_steps, shown, sps, tps, memory_gb(info.device), eta)
+            if peak is not None and tps > 0:
+                mfu = flops_per_step(model, int(tps), agg["seq"]) / (peak * info.world_size)
+                line += f" | mfu {100 * mfu:.1f}%"
+            stats = loader.stats()
+            line += f" | pad {100 * stats['pad_ratio']:.1f}%"
+            log.info(line)
+            sink.log({**shown, "samples_per_s": sps, "tokens_per_s": tps, "pad_ratio": stats["pad_ratio"]}, step)
+        if step % cfg.save_every == 0 or step == cfg.total_steps:
+            save(step)
+        if step == cfg.kill_at_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    log.info(f"data: {format_stats(loader.stats())}")
+    if cfg.export:
+        from mllm.export import export_from_checkpoint
+
+        barrier()
+        if is_main_process():
+            export_from_checkpoint(ckpts.latest(), run_dir / "export", tokenizer_dir=Path(cfg.init_from or cfg.llama_dir))
+            log.info(f"exported {run_dir / 'export'}")
+        barrier()
+    sink.close()
+    return last
+
+
+def _resume(engine, loader, ckpts, ckpt: Path, info, log) -> int:
+    """Load engine + data + RNG; on another world size, fall back to the consolidated fp32 weights."""
+    from runtime.checkpoint import set_rng_state
+
+    state = ckpts.load_rank_state(ckpt)
+    step = int(ckpts.load_trainer_state(ckpt)["step"])
+    if int(state.get("world_size", info.world_size)) == info.world_size:
+        engine.load_checkpoint(str(ckpt), tag="mllm")
+        loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        log.info(f"resumed from {ckpt} at step {step}")
+        return step
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    log.warning(f"{ckpt} was written by {state['world_size']} ranks, this run has {info.world_size}: loading "
+                "the consolidated fp32 weights; optimizer moments and the data stream restart")
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
+    zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
+    load_into(engine.module, fp32, zero3)
+    engine.lr_scheduler.last_epoch = step - 1
+    engine.lr_scheduler.step()
+    return step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,506 @@
+"""Stage-two data: templates (token-level masks), source readers, recipes, the mixture loader, demo data."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from mllm.data import templates as T
+from mllm.data.collate import Sample
+from mllm.data.loader import MixtureLoader, format_stats
+from mllm.data.recipe import Recipe, SourceConfig, load_recipe
+from mllm.data.sources import CodeIndex, InstructionSource, PairSource, T2ISource, TextSource
+from mllm.modeling.configuration import IMAGE_TOKEN_INDEX
+from tiny_assets import VOCAB_SIZE, load_llama_tokenizer, make_llama_tokenizer
+
+K, H, W = 4, 2, 2  # debug-tokenizer code grid: 4 codebooks, 32 px -> 2 x 2 positions
+SYSTEM = T.VICUNA_V1.system
+
+
+# ---- fixtures and writers --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    return load_llama_tokenizer(make_llama_tokenizer(tmp_path_factory.mktemp("llama_tok")))
+
+
+def codes_for(i: int, hw=(H, W)) -> np.ndarray:
+    return (np.arange(K * hw[0] * hw[1], dtype=np.uint16).reshape(K, *hw) + i) % 64
+
+
+def npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def write_code_shard(path: Path, items: list[dict]) -> Path:
+    """items: {key, codes (array) | codes_bytes, txt?, json?}; written with webdataset's TarWriter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), mtime=0) as w:
+        for it in items:
+            s = {"__key__": it["key"]}
+            if "codes" in it:
+                s["codes.npy"] = npy(it["codes"])
+            if "codes_bytes" in it:
+                s["codes.npy"] = it["codes_bytes"]
+            if "txt" in it:
+                s["txt"] = it["txt"]
+            if "json" in it:
+                s["json"] = it["json"] if isinstance(it["json"], bytes) else json.dumps(it["json"]).encode()
+            w.write(s)
+    return path
+
+
+def pair_items(n: int, start: int = 0, prefix: str = "img") -> list[dict]:
+    return [{"key": f"{prefix}{i:05d}", "codes": codes_for(i), "txt": f"a red circle number {i}",
+             "json": {"path": f"{prefix}/{i:05d}.jpg", "recaption": f"recaption {i}"}} for i in range(start, start + n)]
+
+
+def write_jsonl(path: Path, docs: list, raw_lines: list[str] = ()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(d) for d in docs] + list(raw_lines)
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def cfg(kind: str, paths, **kw) -> SourceConfig:
+    kw.setdefault("weight", 1.0)
+    return SourceConfig(name=kw.pop("name", kind), kind=kind, paths=paths if isinstance(paths, list) else [paths], **kw)
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] is None or torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- tiny tokenizer ----------------------------------------------------------------------------------
+def test_tiny_llama_tokenizer_layout(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert len(tok) == VOCAB_SIZE
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["<unk>", "<s>", "</s>", "<0x00>", "<0x01>"]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+    assert tok("\x00\x01", add_special_tokens=False).input_ids[-2:] == [3, 4]  # boi / eoi as bytes
+    assert tok("hi").input_ids[0] == 1
+    auto = AutoTokenizer.from_pretrained(make_llama_tokenizer(tmp_path / "again"))
+    assert auto("a red circle").input_ids == tok("a red circle").input_ids  # deterministic training
+
+
+# ---- templates ---------------------------------------------------------------------------------------
+def test_t2i_sample_layout_and_masks(tok):
+    codes = codes_for(0)
+    s = T.t2i_sample(tok, "  a red circle ", codes)
+    body = T.encode(tok, "a red circle" + T.T2I_SUFFIX)
+    assert s.input_ids == [1] + body + [3, IMAGE_TOKEN_INDEX, 4, 2]
+    assert s.labels == [-100] * (1 + len(body)) + [3, -100, 4, 2]  # boi, eoi, eos supervised
+    assert s.image_gen == [True] and s.images[0] is codes
+    # the prompt equals the release's string form: prompt + suffix + "\x00" tokenised with bos
+    assert T.t2i_prompt_ids(tok, "a red circle") == tok("a red circle" + T.T2I_SUFFIX + "\x00").input_ids
+    assert T.t2i_prompt_ids(tok, "a red circle") == s.input_ids[:len(body) + 2]
+    null = T.t2i_sample(tok, None, codes)
+    assert T.null_prompt_ids(tok) == tok("<unconditional>\x00").input_ids
+    assert null.input_ids == T.null_prompt_ids(tok) + [IMAGE_TOKEN_INDEX, 4, 2]
+    assert [x for x in null.labels if x != -100] == [3, 4, 2]
+
+
+def test_caption_and_text_samples(tok):
+    s = T.caption_sample(tok, "a blue square", codes_for(1))
+    cap = T.encode(tok, "a blue square")
+    assert s.input_ids == [1, 3, IMAGE_TOKEN_INDEX, 4] + cap + [2]
+    assert s.labels == [-100] * 4 + cap + [2] and s.image_gen == [False]
+    (t,) = T.text_samples(tok, "The quick brown fox.")
+    assert t.input_ids == [1] + T.encode(tok, "The quick brown fox.") + [2] and t.labels == t.input_ids
+    long = "The quick brown fox jumps over the lazy dog. " * 10
+    n = len(T.encode(tok, long)) + 2
+    parts = T.text_samples(tok, long, max_len=16, overflow="split")
+    assert [len(p.input_ids) for p in parts] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    assert sum((p.input_ids for p in parts), []) == [1] + T.encode(tok, long) + [2]
+    assert T.text_samples(tok, long, max_len=16, overflow="truncate")[0].input_ids == parts[0].input_ids
+    assert T.text_samples(tok, long, max_len=16, overflow="skip") == []
+
+
+def _runs(sample: Sample) -> list[list[int]]:
+    """Maximal runs of consecutive supervised positions (their ids)."""
+    runs, cur = [], []
+    for i, lab in zip(sample.input_ids, sample.labels):
+        if lab != -100:
+            assert lab == i  # supervised positions predict themselves (collate/model shift later)
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+def test_vicuna_v1_masks_token_by_token(tok):
+    conv = [{"from": "human", "value": "What shape is in the image?\n<image>"},  # placeholder moved to front
+            {"from": "gpt", "value": "A circle."},
+            {"from": "human", "value": "What color is the shape?"},
+            {"from": "gpt", "value": "Red."}]
+    s = T.conversation_sample(tok, conv, [codes_for(2)])
+    # ids: exactly LLaVA's rendering, split at <image> and tokenised chunk by chunk
+    chunk1 = SYSTEM + " USER: "
+    chunk2 = ("\nWhat shape is in the image? ASSISTANT: A circle.</s>USER: What color is the shape? "
+              "ASSISTANT: Red.</s>")
+    ids2 = tok(chunk2, add_special_tokens=False).input_ids  # "</s>" in the text becomes eos
+    assert s.input_ids == [1] + T.encode(tok, chunk1) + [IMAGE_TOKEN_INDEX] + ids2
+    runs = _runs(s)
+    assert len(runs) == 2
+    for run, reply in zip(runs, ["A circle.", "Red."]):
+        assert run[-1] == 2  # the turn's </s> is supervised
+        assert tok.decode(run[:-1]).strip() == reply
+    # each run starts right after the ":" of "ASSISTANT:" and nothing else is supervised
+    for run in runs:
+        start = next(i for i in range(len(s.input_ids)) if s.input_ids[i:i + len(run)] == run and s.labels[i] != -100)
+        assert tok.convert_ids_to_tokens(s.input_ids[start - 1]) == ":"
+        assert tok.decode(s.input_ids[start - 3:start]).strip().endswith("ASSISTANT:")
+    assert sum(lab != -100 for lab in s.labels) == sum(map(len, runs))
+    # the generation prompt is a prefix of the training ids
+    p = T.chat_prompt(tok, ["<image>\nWhat shape is in the image?", "A circle.", "What color is the shape?"],
+                      [codes_for(2)])
+    assert s.input_ids[:len(p.input_ids)] == p.input_ids
+    assert tok.decode(p.input_ids[-3:]).strip().endswith("ASSISTANT:")
+    assert set(p.labels) == {-100} and len(p.images) == 1
+
+
+def test_plain_template_and_conversation_errors(tok):
+    conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]
+    s = T.conversation_sample(tok, conv, [codes_for(3)], template="plain")
+    body = tok("a red circle\n", add_special_tokens=False).input_ids
+    assert s.input_ids == [1, IMAGE_TOKEN_INDEX] + body  # human turn reduced to its image
+    assert s.labels == [-100, -100] + body  # caption + "\n" supervised
+    # text-only chat works; an image without placeholder is put in front of the first user turn
+    t = T.conversation_sample(tok, [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}])
+    assert IMAGE_TOKEN_INDEX not in t.input_ids and _runs(t) and _runs(t)[0][-1] == 2
+    u = T.conversation_sample(tok, [{"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "A square."}],
+                              [codes_for(4)])
+    assert u.input_ids.count(IMAGE_TOKEN_INDEX) == 1
+    with pytest.raises(ValueError, match="placeholders"):
+        T.conversation_sample(tok, [{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}],
+                              [codes_for(0)] * 3)
+    with pytest.raises(ValueError, match="alternate"):
+        T.conversation_sample(tok, [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}])
+    with pytest.raises(ValueError, match="last turn"):
+        T.chat_prompt(tok, ["q", "a"])
+
+
+# ---- recipes -----------------------------------------------------------------------------------------
+def test_recipe_validation_and_missing_path(tmp_path):
+    for i in range(3):
+        write_jsonl(tmp_path / f"t/{i:02d}.jsonl", [{"text": "x"}])
+    good = {"name": "r", "root": str(tmp_path),
+            "sources": [{"name": "a", "kind": "text", "paths": "t/{00..02}.jsonl", "weight": 1}]}
+    (tmp_path / "good.yaml").write_text(json.dumps(good))  # JSON is valid YAML
+    r = load_recipe(tmp_path / "good.yaml")
+    assert [p.name for p in r.files(r.sources[0])] == ["00.jsonl", "01.jsonl", "02.jsonl"] and r.mode == "weight"
+    bad = dict(good, sources=[dict(good["sources"][0], paths="t/{00..03}.jsonl")])
+    (tmp_path / "bad.yaml").write_text(json.dumps(bad))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "t" / "03.jsonl")):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError, match="03.jsonl"):
+        MixtureLoader(Recipe.from_dict(bad), None)
+    with pytest.raises(ValueError, match="t2i_ratio"):  # an option of another kind
+        Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], t2i_ratio=0.5)]))
+    with pytest.raises(ValueError, match="exactly one"):
+        Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], budget=5)]))
+    mixed = [dict(good["sources"][0]), {"name": "b", "kind": "text", "paths": "t/00.jsonl", "budget": 3}]
+    with pytest.raises(ValueError, match="every source"):
+        Recipe.from_dict(dict(good, sources=mixed))
+    with pytest.raises(ValueError, match="kind"):
+        Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], kind="video")]))
+
+
+def test_shipped_recipes_parse():
+    root = Path(__file__).resolve().parents[1] / "data_recipes"
+    for f in ("stage1_pretrain.yaml", "stage2_finetune.yaml", "demo.yaml", "demo_finetune.yaml"):
+        r = load_recipe(root / f, check_paths=False)
+        assert r.files(r.sources[0]) and all(s.weight or s.budget for s in r.sources)
+    s1 = load_recipe(root / "stage1_pretrain.yaml", check_paths=False)
+    assert sum(s.budget for s in s1.sources if s.kind == "text") == 10_000_000
+    assert sum(s.budget for s in s1.sources if s.kind == "pairs") == 60_000_000
+    s2 = load_recipe(root / "stage2_finetune.yaml", check_paths=False)
+    assert {s.kind: s.budget for s in s2.sources} == {"t2i": 1_500_000, "instructions": 1_500_000}
+
+
+# ---- source readers -------------------------------------------------------------------------------------
+def test_text_reader_formats_and_counters(tok, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "first doc"}, {"text": "   "}, {"text": "second doc"}],
+                    raw_lines=['{"text": "broken', '{"other": 1}', ""])
+    b = tmp_path / "b.jsonl.gz"
+    with gzip.open(b, "wt") as f:
+        f.write(json.dumps({"text": "gz doc"}) + "\n")
+    src = TextSource(cfg("text", str(a), shuffle=False), [a, b], tok, max_len=64)
+    assert [r.text for r in src] == ["first doc", "second doc", "gz doc"]
+    st = src.stats()
+    assert st["records"] == 3 and st["skipped"]["empty_text"] == 1 and st["skipped"]["malformed"] == 2
+    samples = [s for s, _ in src.stream(infinite=False)]
+    docs = ("first doc", "second doc", "gz doc")
+    assert [s.input_ids for s in samples] == [[1] + T.encode(tok, d) + [2] for d in docs]
+    skip = TextSource(cfg("text", str(a), text_overflow="skip"), [a], tok, max_len=3)
+    assert list(skip.stream(infinite=False)) == [] and skip.stats()["skipped"]["too_long"] == 2
+    for ext, pkg in (("jsonl.zst", "zstandard"), ("parquet", "pyarrow")):
+        f = tmp_path / f"c.{ext}"
+        f.write_bytes(b"")
+        try:
+            __import__(pkg)
+        except ImportError:
+            with pytest.raises(ImportError, match=pkg):
+                TextSource(cfg("text", str(f)), [f], tok)
+
+
+def test_text_resume_mid_document_and_offsets(tok, tmp_path):
+    docs = [{"text": f"document {i} " + "words " * (i % 4 * 5)} for i in range(12)]
+    f = write_jsonl(tmp_path / "d.jsonl", docs)
+    src = TextSource(cfg("text", str(f)), [f], tok, max_len=8)
+    full = [(s.input_ids, p) for s, p in src.stream(infinite=False)]
+    assert any(p.chunk > 0 for _, p in full)  # some documents were split into windows
+    for cut in (3, 7, len(full) // 2):
+        again = TextSource(cfg("text", str(f)), [f], tok, max_len=8)
+        rest = [s.input_ids for s, _ in again.stream(full[cut - 1][1], infinite=False)]
+        assert rest == [ids for ids, _ in full[cut:]]
+
+
+def test_pair_reader_bad_data(tok, tmp_path):
+    items = pair_items(4)
+    items += [{"key": "nocodes", "txt": "caption only"},
+              {"key": "garbage", "codes_bytes": b"not a numpy file", "txt": "x"},
+              {"key": "badjson", "codes": codes_for(9), "txt": "y", "json": b"{nope"},
+              {"key": "nocap", "codes": codes_for(8), "txt": "   "}]
+    s0 = write_code_shard(tmp_path / "p/00000.tar", items)
+    # two truncated shards (an interrupted copy): cut inside a member's data, and at a header boundary
+    s1 = write_code_shard(tmp_path / "p/00001.tar", pair_items(6, start=10))
+    s2 = write_code_shard(tmp_path / "p/00002.tar", pair_items(6, start=20))
+    s1.write_bytes(s1.read_bytes()[:10240 + 512 + 60])
+    s2.write_bytes(s2.read_bytes()[:10240 + 100])
+    src = PairSource(cfg("pairs", str(s0), shuffle=False, t2i_ratio=1.0, caption_dropout=0.0), [s0, s1, s2], tok,
+                     max_len=64)
+    recs = list(src)
+    keys = [r.key.split(":")[1] for r in recs]
+    assert keys[:5] == ["img00000", "img00001", "img00002", "img00003", "nocap"]
+    # what precedes the damage survives; the cut samples 13 and 23 keep only their codes.npy
+    assert keys[5:] == [f"img{i:05d}" for i in (10, 11, 12, 13, 20, 21, 22, 23)]
+    assert all(r.codes.shape == (K, H, W) for r in recs)
+    np.testing.assert_array_equal(recs[1].codes, codes_for(1))
+    assert recs[1].meta["path"] == "img/00001.jpg"
+    st = src.stats()["skipped"]
+    assert st["missing_image"] == 1 and st["malformed"] == 1 and st["corrupt"] == 3  # garbage member + 2 truncations
+    samples = [s for s, _ in src.stream(infinite=False)]
+    assert src.stats()["skipped"]["empty_text"] == 3 and len(samples) == len(recs) - 3  # nocap and the cut ones
+    assert all(s.image_gen == [True] for s in samples)
+    tight = PairSource(cfg("pairs", str(s0), t2i_ratio=1.0), [s0], tok, max_len=8)
+    assert list(tight.stream(infinite=False)) == [] and tight.stats()["skipped"]["too_long"] == 4
+
+
+def test_pair_t2i_ratio_dropout_and_caption_field(tok, tmp_path):
+    shards = [write_code_shard(tmp_path / f"p/{i:05d}.tar", pair_items(50, start=50 * i)) for i in range(4)]
+    src = PairSource(cfg("pairs", "x", t2i_ratio=0.3, caption_dropout=0.5, caption_field="recaption",
+                         caption_field_prob=1.0), shards, tok, max_len=256)
+    samples = [s for s, _ in src.stream(infinite=False)]
+    st = src.stats()
+    assert len(samples) == 200 and st["t2i"] + st["null_prompt"] + st["caption"] == 200
+    assert abs((st["t2i"] + st["null_prompt"]) / 200 - 0.3) < 0.1
+    assert abs(st["null_prompt"] / (st["t2i"] + st["null_prompt"]) - 0.5) < 0.2
+    null_prefix = T.null_prompt_ids(tok)
+    t2i = [s for s in samples if s.image_gen == [True] and s.input_ids[:len(null_prefix)] != null_prefix]
+    # caption_field_prob=1: the recaption is always the caption
+    assert t2i and all(tok.decode(s.input_ids[1:s.input_ids.index(3)]).startswith("recaption") for s in t2i)
+    caps = [s for s in samples if s.image_gen == [False]]
+    assert caps and all(tok.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != -100],
+                                   skip_special_tokens=True).startswith("recaption") for s in caps)
+    always = T2ISource(cfg("t2i", "x", caption_dropout=0.0), shards[:1], tok)
+    assert always.cfg.t2i_ratio == 1.0 and all(s.image_gen == [True] for s, _ in always.stream(infinite=False))
+
+
+def test_instruction_reader_lookup_and_counters(tok, tmp_path):
+    items = [{"key": f"k{i}", "codes": codes_for(i), "json": {"path": f"coco/{i}.png"}} for i in range(3)]
+    shard = write_code_shard(tmp_path / "codes/00000.tar", items)
+    rows = [{"id": "a", "image": "coco/0.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A circle."}]},
+            {"id": "b", "image": "coco/1.jpg", "conversations": [  # .jpg in json, .png in shards: stem fallback
+                {"from": "human", "value": "What color?\n<image>"}, {"from": "gpt", "value": "Red."}]},
+            {"id": "c", "image": "coco/missing.jpg", "conversations": [
+                {"from": "human", "value": "<image>\nHm?"}, {"from": "gpt", "value": "No."}]},
+            {"id": "d", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+            {"id": "e", "conversations": "not a list"},
+            {"id": "f", "conversations": [{"from": "human", "value": "x"}, {"from": "human", "value": "y"}]},
+            {"id": "g", "image": "coco/2.png", "conversations": [
+                {"from": "human", "value": "<image>\n" + "Describe it in many words. " * 20},
+                {"from": "gpt", "value": "Ok."}]}]
+    j = tmp_path / "inst/train.json"
+    j.parent.mkdir()
+    j.write_text(json.dumps(rows))
+    jl = write_jsonl(tmp_path / "inst/more.jsonl", rows[:1], raw_lines=["{broken json"])
+    index_file = tmp_path / "index.json"
+    c = cfg("instructions", str(j), shuffle=False, image_paths=[str(shard)], image_index=str(index_file))
+    src = InstructionSource(c, [j, jl], tok, image_files=[shard], max_len=100)
+    samples = [s for s, _ in src.stream(infinite=False)]
+    st = src.stats()
+    assert st["skipped"]["missing_image"] == 1 and st["skipped"]["too_long"] == 1
+    assert st["skipped"]["malformed"] == 3  # "e" (record), "f" (conversation), broken JSONL line
+    assert st["with_image"] == 3 and st["text_only"] == 1 and len(samples) == 4
+    np.testing.assert_array_equal(samples[1].images[0], codes_for(1))
+    assert index_file.is_file() and len(CodeIndex([shard], index_file)) == 3  # cached index reloads
+
+
+def test_rank_splits_are_disjoint(tok, tmp_path):
+    shards = [write_code_shard(tmp_path / f"p/{i:05d}.tar", pair_items(5, start=5 * i)) for i in range(4)]
+    one = [write_code_shard(tmp_path / "q/00000.tar", pair_items(9))]
+    for files in (shards, one):  # shard-level split, then record-level split (fewer shards than splits)
+        keys = []
+        for split in range(3):
+            src = PairSource(cfg("pairs", "x"), files, tok)
+            keys.append([r.key for r, *_ in src.records(split=split, num_splits=3)])
+        flat = sum(keys, [])
+        assert len(flat) == len(set(flat)) == 5 * len(files) if files is shards else len(flat) == 9
+        assert all(keys)
+
+
+# ---- mixture loader ---------------------------------------------------------------------------------------
+@pytest.fixture
+def mix_recipe(tmp_path):
+    """Text (short docs) + pairs + instructions over several shards."""
+    for f in range(3):
+        write_jsonl(tmp_path / f"text/{f}.jsonl", [{"text": f"doc {f} {i} " + "word " * (i % 7)} for i in range(40)])
+    for s in range(4):
+        write_code_shard(tmp_path / f"codes/{s:05d}.tar", pair_items(25, start=25 * s))
+    rows = [{"id": str(i), "image": f"img/{i:05d}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": f"Number {i}."}]}
+        for i in range(60)]
+    (tmp_path / "inst.json").write_text(json.dumps(rows))
+
+    def make(weights=(3, 1, 1), budgets=None):
+        kinds = [("text", "text", {"paths": "text/{0..2}.jsonl"}),
+                 ("pairs", "pairs", {"paths": "codes/{00000..00003}.tar", "caption_field": "recaption"}),
+                 ("chat", "instructions", {"paths": "inst.json", "image_paths": "codes/{00000..00003}.tar"})]
+        srcs = []
+        for i, (name, kind, extra) in enumerate(kinds):
+            d = {"name": name, "kind": kind, **extra}
+            if budgets:
+                d["budget"] = budgets[i]
+            else:
+                d["weight"] = weights[i]
+            srcs.append(d)
+        return Recipe.from_dict({"name": "mix", "root": str(tmp_path), "sources": srcs})
+    return make
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_mixture_proportions_and_determinism(tok, mix_recipe):
+    L = MixtureLoader(mix_recipe((3, 1, 1)), tok, micro_batch_size=4, max_len=128, seed=3)
+    batches = take(iter(L), 150)
+    st = L.stats()
+    n = {k: v["samples"] for k, v in st["sources"].items()}
+    total = sum(n.values())
+    assert total == sum(int(b["num_samples"]) for b in batches) > 1000
+    for name, w in (("text", 0.6), ("pairs", 0.2), ("chat", 0.2)):
+        assert abs(n[name] / total - w) < 0.04, (n, total)
+    assert st["batches"] == 150 and 0 <= st["pad_ratio"] < 1 and "pairs: samples=" in format_stats(st)
+    again = take(iter(MixtureLoader(mix_recipe((3, 1, 1)), tok, micro_batch_size=4, max_len=128, seed=3)), 20)
+    assert all(tensors_equal(a, b) for a, b in zip(batches[:20], again))
+    other = take(iter(MixtureLoader(mix_recipe((3, 1, 1)), tok, micro_batch_size=4, max_len=128, seed=4)), 20)
+    assert not all(tensors_equal(a, b) for a, b in zip(batches[:20], other))
+
+
+def test_budgets_exact_in_finite_mode(tok, mix_recipe):
+    L = MixtureLoader(mix_recipe(budgets=(30, 50, 20)), tok, micro_batch_size=2, max_len=128, infinite=False)
+    batches = list(L)
+    n = {k: v["samples"] for k, v in L.stats()["sources"].items()}
+    assert n == {"text": 30, "pairs": 50, "chat": 20}  # pairs (100 records) and chat cycle as needed
+    assert sum(int(b["num_samples"]) for b in batches) == 100
+
+
+def test_packing_rows_and_pad_ratio(tok, mix_recipe):
+    packed = MixtureLoader(mix_recipe(), tok, micro_batch_size=3, max_len=160, seed=0)
+    padded = MixtureLoader(mix_recipe(), tok, micro_batch_size=3, max_len=160, seed=0, pack=False)
+    for b in take(iter(packed), 20):
+        assert b["input_ids"].shape == (3, 160) and b["attention_mask"] is None
+        assert int(b["num_samples"]) > 3
+        assert ((b["labels"] != -100).sum(1) > 0).all()
+    for b in take(iter(padded), 20):
+        assert b["input_ids"].shape[0] == 3 and int(b["num_samples"]) == 3
+    assert packed.stats()["pad_ratio"] < padded.stats()["pad_ratio"]
+
+
+@pytest.mark.parametrize("pack,num_workers", [(True, 0), (False, 0), (True, 2)])
+def test_resume_continues_the_stream_exactly(tok, mix_recipe, pack, num_workers):
+    kw = dict(micro_batch_size=3, max_len=160, seed=7, pack=pack, num_workers=num_workers, rank=1, world_size=2)
+    ref = MixtureLoader(mix_recipe(), tok, **kw)
+    it = iter(ref)
+    take(it, 7)
+    state = json.loads(json.dumps(ref.state_dict()))  # JSON-able
+    expected = take(it, 6)
+    stats_before = None
+    restored = MixtureLoader(mix_recipe(), tok, **kw)
+    restored.load_state_dict(state)
+    stats_before = restored.stats()
+    got = take(iter(restored), 6)
+    assert all(tensors_equal(a, b) for a, b in zip(expected, got))
+    assert stats_before["batches"] == 7 and restored.stats() == ref.stats()
+    with pytest.raises(ValueError, match="seed"):
+        MixtureLoader(mix_recipe(), tok, **dict(kw, seed=8)).load_state_dict(state)
+
+
+def test_ranks_read_different_data(tok, mix_recipe):
+    a = take(iter(MixtureLoader(mix_recipe(), tok, micro_batch_size=2, max_len=160, rank=0, world_size=2)), 5)
+    b = take(iter(MixtureLoader(mix_recipe(), tok, micro_batch_size=2, max_len=160, rank=1, world_size=2)), 5)
+    assert not any(tensors_equal(x, y) for x, y in zip(a, b))
+
+
+def test_loader_counts_bad_data(tok, tmp_path):
+    write_code_shard(tmp_path / "c/00000.tar", pair_items(10) + [{"key": "zz", "codes_bytes": b"junk", "txt": "t"}])
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "short"}, {"text": ""}, {"text": "long " * 200}], raw_lines=["{x"])
+    r = Recipe.from_dict({"name": "bad", "root": str(tmp_path), "sources": [
+        {"name": "t", "kind": "text", "paths": "t.jsonl", "weight": 1, "text_overflow": "skip"},
+        {"name": "p", "kind": "pairs", "paths": "c/00000.tar", "weight": 1}]})
+    L = MixtureLoader(r, tok, micro_batch_size=2, max_len=64, infinite=False)
+    assert sum(int(b["num_samples"]) for b in L) == 11
+    st = L.stats()["sources"]
+    assert st["t"]["skipped"] == {"missing_image": 0, "malformed": 1, "empty_text": 1, "too_long": 1, "corrupt": 0}
+    assert st["p"]["skipped"]["corrupt"] == 1 and st["p"]["samples"] == 10
+
+
+# ---- demo data ---------------------------------------------------------------------------------------------
+def test_demo_data_is_deterministic_and_consistent(tmp_path):
+    from PIL import Image
+
+    from mllm.data.demo_data import BACKGROUNDS, FOREGROUNDS, DemoConfig, write_demo_data
+
+    c = DemoConfig(num_images=24, images_per_shard=10, num_eval_images=6, num_text=10, text_per_file=4, seed=5)
+    m = write_demo_data(tmp_path / "a", c)
+    write_demo_data(tmp_path / "b", c)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 + 2 + 3 + 1 + 1  # image shards, eval tar + questions, text files, instructions, manifest
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    samples = list(wds.WebDataset(str(tmp_path / "a/images/{00000..00002}.tar"), shardshuffle=False))
+    assert len(samples) == m["num_images"] == 24
+    paths = {}
+    for s in samples:
+        meta = json.loads(s["json"])
+        img = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+        assert img.shape == (32, 32, 3)
+        bg = BACKGROUNDS[meta["background"]]
+        assert tuple(img[0, 0]) == bg or tuple(img[-1, -1]) == bg  # the shape never covers two corners
+        assert (img == np.array(FOREGROUNDS[meta["color"]])).all(-1).sum() > 30  # the shape is drawn
+        assert meta["shape"] in s["txt"].decode() and meta["color"] in s["txt"].decode()
+        paths[meta["path"]] = meta
+    conv = json.loads((tmp_path / "a/instructions/train.json").read_text())
+    with_img = [c for c in conv if "image" in c]
+    assert len(with_img) == 24 and len(conv) > 24
+    for row in with_img:
+        meta = paths[row["image"]]  # every referenced image exists in the shards
+        for q, a in zip(row["conversations"][::2], row["conversations"][1::2]):
+            if "shape" in q["value"] and "color" not in q["value"]:
+                assert a["value"] == f"A {meta['shape']}."
+            if q["value"].endswith("What color is the shape?"):
+                assert a["value"].lower() == meta["color"] + "."
