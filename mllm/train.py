@@ -304,6 +304,19 @@ def log_partition(model, info, log) -> list[int]:
     return counts
 
 
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds for parameters, fp32 master weights and optimizer moments."""
+    params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size()
+                 for p in engine.module.parameters())
+    opt = engine.optimizer
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
+    master = sum(t.numel() * t.element_size() for t in masters)
+    inner = getattr(opt, "optimizer", opt)
+    moments = sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    return {"params": params, "master": master, "moments": moments, "total": params + master + moments}
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 MODEL_KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "image_codes", "image_lens",
               "image_starts", "image_gen")
@@ -411,7 +424,7 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
             out = engine(**inputs)
             engine.backward(out.loss)
             engine.step()
-            agg["loss"] += float(out.loss) / cfg.grad_accum
+            agg["loss"] += float(out.loss.detach()) / cfg.grad_accum
             agg["text_loss"] += float(out.text_loss) / cfg.grad_accum
             agg["image_loss"] += float(out.image_loss) / cfg.grad_accum
             agg["tokens"] += round(batch["input_ids"].numel() * (1 - float(batch["pad_ratio"])))  # non-pad positions
@@ -423,6 +436,11 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
         last = {"step": step, "loss": agg["loss"], "text_loss": agg["text_loss"], "image_loss": agg["image_loss"],
                 "grad_norm": float(norm) if norm is not None else 0.0, "lr": float(engine.get_lr()[0]),
                 "data_hash": "".join(hashes)}
+        if step == 1 or step == cfg.total_steps:
+            mem = model_state_bytes(engine)
+            log.warning(f"rank {info.rank}: model-state MB {mem['total'] / 2**20:.2f} (params "
+                        f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
+                        f"moments {mem['moments'] / 2**20:.2f})")
         if is_main_process():
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(last) + "\n")

@@ -19,7 +19,7 @@ from mllm.data.loader import MixtureLoader, format_stats
 from mllm.data.recipe import Recipe, SourceConfig, load_recipe
 from mllm.data.sources import CodeIndex, InstructionSource, PairSource, T2ISource, TextSource
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX
-from tiny_assets import VOCAB_SIZE, load_llama_tokenizer, make_llama_tokenizer
+from mllm.data.tiny_tokenizer import VOCAB_SIZE, load_llama_tokenizer, make_llama_tokenizer
 
 K, H, W = 4, 2, 2  # debug-tokenizer code grid: 4 codebooks, 32 px -> 2 x 2 positions
 SYSTEM = T.VICUNA_V1.system

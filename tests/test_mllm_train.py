@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launch_utils import ROOT, deepspeed_module, ds_env
-from tiny_assets import make_llama_tokenizer
+from mllm.data.tiny_tokenizer import make_llama_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -519,7 +519,7 @@ def _record(step: int, gen: dict, disc: dict, task: TokenizerTask, batch) -> dic
     out: dict[str, Any] = {"step": step}
     for k, v in gen.items():
         if isinstance(v, torch.Tensor) and v.dim() == 0:
-            out[k] = float(v)
+            out[k] = float(v.detach())
     for k, v in disc.items():
         out[f"d_{k}"] = float(v)
     norm = task.engine.get_global_grad_norm()

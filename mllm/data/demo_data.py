@@ -236,3 +236,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def classify_image(img) -> dict[str, str]:
+    """The demo's checker: (shape, color, background) of an RGB image (PIL or (H, W, 3) uint8).
+
+    background = the palette colour nearest the median border pixel; foreground = pixels far from
+    it; color = the palette colour nearest their median; shape from how much of its bounding box
+    the foreground fills (square ~1, circle ~pi/4, triangle ~1/2). Used to judge generated images.
+    """
+    import numpy as np
+
+    a = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img).astype(np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    bg_rgb = np.median(border, axis=0)
+    background = min(BACKGROUNDS, key=lambda k: float(((np.array(BACKGROUNDS[k]) - bg_rgb) ** 2).sum()))
+    mask = np.sqrt(((a - bg_rgb) ** 2).sum(-1)) > 60
+    if mask.sum() < 4:
+        return {"shape": "none", "color": "none", "background": background}
+    fg = np.median(a[mask], axis=0)
+    color = min(FOREGROUNDS, key=lambda k: float(((np.array(FOREGROUNDS[k]) - fg) ** 2).sum()))
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / float((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "square" if fill > 0.9 else ("circle" if fill > 0.64 else "triangle")
+    return {"shape": shape, "color": color, "background": background}
