@@ -182,7 +182,7 @@ class TrainConfig:
                              "for tests), or set --loss.lpips 0")
         if self.gan.enabled and self.gan.dino_weights is None and not self.gan.random_backbone:
             raise ValueError("the GAN needs --gan.dino-weights FILE (or --gan.random-backbone for tests), "
-                             "or --gan.enabled False")
+                             "or --gan.no-enabled")
         for path in (self.loss.lpips_weights, self.gan.dino_weights, self.clip_init):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
