@@ -114,6 +114,8 @@ class MllmTrainConfig:
     """Extra UniMLLMConfig fields for a new model, e.g. `--mllm depth_num_layers 3`."""
     kill_at_step: int = -1
     """Tests: SIGKILL right after this step (and its checkpoint, if due)."""
+    kill_during_save: bool = False
+    """Tests: with kill_at_step, SIGKILL in the middle of that step's checkpoint instead."""
 
     def __post_init__(self):
         self.trainable = tuple(self.trainable)
@@ -403,6 +405,10 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
     def save(at: int):
         def write(tmp: Path):
             engine.save_checkpoint(str(tmp), tag="mllm")
+            if cfg.kill_during_save and at == cfg.kill_at_step:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
             if is_main_process():
                 model.config.to_json_file(str(tmp / "mllm_config.json"))
         ckpts.save(at, write,

@@ -99,3 +99,14 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(tmp_path, assets):
     assert "was written by 2 ranks, this run has 1" in p.stdout + p.stderr
     steps = [m["step"] for m in _metrics(run)]
     assert steps == [1, 2, 3] and (run / "latest").read_text() == "step-00000003"
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, assets):
+    run = tmp_path / "run"
+    p = deepspeed_module("mllm.train", _stage1(assets, run, "--no-export", "--kill-at-step", "4",
+                                               "--kill-during-save"), check=False)
+    assert p.returncode != 0
+    assert (run / "latest").read_text() == "step-00000002" and not (run / "step-00000004").exists()
+    deepspeed_module("mllm.train", _stage1(assets, run, "--no-export"))
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    assert (run / "latest").read_text() == "step-00000004" and not list(run.glob(".tmp-*"))
