@@ -24,9 +24,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -349,18 +347,16 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
 
     from mllm.data.loader import MixtureLoader, format_stats
     from mllm.data.recipe import load_recipe
-    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
-    from runtime.distributed import barrier, init_distributed, is_main_process
+    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, step_name
+    from runtime.distributed import barrier, is_main_process
+    from runtime.run import append_metrics, kill_self, start_run, truncate_metrics
     from runtime.ds_config import load_ds_config
-    from runtime.log import MetricSink, Progress, format_line, memory_gb, setup_logging
+    from runtime.log import MetricSink, Progress, format_line, memory_gb
     from runtime.optim import lambda_scheduler, warmup_cosine
 
-    info = init_distributed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    log = setup_logging(run_dir)
     resolved = dataclasses.asdict(cfg)
-    if is_main_process():
-        (run_dir / "config.json").write_text(json.dumps({"config": resolved, "git_sha": git_sha()}, indent=2))
+    info, log = start_run(resolved, run_dir, cfg.seed)
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=cfg.grad_clip, precision=cfg.precision)
     model, text_tok = build_model(cfg, ds, log)
@@ -395,7 +391,7 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
         step = _resume(engine, loader, ckpts, resume_from, info, log)
     metrics_file = run_dir / "metrics.jsonl"
     if is_main_process():
-        _truncate_metrics(metrics_file, step)
+        truncate_metrics(metrics_file, step)
     sink = MetricSink(cfg.metrics, run_dir, resolved, project="unitok-mllm")
     progress = Progress(step, cfg.total_steps)
     peak = peak_flops(cfg)
@@ -406,9 +402,7 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
         def write(tmp: Path):
             engine.save_checkpoint(str(tmp), tag="mllm")
             if cfg.kill_during_save and at == cfg.kill_at_step:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
+                kill_self()
             if is_main_process():
                 model.config.to_json_file(str(tmp / "mllm_config.json"))
         ckpts.save(at, write,
@@ -448,8 +442,7 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
                         f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
                         f"moments {mem['moments'] / 2**20:.2f})")
         if is_main_process():
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            append_metrics(metrics_file, last)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             sps, tps, eta = progress.rates(step)
             shown = {k: last[k] for k in ("loss", "text_loss", "image_loss", "grad_norm", "lr")}
@@ -464,9 +457,7 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
         if step % cfg.save_every == 0 or step == cfg.total_steps:
             save(step)
         if step == cfg.kill_at_step:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill_self()
     progress.close()
     log.info(f"data: {format_stats(loader.stats())}")
     if cfg.export:
@@ -504,11 +495,6 @@ def _resume(engine, loader, ckpts, ckpt: Path, info, log) -> int:
     engine.lr_scheduler.step()
     return step
 
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,8 +98,6 @@ def fid_is(recon_dir: Path, ref_dir: Path, weights: Path, batch_size: int = 64) 
 def evaluate_reconstruction(model, images: list[Path], size: int, out_dir: Path, batch_size: int = 16,
                             rank: int = 0, world: int = 1) -> dict:
     """Reconstruct this rank's share of `images`; write PNGs; return summed metrics and code counts."""
-    from unitok.models.unitok import UniTok  # noqa: F401  (type only)
-
     device = model.device
     K, V = model.num_codebooks, model.codebook_size
     counts = torch.zeros(K, V, dtype=torch.float64)

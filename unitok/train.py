@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from unitok.config import UniTokConfig, preset
 from unitok.data import DataConfig, ImageTextLoader
@@ -402,15 +400,13 @@ def save_grid(path: Path, images: torch.Tensor, rec: torch.Tensor, n: int = 8) -
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) training; returns the last logged metrics."""
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
-    from runtime.distributed import barrier, init_distributed, is_main_process
-    from runtime.log import MetricSink, Progress, format_line, memory_gb, setup_logging
+    from runtime.distributed import barrier, is_main_process
+    from runtime.run import append_metrics, kill_self, start_run, truncate_metrics
+    from runtime.log import MetricSink, Progress, format_line, memory_gb
 
-    info = init_distributed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    log = setup_logging(run_dir)
     resolved = dataclasses.asdict(cfg)
-    if is_main_process():
-        (run_dir / "config.json").write_text(json.dumps({"config": resolved, "git_sha": git_sha()}, indent=2))
+    info, log = start_run(resolved, run_dir, cfg.seed)
     task = build(cfg, info, log)
     loader = ImageTextLoader(dataclasses.replace(cfg.data, seed=cfg.seed), rank=info.rank,
                              world_size=info.world_size)
@@ -429,7 +425,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info(f"resumed from {resume_from} at step {step}")
     metrics_file = run_dir / "metrics.jsonl"
     if is_main_process():
-        _truncate_metrics(metrics_file, step)  # drop lines of steps that were lost with a crash
+        truncate_metrics(metrics_file, step)  # drop lines of steps that were lost with a crash
     sink = MetricSink(cfg.metrics, run_dir, resolved, project="unitok")
     progress = Progress(step, cfg.total_steps)
     last: dict[str, Any] = {}
@@ -439,7 +435,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         def write(tmp: Path):
             task.engine.save_checkpoint(str(tmp), tag="tokenizer")
             if cfg.debug.kill_during_save and at == cfg.debug.kill_at_step:
-                _kill_self()
+                kill_self()
             if task.disc_engine is not None:
                 task.disc_engine.save_checkpoint(str(tmp), tag="disc")
         ckpts.save(at, write, {"data": loader.state_dict(), "rng": rng_state(), "gan_rng": task.rng.get_state()},
@@ -489,8 +485,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         progress.update(cfg.data.local_batch_size * cfg.grad_accum * info.world_size)
         last = _record(step, gen, disc, task, batch)
         if is_main_process():
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            append_metrics(metrics_file, last)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             sps, _, eta = progress.rates(step)
             shown = {k: v for k, v in last.items() if k not in ("step", "data_hash", "usage_per_codebook")}
@@ -502,7 +497,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if step % cfg.save_every == 0 or step == cfg.total_steps:
             save(step)
         if step == cfg.debug.kill_at_step:
-            _kill_self()
+            kill_self()
     progress.close()
     if is_main_process():
         save_grid(run_dir / "images" / "final.png", batch["images"], gen["rec"])
@@ -529,19 +524,6 @@ def _record(step: int, gen: dict, disc: dict, task: TokenizerTask, batch) -> dic
     out["data_hash"] = _batch_hash(batch)
     return out
 
-
-def _kill_self() -> None:
-    """A real kill -9 (no cleanup, no flush), for crash-recovery tests."""
-    import signal
-
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def main(argv: list[str] | None = None) -> None:
