@@ -1,11 +1,14 @@
 # Front door. Each target creates or updates .venv/ when needed.
-.PHONY: test venv bench
+.PHONY: test venv bench demo
 
 venv:
 	bash scripts/ensure_venv.sh
 
 test:
 	bash scripts/run_tests.sh $(ARGS)
+
+demo: venv
+	PATH="$(CURDIR)/.venv/bin:$$PATH" bash launch/demo.sh --out runs/demo $(ARGS)
 
 bench: venv
 	.venv/bin/python benchmarks/tokenizer_throughput.py

@@ -16,7 +16,7 @@ if [[ ! -f $STAMP || pyproject.toml -nt $STAMP ]]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -m pip install -q -e ".[dev,web]" 2>&1 | grep -v "^WARNING: Location" || true
     "$VENV/bin/python" -c "import torch, torchvision, deepspeed, transformers, open_clip, lpips, webdataset, unitok, mllm" \
         || { echo "[setup] dependency install failed" >&2; exit 1; }
     touch "$STAMP"

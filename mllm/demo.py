@@ -1,0 +1,361 @@
+"""The embedded end-to-end demo: the whole pipeline at toy scale on CPU, with the real code paths.
+
+    python -m mllm.demo --out runs/demo            (launch/demo.sh; `make demo`)
+
+Steps (each is skipped when its output already exists, so a second run resumes or is a no-op;
+--fresh starts over):
+  1. data        procedural coloured shapes (webdataset shards, JSONL text, LLaVA JSON, held-out set)
+  2. text tok.   a tiny sentencepiece Llama tokenizer trained on the demo text + a random tiny Llama
+  3. tokenizer   unitok.train (debug preset) on 2 ranks through the deepspeed launcher -> export
+  4. codes       unitok.extract on 2 ranks (training shards and the held-out shard)
+  5. stage 1     mllm.train --stage pretrain (ZeRO-3, 2 ranks, data_recipes/demo.yaml) -> export
+  6. stage 2     mllm.train --stage finetune from the stage-1 export (demo_finetune.yaml) -> export
+  7. chat        mllm.chat one-shot: a question about a held-out image, an image from a held-out prompt
+  8. report      reconstruction PSNR, zero-shot shape/colour accuracy, VQA accuracy on held-out
+                 questions, and the fraction of generated images whose colour and shape match the
+                 prompt (mllm.data.demo_data.classify_image); PNGs under OUT/report/
+On 2 CPU cores the default sizes take about 15 minutes; --quick is the reduced version the tests run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class DemoSizes:
+    """How much each stage trains."""
+
+    num_images: int = 768
+    """Training images."""
+    tokenizer_steps: int = 600
+    """Tokenizer optimizer steps (2 ranks x batch 16)."""
+    tokenizer_batch: int = 16
+    """Tokenizer micro batch per rank."""
+    stage1_steps: int = 300
+    """MLLM stage-1 steps."""
+    stage2_steps: int = 300
+    """MLLM stage-2 steps."""
+    mllm_batch: int = 8
+    """MLLM rows per rank per step."""
+    hidden: int = 192
+    """Tiny Llama width."""
+    layers: int = 4
+    """Tiny Llama layers."""
+    num_generate: int = 12
+    """Images generated for the prompt-match check."""
+
+
+QUICK = DemoSizes(num_images=192, tokenizer_steps=40, tokenizer_batch=8, stage1_steps=12, stage2_steps=12,
+                  mllm_batch=4, hidden=64, layers=2, num_generate=3)
+
+
+def _log(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else env.get("DS_ACCELERATOR", ""))
+    if not env["DS_ACCELERATOR"]:
+        env.pop("DS_ACCELERATOR")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = str(ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], log_file: Path) -> None:
+    """Run a step, streaming its output to the console and to `log_file`; raise on failure."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in p.stdout:
+            f.write(line)
+            if "WARNING" not in line and "warn" not in line and "[INFO]" not in line:
+                print("    " + line.rstrip()[:200], flush=True)
+        if p.wait() != 0:
+            raise SystemExit(f"demo step failed ({p.returncode}): {' '.join(cmd)}\nsee {log_file}")
+
+
+def _deepspeed(module: str, args: list[str], ranks: int, log_file: Path) -> None:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    _run([str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *args],
+         log_file)
+
+
+# ---- steps --------------------------------------------------------------------------------------
+def step_data(out: Path, sizes: DemoSizes) -> None:
+    from mllm.data.demo_data import DemoConfig, write_demo_data
+
+    if (out / "data" / "manifest.json").is_file():
+        return _log("data: exists")
+    # data_recipes/demo*.yaml name 6 shards
+    write_demo_data(out / "data", DemoConfig(num_images=sizes.num_images, images_per_shard=sizes.num_images // 6))
+    _log(f"data: wrote {sizes.num_images} training images, held-out set, text and instructions")
+
+
+def step_text_model(out: Path, sizes: DemoSizes) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mllm.data.tiny_tokenizer import make_llama_tokenizer
+
+    if (out / "llama" / "model.safetensors").is_file():
+        return _log("text tokenizer + tiny Llama: exist")
+    data = out / "data"
+    corpus = [json.loads(line)["text"] for f in sorted((data / "text").glob("*.jsonl"))
+              for line in f.read_text().splitlines()]
+    for conv in json.loads((data / "instructions" / "train.json").read_text()):
+        corpus += [t["value"].replace("<image>\n", "") for t in conv["conversations"]]
+    make_llama_tokenizer(out / "llama", vocab_size=1024, extra_corpus=tuple(corpus))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=sizes.hidden, intermediate_size=sizes.hidden * 8 // 3 // 8 * 8,
+                      num_hidden_layers=sizes.layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(out / "llama")
+    _log(f"text tokenizer (1024 pieces) + random tiny Llama ({sizes.layers} x {sizes.hidden})")
+
+
+def step_tokenizer(out: Path, sizes: DemoSizes, ranks: int) -> None:
+    if (out / "tokenizer" / "export" / "model.safetensors").is_file():
+        return _log("tokenizer: exported")
+    _log(f"tokenizer: training {sizes.tokenizer_steps} steps on {ranks} ranks")
+    n_shards = len(list((out / "data" / "images").glob("*.tar")))
+    _deepspeed("unitok.train", [
+        "--preset", "debug", "--run-dir", str(out / "tokenizer"),
+        "--data.shards", str(out / "data" / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+        "--data.local-batch-size", str(sizes.tokenizer_batch), "--data.num-workers", "0",
+        "--total-steps", str(sizes.tokenizer_steps), "--save-every", str(max(10, sizes.tokenizer_steps // 3)),
+        "--log-every", str(max(1, sizes.tokenizer_steps // 10)), "--optim.lr", "1e-3",
+        "--gan.random-backbone", "--gan.backbone", "debug", "--gan.start-frac", "0.7", "--loss.lpips", "0",
+        "--resume", "auto"], ranks, out / "logs" / "tokenizer.log")
+
+
+def step_codes(out: Path, ranks: int) -> None:
+    data = out / "data"
+    n_shards = len(list((data / "images").glob("*.tar")))
+    for name, src in (("codes", f"images/{{00000..{n_shards - 1:05d}}}.tar"), ("eval_codes", "eval/00000.tar")):
+        if (data / name / "manifest.json").is_file():
+            _log(f"{name}: exist")
+            continue
+        _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input", str(data / src),
+                                      "--output", str(data / name), "--size", "32"], ranks,
+                   out / "logs" / "extract.log")
+        _log(f"{name}: extracted")
+
+
+def _mllm_common(out: Path, sizes: DemoSizes, run: str, steps: int) -> list[str]:
+    return ["--data-root", str(out / "data"), "--run-dir", str(out / run), "--micro-batch", str(sizes.mllm_batch),
+            "--grad-accum", "1", "--max-len", "256", "--num-workers", "0", "--total-steps", str(steps),
+            "--save-every", str(max(5, steps // 2)), "--log-every", str(max(1, steps // 10)), "--resume", "auto"]
+
+
+def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> None:
+    if (out / "stage1" / "export" / "config.json").is_file():
+        return _log("stage 1: exported")
+    _log(f"MLLM stage 1 (pretrain): {sizes.stage1_steps} steps, ZeRO-3 on {ranks} ranks")
+    _deepspeed("mllm.train", ["--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer",
+                              str(out / "tokenizer" / "export"), "--recipe", str(ROOT / "data_recipes/demo.yaml"),
+                              "--lr", "2e-3", "--mllm", "depth_num_layers", "2",
+                              *_mllm_common(out, sizes, "stage1", sizes.stage1_steps)], ranks,
+               out / "logs" / "stage1.log")
+
+
+def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> None:
+    if (out / "stage2" / "export" / "config.json").is_file():
+        return _log("stage 2: exported")
+    _log(f"MLLM stage 2 (finetune): {sizes.stage2_steps} steps from the stage-1 export")
+    _deepspeed("mllm.train", ["--stage", "finetune", "--init-from", str(out / "stage1" / "export"), "--recipe",
+                              str(ROOT / "data_recipes/demo_finetune.yaml"), "--lr", "1e-3",
+                              *_mllm_common(out, sizes, "stage2", sizes.stage2_steps)], ranks,
+               out / "logs" / "stage2.log")
+
+
+def _eval_items(out: Path) -> list[dict]:
+    return json.loads((out / "data" / "eval" / "questions.json").read_text())
+
+
+def _eval_images(out: Path) -> dict[str, "object"]:
+    """Held-out images by path, decoded from the eval shard."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    imgs = {}
+    for s in wds.WebDataset(str(out / "data" / "eval" / "00000.tar"), shardshuffle=False):
+        meta = json.loads(s["json"])
+        imgs[meta["path"]] = Image.open(io.BytesIO(s["png"])).convert("RGB")
+    return imgs
+
+
+def step_chat(out: Path) -> dict[str, str]:
+    """The chat script's one-shot modes on a held-out image and a held-out prompt."""
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    item = _eval_items(out)[0]
+    img_path = rep / "held_out_question.png"
+    _eval_images(out)[item["image"]].save(img_path)
+    base = [sys.executable, "-m", "mllm.chat", "--model", str(out / "stage2" / "export"), "--tokenizer",
+            str(out / "tokenizer" / "export"), "--image-size", "32", "--out-dir", str(rep / "chat"), "--seed", "0"]
+    q = subprocess.run(base + ["--ask", item["question"], "--image", str(img_path), "--temperature", "0"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    prompt = f"a {item['color']} {item['shape']} on a {item['background']} background"
+    g = subprocess.run(base + ["--generate", prompt, "--cfg-scale", "3.0"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    for p in (q, g):
+        if p.returncode != 0:
+            raise SystemExit(f"chat failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    _log(f"chat: Q: {item['question']} -> A: {q.stdout.strip()[-200:]} (expected {item['answer']})")
+    _log(f"chat: /gen {prompt!r} -> {g.stdout.strip()[-200:]}")
+    return {"question": item["question"], "answer": q.stdout.strip(), "expected": item["answer"],
+            "gen_prompt": prompt, "gen_output": g.stdout.strip()}
+
+
+@torch.no_grad()
+def step_report(out: Path, sizes: DemoSizes) -> dict:
+    """Quality report: PSNR, zero-shot, VQA accuracy, generated-image prompt match."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mllm  # noqa: F401
+    from mllm.data.demo_data import BACKGROUNDS, FOREGROUNDS, SHAPES, classify_image
+    from mllm.data.templates import chat_prompt, null_prompt_ids, t2i_prompt_ids
+    from mllm.generate import SamplingConfig, answer, generate_images
+    from unitok import load_tokenizer
+    from unitok.evaluate import main as tok_eval
+
+    rep = out / "report"
+    rep.mkdir(parents=True, exist_ok=True)
+    items, images = _eval_items(out), _eval_images(out)
+    # tokenizer: reconstruction and zero-shot by shape and by colour (ImageFolders of held-out images)
+    flat, by_shape, by_color = rep / "eval_images", rep / "zs_shape", rep / "zs_color"
+    for d in (flat, by_shape, by_color):
+        shutil.rmtree(d, ignore_errors=True)
+    for i, it in enumerate(items):
+        img = images[it["image"]]
+        for d, cls in ((flat, None), (by_shape, it["shape"]), (by_color, it["color"])):
+            target = d / cls if cls else d
+            target.mkdir(parents=True, exist_ok=True)
+            img.save(target / f"{i:04d}.png")
+    tok_dir = str(out / "tokenizer" / "export")
+    tok_eval(["--tokenizer", tok_dir, "--images", str(flat), "--size", "32", "--out", str(rep / "tok_recon")])
+    tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(by_shape), "--size", "32", "--out", str(rep / "zs1")])
+    tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(by_color), "--size", "32", "--out", str(rep / "zs2")])
+    recon = json.loads((rep / "tok_recon" / "metrics.json").read_text())
+    zs_shape = json.loads((rep / "zs1" / "metrics.json").read_text())["zeroshot_top1"]
+    zs_color = json.loads((rep / "zs2" / "metrics.json").read_text())["zeroshot_top1"]
+    # MLLM: VQA on held-out questions
+    tok = load_tokenizer(tok_dir)
+    model = AutoModelForCausalLM.from_pretrained(out / "stage2" / "export").eval()
+    text_tok = AutoTokenizer.from_pretrained(out / "stage2" / "export")
+    from torchvision.transforms.functional import to_tensor
+
+    correct, rows = 0, []
+    for s in range(0, len(items), 8):
+        chunk = items[s:s + 8]
+        x = torch.stack([to_tensor(images[it["image"]]) * 2 - 1 for it in chunk])
+        codes = tok.encode(x)
+        prompts = [chat_prompt(text_tok, [it["question"]], images=[codes[j]]) for j, it in enumerate(chunk)]
+        outs = answer(model, prompts, max_new_tokens=12, stop_ids={text_tok.eos_token_id},
+                      pad_id=text_tok.pad_token_id)
+        for it, ids in zip(chunk, outs):
+            pred = text_tok.decode(ids, skip_special_tokens=True).strip()
+            ok = it["answer"].lower().split()[-1] in pred.lower()
+            correct += ok
+            rows.append({"question": it["question"], "expected": it["answer"], "predicted": pred, "correct": ok})
+    vqa = 100.0 * correct / len(items)
+    (rep / "vqa.json").write_text(json.dumps(rows, indent=1))
+    # generation: held-out prompts -> decode -> checker
+    rng = random.Random(123)
+    combos = [(rng.choice(SHAPES), rng.choice(list(FOREGROUNDS)), rng.choice(list(BACKGROUNDS)))
+              for _ in range(sizes.num_generate)]
+    prompts = [t2i_prompt_ids(text_tok, f"a {c} {s} on a {b} background") for s, c, b in combos]
+    codes = generate_images(model, prompts, (2, 2), null_ids=null_prompt_ids(text_tok), cfg_scale=3.0,
+                            sampling=SamplingConfig(temperature=1.0, top_k=8), generator=torch.Generator().manual_seed(0),
+                            pad_id=text_tok.pad_token_id)
+    pix = ((tok.decode(codes) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    match, color_match, gen_rows = 0, 0, []
+    for i, ((s, c, b), arr) in enumerate(zip(combos, pix)):
+        Image.fromarray(arr).resize((128, 128), Image.NEAREST).save(rep / f"generated_{i:02d}_{c}_{s}.png")
+        got = classify_image(arr)
+        ok = got["shape"] == s and got["color"] == c
+        match += ok
+        color_match += got["color"] == c
+        gen_rows.append({"prompt": f"a {c} {s} on a {b} background", "judged": got, "match": ok})
+    (rep / "generation.json").write_text(json.dumps(gen_rows, indent=1))
+    report = {"recon_psnr": recon["psnr"], "recon_ssim": recon["ssim"], "codebook_usage_pct": recon["mean_usage_pct"],
+              "zeroshot_shape_top1": zs_shape, "zeroshot_color_top1": zs_color, "vqa_accuracy": vqa,
+              "generation_match": 100.0 * match / len(combos),
+              "generation_color_match": 100.0 * color_match / len(combos), "sizes": asdict(sizes)}
+    (rep / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def format_report(r: dict) -> str:
+    chance = {"zeroshot_shape_top1": 33.3, "zeroshot_color_top1": 16.7, "generation_match": 5.6,
+              "generation_color_match": 16.7}
+    lines = ["| metric | value | chance |", "|---|---|---|"]
+    for k in ("recon_psnr", "codebook_usage_pct", "zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy",
+              "generation_match", "generation_color_match"):
+        lines.append(f"| {k} | {r[k]:.2f} | {chance.get(k, '-')} |")
+    return "\n".join(lines)
+
+
+def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True) -> dict:
+    """Run every step (skipping finished ones) and return the report."""
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    step_data(out, sizes)
+    step_text_model(out, sizes)
+    step_tokenizer(out, sizes, ranks)
+    step_codes(out, ranks)
+    step_stage1(out, sizes, ranks)
+    step_stage2(out, sizes, ranks)
+    if chat:
+        step_chat(out)
+    report = step_report(out, sizes)
+    _log(f"done in {time.time() - t0:.0f} s; PNGs and report.json under {out / 'report'}")
+    print(format_report(report), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="the reduced version (tests)")
+    p.add_argument("--ranks", type=int, default=2, help="local ranks per training stage")
+    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
+    p.add_argument("--no-chat", action="store_true", help="skip the chat step")
+    a = p.parse_args(argv)
+    run(Path(a.out), QUICK if a.quick else DemoSizes(), a.ranks, a.fresh, not a.no_chat)
+
+
+if __name__ == "__main__":
+    main()

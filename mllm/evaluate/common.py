@@ -1,0 +1,122 @@
+"""Shared pieces of the MLLM evaluation: question records, benchmark bundles, file reading, results.
+
+Results (rank 0 only): OUT/results.json {"task", "metrics", "config", "git_sha", "num_predictions"} and
+OUT/results.md (a markdown table of the scalar metrics); understanding tasks also write
+OUT/predictions.jsonl ({"question_id", "category", "prompt", "answer"} per question).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DEFAULT_SUFFIX = "\nAnswer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer instruction (its VQAv2/GQA/TextVQA/POPE/MME question files carry it)."""
+
+
+@dataclass
+class Question:
+    """One benchmark question as put to the model."""
+
+    qid: str
+    """Unique id within the benchmark (string; category-prefixed where ids repeat across files)."""
+    image: Path
+    """Image file."""
+    prompt: str
+    """Text of the user turn (instruction suffix included); "<image>\\n" is prepended by the template."""
+    category: str = ""
+    """Split/subtask (POPE category, MME subtask, ...)."""
+
+
+@dataclass
+class Benchmark:
+    """Questions plus how to score predictions for them."""
+
+    name: str
+    questions: list[Question]
+    score: Callable[[dict[str, str]], dict] | None
+    """predictions {qid: answer} -> metrics; None when no annotations are available (test splits)."""
+    submission: Callable[[dict[str, str]], Any] | None = None
+    """predictions -> the official server's result file content (written as OUT/<name>_submission.json)."""
+
+
+def read_json_or_jsonl(path: str | Path, records: bool = False) -> Any:
+    """A .json document, or a list of JSON lines (also accepted under a .json name, as POPE's files).
+
+    `records=True`: the caller wants a list of records, so a single-line JSONL file (which also parses
+    as one JSON object) comes back as a one-element list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is neither JSON nor JSON lines: {e}") from None
+    if records and isinstance(data, dict):
+        data = [data]
+    if records and not (isinstance(data, list) and all(isinstance(r, dict) for r in data)):
+        raise ValueError(f"{path}: expected JSON lines of objects")
+    return data
+
+
+def with_suffix(question: str, suffix: str) -> str:
+    """Append the answer-format instruction unless the question already carries it."""
+    question = question.strip()
+    if not suffix or suffix.strip() in question:
+        return question
+    return question + suffix
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested metrics -> [(dotted name, scalar)]."""
+    rows = []
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            rows += flatten_metrics(v, name + ".")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            rows.append((name, v))
+    return rows
+
+
+def markdown_table(task: str, metrics: dict) -> str:
+    """| metric | value | table of every scalar."""
+    lines = [f"### {task}", "", "| metric | value |", "|---|---|"]
+    for k, v in flatten_metrics(metrics):
+        lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) and math.isfinite(v) else f"| {k} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def git_sha() -> str:
+    """The checkout's commit, or "unknown"."""
+    try:
+        from runtime.checkpoint import git_sha as sha
+
+        return sha()
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
+                  predictions: list[dict] | None = None, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write results.json + results.md (+ predictions.jsonl, + extra JSON files); call on rank 0 only."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:
+        with open(out / "predictions.jsonl", "w") as f:
+            for row in predictions:
+                f.write(json.dumps(row) + "\n")
+    for name, content in (extra_files or {}).items():
+        (out / name).write_text(json.dumps(content, indent=1))
+    doc = {"task": task, "metrics": metrics, "config": config, "git_sha": git_sha(),
+           "num_predictions": None if predictions is None else len(predictions)}
+    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    (out / "results.md").write_text(markdown_table(task, metrics))
+    return out / "results.json"

@@ -1,0 +1,114 @@
+"""MME: perception and cognition scores with the acc+ rule.
+
+Rules (the official MME eval_tool `calculation.py`, as LLaVA runs it):
+  answer -> label: lower-case; "yes"/"no" as is; otherwise "yes" if "yes" occurs in the first four
+    characters, else "no" if "no" does, else "other" (always wrong);
+  per subtask: acc = correct questions / questions; acc+ = images with BOTH questions right / images;
+    score = 100 * acc + 100 * acc+ (max 200);
+  perception = sum over existence, count, position, color, posters, celebrity, scene, landmark,
+    artwork, OCR (max 2000); cognition = sum over commonsense_reasoning, numerical_calculation,
+    text_translation, code_reasoning (max 800). Subtasks missing from a local copy are left out of the
+    sums (and listed), so partial runs are visible as such.
+
+Files: images = the official MME_Benchmark_release_version/ folder. Per subtask folder either
+  <task>/images/<name>.{jpg,png} + <task>/questions_answers_YN/<name>.txt, or
+  <task>/<name>.{jpg,png} + <task>/<name>.txt; each .txt holds two lines "question<TAB>Yes|No".
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mllm.evaluate.common import Benchmark, Question, with_suffix
+
+PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+              "OCR")
+COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".PNG")
+
+
+def parse_mme(text: str) -> str:
+    """Official MME answer parser -> "yes" | "no" | "other"."""
+    t = text.lower()
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    if "yes" in head:
+        return "yes"
+    if "no" in head:
+        return "no"
+    return "other"
+
+
+def subtask_score(items: list[tuple[str, str, str]]) -> dict:
+    """items = [(image key, gold yes/no, prediction text)] of one subtask -> acc, acc+, score."""
+    per_image: dict[str, list[bool]] = {}
+    for image, gold, pred in items:
+        per_image.setdefault(image, []).append(parse_mme(pred) == gold)
+    for image, oks in per_image.items():
+        if len(oks) != 2:
+            raise ValueError(f"MME image {image} has {len(oks)} questions; every image has exactly two")
+    n_q = sum(len(v) for v in per_image.values())
+    acc = sum(sum(v) for v in per_image.values()) / n_q
+    acc_plus = sum(all(v) for v in per_image.values()) / len(per_image)
+    return {"acc": 100.0 * acc, "acc_plus": 100.0 * acc_plus, "score": 100.0 * acc + 100.0 * acc_plus,
+            "num_images": len(per_image)}
+
+
+def score_mme(preds: dict[str, str], gold: dict[str, tuple[str, str, str]]) -> dict:
+    """`gold[qid]` = (subtask, image key, "yes"|"no") -> per-subtask scores and the two sums."""
+    by_task: dict[str, list[tuple[str, str, str]]] = {}
+    for qid, text in preds.items():
+        if qid not in gold:
+            raise KeyError(f"prediction for unknown question id {qid}")
+        task, image, label = gold[qid]
+        by_task.setdefault(task, []).append((image, label, text))
+    unknown = sorted(set(by_task) - set(PERCEPTION) - set(COGNITION))
+    if unknown:
+        raise ValueError(f"unknown MME subtasks {unknown}")
+    tasks = {t: subtask_score(v) for t, v in by_task.items()}
+    out = {"perception": sum(tasks[t]["score"] for t in PERCEPTION if t in tasks),
+           "cognition": sum(tasks[t]["score"] for t in COGNITION if t in tasks)}
+    out["total"] = out["perception"] + out["cognition"]
+    out["num_questions"] = len(preds)
+    out["missing_subtasks"] = [t for t in PERCEPTION + COGNITION if t not in tasks]
+    out["subtasks"] = {t: tasks[t] for t in PERCEPTION + COGNITION if t in tasks}
+    return out
+
+
+def _pairs(task_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, txt) pairs of one subtask folder, either layout."""
+    if (task_dir / "questions_answers_YN").is_dir():
+        img_dir, txt_dir = task_dir / "images", task_dir / "questions_answers_YN"
+    else:
+        img_dir = txt_dir = task_dir
+    pairs = []
+    for txt in sorted(txt_dir.glob("*.txt")):
+        image = next((img_dir / (txt.stem + e) for e in IMAGE_EXTS if (img_dir / (txt.stem + e)).is_file()), None)
+        if image is None:
+            raise FileNotFoundError(f"MME: no image for {txt} in {img_dir}")
+        pairs.append((image, txt))
+    return pairs
+
+
+def load_mme(root: str | Path, suffix: str) -> Benchmark:
+    """MME from the official release folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MME folder not found: {root}")
+    qs, gold = [], {}
+    for task in PERCEPTION + COGNITION:
+        if not (root / task).is_dir():
+            continue
+        for image, txt in _pairs(root / task):
+            lines = [ln for ln in txt.read_text().splitlines() if ln.strip()]
+            for i, line in enumerate(lines):
+                question, _, answer = line.rpartition("\t")
+                label = answer.strip().lower()
+                if not question or label not in ("yes", "no"):
+                    raise ValueError(f"{txt}:{i + 1}: expected 'question<TAB>Yes|No', got {line!r}")
+                qid = f"{task}/{image.name}#{i}"
+                gold[qid] = (task, image.name, label)
+                qs.append(Question(qid, image, with_suffix(question, suffix), task))
+    if not qs:
+        raise ValueError(f"no MME subtask folders ({', '.join(PERCEPTION + COGNITION)}) under {root}")
+    return Benchmark("mme", qs, score=lambda preds: score_mme(preds, gold))

@@ -1,0 +1,85 @@
+"""POPE: yes/no object-hallucination probing; accuracy, precision, recall, F1 and yes-ratio per category.
+
+Rules (LLaVA's `eval_pope.py`):
+  answer -> yes/no: keep the text before the first "."; delete commas; split on single spaces;
+    "no" if any word is exactly "No", "no" or "not", else "yes" (so "NO" and "Nope" count as yes,
+    exactly as LLaVA parses them);
+  positive class = "yes"; precision = TP/(TP+FP), recall = TP/(TP+FN), F1 = 2PR/(P+R),
+  accuracy = (TP+TN)/N, yes-ratio = #yes predictions / N.
+Metrics are reported per category (adversarial, popular, random) and averaged over categories (the
+number LLaVA-style papers quote is the mean F1). Deviation: where a denominator is 0 (no "yes"
+predictions or no positive labels) the metric is 0 instead of LLaVA's ZeroDivisionError.
+
+Files: questions = one or more of the official coco_pope_<category>.json files (JSON lines with
+"question_id", "image", "text", "label"); the category comes from the file name (or a "category"
+field). images = COCO val2014. Question ids repeat across categories, so ids are "<category>/<id>".
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mllm.evaluate.common import Benchmark, Question, read_json_or_jsonl, with_suffix
+
+
+def parse_yes_no(text: str) -> str:
+    """LLaVA's POPE answer parser -> "yes" | "no"."""
+    if "." in text:
+        text = text.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def binary_metrics(preds: list[str], labels: list[str]) -> dict:
+    """preds/labels in {"yes", "no"} -> accuracy, precision, recall, f1, yes_ratio (fractions) and counts."""
+    if len(preds) != len(labels):
+        raise ValueError("preds and labels differ in length")
+    tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
+    fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
+    tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
+    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
+    n = len(preds)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n if n else 0.0, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n}
+
+
+def score_pope(preds: dict[str, str], gold: dict[str, tuple[str, str]]) -> dict:
+    """Per-category metrics and their mean; `gold[qid]` = (category, label)."""
+    by_cat: dict[str, tuple[list[str], list[str]]] = {}
+    for qid, text in preds.items():
+        if qid not in gold:
+            raise KeyError(f"prediction for unknown question id {qid}")
+        cat, label = gold[qid]
+        p, y = by_cat.setdefault(cat, ([], []))
+        p.append(parse_yes_no(text))
+        y.append(label)
+    cats = {c: binary_metrics(p, y) for c, (p, y) in sorted(by_cat.items())}
+    keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    mean = {k: 100.0 * sum(m[k] for m in cats.values()) / max(len(cats), 1) for k in keys}
+    return {**mean, "num_questions": len(preds),
+            "categories": {c: {**{k: 100.0 * m[k] for k in keys}, **{k: m[k] for k in ("tp", "fp", "tn", "fn", "n")}}
+                           for c, m in cats.items()}}
+
+
+def load_pope(question_files: list[str | Path], images: str | Path, suffix: str) -> Benchmark:
+    """POPE from coco_pope_<category>.json files."""
+    if not question_files:
+        raise ValueError("POPE needs --questions coco_pope_<category>.json [...]")
+    images = Path(images)
+    qs, gold = [], {}
+    for f in map(Path, question_files):
+        m = re.match(r"coco_pope_(\w+)\.json$", f.name)
+        for r in read_json_or_jsonl(f, records=True):
+            cat = r.get("category") or (m.group(1) if m else f.stem)
+            label = str(r["label"]).strip().lower()
+            if label not in ("yes", "no"):
+                raise ValueError(f"{f}: label must be yes or no, got {r['label']!r}")
+            qid = f"{cat}/{r['question_id']}"
+            if qid in gold:
+                raise ValueError(f"duplicate POPE question {qid}")
+            gold[qid] = (cat, label)
+            qs.append(Question(qid, images / r["image"], with_suffix(r["text"], suffix), cat))
+    return Benchmark("pope", qs, score=lambda preds: score_pope(preds, gold))

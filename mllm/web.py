@@ -1,0 +1,239 @@
+"""Browser chat for the unified MLLM (gradio): ask about an uploaded image, generate images from a prompt.
+
+    python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860]
+        [--out-dir web_outputs] [--max-new-tokens 256] [--answer-temperature 0]
+        [loading flags as mllm.chat: --official-mllm --text-tokenizer --attn-mode --device --dtype
+         --image-size --max-image-pixels] [default sliders: --cfg-scale --temperature --top-k --top-p
+         --num-images --seed]
+
+Two tabs:
+  Chat      upload an image (optional), type a question; answers stream in; the conversation is
+            multi-turn per browser session (history trimmed to the context window, with a notice);
+            "New conversation" resets it.
+  Generate  prompt + sliders for cfg scale, temperature, top-k, top-p, seed and number of images;
+            the images are shown and also written as PNGs under --out-dir.
+All model work goes through `mllm.chat.MLLMEngine` / `Conversation` (the terminal chat's code); both
+events share one queue (`concurrency_id="model"`, one job at a time), so requests never interleave
+on the model. The server binds 127.0.0.1 unless --host says otherwise; gradio analytics are off and
+the theme uses system fonts, so the page makes no outside requests. gradio is imported lazily.
+Endpoints (gradio API names): /ask, /reset, /generate.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from mllm.chat import (ChatConfig, Conversation, ImageGenConfig, InputError, MLLMEngine, add_engine_args,
+                       add_generation_args, engine_config, generation_config)
+from mllm.generate import SamplingConfig
+
+
+@dataclass
+class WebConfig:
+    """Server settings plus the chat settings (whose gen fields are the sliders' initial values)."""
+
+    chat: ChatConfig
+    """Model, answer and generation defaults."""
+    host: str = "127.0.0.1"
+    """Interface to bind (loopback by default: the app has no authentication)."""
+    port: int = 7860
+    """TCP port."""
+    max_num_images: int = 8
+    """Upper end of the number-of-images slider."""
+    extra: dict = field(default_factory=dict)
+    """Extra keyword arguments for `Blocks.launch` (tests)."""
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.max_num_images < 1:
+            raise ValueError("max_num_images must be >= 1")
+
+
+def import_gradio():
+    """gradio, imported on demand with analytics off; a clear error when it is not installed."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise SystemExit("mllm.web needs gradio, which is not installed: pip install gradio") from e
+    return gr
+
+
+class WebHandlers:
+    """The event handlers, free of gradio objects (so they can be called directly)."""
+
+    def __init__(self, engine: MLLMEngine, cfg: ChatConfig):
+        self.engine, self.cfg = engine, cfg
+
+    def ask(self, image_path: str | None, question: str, messages: list | None, conv: Conversation | None):
+        """Stream (messages, conversation, status, accepted) updates while the answer is generated;
+        accepted tells the UI to clear the question box and the upload (both are now in the conversation)."""
+        messages = list(messages or [])
+        conv = conv if conv is not None else Conversation(self.engine)
+        before = list(conv.pending)
+        try:
+            if image_path:
+                conv.attach(self.engine.encode_images([self.engine.open_image(image_path)]))
+            turn = conv.prepare(question or "", self.cfg.max_new_tokens)
+        except InputError as e:
+            conv.pending = before
+            yield messages, conv, f"error: {e}", False
+            return
+        notice = (f"[context: dropped the {turn.dropped} oldest exchange(s) to fit the "
+                  f"{self.engine.context_length}-token window]") if turn.dropped else ""
+        shown = question.strip() + (f" [+{len(turn.images)} image(s)]" if turn.images else "")
+        messages += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
+        yield messages, conv, notice, True
+        deltas: queue.Queue = queue.Queue()
+        done = object()
+        result: dict = {}
+
+        def work():
+            try:
+                sampling = SamplingConfig(temperature=self.cfg.answer_temperature)
+                generator = torch.Generator(device=self.engine.device).manual_seed(self.cfg.seed)
+                result["reply"] = self.engine.answer([turn.sample], turn.max_new_tokens, sampling, generator,
+                                                     on_text=deltas.put)[0]
+            except Exception as e:  # noqa: BLE001 - shown to the user, the server keeps running
+                result["error"] = e
+            deltas.put(done)
+
+        threading.Thread(target=work, daemon=True).start()
+        text = ""
+        while (item := deltas.get()) is not done:
+            text += item
+            messages[-1] = {"role": "assistant", "content": text}
+            yield messages, conv, notice, True
+        if "error" in result:
+            messages[-1] = {"role": "assistant", "content": text + " [failed]"}
+            yield messages, conv, f"error: {result['error']}", True
+            return
+        conv.commit(turn, result["reply"])
+        messages[-1] = {"role": "assistant", "content": result["reply"]}
+        yield messages, conv, notice, True
+
+    def reset(self):
+        """Empty chat, fresh conversation."""
+        return [], None, "[conversation reset]", None
+
+    def generate(self, prompt: str, cfg_scale: float, temperature: float, top_k: float, top_p: float, seed: float,
+                 num_images: float):
+        """-> (gallery items [(PIL image, caption)], status)."""
+        from PIL import Image
+
+        try:
+            gen = ImageGenConfig(cfg_scale=float(cfg_scale), temperature=float(temperature), top_k=int(top_k),
+                                 top_p=float(top_p), num_images=int(num_images))
+            self.engine.t2i_prompt(prompt or "")
+        except (InputError, ValueError) as e:
+            return [], f"error: {e}"
+        generator = torch.Generator(device=self.engine.device).manual_seed(int(seed))
+        images = self.engine.generate([prompt], gen, generator)
+        paths = self.engine.save_pngs(images, self.cfg.out_dir, prompt)
+        items = [(Image.fromarray(a), p.name) for a, p in zip(images, paths)]
+        return items, f"saved {len(paths)} image(s): " + ", ".join(str(p) for p in paths)
+
+
+def build_app(engine: MLLMEngine, cfg: WebConfig):
+    """The gradio Blocks app (not launched)."""
+    gr = import_gradio()
+    h = WebHandlers(engine, cfg.chat)
+    g = cfg.chat.gen
+    with gr.Blocks(title="UniTok MLLM") as app:
+        gr.Markdown("## UniTok MLLM\nAsk about an image, or generate images from a prompt.")
+        with gr.Tab("Chat", elem_id="tab-chat"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    image = gr.Image(type="filepath", label="Image (optional, goes with the next question)",
+                                     sources=["upload", "clipboard"], elem_id="image-input")
+                with gr.Column(scale=2):
+                    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360)
+                    question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
+                                          elem_id="question")
+                    with gr.Row():
+                        ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-btn")
+                        reset_btn = gr.Button("New conversation", elem_id="reset-btn")
+                    chat_status = gr.Markdown(elem_id="chat-status")
+            conv = gr.State(None)
+
+            def ask(image_path, text, messages, state):
+                for msgs, st, status, accepted in h.ask(image_path, text, messages, state):
+                    yield (msgs, st, status) + ((None, "") if accepted else (gr.skip(), gr.skip()))
+
+            ask_btn.click(ask, [image, question, chatbot, conv], [chatbot, conv, chat_status, image, question],
+                          api_name="ask", concurrency_id="model", concurrency_limit=1)
+            reset_btn.click(h.reset, None, [chatbot, conv, chat_status, image], api_name="reset")
+        with gr.Tab("Generate", elem_id="tab-generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    prompt = gr.Textbox(label="Prompt", placeholder="a red apple on a wooden table", lines=2,
+                                        elem_id="gen-prompt")
+                    cfg_scale = gr.Slider(0.0, 20.0, value=g.cfg_scale, step=0.5, label="CFG scale (1 = off)",
+                                          elem_id="cfg-scale")
+                    temperature = gr.Slider(0.0, 2.0, value=g.temperature, step=0.05, label="Temperature",
+                                            elem_id="temperature")
+                    top_k = gr.Slider(0, engine.model.config.codebook_size, value=g.top_k, step=1,
+                                      label="Top-k (0 = off)", elem_id="top-k")
+                    top_p = gr.Slider(0.05, 1.0, value=g.top_p, step=0.01, label="Top-p (1 = off)", elem_id="top-p")
+                    seed = gr.Number(value=cfg.chat.seed, precision=0, label="Seed", elem_id="seed")
+                    num = gr.Slider(1, cfg.max_num_images, value=min(g.num_images, cfg.max_num_images), step=1,
+                                    label="Number of images", elem_id="num-images")
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png")
+                    gen_status = gr.Markdown(elem_id="gen-status")
+            gen_btn.click(h.generate, [prompt, cfg_scale, temperature, top_k, top_p, seed, num], [gallery, gen_status],
+                          api_name="generate", concurrency_id="model", concurrency_limit=1)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> WebConfig:
+    """Command line -> WebConfig; exits on bad flags."""
+    p = argparse.ArgumentParser(prog="python -m mllm.web", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    add_generation_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--out-dir", default="web_outputs", help="folder for generated PNGs")
+    p.add_argument("--answer-temperature", type=float, default=0.0, help="answer sampling temperature (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="initial seed slider value; answers use it too")
+    a = p.parse_args(argv)
+    try:
+        chat = ChatConfig(engine=engine_config(a), gen=generation_config(a), answer_temperature=a.answer_temperature,
+                          max_new_tokens=a.max_new_tokens, seed=a.seed, out_dir=a.out_dir)
+        return WebConfig(chat=chat, host=a.host, port=a.port)
+    except ValueError as e:
+        p.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the model and serve until interrupted; returns the exit status."""
+    cfg = parse_args(argv)
+    gr = import_gradio()
+    torch.manual_seed(cfg.chat.seed)
+    try:
+        engine = MLLMEngine.load(cfg.chat.engine)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    app = build_app(engine, cfg)
+    # System fonts: the default theme would fetch Google Fonts from the browser.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    print(f"serving on http://{cfg.host}:{cfg.port}", flush=True)
+    app.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, theme=theme,
+                       footer_links=[], **cfg.extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

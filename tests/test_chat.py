@@ -1,0 +1,369 @@
+"""`python -m mllm.chat` on a tiny random export: a piped session covering every command and bad
+input, the one-shot modes, Ctrl-C through a pty, and the engine/conversation pieces in-process."""
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch_utils import ROOT
+
+CHAT = [sys.executable, "-m", "mllm.chat"]
+
+
+def make_tiny_export(root: Path, max_positions: int = 512) -> tuple[Path, Path]:
+    """A debug-preset UniTok folder and a random tiny MLLM export (with the tiny text tokenizer).
+
+    Returns (export dir, tokenizer dir). Images of 32 px give a 2 x 2 code grid (4 positions)."""
+    import mllm  # noqa: F401
+    from mllm import UniMLLMForCausalLM
+    from mllm.data.tiny_tokenizer import make_llama_tokenizer
+    from mllm_tiny import tiny_config
+    from unitok import UniTok, preset
+
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(root / "tok")
+    make_llama_tokenizer(root / "export")
+    UniMLLMForCausalLM(tiny_config(vocab_size=512, max_position_embeddings=max_positions)).save_pretrained(
+        root / "export")
+    return root / "export", root / "tok"
+
+
+def with_context(export: Path, dst: Path, max_positions: int) -> Path:
+    """A copy of `export` whose config allows `max_positions` positions."""
+    shutil.copytree(export, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["max_position_embeddings"] = max_positions
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + (":" + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster single-threaded (no spin-waiting)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat")
+    export, tok = make_tiny_export(d)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(d / "photo.png")  # not square
+    Image.fromarray(np.zeros((120, 120, 3), np.uint8)).save(d / "big.png")
+    (d / "notes.png").write_text("this is not a PNG")
+    (d / "folder").mkdir()
+    return {"dir": d, "export": export, "tok": tok}
+
+
+def base_args(a, export=None, out=None, *extra):
+    return ["--model", str(export or a["export"]), "--tokenizer", str(a["tok"]), "--image-size", "32", "--device",
+            "cpu", "--out-dir", str(out or a["dir"] / "out"), "--max-image-pixels", "10000", *extra]
+
+
+def test_session_commands_and_bad_input(assets):
+    """One piped session: every command, every bad-input case with its message, and the session lives on."""
+    from mllm.data.tiny_tokenizer import load_llama_tokenizer
+
+    d = assets["dir"]
+    long_q = "What color is the shape? " * 25
+    n_long = len(load_llama_tokenizer(assets["export"])(long_q, add_special_tokens=False)["input_ids"])
+    assert 2 * n_long + 200 > 512 - 60 and n_long + 200 < 512 - 60  # premise: two long turns cannot share 512
+    huge = "word " * 700
+    lines = [
+        "/help",
+        f"/image {d / 'photo.png'}",
+        "What shape is in the image?",
+        f"/image {d / 'missing.png'}",
+        f"/image {d / 'notes.png'}",
+        f"/image {d / 'big.png'}",
+        f"/image {d / 'folder'}",
+        "/image",
+        "",
+        "/gen",
+        "/gen   ",
+        "/gen a red circle on a blue background",
+        "/frobnicate now",
+        huge,
+        "What about <image> here?",
+        long_q,
+        long_q,
+        "/reset",
+        "Is it still there?",
+        "/quit",
+        "this line is never read",
+    ]
+    p = subprocess.run(CHAT + base_args(assets, None, None, "--max-new-tokens", "200"), input="\n".join(lines) + "\n",
+                       capture_output=True, text=True, cwd=ROOT, env=env(), timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    expected = [
+        "commands:",
+        "[attached 1 image(s); 1 will go with your next question]",
+        "assistant: ",
+        f"error: no such file: {d / 'missing.png'}",
+        f"error: not an image file: {d / 'notes.png'}",
+        f"error: image too large: {d / 'big.png'} is 120x120 = 14,400 pixels, over the limit of 10,000",
+        f"error: not a file: {d / 'folder'}",
+        "error: usage: /image PATH [PATH ...]",
+        "error: empty input",
+        "error: empty prompt",
+        "error: empty prompt",
+        str(d / "out"),
+        "error: unknown command /frobnicate (type /help)",
+        "error: question too long",
+        "error: the text <image> is reserved",
+        "assistant: ",
+        "[context: dropped the 1 oldest exchange(s) to fit the 512-token window]",
+        "assistant: ",
+        "[conversation reset]",
+        "assistant: ",
+    ]
+    pos = 0
+    for e in expected:  # in this order, each after the previous one
+        i = out.find(e, pos)
+        assert i >= 0, f"{e!r} not found after position {pos}:\n{out[pos:pos + 2000]}"
+        pos = i + len(e)
+    assert "this line is never read" not in out and out.count("error:") == 11
+    # /gen wrote one PNG of the tokenizer's resolution, and printed its absolute path
+    pngs = sorted((d / "out").glob("*.png"))
+    assert len(pngs) == 1 and str(pngs[0]) in out and "a-red-circle-on-a-blue-background" in pngs[0].name
+    assert Image.open(pngs[0]).size == (32, 32)
+    # the question too long line reports the real length and the 512 window
+    m = re.search(r"question too long: (\d+) tokens with its images, beyond the model's context of 512", out)
+    assert m and int(m.group(1)) > 700
+
+
+def test_one_shot_modes(assets):
+    """--ask and --generate print only the answer / the paths and exit 0."""
+    d = assets["dir"]
+    runs = {
+        "ask": base_args(assets, None, None, "--ask", "What is in the image?", "--image", str(d / "photo.png"),
+                         "--max-new-tokens", "12"),
+        "gen": base_args(assets, None, d / "gen", "--generate", "a green square", "--num-images", "2",
+                         "--cfg-scale", "3.0", "--seed", "1"),
+    }
+    procs = {k: subprocess.Popen(CHAT + v, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                 env=env()) for k, v in runs.items()}  # concurrently: startup dominates
+    res = {k: (*p.communicate(timeout=240)[::-1], p.returncode) for k, p in procs.items()}
+    res = {k: (rc, out, err) for k, (err, out, rc) in res.items()}
+    rc, out, err = res["ask"]
+    assert rc == 0, err[-2000:]
+    assert out.endswith("\n") and out.count("\n") == 1 and "error" not in out  # exactly the answer line
+    rc, out, err = res["gen"]
+    assert rc == 0, err[-2000:]
+    paths = [Path(x) for x in out.split()]
+    assert len(paths) == 2 and all(p.is_file() and p.parent == (d / "gen").resolve() for p in paths)
+    a, b = (np.asarray(Image.open(p)) for p in paths)
+    assert a.shape == (32, 32, 3) and not np.array_equal(a, b)  # two samples, not one image twice
+
+
+def test_one_shot_bad_input_exits_1(assets, capsys):
+    """Bad one-shot input: exit status 1, one error line on stderr, nothing on stdout (main() in-process)."""
+    from mllm.chat import main
+
+    d = assets["dir"]
+    assert main(base_args(assets, None, None, "--ask", "What is it?", "--image", str(d / "notes.png"))) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1] == f"error: not an image file: {d / 'notes.png'}"
+    assert main(base_args(assets, None, None, "--generate", "  ")) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines()[-1].startswith("error: empty prompt")
+    assert main(base_args(assets, None, None, "--ask", "x" * 10, "--image", str(d / "nope.png"))) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: no such file: {d / 'nope.png'}"
+    with pytest.raises(SystemExit):  # argparse: --image does not go with --generate
+        main(base_args(assets, None, None, "--generate", "a cat", "--image", str(d / "photo.png")))
+
+
+def _read_until(fd, buf: bytearray, pattern: bytes, timeout: float) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pattern in buf:
+            return True
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                return pattern in buf
+            if not chunk:
+                return pattern in buf
+            buf += chunk
+    return pattern in buf
+
+
+def test_ctrl_c_stops_generation_not_session(assets, tmp_path):
+    """Ctrl-C typed on the terminal during /gen stops that generation; the session keeps answering."""
+    # 1024 px -> 64 x 64 = 4096 positions (x 4 images): far longer than the time to press Ctrl-C
+    export = with_context(assets["export"], tmp_path / "long", 8192)
+    args = CHAT + base_args(assets, export, tmp_path / "out", "--max-image-pixels", "40000000")
+    args[args.index("--image-size") + 1] = "1024"
+    args += ["--num-images", "4"]
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal, so ^C becomes SIGINT
+        os.chdir(ROOT)
+        os.execvpe(args[0], args, env())
+    buf = bytearray()
+    try:
+        assert _read_until(fd, buf, b"you> ", 120), buf.decode(errors="replace")
+        os.write(fd, b"/gen a red circle\n")
+        assert _read_until(fd, buf, b"generating: position", 60), buf.decode(errors="replace")
+        t0 = time.time()
+        os.write(fd, b"\x03")
+        assert _read_until(fd, buf, b"[stopped: no images written]", 30), buf.decode(errors="replace")
+        assert time.time() - t0 < 20
+        assert _read_until(fd, buf, b"you> ", 10)
+        os.write(fd, b"/help\n")
+        assert _read_until(fd, buf, b"/reset", 10)  # still alive and answering
+        os.write(fd, b"/quit\n")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            _read_until(fd, buf, b"\x00never", 0.2)  # keep draining the pty
+        assert done and os.waitstatus_to_exitcode(status) == 0, buf.decode(errors="replace")
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+# ---- in-process: engine and conversation ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(assets):
+    from mllm.chat import EngineConfig, MLLMEngine
+
+    return MLLMEngine.load(EngineConfig(model=str(assets["export"]), tokenizer=str(assets["tok"]), device="cpu",
+                                        image_size=32, max_image_pixels=10_000))
+
+
+def test_preprocess_pads_with_release_color_and_encodes(engine):
+    from mllm.chat import PAD_COLOR, pad_to_square
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    sq = pad_to_square(img)
+    assert sq.size == (40, 40)
+    px = np.asarray(sq)
+    assert tuple(px[0, 0]) == PAD_COLOR == (122, 116, 104) and tuple(px[20, 20]) == (255, 0, 0)
+    assert tuple(px[9, 20]) == PAD_COLOR and tuple(px[10, 20]) == (255, 0, 0) and tuple(px[30, 20]) == PAD_COLOR
+    x = engine.preprocess(img)
+    assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.allclose(x[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))  # red centre
+    codes = engine.encode_images([img, Image.new("RGB", (16, 64), (0, 0, 255))])
+    assert [tuple(c.shape) for c in codes] == [(4, 2, 2), (4, 2, 2)] and codes[0].device.type == "cpu"
+
+
+def test_stream_decoder_matches_full_decode(engine):
+    from mllm.chat import StreamDecoder
+
+    tok = engine.text_tokenizer
+    ids = tok("The quick brown fox jumps over the lazy dog. 0123", add_special_tokens=False)["input_ids"]
+    ids += tok("\u00e9t\u00e9 \u2603", add_special_tokens=False)["input_ids"]  # multi-byte pieces (byte fallback)
+    dec = StreamDecoder(tok, {engine.eos_id})
+    deltas = [dec.push(i) for i in ids]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True).lstrip()
+    assert not any("\ufffd" in x for x in deltas)  # incomplete UTF-8 is held back, never printed
+    assert dec.push(engine.eos_id) == "" and dec.finished and dec.push(ids[0]) == ""
+
+
+def test_conversation_trims_oldest_first_and_keeps_images(engine):
+    from mllm.chat import Conversation, InputError
+
+    conv = Conversation(engine)
+    conv.attach(engine.encode_images([Image.new("RGB", (32, 32), (0, 255, 0))]))
+    t = conv.prepare("What color?", 16)
+    assert t.dropped == 0 and len(t.sample.images) == 1 and t.question.startswith("<image>\n")
+    assert t.sample.expanded_length() == len(t.sample.input_ids) + 3  # one placeholder -> 4 positions
+    conv.commit(t, "Green.")
+    assert conv.pending == [] and len(conv.history) == 1
+    filler = "What color is the shape? " * 20
+    for i in range(3):
+        t = conv.prepare(filler, 200)
+        assert t.sample.expanded_length() + t.max_new_tokens <= engine.context_length
+        conv.commit(t, f"Reply {i}.")
+    assert t.dropped >= 1 and conv.history[-1].answer == "Reply 2." and len(conv.history) < 4
+    assert all(not ex.images for ex in conv.history)  # the image went with the first, dropped exchange
+    with pytest.raises(InputError, match="question too long"):
+        conv.prepare("word " * 700, 8)
+    with pytest.raises(InputError, match="empty question"):
+        conv.prepare("   ", 8)
+
+
+def test_answer_stops_when_asked_and_streams(engine):
+    """A set stop event ends the answer after the current step; the streamed text is the reply."""
+    from mllm.chat import Conversation
+
+    turn = Conversation(engine).prepare("Describe a long story about shapes.", 64)
+    full = engine.answer([turn.sample], 64)[0]
+    stop = threading.Event()
+    pieces: list[str] = []
+
+    def on_text(delta):
+        pieces.append(delta)
+        stop.set()
+
+    short = engine.answer([turn.sample], 64, on_text=on_text, stop=stop)[0]
+    assert stop.is_set() and len(pieces) == 1 and short == pieces[0].strip()
+    assert full.startswith(short) and len(full) > len(short)  # same greedy path, cut after one step
+
+
+def test_official_mllm_folder_loads_through_the_engine(assets, engine, tmp_path, monkeypatch):
+    """--official-mllm: a released-layout folder (mini_gemini config + safetensors) with --text-tokenizer
+    answers exactly like the export it was written from."""
+    from safetensors.torch import save_file
+
+    import mllm.modeling.official as official
+    from mllm.chat import Conversation, EngineConfig, MLLMEngine
+
+    c = engine.model.config
+    llama = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                        "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id")}
+    (tmp_path / "config.json").write_text(json.dumps({**llama, "model_type": "mini_gemini",
+                                                      "architectures": ["MiniGeminiLlamaForCausalLM"]}))
+    save_file({k: v.contiguous() for k, v in engine.model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    # the release hard-codes 7B embedder/depth-head shapes; give the tiny ones instead
+    orig = official.config_from_official
+    shapes = ("num_codebooks", "codebook_size", "code_dim", "embed_width", "embed_num_heads", "depth_num_layers",
+              "depth_hidden_size", "depth_num_heads", "depth_intermediate_size")
+    monkeypatch.setattr(official, "config_from_official",
+                        lambda d: type(c)(**{**orig(d).to_dict(), **{k: getattr(c, k) for k in shapes}}))
+    off = MLLMEngine.load(EngineConfig(model=str(tmp_path), tokenizer=str(assets["tok"]), official_mllm=True,
+                                       text_tokenizer=str(assets["export"]), device="cpu", image_size=32))
+    img = engine.encode_images([Image.open(assets["dir"] / "photo.png")])
+    conv_a, conv_b = Conversation(engine), Conversation(off)
+    conv_a.attach(img)
+    conv_b.attach(img)
+    a = engine.answer([conv_a.prepare("What is it?", 12).sample], 12)
+    b = off.answer([conv_b.prepare("What is it?", 12).sample], 12)
+    assert a == b
+    with pytest.raises(FileNotFoundError, match="--text-tokenizer"):
+        MLLMEngine.load(EngineConfig(model=str(tmp_path), tokenizer=str(assets["tok"]), official_mllm=True,
+                                     device="cpu"))

@@ -1,0 +1,386 @@
+"""mllm.evaluate: each scorer on hand-made cases that follow the benchmarks' documented rules, and the
+runners end-to-end on tiny fake benchmark folders with a tiny random model (answers are garbage; the
+plumbing, files and the scores' consistency with the written predictions are what is checked)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch_utils import ROOT, ds_env, free_port
+from mllm.evaluate import (binary_metrics, evalai_normalize, genai_import, geneval_import, normalize_answer,
+                           normalize_gqa, parse_mme, parse_yes_no, score_gqa, score_mme, score_pope, score_textvqa,
+                           score_vqav2, soft_accuracy, subtask_score, textvqa_accuracy, vqav2_accuracy)
+from mllm.evaluate.cli import main as eval_main
+
+
+# ---- VQA normalisation and soft accuracy ---------------------------------------------------------
+@pytest.mark.parametrize("raw,norm", [
+    ("Yes.", "yes"),                  # period not followed by a digit is removed
+    ("3.5", "3.5"),                   # decimal point kept
+    ("5.", "5"),
+    ("1,000", "1000"),                # digit,digit group -> punctuation deleted, not spaced
+    ("t-shirt", "t shirt"),           # punctuation inside a word -> space
+    ("left - right", "left right"),   # punctuation next to a space -> deleted
+    ("red, white", "red white"),
+    ("(Two)", "2"),                   # number words -> digits
+    ("none", "0"),
+    ("ten dogs", "10 dogs"),
+    ("eleven", "eleven"),             # only none/zero..ten are mapped
+    ("A Dog!", "dog"),                # lower-case, article dropped
+    ("The two cats", "2 cats"),
+    ("an apple", "apple"),
+    ("dont know", "don't know"),      # missing-apostrophe contractions restored
+    ("isnt", "isn't"),
+    ("It's a cat", "it's cat"),       # the apostrophe is not in the punctuation list
+    ("  red\tcar\n", "red car"),
+    ("e.g. this", "eg this"),
+])
+def test_vqa_official_normalisation(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_evalai_processor_extras():
+    # EvalAI/m4c: "," and "?" dropped before the punctuation rule, "'s" split off
+    assert evalai_normalize("Coca-Cola?") == "coca cola"
+    assert evalai_normalize("It's John's") == "it 's john 's"
+    assert evalai_normalize("Two, please") == "2 please"
+
+
+def test_soft_accuracy_ten_annotators_leave_one_out():
+    # k matching annotators: k of the 10 subsets see k-1 matches, 10-k see k; acc = mean min(m/3, 1)
+    other = ["x"] * 10
+    assert soft_accuracy("2", other) == 0.0
+    assert soft_accuracy("2", ["2"] + other[:9]) == pytest.approx((1 * 0 + 9 * (1 / 3)) / 10)      # 0.3
+    assert soft_accuracy("2", ["2"] * 2 + other[:8]) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)  # 0.6
+    assert soft_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * (2 / 3) + 7 * 1) / 10)     # 0.9
+    assert soft_accuracy("2", ["2"] * 4 + other[:6]) == 1.0
+    with pytest.raises(ValueError):
+        soft_accuracy("2", [])
+
+
+def test_vqav2_rule_prediction_always_normalised_answers_only_when_disagreeing():
+    assert vqav2_accuracy("Two.", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    assert vqav2_accuracy("two", ["2"] * 10) == 1.0
+    # disagreeing annotators: their answers get the punctuation step too
+    assert vqav2_accuracy("t-shirt", ["t-shirt"] * 5 + ["shirt"] * 5) == 1.0
+    # unanimous annotators are compared verbatim (official behaviour): the normalised prediction
+    # "t shirt" does not equal "t-shirt"
+    assert vqav2_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
+    assert vqav2_accuracy("A cat", ["cat"] * 10) == 1.0
+
+
+def test_score_vqav2_overall_and_per_answer_type():
+    gold = {"1": {"answers": ["yes"] * 10, "answer_type": "yes/no"},
+            "2": {"answers": ["2"] * 3 + ["3"] * 7, "answer_type": "number"},
+            "3": {"answers": ["red"] * 10, "answer_type": "other"}}
+    m = score_vqav2({"1": "Yes", "2": "two", "3": "blue"}, gold)
+    assert m["accuracy"] == pytest.approx(100 * (1 + 0.9 + 0) / 3)
+    assert m["accuracy_yes_no"] == 100.0 and m["accuracy_number"] == pytest.approx(90.0)
+    assert m["accuracy_other"] == 0.0 and m["num_questions"] == 3
+    with pytest.raises(KeyError):
+        score_vqav2({"9": "x"}, gold)
+
+
+def test_textvqa_normalises_everything():
+    answers = ["coca cola"] * 4 + ["coke"] * 6
+    assert textvqa_accuracy("Coca-Cola", answers) == 1.0
+    assert textvqa_accuracy("COKE!", answers) == 1.0
+    assert textvqa_accuracy("pepsi", answers) == 0.0
+    assert textvqa_accuracy("Stop", ["STOP."] * 2 + ["sign"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert score_textvqa({"a": "Coke", "b": "x"}, {"a": answers, "b": ["y"] * 10})["accuracy"] == 50.0
+
+
+def test_gqa_exact_match_after_llava_cleanup():
+    assert normalize_gqa(" Yes. ") == "yes"
+    m = score_gqa({"1": "Yes.", "2": "The dog", "3": " left "}, {"1": "yes", "2": "dog", "3": "left"})
+    assert m["accuracy"] == pytest.approx(200 / 3) and m["num_questions"] == 3
+
+
+# ---- POPE --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,label", [
+    ("Yes", "yes"), ("Yes, there is a dog in the image.", "yes"), ("No", "no"), ("no.", "no"),
+    ("No, there is no dog.", "no"), ("There is not a dog.", "no"), ("Yes. No doubt.", "yes"),  # first sentence only
+    ("NO", "yes"), ("Nope", "yes"),  # LLaVA's parser is case- and word-exact
+])
+def test_pope_answer_parsing(text, label):
+    assert parse_yes_no(text) == label
+
+
+def test_pope_metrics_by_hand():
+    labels = ["yes", "yes", "yes", "no", "no", "no", "no"]
+    preds = ["yes", "yes", "no", "yes", "no", "no", "no"]  # TP 2, FN 1, FP 1, TN 3
+    m = binary_metrics(preds, labels)
+    assert (m["tp"], m["fn"], m["fp"], m["tn"]) == (2, 1, 1, 3)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == pytest.approx(5 / 7)
+    assert m["yes_ratio"] == pytest.approx(3 / 7)
+    assert binary_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0  # 0 instead of a division error
+    gold = {"a/1": ("a", "yes"), "a/2": ("a", "no"), "b/1": ("b", "yes"), "b/2": ("b", "no")}
+    s = score_pope({"a/1": "Yes", "a/2": "No", "b/1": "No", "b/2": "No"}, gold)
+    assert s["categories"]["a"]["accuracy"] == 100.0 and s["categories"]["b"]["accuracy"] == 50.0
+    assert s["accuracy"] == 75.0 and s["f1"] == pytest.approx((100.0 + 0.0) / 2)
+
+
+# ---- MME ---------------------------------------------------------------------------------------
+def test_mme_parsing_and_acc_plus():
+    assert [parse_mme(t) for t in ("Yes", "no", "Yes, it is.", "No, it is not.", "I think so", "nothing")] == \
+        ["yes", "no", "yes", "no", "other", "no"]
+    # image 1: both right; image 2: one right -> acc 3/4, acc+ 1/2 -> 75 + 50
+    s = subtask_score([("1.jpg", "yes", "Yes"), ("1.jpg", "no", "No"), ("2.jpg", "yes", "Yes"),
+                       ("2.jpg", "no", "Maybe")])
+    assert (s["acc"], s["acc_plus"], s["score"], s["num_images"]) == (75.0, 50.0, 125.0, 2)
+    gold = {"e1": ("existence", "a.jpg", "yes"), "e2": ("existence", "a.jpg", "no"),
+            "c1": ("count", "b.jpg", "yes"), "c2": ("count", "b.jpg", "no"),
+            "r1": ("code_reasoning", "c.png", "yes"), "r2": ("code_reasoning", "c.png", "no")}
+    m = score_mme({"e1": "yes", "e2": "no", "c1": "no", "c2": "no", "r1": "yes", "r2": "yes"}, gold)
+    assert m["subtasks"]["existence"]["score"] == 200.0 and m["subtasks"]["count"]["score"] == 50.0
+    assert m["perception"] == 250.0 and m["cognition"] == 50.0 and m["total"] == 300.0
+    assert "celebrity" in m["missing_subtasks"] and "existence" not in m["missing_subtasks"]
+    with pytest.raises(ValueError, match="exactly two"):
+        subtask_score([("1.jpg", "yes", "yes")])
+
+
+# ---- generation imports ------------------------------------------------------------------------
+def test_geneval_import_summary(tmp_path):
+    rows = [{"tag": "single_object", "correct": True, "metadata": "m1"},
+            {"tag": "single_object", "correct": True, "metadata": "m1"},
+            {"tag": "counting", "correct": False, "metadata": "m2"},
+            {"tag": "counting", "correct": True, "metadata": "m3"},
+            {"tag": "counting", "correct": False, "metadata": "m3"},
+            {"tag": "counting", "correct": False, "metadata": "m3"}]
+    f = tmp_path / "results.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    m = geneval_import(f)
+    assert m["tags"] == {"single_object": 100.0, "counting": 25.0}
+    assert m["overall"] == 62.5  # mean over tags, not over images
+    assert m["correct_images"] == pytest.approx(50.0) and m["correct_prompts"] == pytest.approx(200 / 3)
+
+
+def test_genai_import_per_skill(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps({"00001": 0.9, "00002": 0.5, "3": 0.1, "00004": 0.7}))
+    (tmp_path / "k.json").write_text(json.dumps({"counting": [1, 2], "negation": [3], "scene": [2, 4]}))
+    m = genai_import(tmp_path / "s.json", tmp_path / "k.json")
+    assert m["tags"]["counting"] == pytest.approx(0.7) and m["tags"]["negation"] == pytest.approx(0.1)
+    assert m["tags"]["scene"] == pytest.approx(0.6) and m["all"] == pytest.approx((0.9 + 0.5 + 0.1 + 0.7) / 4)
+
+
+# ---- end to end with the tiny model -----------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny export + fake POPE and MME folders."""
+    from test_chat import make_tiny_export
+
+    d = tmp_path_factory.mktemp("eval")
+    export, tok = make_tiny_export(d)
+    rng = np.random.default_rng(0)
+    imgs = d / "coco"
+    imgs.mkdir()
+    for name, shape in (("COCO_val2014_000000000001.jpg", (40, 56, 3)), ("COCO_val2014_000000000002.jpg", (32, 32, 3))):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(imgs / name)
+    pope = []
+    for cat in ("adversarial", "random"):
+        f = d / f"coco_pope_{cat}.json"
+        lines = [{"question_id": i + 1, "image": f"COCO_val2014_00000000000{i % 2 + 1}.jpg",
+                  "text": f"Is there a {obj} in the image?", "label": lab}
+                 for i, (obj, lab) in enumerate([("dog", "yes"), ("cat", "no"), ("car", "yes")])]
+        f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")  # JSON lines under .json, as released
+        pope.append(f)
+    mme = d / "MME"
+    (mme / "existence").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(mme / "existence" / "0001.png")
+    (mme / "existence" / "0001.txt").write_text("Is there a dog? Please answer yes or no.\tYes\n"
+                                                "Is there a cat? Please answer yes or no.\tNo\n")
+    (mme / "artwork" / "images").mkdir(parents=True)
+    (mme / "artwork" / "questions_answers_YN").mkdir()
+    Image.fromarray(rng.integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(mme / "artwork" / "images" / "10.jpg")
+    (mme / "artwork" / "questions_answers_YN" / "10.txt").write_text(
+        "Is this by Monet?\tNo\nIs this a painting?\tYes\n")
+    return {"dir": d, "export": export, "tok": tok, "images": imgs, "pope": pope, "mme": mme}
+
+
+def _model_args(t):
+    return ["--model", str(t["export"]), "--tokenizer", str(t["tok"]), "--image-size", "32", "--device", "cpu"]
+
+
+def _pope_args(t, out, batch):
+    return ["--task", "pope", *_model_args(t), "--questions", str(t["pope"][0]), "--questions", str(t["pope"][1]),
+            "--images", str(t["images"]), "--out", str(out), "--batch-size", str(batch), "--max-new-tokens", "6"]
+
+
+def test_pope_runner_end_to_end(tiny, tmp_path):
+    """Questions -> batched answers -> predictions.jsonl, results.json/.md whose metrics match the rows."""
+    assert eval_main(_pope_args(tiny, tmp_path / "b3", 3)) == 0
+    rows = [json.loads(x) for x in (tmp_path / "b3" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [f"{c}/{i}" for c in ("adversarial", "random") for i in (1, 2, 3)]
+    assert all(r["prompt"].endswith("\nAnswer the question using a single word or phrase.") for r in rows)
+    res = json.loads((tmp_path / "b3" / "results.json").read_text())
+    gold = {f"{c}/{i}": (c, lab) for c in ("adversarial", "random") for i, lab in zip((1, 2, 3), ("yes", "no", "yes"))}
+    expect = score_pope({r["question_id"]: r["answer"] for r in rows}, gold)
+    assert res["task"] == "pope" and res["metrics"] == json.loads(json.dumps(expect))
+    assert res["metrics"]["categories"]["random"]["n"] == 3 and res["config"]["inference"]["batch_size"] == 3
+    md = (tmp_path / "b3" / "results.md").read_text()
+    assert "| f1 |" in md and "| categories.adversarial.accuracy |" in md
+    # left-padded batches give the same greedy answers as one question at a time
+    assert eval_main(_pope_args(tiny, tmp_path / "b1", 1)) == 0
+    rows1 = [json.loads(x) for x in (tmp_path / "b1" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows1] == [r["answer"] for r in rows]
+    # re-scoring the saved predictions needs no model and reproduces the metrics
+    assert eval_main(["--task", "pope", "--questions", str(tiny["pope"][0]), "--questions", str(tiny["pope"][1]),
+                      "--predictions", str(tmp_path / "b3" / "predictions.jsonl"), "--out", str(tmp_path / "re")]) == 0
+    assert json.loads((tmp_path / "re" / "results.json").read_text())["metrics"] == res["metrics"]
+
+
+def test_mme_runner_both_folder_layouts(tiny, tmp_path):
+    assert eval_main(["--task", "mme", *_model_args(tiny), "--images", str(tiny["mme"]), "--out", str(tmp_path),
+                      "--max-new-tokens", "4"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert res["num_questions"] == 4 and set(res["subtasks"]) == {"existence", "artwork"}
+    assert all(s["num_images"] == 1 and s["score"] in (0.0, 50.0, 150.0, 200.0) for s in res["subtasks"].values())
+    assert res["perception"] == res["subtasks"]["existence"]["score"] + res["subtasks"]["artwork"]["score"]
+
+
+def test_vqav2_rescoring_and_testdev_submission(tiny, tmp_path):
+    qs = {"data_subtype": "val2014", "questions": [{"image_id": 1, "question": "How many?", "question_id": 10},
+                                                   {"image_id": 2, "question": "What color?", "question_id": 20}]}
+    ann = {"annotations": [{"question_id": 10, "answer_type": "number", "answers": [{"answer": "2"}] * 10},
+                           {"question_id": 20, "answer_type": "other",
+                            "answers": [{"answer": "red"}] * 2 + [{"answer": "blue"}] * 8}]}
+    (tmp_path / "q.json").write_text(json.dumps(qs))
+    (tmp_path / "a.json").write_text(json.dumps(ann))
+    (tmp_path / "p.jsonl").write_text('{"question_id": "10", "answer": "Two"}\n'
+                                      '{"question_id": "20", "answer": "Red."}\n')
+    assert eval_main(["--task", "vqav2", "--questions", str(tmp_path / "q.json"), "--annotations",
+                      str(tmp_path / "a.json"), "--predictions", str(tmp_path / "p.jsonl"), "--out",
+                      str(tmp_path / "s")]) == 0
+    m = json.loads((tmp_path / "s" / "results.json").read_text())["metrics"]
+    assert m["accuracy_number"] == 100.0 and m["accuracy_other"] == pytest.approx(60.0)  # 2 of 10 said red
+    # test-dev: no annotations -> the model runs and the EvalAI submission is written
+    assert eval_main(["--task", "vqav2", *_model_args(tiny), "--questions", str(tmp_path / "q.json"), "--images",
+                      str(tiny["images"]), "--out", str(tmp_path / "t"), "--max-new-tokens", "4"]) == 0
+    sub = json.loads((tmp_path / "t" / "vqav2_submission.json").read_text())
+    assert [s["question_id"] for s in sub] == [10, 20] and all(isinstance(s["answer"], str) for s in sub)
+
+
+def test_bad_invocations_fail_clearly(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        eval_main(["--task", "gqa", "--images", "x"])  # no --annotations
+    assert "--task gqa needs --annotations" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--task", "pope", "--questions", str(tiny["pope"][0]), "--images", "x"])  # no model
+    assert "needs --model and --tokenizer" in capsys.readouterr().err
+    assert eval_main(["--task", "geneval-import", "--results", str(tmp_path / "nope.jsonl")]) == 1
+    assert "file not found" in capsys.readouterr().err
+
+
+def _random_inception(path: Path) -> Path:
+    """torch-fidelity's InceptionV3 with random weights (no download), saved as a plain state dict."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_generation_tasks(tiny, tmp_path):
+    """FID on an MJHQ-style folder, GenEval and GenAI-Bench export layouts, with the tiny model."""
+    rng = np.random.default_rng(1)
+    meta = {f"img{i}": {"prompt": f"a {c} circle", "category": "people" if i % 2 else "animals"}
+            for i, c in enumerate(("red", "blue", "green"))}
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    for i, k in enumerate(meta):
+        sub = tmp_path / "mjhq" / meta[k]["category"]
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(sub / f"{k}.jpg")
+    weights = _random_inception(tmp_path / "inception.pth")
+    assert eval_main(["--task", "fid", *_model_args(tiny), "--prompts", str(tmp_path / "meta_data.json"), "--images",
+                      str(tmp_path / "mjhq"), "--inception-weights", str(weights), "--out", str(tmp_path / "fid"),
+                      "--batch-size", "2", "--cfg-scale", "2.0"]) == 0
+    m = json.loads((tmp_path / "fid" / "results.json").read_text())["metrics"]
+    assert m["num_images"] == 3 and m["fid"] >= 0 and m["is"] > 0
+    for k in meta:
+        assert Image.open(tmp_path / "fid" / "generated" / f"{k}.png").size == (32, 32)
+        assert Image.open(tmp_path / "fid" / "reference" / f"{k}.png").size == (32, 32)
+
+    lines = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+             {"tag": "counting", "include": [{"class": "cat", "count": 2}], "prompt": "a photo of two cats"}]
+    (tmp_path / "evaluation_metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert eval_main(["--task", "geneval-export", *_model_args(tiny), "--prompts",
+                      str(tmp_path / "evaluation_metadata.jsonl"), "--out", str(tmp_path / "ge"), "--num-images",
+                      "2"]) == 0
+    for i, meta_line in enumerate(lines):
+        folder = tmp_path / "ge" / f"{i:05d}"
+        assert json.loads((folder / "metadata.jsonl").read_text()) == meta_line  # GenEval reads it with json.load
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == ["0000.png", "0001.png"]
+
+    (tmp_path / "prompts.txt").write_text("a dog\n\na cat on a mat\n")
+    assert eval_main(["--task", "genai-export", *_model_args(tiny), "--prompts", str(tmp_path / "prompts.txt"),
+                      "--out", str(tmp_path / "ga")]) == 0
+    # ids are 1-based line numbers (a blank line is skipped but keeps its number), as the release's scripts pair them
+    assert sorted(p.name for p in (tmp_path / "ga").glob("*.jpg")) == ["00001.jpg", "00003.jpg"]
+    assert json.loads((tmp_path / "ga" / "prompts.json").read_text()) == {"00001": "a dog", "00003": "a cat on a mat"}
+
+
+def test_two_ranks_shard_and_only_rank0_writes(tiny, tmp_path):
+    """torchrun with 2 CPU ranks: each answers half, rank 0 gathers and writes; same answers as 1 rank."""
+    single = tmp_path / "one"
+    assert eval_main(_pope_args(tiny, single, 2)) == 0
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "mllm.evaluate", *_pope_args(tiny, out, 2)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(x.name for x in out.iterdir()) == ["predictions.jsonl", "results.json", "results.md"]
+    a = (single / "predictions.jsonl").read_text().splitlines()
+    b = (out / "predictions.jsonl").read_text().splitlines()
+    assert a == b  # merged back into question order
+    assert p.stdout.count("### pope") == 1  # only rank 0 reports
+
+
+def test_tokenizer_metrics_are_reexported_and_forwarded(tiny, tmp_path):
+    import mllm.evaluate as ev
+    import unitok.evaluate as ue
+
+    assert ev.fid_is is ue.fid_is and ev.psnr_ssim is ue.psnr_ssim and ev.codebook_stats is ue.codebook_stats
+    assert eval_main(["--task", "tokenizer", "--tokenizer", str(tiny["tok"]), "--images", str(tiny["images"]),
+                      "--size", "32", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["num_images"] == 2 and 0 < m["psnr"] < 100 and len(m["codebook_usage_pct"]) == 4
+
+
+def test_json_and_json_lines_reading(tmp_path):
+    from mllm.evaluate.common import read_json_or_jsonl, with_suffix
+
+    one = tmp_path / "coco_pope_random.json"
+    one.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "yes"}\n')
+    assert read_json_or_jsonl(one, records=True) == [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog?",
+                                                       "label": "yes"}]  # a one-line JSONL is still a record list
+    two = tmp_path / "two.json"
+    two.write_text('{"a": 1}\n{"a": 2}\n')
+    assert read_json_or_jsonl(two) == [{"a": 1}, {"a": 2}]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="neither JSON nor JSON lines"):
+        read_json_or_jsonl(tmp_path / "bad.json")
+    suffix = "\nAnswer the question using a single word or phrase."
+    assert with_suffix("Is it red?", suffix) == "Is it red?" + suffix
+    assert with_suffix("Is it red?" + suffix, suffix) == "Is it red?" + suffix  # LLaVA files already carry it
+    assert with_suffix(" Is it red? ", "") == "Is it red?"
