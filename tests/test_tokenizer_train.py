@@ -62,3 +62,62 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, shards):
     deepspeed_module("unitok.train", _args(run, shards))  # resumes from step 3 and finishes
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
     assert (run / "latest").read_text() == "step-00000006" and not list(run.glob(".tmp-*"))
+
+
+def test_adaptive_weight_matches_autograd_at_the_last_layer():
+    """The trainer's conv2d_weight route equals autograd.grad w.r.t. the decoder's last weight."""
+    from types import SimpleNamespace
+
+    from unitok import UniTok, preset
+    from unitok.losses import adaptive_weight
+    from unitok.train import TokenizerTask, TrainConfig
+
+    torch.manual_seed(0)
+    model = UniTok(preset("debug")).train()
+    engine = SimpleNamespace(module=model, device=torch.device("cpu"), global_rank=0)
+    from unitok.data import DataConfig
+
+    cfg = TrainConfig(preset="debug", model=preset("debug"), data=DataConfig(img_size=32, context_length=16))
+    task = TokenizerTask(cfg, engine, None, None, None, None)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec = model(x)["img_rec"]
+    nll = (rec - x).abs().mean() + (rec - x).square().mean()
+    g = -(rec * torch.linspace(-1, 1, 32)).mean()  # a stand-in adversarial loss
+    ours = task.adaptive_weight(nll, g, rec)
+    ref = adaptive_weight(nll, g, model.decoder.last_layer_weight())
+    assert torch.allclose(ours, ref, rtol=1e-4)
+
+
+def test_clip_init_maps_visual_trunk_and_text(tmp_path):
+    import logging
+
+    from unitok import UniTok, preset
+    from unitok.train import load_clip_init
+
+    torch.manual_seed(0)
+    src = UniTok(preset("debug"))
+    state = {"visual.trunk." + k[len("encoder."):]: v for k, v in src.state_dict().items() if k.startswith("encoder.")}
+    state.update({"text." + k[len("text_encoder."):]: v for k, v in src.state_dict().items()
+                  if k.startswith("text_encoder.")})
+    state["visual.head.proj.weight"] = torch.zeros(3, 3)  # heads are dropped
+    torch.save({"state_dict": state}, tmp_path / "clip.pt")
+    torch.manual_seed(1)
+    dst = UniTok(preset("debug"))
+    load_clip_init(dst, str(tmp_path / "clip.pt"), logging.getLogger("test"))
+    assert torch.equal(dst.encoder.blocks[0].attn.qkv.weight, src.encoder.blocks[0].attn.qkv.weight)
+    assert torch.equal(dst.text_encoder.token_embedding.weight, src.text_encoder.token_embedding.weight)
+    assert not torch.equal(dst.decoder.norm.weight.data.normal_(), src.decoder.norm.weight)
+
+
+def test_torchrun_launch_works_too(tmp_path, shards):
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, ds_env, free_port
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "unitok.train", *_args(run, shards, "--total-steps", "2", "--save-every", "2", "--no-export")]
+    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert [m["step"] for m in _metrics(run)] == [1, 2] and (run / "latest").read_text() == "step-00000002"
