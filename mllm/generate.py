@@ -20,6 +20,7 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 from mllm.data.collate import Sample, collate
+from unitok.models.projection import KVCache
 
 
 @dataclass
@@ -138,7 +139,7 @@ def generate_images(model, prompt_ids: list[list[int]], grid: tuple[int, int], n
                 logits_to_keep=1)
     hidden = out.hidden_states_last[:, -1]  # (R, H), R = B or 2B
     codes = torch.zeros(B, K, L, dtype=torch.long, device=model.device)
-    emb_cache: dict = {}
+    emb_cache = KVCache()
     for t in range(L):
         codes[:, :, t] = _sample_position(model, hidden, use_cfg, cfg_scale, sampling, generator, B)
         if on_position is not None:

@@ -1,6 +1,8 @@
 """The unified MLLM on a tiny config: parity, causality, depth head, losses, checkpoints, generation."""
 import pytest
 import torch
+
+from unitok.models.projection import KVCache
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +50,7 @@ def test_embedder_is_causal(model):
     changed = emb(later)
     assert torch.allclose(changed[:, :4], base[:, :4], atol=1e-6)
     assert not torch.allclose(changed[:, 4:], base[:, 4:])
-    cache = {}
+    cache = KVCache()
     inc = torch.cat([emb(codes[:, :, t:t + 1], kv_cache=cache) for t in range(6)], 1)
     assert torch.allclose(inc, base, atol=1e-5)
 

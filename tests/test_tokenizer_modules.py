@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from unitok.models.projection import KVCache
+
 from unitok import UniTok, preset
 from unitok.config import EncoderConfig
 from unitok.models.decoder import ViTaminDecoder
@@ -58,7 +60,7 @@ def test_causal_projection_is_causal_and_incremental_cache_is_exact():
     x2[:, 4:] += torch.randn(2, 2, 8)
     assert torch.allclose(proj(x2)[:, :4], full[:, :4], atol=1e-6)  # later inputs never change earlier outputs
     assert not torch.allclose(proj(x2)[:, 4:], full[:, 4:])
-    cache = {}
+    cache = KVCache()
     steps = [proj(x[:, :3], kv_cache=cache)] + [proj(x[:, t:t + 1], kv_cache=cache) for t in range(3, 6)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     full_attn = AttnProjection(8, 32, num_heads=4, causal=False)

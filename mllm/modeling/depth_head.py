@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mllm.modeling.configuration import UniMLLMConfig
+from unitok.models.projection import KVCache
 
 
 class DepthRMSNorm(nn.Module):
@@ -53,16 +54,14 @@ class DepthAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, start: int, cache: list | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
         pos = torch.arange(start, start + S, device=x.device)
         q, k, v = (p(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
         if cache is not None:
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
+            k, v = cache.extend(k, v)
         if S == 1:
             a = F.scaled_dot_product_attention(q, k, v)  # one new step attends to all cached steps
         elif k.shape[2] == S:
@@ -96,7 +95,7 @@ class DepthLayer(nn.Module):
         self.input_layernorm = DepthRMSNorm(dim, eps)
         self.post_attention_layernorm = DepthRMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, start: int, cache: list | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), start, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -138,9 +137,9 @@ class DepthHead(nn.Module):
                                                 for i in range(self.num_codebooks - 1)], dim=1)
         return self._run(x, 0, None)
 
-    def new_cache(self) -> list:
-        """Empty per-layer KV cache for step-by-step decoding."""
-        return [[] for _ in self.layers]
+    def new_cache(self) -> list[KVCache]:
+        """Empty per-layer KV caches for step-by-step decoding."""
+        return [KVCache() for _ in self.layers]
 
     def step(self, x: torch.Tensor, start: int, cache: list) -> torch.Tensor:
         """One depth step: x (B, 1, Hd) at depth position `start` -> logits (B, V)."""

@@ -4,7 +4,7 @@ codes (N, K, L) -> per-book unit vectors (N, L, K*d) -> AttnProjection(64 -> 102
 -> mm_projector LN -> Linear -> GELU -> Linear -> (N, L, hidden).
 One LLM position per image position. The projection is causal over the raster order, so the
 embedding of position t depends on codes 0..t only; that makes incremental generation exact with a
-KV cache (`kv_cache` dict), which the release's cached loop gets wrong.
+KV cache (`kv_cache`, a KVCache), which the release's cached loop gets wrong.
 Every parameter is used through its own module's forward so ZeRO-3 gathers it.
 Names match the released checkpoint: quantizer.codebooks.{j}.codebook.weight, attn_projection.*,
 mm_projector.{0,1,3}.
@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mllm.modeling.configuration import UniMLLMConfig
-from unitok.models.projection import AttnProjection
+from unitok.models.projection import AttnProjection, KVCache
 
 
 class NormalizedEmbedding(nn.Embedding):
@@ -62,7 +62,7 @@ class VisualEmbedder(nn.Module):
             nn.Linear(config.hidden_size, config.hidden_size),
         )
 
-    def forward(self, codes: torch.Tensor, kv_cache: dict | None = None) -> torch.Tensor:
+    def forward(self, codes: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """With `kv_cache`, `codes` holds only new positions (N, K, n) appended after the cached ones."""
         dtype = self.mm_projector[1].weight.dtype
         x = self.quantizer(codes).to(dtype)  # (N, L, 64)

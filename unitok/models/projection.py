@@ -17,6 +17,25 @@ import torch.nn.functional as F
 from unitok.models.layers import GeGluMlp, init_linear_trunc_normal
 
 
+class KVCache:
+    """Keys and values of the positions seen so far (B, H, N, head_dim), for incremental decoding.
+
+    A plain object rather than a dict or list: DeepSpeed ZeRO-3's module hooks rebuild list, tuple
+    and dict arguments, so an in-place update of such a container would be lost between calls.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values along the sequence; return all of them."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
 class ProjectionAttention(nn.Module):
     """Multi-head attention that changes width: heads averaged (in > out) or concatenated."""
 
@@ -50,14 +69,10 @@ class ProjectionAttention(nn.Module):
             a = a.transpose(1, 2).reshape(B, N, H * hd)  # heads concatenated
         return self.proj(a)
 
-    def forward(self, x: torch.Tensor, kv_cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.qkv_heads(x)
-        if kv_cache is not None:
-            # Incremental decoding: new queries attend to all cached keys plus themselves.
-            if "k" in kv_cache:
-                k = torch.cat([kv_cache["k"], k], dim=2)
-                v = torch.cat([kv_cache["v"], v], dim=2)
-            kv_cache["k"], kv_cache["v"] = k, v
+        if kv_cache is not None:  # incremental decoding: new queries attend to cached keys + themselves
+            k, v = kv_cache.extend(k, v)
         n_new, n_all = q.shape[2], k.shape[2]
         if self.causal and n_new > 1:
             # Causal mask aligned to the end of the key sequence (queries are the last n_new).
@@ -85,7 +100,7 @@ class AttnProjection(nn.Module):
     def causal(self) -> bool:
         return self.attn.causal
 
-    def forward(self, x: torch.Tensor, kv_cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """x (B, N, in) -> (B, N, out). With `kv_cache`, x holds only the new positions."""
         x = self.proj(self.norm3(x)) + self.attn(self.norm1(x), kv_cache)
         return x + self.mlp(self.norm2(x))
@@ -94,7 +109,7 @@ class AttnProjection(nn.Module):
 class LinearProjection(nn.Linear):
     """Ablation: one Linear in place of the attention projection."""
 
-    def forward(self, x: torch.Tensor, kv_cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
