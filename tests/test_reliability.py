@@ -73,6 +73,11 @@ def test_nan_loss_is_skipped_and_reported(tmp_path):
     assert "non-finite generator loss" in log and "'total': nan" in log
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["total"] == s["total"] for s in steps)
+    # resuming a finished run trains nothing and still exports
+    p = subprocess.run([c for c in cmd if c != "--no-export"], cwd=ROOT, env=ds_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (run / "export" / "model.safetensors").is_file()
     # with nan_policy=stop the run exits non-zero and keeps the last good checkpoint
     run2 = tmp_path / "run2"
     cmd2 = [c if c != str(run) else str(run2) for c in cmd] + ["--nan-policy", "stop", "--save-every", "1"]

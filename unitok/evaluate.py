@@ -224,6 +224,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="eval_out")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     a = p.parse_args(argv)
     if not a.images and not a.zeroshot_dir:
         p.error("give --images and/or --zeroshot-dir")

@@ -500,7 +500,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             kill_self()
     progress.close()
     if is_main_process():
-        save_grid(run_dir / "images" / "final.png", batch["images"], gen["rec"])
+        if last:  # this invocation trained at least one step (a resume at the final step trains none)
+            save_grid(run_dir / "images" / "final.png", batch["images"], gen["rec"])
         if cfg.export:
             task.model.save_pretrained(run_dir / "export")
             log.info(f"exported {run_dir / 'export'}")
