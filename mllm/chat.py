@@ -15,7 +15,8 @@ Commands in the session:
     /help, /quit            (Ctrl-D quits too; Ctrl-C stops a running generation, not the session)
 
 What runs (REFERENCE.md 6.6-6.10):
-  - understanding: each image is padded to a square with (122, 116, 104), resized to --image-size,
+  - understanding: each image is read as `unitok.extract` reads it (unitok.image_io: first frame,
+    transparency on white), padded to a square with (122, 116, 104), resized to --image-size,
     mapped to [-1, 1] and encoded by the UniTok tokenizer into codes (K, h, w); the conversation is
     rendered with the vicuna_v1 template ("<image>\\n" + question per user turn) and answered with
     the KV-cached `mllm.generate.answer` (greedy by default, --answer-temperature to sample), streaming
@@ -50,8 +51,10 @@ from PIL import Image
 from mllm.data.collate import Sample
 from mllm.data.templates import IMAGE_PLACEHOLDER, chat_prompt, null_prompt_ids, t2i_prompt_ids
 from mllm.generate import SamplingConfig, answer, generate_images
+# one image path for extraction and chat: a file gives the same codes in both (PAD_COLOR, pad_to_square re-exported)
+from unitok.image_io import (PAD_COLOR, ImageTooLarge, load_image, pad_to_square,  # noqa: F401
+                             preprocess, to_model_input)
 
-PAD_COLOR = (122, 116, 104)  # LLaVA/UniTok understanding preprocessing background (REFERENCE 6.10)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next question
@@ -160,17 +163,6 @@ class ChatConfig:
 
 
 # ---- engine -------------------------------------------------------------------------------------
-def pad_to_square(img: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
-    """Centre `img` on a square canvas of its longer side filled with `color` (LLaVA's expand2square)."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), color)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
 class StreamDecoder:
     """Token ids -> text deltas for streaming. Re-decodes the whole reply each step (replies are
     short) so sentencepiece spacing is right, and holds back text ending in an incomplete UTF-8
@@ -284,34 +276,29 @@ class MLLMEngine:
 
     # ---- images in ------------------------------------------------------------------------------
     def open_image(self, path: str | Path) -> Image.Image:
-        """Open and fully read an image file as RGB; InputError with a one-line reason otherwise."""
+        """Open and fully read an image file as RGB (`unitok.image_io.load_image`: first frame, alpha on
+        white, as extraction reads it); InputError with a one-line reason otherwise."""
         p = Path(path).expanduser()
         if not p.exists():
             raise InputError(f"no such file: {p}")
         if not p.is_file():
             raise InputError(f"not a file: {p}")
         try:
-            with Image.open(p) as img:
-                w, h = img.size
-                if w * h > self.max_image_pixels:
-                    raise InputError(f"image too large: {p} is {w}x{h} = {w * h:,} pixels, over the limit of "
-                                     f"{self.max_image_pixels:,} (--max-image-pixels)")
-                return img.convert("RGB")
+            return load_image(p, max_pixels=self.max_image_pixels)
+        except ImageTooLarge as e:
+            raise InputError(f"image too large: {p} is {e.width}x{e.height} = {e.width * e.height:,} pixels, over "
+                             f"the limit of {e.limit:,} (--max-image-pixels)") from e
         except Image.DecompressionBombError as e:
             raise InputError(f"image too large: {p} ({e})") from e
         except Image.UnidentifiedImageError as e:
             raise InputError(f"not an image file: {p}") from e
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise InputError(f"cannot read image {p}: {e}") from e
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        """RGB image -> (3, S, S) in [-1, 1]: pad to square with (122, 116, 104), resize (bilinear)."""
-        from torchvision.transforms import functional as TF
-
-        img = pad_to_square(img.convert("RGB"))
-        img = TF.resize(img, [self.image_size, self.image_size], interpolation=TF.InterpolationMode.BILINEAR,
-                        antialias=True)
-        return TF.to_tensor(img) * 2 - 1
+        """RGB image -> (3, S, S) in [-1, 1]: `unitok.image_io.preprocess` in understanding mode (pad to
+        square with (122, 116, 104), bilinear resize), exactly as `unitok.extract --mode understanding`."""
+        return to_model_input([preprocess(img, "understanding", self.image_size)])[0]
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> list[torch.Tensor]:

@@ -345,7 +345,8 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
     """Run or resume; returns the last logged metrics."""
     import deepspeed
 
-    from mllm.data.loader import MixtureLoader, format_stats
+    from mllm.data.loader import MixtureLoader, format_stats, merge_stats
+    from mllm.data.preflight import preflight
     from mllm.data.recipe import load_recipe
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, step_name
     from runtime.distributed import barrier, is_main_process
@@ -357,9 +358,20 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(resolved, run_dir, cfg.seed)
+    # Data problems fail here, before the model is built: rank 0 checks first (and writes the
+    # instruction image index), the others after it, reading that index.
+    recipe = load_recipe(cfg.recipe, root=cfg.data_root)
+    expect_size = _start_image_size(cfg)
+    report = None
+    for turn in (0, 1):
+        if is_main_process() == (turn == 0):
+            report = preflight(recipe, expect_image_size=expect_size)
+        barrier()
+    log.info(report.summary())
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=cfg.grad_clip, precision=cfg.precision)
     model, text_tok = build_model(cfg, ds, log)
+    model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     log.info(f"stage {cfg.stage}: training {n_train / 1e6:.2f}M parameters ({', '.join(cfg.trainable)}), "
@@ -380,7 +392,6 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
     else:
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
                                                  lr_scheduler=lambda o: lambda_scheduler(o, sched_fn))
-    recipe = load_recipe(cfg.recipe, root=cfg.data_root)
     loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            micro_batch_size=cfg.micro_batch, max_len=cfg.max_len, pack=cfg.pack,
                            pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers)
@@ -397,6 +408,15 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
     peak = peak_flops(cfg)
     last: dict[str, Any] = {}
     it = iter(loader)
+
+    def data_stats() -> dict[str, Any]:
+        # A collective: every rank calls it at the same steps (log steps and the end).
+        own = loader.stats()
+        if info.world_size == 1:
+            return merge_stats([own])
+        gathered: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, own)
+        return merge_stats(gathered)
 
     def save(at: int):
         def write(tmp: Path):
@@ -441,8 +461,6 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
             log.warning(f"rank {info.rank}: model-state MB {mem['total'] / 2**20:.2f} (params "
                         f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
                         f"moments {mem['moments'] / 2**20:.2f})")
-        if is_main_process():
-            append_metrics(metrics_file, last)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             sps, tps, eta = progress.rates(step)
             shown = {k: last[k] for k in ("loss", "text_loss", "image_loss", "grad_norm", "lr")}
@@ -450,16 +468,26 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
             if peak is not None and tps > 0:
                 mfu = flops_per_step(model, int(tps), agg["seq"]) / (peak * info.world_size)
                 line += f" | mfu {100 * mfu:.1f}%"
-            stats = loader.stats()
+            stats = data_stats()
             line += f" | pad {100 * stats['pad_ratio']:.1f}%"
             log.info(line)
-            sink.log({**shown, "samples_per_s": sps, "tokens_per_s": tps, "pad_ratio": stats["pad_ratio"]}, step)
+            log.info(f"data (all ranks): {format_stats(stats)}")
+            skipped = {f"skipped/{name}/{r}": n for name, src in stats["sources"].items()
+                       for r, n in src["skipped"].items() if n}
+            sink.log({**shown, "samples_per_s": sps, "tokens_per_s": tps, "pad_ratio": stats["pad_ratio"],
+                      **skipped}, step)
+            last["data"] = stats
+        if is_main_process():
+            append_metrics(metrics_file, last)
         if step % cfg.save_every == 0 or step == cfg.total_steps:
             save(step)
         if step == cfg.kill_at_step:
             kill_self()
     progress.close()
-    log.info(f"data: {format_stats(loader.stats())}")
+    final = data_stats()
+    log.info(f"data at the end (all ranks): {format_stats(final)}")
+    if is_main_process():
+        (run_dir / "data_stats.json").write_text(json.dumps(final, indent=1))
     if cfg.export:
         from mllm.export import export_from_checkpoint
 
@@ -470,6 +498,14 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
         barrier()
     sink.close()
     return last
+
+
+def _start_image_size(cfg: MllmTrainConfig) -> int | None:
+    """Image size the starting model was trained at, when recorded (an export of this project)."""
+    if cfg.init_from is None:
+        return None
+    conf = json.loads((Path(cfg.init_from) / "config.json").read_text())
+    return conf.get("image_size")
 
 
 def _resume(engine, loader, ckpts, ckpt: Path, info, log) -> int:

@@ -176,3 +176,24 @@ def test_config_and_loader_errors(tmp_path):
     state = ImageTextLoader(_cfg(shards)).state_dict()
     with pytest.raises(ValueError, match="exact resume"):
         ImageTextLoader(_cfg(shards, seed=1)).load_state_dict(state)
+
+
+def test_real_image_modes_decode_like_extraction_and_warnings_name_shard_and_key(tmp_path):
+    """GIF / RGBA / CMYK members decode through unitok.image_io (first frame, alpha on white); a truncated
+    JPEG is skipped with a warning that names the shard and the sample key."""
+    from real_data import caption_for, image_variants
+
+    v = image_variants()
+    shard = tmp_path / "real.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, name in enumerate(["animated.gif", "rgba.png", "truncated.jpg", "cmyk.jpg"]):
+            sink.write({"__key__": f"k{i}", name.split(".")[1]: v[name], "txt": caption_for(name)})
+    loader = ImageTextLoader(_cfg([str(shard)], local_batch_size=1, train=False))
+    with pytest.warns(UserWarning) as record:
+        batches = list(loader)
+    assert loader.stats.as_dict() == {"samples": 3, "read_errors": 0, "decode_errors": 1, "missing_image": 0,
+                                      "missing_text": 0}
+    assert any(f"{shard}: sample k2: cannot decode" in str(w.message) for w in record)
+    rgba = batches[1]["images"][0]  # (3, 32, 32): 96x64 -> 48x32 -> centre crop from x = 8; x < 16 was transparent
+    assert torch.equal(rgba[:, :, :12], torch.ones(3, 32, 12))  # white, not the photo under the alpha
+    assert rgba[:, :, 20:].mean() < 0.5

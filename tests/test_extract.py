@@ -1,10 +1,13 @@
-"""unitok.extract: preprocessing, a real 2-rank torchrun extraction, idempotent reruns, code equality."""
+"""unitok.extract and unitok.image_io: decoding of real-photo variants, preprocessing, one real 2-rank
+torchrun extraction over copies of every public input layout (img2dataset webdataset / parquet / files,
+hub parquet, JourneyDB jsonl), exact skip counts, resumable reruns, refused mixing, and codes identical
+to the chat engine's."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,31 +15,71 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
-from unitok.extract import PAD_COLOR, main, preprocess, to_model_input
+import public_formats as pf
+from launch_utils import free_port
+from real_data import BROKEN, DECODABLE, caption_for, image_variants
+from unitok.image_io import PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input
 
 REPO = Path(__file__).resolve().parents[1]
+SIZE = 32  # the debug preset's img_size: the default --size
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def read_codes(path: Path) -> dict[str, dict]:
+    """Output code shard -> {key: {"codes", "meta", "txt"}} (in file order)."""
+    import webdataset as wds
+
+    out = {}
+    for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+        out[s["__key__"]] = {"codes": np.load(io.BytesIO(s["codes.npy"])), "meta": json.loads(s["json"]),
+                             "txt": s["txt"].decode() if "txt" in s else None}
+    return out
 
 
-def img_bytes(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+def encode_file(model, data: bytes, mode: str) -> np.ndarray:
+    """What extraction must produce for one image file: (K, h, w)."""
+    x = to_model_input([preprocess(load_image(data), mode, SIZE)])
+    with torch.no_grad():
+        return model.encode(x)[0].numpy()
 
 
-def noise(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+# ---- image_io -------------------------------------------------------------------------------------------
+def test_load_image_decodes_every_real_variant_and_rejects_broken_ones():
+    v = image_variants()
+    for name in DECODABLE:
+        img = load_image(v[name])
+        assert img.mode == "RGB" and img.size == Image.open(io.BytesIO(v[name])).size, name
+    for name in ("rgba.png", "la.png"):  # left half fully transparent -> white, right half opaque photo
+        a = np.asarray(load_image(v[name]))
+        w = a.shape[1]
+        assert (a[:, : w // 2] == 255).all(), name
+        assert a[:, w // 2:].mean() < 200, name
+    pal = Image.open(io.BytesIO(v["palette_transparent.png"]))
+    idx = np.asarray(pal)
+    a = np.asarray(load_image(v["palette_transparent.png"]))
+    assert (idx == 0).any() and (a[idx == 0] == 255).all()  # transparent palette index -> white
+    assert (a[idx != 0] != 255).any()
+    gif = Image.open(io.BytesIO(v["animated.gif"]))
+    frame0 = np.asarray(gif.convert("RGB"))
+    gif.seek(1)
+    frame1 = np.asarray(gif.convert("RGB"))
+    g = np.asarray(load_image(v["animated.gif"]))
+    assert np.array_equal(g, frame0) and not np.array_equal(g, frame1)  # the first frame
+    gray16 = np.asarray(Image.open(io.BytesIO(v["gray16.png"])), dtype=np.float64) / 257  # 0..65535 -> 0..255
+    g16 = np.asarray(load_image(v["gray16.png"])).astype(np.float64)
+    assert np.abs(g16[..., 0] - gray16).max() <= 0.5 and 50 < g16.mean() < 200  # scaled, not clipped to white
+    cmyk = np.asarray(load_image(v["cmyk.jpg"])).astype(int)
+    webp = np.asarray(load_image(v["chelsea.webp"])).astype(int)  # the same photo through another codec
+    assert np.abs(cmyk - webp).mean() < 12
+    for name in BROKEN:
+        with pytest.raises(Exception):
+            load_image(v[name])
+    with pytest.raises(ImageTooLarge, match="max_pixels=199,999"):
+        load_image(v["wide.jpg"], max_pixels=199_999)
+    assert load_image(v["wide.jpg"], max_pixels=200_000).size == (1000, 200)
 
 
-# ---- preprocessing --------------------------------------------------------------------------------------
 def test_generation_mode_resizes_short_side_and_centre_crops():
     stripes = np.zeros((32, 96, 3), np.uint8)
     stripes[:, :32] = (255, 0, 0)
@@ -58,85 +101,266 @@ def test_understanding_mode_pads_to_square_with_grey():
     assert x.shape == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
 
 
-# ---- multi-rank extraction -----------------------------------------------------------------------------------
+# ---- input planning -----------------------------------------------------------------------------------------
+def test_plan_inputs_globs_braces_side_files_and_name_clashes(tmp_path):
+    from unitok.extract import ExtractConfig, plan_inputs
+
+    items = list(image_variants().items())[:3]
+    pf.img2dataset_webdataset(tmp_path / "coyo", items, per_shard=2)
+    pf.img2dataset_files(tmp_path / "files", items, per_shard=2, first_shard=5)
+    jsonl, _, _ = pf.journeydb(tmp_path / "jdb", items)  # 3 + 3 records (1 line is malformed, 1 blank)
+
+    def plan(*inputs, **kw):
+        return plan_inputs(ExtractConfig(tokenizer="t", input=list(inputs), output="o", **kw))
+
+    shards, ignored = plan(str(tmp_path / "coyo/*"))
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and {s.kind for s in shards} == {"webdataset"}
+    assert sorted(Path(p).name for p in ignored) == ["00000.parquet", "00000_stats.json", "00001.parquet",
+                                                     "00001_stats.json"]
+    shards, ignored = plan(str(tmp_path / "coyo/{00000..00001}.tar"), str(tmp_path / "files"))
+    assert [(s.kind, s.name) for s in shards] == [("webdataset", "00000.tar"), ("webdataset", "00001.tar"),
+                                                  ("files", "00005.tar"), ("files", "00006.tar")] and not ignored
+    shards, _ = plan(str(tmp_path / "files/*"))  # subfolders win over the metadata parquet files
+    assert [s.name for s in shards] == ["00005.tar", "00006.tar"]
+    shards, _ = plan(str(jsonl), per_shard=4)
+    assert [(s.name, s.first_record, s.num_records) for s in shards] == [("annot-00000.tar", 0, 4),
+                                                                         ("annot-00001.tar", 4, 2)]
+    shards, ignored = plan(str(tmp_path / "coyo/*"), input_format="parquet")
+    assert [s.kind for s in shards] == ["parquet", "parquet"] and len(ignored) == 4
+    with pytest.raises(ValueError, match="share output names"):
+        plan(str(tmp_path / "coyo/00000.tar"), str(tmp_path / "coyo/00000.parquet"))
+    with pytest.raises(FileNotFoundError, match="no input matches"):
+        plan(str(tmp_path / "coyo/*.zip"))
+    with pytest.raises(ValueError, match="cannot tell the input format"):
+        plan(str(tmp_path / "coyo/00000_stats.json"))
+
+
+# ---- every public layout, 2 ranks ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A debug tokenizer and three input shards (one undecodable image, one over-wide image)."""
+def formats(tmp_path_factory):
+    """A debug tokenizer and copies of each public layout, all 15 real-photo variants in each."""
     from unitok import UniTok, preset
 
     root = tmp_path_factory.mktemp("extract")
     torch.manual_seed(0)
     UniTok(preset("debug")).save_pretrained(root / "tok")
-    specs = [  # (key, image bytes or None for garbage, format member)
-        [("a0", noise(32, 32, 0), "png"), ("a1", noise(48, 32, 1), "jpg"), ("a2", noise(40, 40, 2), "webp")],
-        [("b0", noise(32, 32, 3), "png"), ("b1", None, "jpg"), ("b2", noise(32, 48, 4), "png")],
-        [("c0", noise(100, 20, 5), "png"), ("c1", noise(64, 64, 6), "jpg"), ("c2", noise(32, 32, 7), "png")],
-    ]
-    images = {}
-    (root / "in").mkdir()
-    for si, spec in enumerate(specs):
-        with wds.TarWriter(str(root / f"in/{si:05d}.tar"), mtime=0) as w:
-            for key, img, ext in spec:
-                fmt = {"jpg": "JPEG"}.get(ext, ext.upper())
-                data = b"definitely not an image" if img is None else img_bytes(img, fmt)
-                images[key] = data
-                w.write({"__key__": key, ext: data, "txt": f"caption of {key}",
-                         "json": {"path": f"dir/{key}.{ext}", "source": "test"}})
-    return root, images
+    items = list(image_variants().items())
+    raw = root / "raw"
+    keys = {"coyo": pf.img2dataset_webdataset(raw / "coyo", items),
+            "laion": pf.img2dataset_parquet(raw / "laion", items, first_shard=2),
+            "files": pf.img2dataset_files(raw / "files", items, first_shard=4),
+            "hub": pf.hub_parquet(raw / "hub", items)}
+    jsonl, img_root, names = pf.journeydb(raw / "jdb", items)
+    args = ["--tokenizer", str(root / "tok"), "--input", str(raw / "coyo/*"), "--input", str(raw / "laion/*"),
+            "--input", str(raw / "files"), "--input", str(raw / "hub/data/train-{00000..00001}-of-00002.parquet"),
+            "--input", str(jsonl), "--image-root", str(img_root), "--per-shard", "6", "--mode", "understanding",
+            "--batch-size", "4", "--threads", "2"]
+    return {"root": root, "raw": raw, "items": dict(items), "keys": keys, "jsonl": jsonl, "img_root": img_root,
+            "jdb_names": names, "args": args}
 
 
-def run_torchrun(root: Path, out: Path) -> subprocess.CompletedProcess:
+def run_torchrun(args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "unitok.extract", "--tokenizer", str(root / "tok"),
-           "--input", str(root / "in/{00000..00002}.tar"), "--output", str(out), "--size", "32",
-           "--batch-size", "2", "--threads", "2"]
+           "--master_port", str(free_port()), "-m", "unitok.extract", *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_rank_extraction_idempotent_and_exact(setup, monkeypatch):
+@pytest.fixture(scope="module")
+def extracted(formats):
+    """ONE 2-rank understanding-mode extraction over all layouts (no --size: the tokenizer's 32 px)."""
+    out = formats["root"] / "codes"
+    proc = run_torchrun([*formats["args"], "--output", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+EXPECTED = {  # output shard -> counts (understanding mode keeps wide / tall; 2 broken files per 15 variants)
+    "00000.tar": {"samples": 8}, "00001.tar": {"samples": 5, "undecodable": 2},  # webdataset (+ side files)
+    "00002.tar": {"samples": 8, "no_image": 1}, "00003.tar": {"samples": 5, "undecodable": 2, "no_image": 1},
+    "00004.tar": {"samples": 8}, "00005.tar": {"samples": 5, "undecodable": 2},  # files
+    "train-00000-of-00002.tar": {"samples": 8},
+    "train-00001-of-00002.tar": {"samples": 5, "undecodable": 2, "missing_file": 1},
+    "annot-00000.tar": {"samples": 6}, "annot-00001.tar": {"samples": 6},
+    "annot-00002.tar": {"samples": 1, "undecodable": 2, "missing_file": 1, "corrupt_members": 1, "no_image": 1},
+}
+
+
+def _counts(d: dict) -> dict:
+    from unitok.extract import SKIP_REASONS
+
+    return {k: d[k] for k in ("samples", *SKIP_REASONS) if d[k]}
+
+
+def test_two_rank_extraction_of_every_public_layout(formats, extracted):
     from unitok import load_tokenizer
 
-    root, images = setup
-    out = root / "codes"
-    proc = run_torchrun(root, out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out, proc = extracted
+    raw = formats["raw"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["totals"] == {"samples": 7, "dropped_aspect": 1, "undecodable": 1, "no_image": 0,
-                                  "corrupt_members": 0}
-    assert {n: s["rank"] for n, s in manifest["shards"].items()} == {"00000.tar": 0, "00001.tar": 1, "00002.tar": 0}
-    assert manifest["num_codebooks"] == 4 and manifest["grid"] == [2, 2] and manifest["missing_shards"] == []
+    assert {n: _counts(s) for n, s in manifest["shards"].items()} == EXPECTED
+    assert list(manifest["shards"]) == list(EXPECTED)
+    assert {n: s["rank"] for n, s in manifest["shards"].items()} == {n: i % 2 for i, n in enumerate(EXPECTED)}
+    assert manifest["totals"] == {"samples": 65, "dropped_aspect": 0, "undecodable": 10, "too_large": 0,
+                                  "no_image": 3, "missing_file": 2, "corrupt_members": 1}
+    assert (manifest["image_size"], manifest["grid"], manifest["mode"]) == (32, [2, 2], "understanding")
+    assert (manifest["num_codebooks"], manifest["codebook_size"], manifest["missing_shards"]) == (4, 64, [])
+    assert manifest["ignored_inputs"]["count"] == 6  # coyo: 2 parquet + 2 stats; laion: 2 stats
+    for n in EXPECTED:
+        side = json.loads((out / n.replace(".tar", ".stats.json")).read_text())
+        assert (side["image_size"], side["grid"], side["mode"]) == (32, [2, 2], "understanding")
+    # the first 5 sample ids per reason, across shards in order; warnings name shard and key
+    assert manifest["examples"]["undecodable"] == [f"{raw}/coyo/00001.tar:000010005", f"{raw}/coyo/00001.tar:000010006",
+                                                   f"{raw}/laion/00003.parquet:000030005",
+                                                   f"{raw}/laion/00003.parquet:000030006",
+                                                   f"{raw}/files/00005:000050005"]
+    jl = formats["jsonl"]
+    assert manifest["examples"]["missing_file"] == [f"{raw}/hub/data/train-00001-of-00002.parquet:000000007",
+                                                    f"{jl}:000000015"]
+    assert manifest["examples"]["corrupt_members"] == [f"{jl}:record 000000016"]
+    assert manifest["examples"]["no_image"] == [f"{raw}/laion/00002.parquet:000020008",
+                                                f"{raw}/laion/00003.parquet:000030007", f"{jl}:000000017"]
+    assert f"{raw}/coyo/00001.tar:000010005 skipped (undecodable)" in proc.stderr
+    assert f"{jl}:000000015 skipped (missing_file): no such file" in proc.stderr
 
-    model = load_tokenizer(root / "tok")
-    seen = []
-    for si in range(3):
-        for s in wds.WebDataset(str(out / f"{si:05d}.tar"), shardshuffle=False):
-            key = s["__key__"]
-            seen.append(key)
-            codes = np.load(io.BytesIO(s["codes.npy"]))
-            assert codes.dtype == np.uint16 and codes.shape == (4, 2, 2)
-            meta = json.loads(s["json"])
-            assert meta["path"].startswith(f"dir/{key}.") and meta["source"] == "test"
-            orig = Image.open(io.BytesIO(images[key]))
-            assert (meta["width"], meta["height"]) == orig.size
-            assert s["txt"].decode() == f"caption of {key}"
-            expected = model.encode(to_model_input([preprocess(orig, "generation", 32)]))[0]
-            np.testing.assert_array_equal(codes.astype(np.int64), expected.numpy())
-    assert seen == ["a0", "a1", "a2", "b0", "b2", "c1", "c2"]  # b1 undecodable, c0 too wide (5:1)
+    # every kept sample: codes exactly as image_io + the tokenizer give them, metadata per layout
+    model = load_tokenizer(formats["root"] / "tok")
+    items, keys = formats["items"], formats["keys"]
+    seen = 0
+    for shard in EXPECTED:
+        for key, s in read_codes(out / shard).items():
+            if shard.startswith("annot"):
+                name = formats["jdb_names"][int(key)]
+                assert s["meta"]["path"].startswith("./000/") and s["meta"]["Task2"]["Caption"] == caption_for(name)
+                assert "prompt" not in s["meta"] and "img_path" not in s["meta"]
+                assert s["txt"] == f"{caption_for(name)}, highly detailed --ar 4:3 --v 5"
+            elif shard.startswith("train"):
+                name = keys["hub"][f"{int(shard[6:11])}/{key}"]
+                assert s["meta"]["path"] == name and s["txt"] == caption_for(name)
+                assert "tags" not in s["meta"] and "image" not in s["meta"] and isinstance(s["meta"]["id"], int)
+            else:
+                fmt = {"0": "coyo", "1": "coyo", "2": "laion", "3": "laion"}.get(shard[4], "files")
+                name = keys[fmt][key]
+                assert s["meta"]["key"] == key and s["meta"]["status"] == "success" and "jpg" not in s["meta"]
+                assert s["txt"] == caption_for(name)
+            assert s["codes"].dtype == np.uint16 and s["codes"].shape == (4, 2, 2)
+            assert (s["meta"]["width"], s["meta"]["height"]) == Image.open(io.BytesIO(items[name])).size
+            np.testing.assert_array_equal(s["codes"].astype(np.int64), encode_file(model, items[name], "understanding"))
+            seen += 1
+    assert seen == 65
+    gif = read_codes(out / "00000.tar")["000000007"]  # GIF read (first frame), wide and tall kept
+    assert (gif["meta"]["width"], gif["meta"]["height"]) == (64, 43)
+    assert {"000010002", "000010003"} <= set(read_codes(out / "00001.tar"))
 
-    # rerun (single process): every shard is already done and left untouched
-    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+
+def _in_process(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    args = ["--tokenizer", str(root / "tok"), "--input", str(root / "in/{00000..00002}.tar"), "--output", str(out),
-            "--size", "32"]
+
+
+def test_rerun_skips_finished_shards_and_redoes_a_lost_one(formats, extracted, monkeypatch):
+    from unitok.extract import main
+
+    _in_process(monkeypatch)
+    out, _ = extracted
+    args = [*formats["args"], "--output", str(out)]
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")}
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
     res = main(args)
-    assert res["done"] == [] and sorted(res["skipped"]) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert res["done"] == [] and sorted(res["skipped"]) == sorted(EXPECTED)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.tar")} == before
-    assert res["manifest"]["totals"] == manifest["totals"]
-    # a lost shard is redone, byte-identical (tar mtime 0, deterministic encode)
-    (out / "00001.tar").unlink()
+    (out / "annot-00001.tar").unlink()
     res = main(args)
-    assert res["done"] == ["00001.tar"] and (out / "00001.tar").read_bytes() == before["00001.tar"][1]
-    assert not list(out.glob(".*tmp*"))
+    assert res["done"] == ["annot-00001.tar"] and len(res["skipped"]) == len(EXPECTED) - 1
+    assert (out / "annot-00001.tar").read_bytes() == before["annot-00001.tar"][1]  # mtime 0, deterministic
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name != "annot-00001.tar"} == \
+        {n: m for n, (m, _) in before.items() if n != "annot-00001.tar"}
+    assert res["manifest"]["totals"] == totals and not list(out.glob(".*tmp*"))
+    with pytest.raises(ValueError, match=r"annot-00000.stats.json holds records 0\+6 but this run cuts 0\+5"):
+        main([*args, "--per-shard", "5"])  # the later --per-shard wins
+
+
+def test_other_size_or_mode_in_the_same_output_is_refused(formats, extracted, monkeypatch):
+    from unitok.extract import main
+
+    _in_process(monkeypatch)
+    out, _ = extracted
+    listing = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match=r"manifest.json was written with image_size=32 but this run has "
+                                         r"image_size=48"):
+        main([*formats["args"], "--output", str(out), "--size", "48"])
+    with pytest.raises(ValueError, match=r"mode='understanding' but this run has mode='generation'"):
+        main([*formats["args"], "--output", str(out), "--mode", "generation"])
+    assert sorted(p.name for p in out.iterdir()) == listing  # nothing written
+    (out / "manifest.json").rename(out / "manifest.bak")  # sidecars alone are enough to refuse
+    try:
+        with pytest.raises(ValueError, match=r"00000.stats.json was written with image_size=32"):
+            main([*formats["args"], "--output", str(out), "--size", "48"])
+    finally:
+        (out / "manifest.bak").rename(out / "manifest.json")
+    side = out / "00000.stats.json"  # a sidecar of an older extract.py (no settings recorded) is refused too
+    old = side.read_text()
+    side.write_text(json.dumps({k: v for k, v in json.loads(old).items() if k != "image_size"}))
+    try:
+        with pytest.raises(ValueError, match=r"00000.stats.json does not record image_size"):
+            main([*formats["args"], "--output", str(out)])
+    finally:
+        side.write_text(old)
+
+
+def test_generation_mode_drops_wide_and_tall_and_counts_a_truncated_tar(formats, tmp_path, monkeypatch):
+    import tarfile
+
+    from unitok import load_tokenizer
+    from unitok.extract import main
+
+    _in_process(monkeypatch)
+    raw = formats["raw"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (raw / "coyo/00000.tar").read_bytes()
+    with tarfile.open(raw / "coyo/00000.tar") as t:
+        m = t.getmember("000000002.jpg")
+    (bad / "00009.tar").write_bytes(data[: m.offset_data + m.size // 2])  # cut inside the third sample's jpg
+    res = main(["--tokenizer", str(formats["root"] / "tok"), "--input", str(raw / "coyo/*.tar"),
+                "--input", str(bad / "00009.tar"), "--output", str(tmp_path / "gen"), "--batch-size", "3"])
+    man = res["manifest"]
+    assert {n: _counts(s) for n, s in man["shards"].items()} == {
+        "00000.tar": {"samples": 8}, "00001.tar": {"samples": 3, "undecodable": 2, "dropped_aspect": 2},
+        "00009.tar": {"samples": 2, "corrupt_members": 1}}
+    assert man["examples"]["dropped_aspect"] == [f"{raw}/coyo/00001.tar:000010002", f"{raw}/coyo/00001.tar:000010003"]
+    assert (man["mode"], man["image_size"], man["grid"]) == ("generation", 32, [2, 2])
+    got = read_codes(tmp_path / "gen/00009.tar")
+    assert list(got) == ["000000000", "000000001"]
+    model = load_tokenizer(formats["root"] / "tok")
+    gif = read_codes(tmp_path / "gen/00000.tar")["000000007"]["codes"]
+    np.testing.assert_array_equal(gif.astype(np.int64), encode_file(model, formats["items"]["animated.gif"],
+                                                                     "generation"))
+
+
+def test_chat_engine_gives_the_codes_extraction_wrote(formats, extracted):
+    """The same file through `MLLMEngine.open_image` + `encode_images` and through understanding-mode
+    extraction (jsonl layout: the images are files on disk) gives identical codes."""
+    import mllm  # noqa: F401
+    from mllm import UniMLLMForCausalLM
+    from mllm.chat import MLLMEngine
+    from mllm.data.tiny_tokenizer import make_llama_tokenizer
+    from mllm_tiny import tiny_config
+    from transformers import AutoTokenizer
+    from unitok import load_tokenizer
+
+    out, _ = extracted
+    make_llama_tokenizer(formats["root"] / "llama")
+    torch.manual_seed(0)
+    engine = MLLMEngine(UniMLLMForCausalLM(tiny_config(vocab_size=512)), AutoTokenizer.from_pretrained(
+        formats["root"] / "llama"), load_tokenizer(formats["root"] / "tok"))  # image size: the tokenizer's 32
+    codes = {}
+    for shard in ("annot-00000.tar", "annot-00001.tar"):
+        codes.update({s["meta"]["path"]: s["codes"] for s in read_codes(out / shard).values()})
+    got = {}
+    for name in ("wide.jpg", "rgba.png", "animated.gif", "palette_transparent.png", "gray16.png", "cmyk.jpg"):
+        rel = f"./000/{hashlib.md5(name.encode()).hexdigest()}.jpg"
+        got[name] = engine.encode_images([engine.open_image(formats["img_root"] / rel)])[0].numpy()
+        np.testing.assert_array_equal(got[name], codes[rel].astype(np.int64), err_msg=name)
+    assert len({g.tobytes() for g in got.values()}) > 1  # the images give different codes: the check can fail

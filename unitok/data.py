@@ -1,17 +1,20 @@
 """Image-text data for stage one: a resumable webdataset pipeline and a synthetic shapes source.
 
-Shards use the DataComp layout: one tar member per field, `{key}.jpg|png|jpeg|webp` + `{key}.txt`
-(other members, e.g. `.json`, are ignored). Per rank and epoch (REFERENCE.md 4.8):
+Shards use the DataComp layout: one tar member per field, `{key}.jpg|png|jpeg|webp|gif|bmp|tif|tiff`
++ `{key}.txt` (other members, e.g. `.json`, are ignored). Images are decoded by
+`unitok.image_io.load_image`, as extraction and chat decode them (first frame, alpha on white).
+Per rank and epoch (REFERENCE.md 4.8):
     shard list -> deterministic shuffle (seed, epoch) -> split by node -> split by worker
     -> tar to samples -> sample shuffle (buffer 5000, initial 1000, seeded) -> keep samples with
-    image and text -> decode PIL RGB -> transform -> batch -> tokenize captions (open_clip)
+    image and text -> decode PIL RGB (image_io) -> transform -> batch -> tokenize captions (open_clip)
 A batch is {"images": (B, 3, S, S) float in [-1, 1], "texts": (B, context_length) int64}.
 
 Design choices (the release differs; see REFERENCE.md 4.9 and 9):
 - Bad data is skipped and COUNTED, never fatal: tar read errors (handler on `WebDataset`),
-  undecodable images (handler on `.decode`, and around the transform), samples without an image
+  undecodable images (handler on the `decode_sample` map, and around the transform), samples without an image
   or a caption. Both handlers also call `wds.warn_and_continue` for the first few errors of each
-  worker; after that they only count, because `warn_and_continue` sleeps 0.5 s per call.
+  worker; after that they only count, because `warn_and_continue` sleeps 0.5 s per call. Decode
+  and transform warnings name the shard (`__url__`) and the sample key.
 - Counts reach the main process WITH the batches: every item a worker emits carries the counts
   accumulated since its previous item, and a worker's last item is a batch-less marker with the
   remainder. This needs no shared memory or locks, works with any start method, and keeps the
@@ -47,7 +50,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-IMAGE_KEYS = ("jpg", "png", "jpeg", "webp")
+IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 SKIP_KINDS = ("read_errors", "decode_errors", "missing_image", "missing_text")
 _WARN_FIRST = 5  # errors per worker and kind that also go through wds.warn_and_continue
 
@@ -193,6 +196,27 @@ def _counting_handler(stats: SkipStats, kind: str):
     return handler
 
 
+class SampleDecodeError(ValueError):
+    """A sample whose image or caption cannot be decoded; the message names the shard and the key."""
+
+
+def _sample_id(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+
+
+def decode_sample(sample: dict) -> dict:
+    """Raw webdataset sample -> image member as PIL RGB (`unitok.image_io.load_image`), `txt` as str."""
+    from unitok.image_io import load_image
+
+    ext = next(k for k in IMAGE_KEYS if k in sample)
+    try:
+        img = load_image(sample[ext])
+        txt = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
+    except Exception as exn:  # PIL raises many types for damaged files
+        raise SampleDecodeError(f"{_sample_id(sample)}: cannot decode: {type(exn).__name__}: {exn}") from exn
+    return {**sample, ext: img, "txt": txt}
+
+
 # ---- per-worker stream -------------------------------------------------------------------
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Brace pattern(s) joined by `::`, or a list -> list of shard paths."""
@@ -264,7 +288,8 @@ class _EpochStream(IterableDataset):
             stats.counts["missing_text"] += not has_text
             return has_image and has_text
 
-        ds = ds.compose(positions).select(complete).decode("pilrgb", handler=_counting_handler(stats, "decode_errors"))
+        ds = ds.compose(positions).select(complete).map(decode_sample,
+                                                        handler=_counting_handler(stats, "decode_errors"))
         return iter(ds)
 
     def _transform(self, sample: dict, rep: int) -> torch.Tensor:
@@ -304,7 +329,7 @@ class _EpochStream(IterableDataset):
                 try:
                     img = self._transform(sample, rep)  # (3, S, S)
                 except Exception as exn:  # a member PIL opened but cannot process: skip, count
-                    handler(exn)
+                    handler(SampleDecodeError(f"{_sample_id(sample)}: cannot transform: {type(exn).__name__}: {exn}"))
                     continue
                 usable += 1
                 stats.counts["samples"] += 1

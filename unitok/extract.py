@@ -1,45 +1,89 @@
-"""Pre-tokenise image shards into code shards (REFERENCE 8.5), one shard range per rank.
+"""Pre-tokenise images into code shards (REFERENCE 8.5), one input shard range per rank.
 
-    python -m unitok.extract --tokenizer CKPT --input 'shards/{00000..00009}.tar' --output OUT_DIR \
-        [--mode generation|understanding] [--size 256] [--max-aspect 2.0] [--batch-size 32]
+    python -m unitok.extract --tokenizer CKPT --input PATTERN [--input PATTERN ...] --output OUT_DIR
+        [--mode generation|understanding] [--size N (default: the tokenizer's img_size)] [--max-aspect 2.0]
+        [--input-format auto|webdataset|parquet|files|jsonl] [--caption-column C] [--image-column C]
+        [--image-root DIR] [--per-shard 1000] [--max-image-pixels 40000000] [--batch-size 32] [--threads 4]
     torchrun --nproc_per_node 8 -m unitok.extract ...            (or launch/extract.sh)
 
-Input: webdataset tars with an image member (jpg/jpeg/png/webp) and optional txt / json per sample.
-Output: OUT_DIR/<input shard name>, same sample keys, members
-    codes.npy  uint16 (K, h, w) = tokenizer.encode(preprocessed image)
-    txt        the caption (copied when present)
-    json       the input json fields (incl. `path`, used to look images up) + original width/height
-Preprocessing (both resize with PIL):
-    generation     resize the short side to --size (Lanczos, as Liquid's extractor), centre crop
-    understanding  pad to square with (122, 116, 104), resize to --size x --size (bilinear) (REFERENCE 6.10)
-Images with max(w, h) / min(w, h) > --max-aspect are dropped; undecodable images are skipped; both
-are counted. Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes input
-shards r, r + w, ... . Each finished shard is written atomically (tmp + rename) together with a
-<name>.stats.json sidecar, and skipped on rerun, so a crashed job is simply started again. After a
-barrier, rank 0 merges the sidecars into OUT_DIR/manifest.json.
+Inputs (a pattern takes brace ranges `{00000..00099}` and globs `*`, `?`, `[..]`; matches are sorted):
+    webdataset  `*.tar` with one image member per sample (jpg jpeg png webp gif bmp tif tiff) and
+                optional txt / json: img2dataset's `--output_format webdataset`, DataComp, demo shards.
+                One output shard per tar, same name.
+    parquet     `*.parquet` with embedded image bytes: img2dataset's `--output_format parquet` (column
+                `jpg`) or hub sets (column `image` = struct {bytes, path}, the HF datasets Image feature;
+                a row with only `path` is read from --image-root, default the parquet's folder). Caption
+                column: --caption-column, else the first of caption / prompt / text / txt. Key: column
+                `key`, else the row index. Other scalar columns go into the json. Output `<stem>.tar`.
+    files       a folder of img2dataset's `--output_format files`: subfolders `00000/` holding
+                `000000000.jpg` + `.txt` + `.json`; each subfolder (or a folder given directly that
+                holds images) is one shard, output `<subfolder>.tar`.
+    jsonl       an annotation file with one record per image (JourneyDB): caption field --caption-column
+                (else prompt / caption / text), relative image path field --image-column (else img_path /
+                image / path) under --image-root (default the file's folder). Records are cut into shards of
+                --per-shard, output `<stem>-00000.tar`, ...; the json `path` is the relative path as written.
+    --input-format auto picks, per pattern, the first of webdataset / files / parquet / jsonl that the
+    pattern matched; paths of other kinds matched by a glob (img2dataset's `_stats.json` and metadata
+    `.parquet` next to its tars, for example) are ignored and counted in the log and the manifest.
+Output: OUT_DIR/<name>.tar (webdataset, read by mllm.data), same sample keys, members
+    codes.npy  uint16 (K, h, w) = tokenizer.encode(preprocessed image), h = w = size / 16
+    txt        the caption (when present)
+    json       the input metadata (incl. `path`, used to look images up) + decoded width / height
+Images are decoded by `unitok.image_io.load_image` (first frame, alpha on white, the same function as
+chat and tokenizer training) and preprocessed by `unitok.image_io.preprocess`:
+    generation     resize the short side to --size (Lanczos, as Liquid's extractor), centre crop; images
+                   with max(w, h) / min(w, h) > --max-aspect are dropped (a crop would lose too much)
+    understanding  pad to square with (122, 116, 104), resize to --size (bilinear) (REFERENCE 6.10);
+                   every decodable image is kept (--max-aspect does not apply)
+Skipped samples are counted per reason (SKIP_REASONS) with the first few sample ids, in each shard's
+<name>.stats.json sidecar and in the manifest, and warned with shard and key.
+Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes shards r, r + w, ... .
+Each finished shard is written atomically (tmp + rename) with its sidecar, and skipped on rerun, so a
+crashed job is simply started again. An OUT_DIR holding shards made with another mode, image size or
+codebook shape is refused. After a barrier, rank 0 merges the sidecars into OUT_DIR/manifest.json.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import io
 import json
 import logging
 import os
+import re
+import tarfile
 import time
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+
+# re-exported: older code imports the preprocessing from here
+from unitok.image_io import MAX_PIXELS, PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input  # noqa: F401
 
 log = logging.getLogger("unitok.extract")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-PAD_COLOR = (122, 116, 104)  # LLaVA's expand2square background (CLIP mean * 255)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+INPUT_FORMATS = ("auto", "webdataset", "parquet", "files", "jsonl")
+SKIP_REASONS = ("dropped_aspect", "undecodable", "too_large", "no_image", "missing_file", "corrupt_members")
+"""dropped_aspect: generation mode, aspect above --max-aspect; undecodable: not an image, truncated, damaged;
+too_large: over --max-image-pixels; no_image: a sample / row / record without image data or path;
+missing_file: a parquet / jsonl image path that does not exist; corrupt_members: unreadable tar members,
+parquet row groups or jsonl lines (their samples are unknown)."""
+NUM_EXAMPLES = 5  # sample ids kept (and warnings logged) per skip reason and shard
 MANIFEST = "manifest.json"
+CAPTION_COLUMNS = ("caption", "prompt", "text", "txt")
+JSONL_CAPTION_FIELDS = ("prompt", "caption", "text")
+PARQUET_IMAGE_COLUMNS = ("jpg", "png", "jpeg", "webp", "image", "img")
+JSONL_PATH_FIELDS = ("img_path", "image", "path")
+_GLOB_CHARS = set("*?[")
+# what must agree between a run and the shards already in its --output
+_COMPAT_KEYS = ("mode", "image_size", "num_codebooks", "codebook_size")
 
 
 @dataclass
@@ -49,147 +93,479 @@ class ExtractConfig:
     tokenizer: str
     """Tokenizer checkpoint folder (or official .pth), read by `unitok.load_tokenizer`."""
     input: list[str]
-    """Input shard patterns (brace expansion)."""
+    """Input patterns (brace ranges and globs), see the module docstring."""
     output: str
     """Output folder for code shards, stats sidecars and the manifest."""
     mode: str = "generation"
     """generation (resize + centre crop) or understanding (pad to square + resize)."""
-    size: int = 256
-    """Output side in pixels; codes are (K, size/16, size/16)."""
+    size: int | None = None
+    """Output side in pixels; codes are (K, size/16, size/16). None = the tokenizer's training img_size."""
     max_aspect: float = 2.0
-    """Drop images whose long/short side ratio exceeds this."""
+    """Generation mode only: drop images whose long/short side ratio exceeds this."""
     batch_size: int = 32
     """Images per tokenizer forward."""
     threads: int = 4
-    """Threads decoding and preprocessing images."""
+    """Threads reading, decoding and preprocessing images."""
     device: str = "auto"
     """auto = cuda:LOCAL_RANK when CUDA is available, else cpu."""
     local_rank: int | None = None
     """--local_rank as passed by the deepspeed launcher (fallback when LOCAL_RANK is not set)."""
+    input_format: str = "auto"
+    """auto (per pattern, see the module docstring), webdataset, parquet, files or jsonl."""
+    caption_column: str | None = None
+    """Parquet column / jsonl field with the caption; None = the first of the usual names present."""
+    image_column: str | None = None
+    """Parquet column with the image (bytes or {bytes, path}) / jsonl field with the relative image path."""
+    image_root: str | None = None
+    """Folder that relative image paths (jsonl, parquet rows without bytes) resolve against; None = the
+    input file's folder."""
+    per_shard: int = 1000
+    """jsonl: records per output shard."""
+    max_image_pixels: int = MAX_PIXELS
+    """Images with more pixels (width x height) are skipped as too_large before decoding."""
 
     def __post_init__(self):
         if self.mode not in ("generation", "understanding"):
             raise ValueError(f"--mode must be generation or understanding, got {self.mode!r}")
-        if self.size <= 0 or self.size % 16:
+        if self.size is not None and (self.size <= 0 or self.size % 16):
             raise ValueError(f"--size must be a positive multiple of 16, got {self.size}")
         if self.max_aspect < 1:
             raise ValueError("--max-aspect must be >= 1")
         if self.batch_size < 1 or self.threads < 1:
             raise ValueError("--batch-size and --threads must be >= 1")
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"--input-format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
+        if self.per_shard < 1:
+            raise ValueError("--per-shard must be >= 1")
+        if self.max_image_pixels < 1:
+            raise ValueError("--max-image-pixels must be >= 1")
+        if not self.input:
+            raise ValueError("no --input given")
 
 
-# ---- preprocessing --------------------------------------------------------------------------------------
-def preprocess(img: Image.Image, mode: str, size: int) -> np.ndarray:
-    """PIL image -> uint8 (size, size, 3) as the tokenizer sees it (see the module docstring)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    if mode == "generation":
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.LANCZOS)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    elif mode == "understanding":
-        if w != h:
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), PAD_COLOR)
-            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-            img = canvas
-        img = img.resize((size, size), Image.BILINEAR)
-    else:
-        raise ValueError(f"unknown mode {mode!r}")
-    return np.asarray(img, dtype=np.uint8)
+# ---- input planning -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputShard:
+    """One unit of work: an input file / folder (or a record range of a jsonl file) -> one output tar."""
+
+    kind: str
+    """webdataset | parquet | files | jsonl."""
+    path: str
+    """The tar, parquet, folder or jsonl file."""
+    name: str
+    """Output file name in --output (<name>.tar)."""
+    first_record: int = 0
+    """jsonl: index of the first record (non-blank line) of this shard."""
+    offset: int = 0
+    """jsonl: byte offset of that record."""
+    num_records: int = 0
+    """jsonl: records in this shard."""
+
+    @property
+    def stem(self) -> str:
+        """Output name without .tar (the sidecar is <stem>.stats.json)."""
+        return self.name[:-4]
 
 
-def to_model_input(pixels: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) arrays -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+def _kind_of(p: Path) -> str | None:
+    if p.is_dir():
+        return "files"
+    name = p.name.lower()
+    if name.endswith(".tar"):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    return None
 
 
+def _has_images(folder: Path) -> bool:
+    with os.scandir(folder) as it:
+        return any(e.is_file() and e.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for e in it)
+
+
+def _files_shards(folder: Path) -> list[InputShard]:
+    """img2dataset `files` layout: the folder itself if it holds images, else its image subfolders."""
+    if _has_images(folder):
+        return [InputShard("files", str(folder), folder.name + ".tar")]
+    subs = sorted(d for d in folder.iterdir() if d.is_dir() and _has_images(d))
+    if not subs:
+        raise ValueError(f"{folder} holds no images and no subfolders with images (img2dataset files layout "
+                         f"expected); for tars or parquet files pass a pattern such as '{folder}/*.tar'")
+    return [InputShard("files", str(d), d.name + ".tar") for d in subs]
+
+
+def _jsonl_shards(path: Path, per_shard: int) -> list[InputShard]:
+    """Cut a jsonl file into record ranges of `per_shard` non-blank lines (one pass, byte offsets)."""
+    starts, n, pos = [], 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                if n % per_shard == 0:
+                    starts.append((n, pos))
+                n += 1
+            pos += len(line)
+    stem = path.name[: -len(".jsonl")] if path.name.lower().endswith(".jsonl") else path.stem
+    return [InputShard("jsonl", str(path), f"{stem}-{i:05d}.tar", first, off, min(per_shard, n - first))
+            for i, (first, off) in enumerate(starts)]
+
+
+def plan_inputs(cfg: ExtractConfig) -> tuple[list[InputShard], list[str]]:
+    """Expand the --input patterns into shards (deterministic order); returns (shards, ignored paths).
+
+    FileNotFoundError for a path or pattern that matches nothing, ValueError for duplicate output names or
+    an explicitly named path whose format cannot be told."""
+    from braceexpand import braceexpand
+
+    order = ("webdataset", "files", "parquet", "jsonl")
+    shards: list[InputShard] = []
+    ignored: list[str] = []
+    for pattern in cfg.input:
+        explicit: list[Path] = []
+        globbed: list[Path] = []
+        for q in braceexpand(pattern):
+            if _GLOB_CHARS & set(q):
+                hits = sorted(glob.glob(q))
+                if not hits:
+                    raise FileNotFoundError(f"no input matches {q!r}")
+                globbed += [Path(h) for h in hits]
+            else:
+                if not Path(q).exists():
+                    raise FileNotFoundError(f"input not found: {q}")
+                explicit.append(Path(q))
+        kinds = {p: _kind_of(p) for p in explicit + globbed}
+        if cfg.input_format != "auto":
+            want = cfg.input_format
+            picked = explicit + [p for p in globbed if kinds[p] == want]
+            ignored += [str(p) for p in globbed if kinds[p] != want]
+            kinds = {p: want for p in picked}
+        else:
+            for p in explicit:
+                if kinds[p] is None:
+                    raise ValueError(f"cannot tell the input format of {p}; pass --input-format")
+            want = next((k for k in order if any(kinds[p] == k for p in globbed)), None)
+            picked = explicit + [p for p in globbed if kinds[p] == want]
+            ignored += [str(p) for p in globbed if kinds[p] != want]
+        if not picked:
+            raise FileNotFoundError(f"--input {pattern!r} matches no {cfg.input_format} input")
+        for p in picked:
+            kind = kinds[p]
+            if kind == "files":
+                if not p.is_dir():
+                    raise ValueError(f"--input-format files needs folders, got the file {p}")
+                shards += _files_shards(p)
+            elif kind == "jsonl":
+                shards += _jsonl_shards(p, cfg.per_shard)
+            else:
+                if not p.is_file():
+                    raise ValueError(f"{kind} input {p} is not a file")
+                name = p.name if kind == "webdataset" else p.name.rsplit(".", 1)[0] + ".tar"
+                if kind == "webdataset" and not name.lower().endswith(".tar"):
+                    name += ".tar"
+                shards.append(InputShard(kind, str(p), name))
+    dup = sorted(n for n, c in Counter(s.name for s in shards).items() if c > 1)
+    if dup:
+        raise ValueError(f"inputs share output names {dup[:5]}; extract each source to its own --output")
+    if not shards:
+        raise ValueError("no input shards")
+    return shards, ignored
+
+
+# ---- readers: one input shard -> raw samples ---------------------------------------------------------------
+@dataclass
+class RawSample:
+    """A sample before decoding."""
+
+    key: str
+    """Sample key in the output shard."""
+    image: bytes | Path | None
+    """Image file bytes, a file to read (in a worker thread), or None (no image)."""
+    caption: bytes | None
+    """Caption (UTF-8), copied to the output `txt`."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Metadata, written to the output `json` (plus width / height)."""
+    skip: str | None = None
+    """A reason already known to the reader (see SKIP_REASONS)."""
+    detail: str = ""
+    """Why it is skipped (for the warning)."""
+
+
+class ShardStats:
+    """Counts per skip reason plus the first sample ids per reason; warns for those first ones."""
+
+    def __init__(self, shard: InputShard):
+        self.shard = shard
+        self.counts = {"samples": 0, **{r: 0 for r in SKIP_REASONS}}
+        self.examples: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
+
+    def skip(self, reason: str, key: str, detail: str = "") -> None:
+        """Count one skipped sample (or unreadable member) with the id `<input path>:<key>`."""
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < NUM_EXAMPLES:
+            sid = f"{self.shard.path}:{key}"
+            self.examples[reason].append(sid)
+            log.warning("%s skipped (%s)%s", sid, reason, f": {detail}" if detail else "")
+
+
+def _clean_key(key: str) -> str:
+    # webdataset splits member names at the first dot of the basename: keys must hold neither "." nor "/"
+    return str(key).replace("/", "_").replace(".", "_")
+
+
+def _pick(names, wanted: str | None, defaults: tuple[str, ...], what: str, src: str) -> str | None:
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"{src}: no {what} {wanted!r} (has {sorted(names)})")
+        return wanted
+    return next((n for n in defaults if n in names), None)
+
+
+def _text(v: Any) -> bytes | None:
+    if v is None:
+        return None
+    return v if isinstance(v, bytes) else str(v).encode()
+
+
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key = path up to the first dot of the name
+
+
+def _tar_groups(shard: InputShard, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per run of consecutive members sharing a key, as webdataset groups them. A read
+    error (truncated or damaged tar) counts one corrupt member and ends the shard; the sample being read
+    then is dropped with it."""
+    key, group = None, {}
+    try:
+        with tarfile.open(shard.path, "r|*") as tar:  # streaming: one pass, no index
+            for m in tar:
+                hit = _MEMBER.match(m.name) if m.isfile() else None
+                if hit is None:
+                    continue
+                k, ext = hit.group(1), hit.group(2).lower()
+                if k != key:
+                    if group:
+                        yield key, group
+                    key, group = k, {}
+                f = tar.extractfile(m)
+                group[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        stats.skip("corrupt_members", key or "start", f"{type(e).__name__}: {e}")
+        return
+    if group:
+        yield key, group
+
+
+def _read_webdataset(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
+    for key, s in _tar_groups(shard, stats):
+        ext = next((e for e in IMAGE_EXTS if e in s), None)
+        try:
+            meta = json.loads(s["json"]) if "json" in s else {}
+            if not isinstance(meta, dict):
+                meta = {"json": meta}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+        if ext is None:
+            yield RawSample(key, None, s.get("txt"), meta, skip="no_image", detail=f"members {sorted(s)}")
+        else:
+            yield RawSample(key, s[ext], s.get("txt"), meta)
+
+
+def _resolve(rel: str, cfg: ExtractConfig, shard: InputShard) -> Path:
+    root = Path(cfg.image_root) if cfg.image_root else Path(shard.path).parent
+    return root / rel
+
+
+def _read_parquet(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("parquet inputs need pyarrow: pip install pyarrow") from e
+
+    try:
+        pf = pq.ParquetFile(shard.path)
+    except (OSError, ValueError) as e:  # truncated download: counted like an unreadable tar
+        stats.skip("corrupt_members", "file", f"{type(e).__name__}: {e}")
+        return
+    names = pf.schema_arrow.names
+    img_col = _pick(names, cfg.image_column, PARQUET_IMAGE_COLUMNS, "image column", shard.path)
+    if img_col is None:
+        raise ValueError(f"{shard.path} has no image column (columns {names}); pass --image-column. "
+                         "img2dataset's .parquet next to its tars holds only metadata: extract the tars")
+    cap_col = _pick(names, cfg.caption_column, CAPTION_COLUMNS, "caption column", shard.path)
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=256):
+            for rec in batch.to_pylist():
+                key = _clean_key(rec["key"]) if rec.get("key") not in (None, "") else f"{row:09d}"
+                row += 1
+                meta = {k: v for k, v in rec.items()
+                        if k not in (img_col, cap_col) and (v is None or isinstance(v, (str, int, float, bool)))}
+                caption = _text(rec.get(cap_col)) if cap_col else None
+                v = rec[img_col]
+                if isinstance(v, dict):  # HF datasets Image feature: {bytes, path}
+                    path = v.get("path")
+                    if path:
+                        meta.setdefault("path", path)
+                    if v.get("bytes") is not None:
+                        v = v["bytes"]
+                    elif path:
+                        v = _resolve(path, cfg, shard)
+                    else:
+                        v = None
+                if v is None:
+                    yield RawSample(key, None, caption, meta, skip="no_image", detail=f"empty {img_col!r}")
+                elif isinstance(v, (bytes, Path)):
+                    yield RawSample(key, v, caption, meta)
+                else:
+                    yield RawSample(key, None, caption, meta, skip="no_image",
+                                    detail=f"{img_col!r} holds {type(v).__name__}, not image bytes")
+    except (OSError, ValueError) as e:  # pyarrow's errors derive from these: a damaged row group ends the file
+        stats.skip("corrupt_members", f"row {row}", f"{type(e).__name__}: {e}")
+
+
+def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
+    groups: dict[str, dict[str, Path]] = {}
+    for p in sorted(Path(shard.path).iterdir()):
+        if p.is_file() and "." in p.name:
+            stem, ext = p.name.split(".", 1)
+            groups.setdefault(stem, {})[ext.lower()] = p
+    for stem, members in groups.items():
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        caption = members["txt"].read_bytes() if "txt" in members else None
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"].read_text())
+                meta = meta if isinstance(meta, dict) else {"json": meta}
+            except (ValueError, UnicodeDecodeError):
+                meta = {}
+        if ext is None:
+            yield RawSample(_clean_key(stem), None, caption, meta, skip="no_image",
+                            detail=f"files {sorted(members)}")
+        else:
+            yield RawSample(_clean_key(stem), members[ext], caption, meta)
+
+
+def _read_jsonl(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
+    with open(shard.path, "rb") as f:
+        f.seek(shard.offset)
+        idx = shard.first_record
+        end = shard.first_record + shard.num_records
+        for line in f:
+            if idx >= end:
+                break
+            if not line.strip():
+                continue
+            key = f"{idx:09d}"
+            idx += 1
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError(f"a {type(rec).__name__}, not an object")
+            except (ValueError, UnicodeDecodeError) as e:
+                stats.skip("corrupt_members", f"record {key}", f"bad json: {e}")
+                continue
+            cap_f = cfg.caption_column or next((k for k in JSONL_CAPTION_FIELDS if k in rec), None)
+            path_f = cfg.image_column or next((k for k in JSONL_PATH_FIELDS if k in rec), None)
+            rel = rec.get(path_f) if path_f else None
+            meta = {k: v for k, v in rec.items() if k not in (cap_f, path_f)}
+            caption = _text(rec.get(cap_f)) if cap_f else None
+            if not isinstance(rel, str) or not rel:
+                yield RawSample(key, None, caption, meta, skip="no_image", detail="no image path")
+                continue
+            meta["path"] = rel
+            yield RawSample(key, _resolve(rel, cfg, shard), caption, meta)
+
+
+READERS = {"webdataset": _read_webdataset, "parquet": _read_parquet, "files": _read_files, "jsonl": _read_jsonl}
+
+
+# ---- one shard ----------------------------------------------------------------------------------------------
 def _encode_npy(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
-# ---- one shard ----------------------------------------------------------------------------------------------
-def _decode_one(sample: dict[str, Any], mode: str, size: int, max_aspect: float):
-    """-> ("ok", pixels, meta) | ("undecodable"|"aspect"|"no_image", None, None)."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        return "no_image", None, None
+def decode_sample(raw: RawSample, cfg: ExtractConfig, size: int):
+    """-> ("ok", pixels (size, size, 3) uint8, meta, "") | (skip reason, None, None, detail)."""
+    if raw.skip:
+        return raw.skip, None, None, raw.detail
+    data = raw.image
+    if data is None:
+        return "no_image", None, None, "no image"
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except FileNotFoundError:
+            return "missing_file", None, None, f"no such file {data}"
+        except OSError as e:
+            return "undecodable", None, None, f"cannot read {data}: {e}"
     try:
-        img = Image.open(io.BytesIO(sample[ext]))
-        img.load()
-        w, h = img.size
-        if max(w, h) / max(1, min(w, h)) > max_aspect:
-            return "aspect", None, None
-        pixels = preprocess(img, mode, size)
-    except Exception:  # PIL raises many types for damaged files
-        return "undecodable", None, None
+        img = load_image(data, cfg.max_image_pixels)
+    except ImageTooLarge as e:
+        return "too_large", None, None, f"{e} (--max-image-pixels)"
+    except Exception as e:  # PIL raises many types for damaged files
+        return "undecodable", None, None, f"{type(e).__name__}: {e}"
+    w, h = img.size
+    if cfg.mode == "generation" and max(w, h) / max(1, min(w, h)) > cfg.max_aspect:
+        return "dropped_aspect", None, None, f"{w}x{h} is beyond --max-aspect {cfg.max_aspect}"
     try:
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        if not isinstance(meta, dict):
-            meta = {"json": meta}
-    except ValueError:
-        meta = {}
-    meta.update(width=w, height=h)
-    return "ok", pixels, meta
+        pixels = preprocess(img, cfg.mode, size)
+    except Exception as e:  # e.g. a 1-pixel-wide image
+        return "undecodable", None, None, f"{type(e).__name__}: {e}"
+    return "ok", pixels, {**raw.meta, "width": w, "height": h}, ""
 
 
-def extract_shard(model, src: Path, dst: Path, cfg: ExtractConfig, pool: ThreadPoolExecutor,
-                  rank: int = 0) -> dict[str, Any]:
-    """Tokenise one input shard into `dst` (atomically); returns its stats."""
+def extract_shard(model, shard: InputShard, dst: Path, cfg: ExtractConfig, pool: ThreadPoolExecutor,
+                  size: int, header: dict[str, Any], rank: int = 0) -> dict[str, Any]:
+    """Tokenise one input shard into `dst` (atomically, with its <stem>.stats.json); returns its stats."""
     import webdataset as wds
-
-    stats = {"input": str(src), "rank": rank, "samples": 0, "dropped_aspect": 0, "undecodable": 0, "no_image": 0,
-             "corrupt_members": 0}
-
-    def handler(exn):
-        stats["corrupt_members"] += 1
-        log.warning("%s: unreadable data skipped: %s", src, exn)
-        return True
 
     if model.codebook_size > 65536:
         raise ValueError("codebook_size > 65536 does not fit the uint16 code shards")
+    stats = ShardStats(shard)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    samples = wds.tariterators.tarfile_samples([{"url": str(src)}], handler=handler)
     with wds.TarWriter(str(tmp), mtime=0) as writer:
-        def flush(batch):
+        def flush(batch: list[RawSample]):
             if not batch:
                 return
-            decoded = list(pool.map(lambda s: _decode_one(s, cfg.mode, cfg.size, cfg.max_aspect), batch))
+            decoded = list(pool.map(lambda r: decode_sample(r, cfg, size), batch))
             keep = []
-            for s, (status, pix, meta) in zip(batch, decoded):
+            for raw, (status, pix, meta, detail) in zip(batch, decoded):
                 if status == "ok":
-                    keep.append((s, pix, meta))
+                    keep.append((raw, pix, meta))
                 else:
-                    stats["dropped_aspect" if status == "aspect" else status] += 1
+                    stats.skip(status, raw.key, detail)
             if not keep:
                 return
-            x = to_model_input([p for _, p, _ in keep]).to(model.device)
-            codes = model.encode(x).to("cpu", torch.int64).numpy().astype(np.uint16)  # (B, K, h, w)
-            for (s, _, meta), c in zip(keep, codes):
-                out = {"__key__": s["__key__"], "codes.npy": _encode_npy(c), "json": json.dumps(meta).encode()}
-                if "txt" in s:
-                    out["txt"] = s["txt"]
+            x = to_model_input([p for _, p, _ in keep]).to(model.device)  # (B, 3, S, S)
+            with torch.no_grad():
+                codes = model.encode(x).to("cpu", torch.int64).numpy().astype(np.uint16)  # (B, K, h, w)
+            for (raw, _, meta), c in zip(keep, codes):
+                out = {"__key__": raw.key, "codes.npy": _encode_npy(c), "json": json.dumps(meta).encode()}
+                if raw.caption is not None:
+                    out["txt"] = raw.caption
                 writer.write(out)
-                stats["samples"] += 1
+                stats.counts["samples"] += 1
 
-        batch: list[dict[str, Any]] = []
-        for s in samples:
-            batch.append(s)
+        batch: list[RawSample] = []
+        for raw in READERS[shard.kind](shard, cfg, stats):
+            batch.append(raw)
             if len(batch) == cfg.batch_size:
                 flush(batch)
                 batch = []
         flush(batch)
-    side = dst.with_name(dst.stem + ".stats.json")
+    result = {"input": shard.path, "format": shard.kind, "rank": rank, **header, **stats.counts,
+              "examples": {r: v for r, v in stats.examples.items() if v}}
+    if shard.kind == "jsonl":
+        result.update(first_record=shard.first_record, num_records=shard.num_records)
+    side = dst.with_name(shard.stem + ".stats.json")
     side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    side_tmp.write_text(json.dumps(stats, indent=1))
+    side_tmp.write_text(json.dumps(result, indent=1))
     os.replace(side_tmp, side)  # the sidecar first: a finished tar always has its stats
     os.replace(tmp, dst)
-    return stats
+    return result
 
 
 # ---- distributed plumbing ------------------------------------------------------------------------------------
@@ -213,38 +589,45 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def input_shards(patterns: list[str]) -> list[Path]:
-    """Expanded input shards; ValueError on missing files or duplicate output names."""
-    from braceexpand import braceexpand
+def check_output_compatible(out: Path, header: dict[str, Any]) -> None:
+    """ValueError when OUT already holds a manifest or sidecars made with another mode, image size or
+    codebook shape (codes of different grids or vocabularies must not be mixed in one folder)."""
+    files = ([out / MANIFEST] if (out / MANIFEST).is_file() else []) + sorted(out.glob("*.stats.json"))
+    for f in files:
+        try:
+            rec = json.loads(f.read_text())
+        except ValueError as e:
+            raise ValueError(f"{f} is not valid JSON ({e}); delete it or use another --output") from e
+        for k in _COMPAT_KEYS:
+            if k not in rec:
+                raise ValueError(f"{f} does not record {k} (written by an older unitok.extract); codes of unknown "
+                                 f"settings must not be mixed with this run's: use another --output folder")
+            if rec[k] != header[k]:
+                raise ValueError(
+                    f"{f} was written with {k}={rec[k]!r} but this run has {k}={header[k]!r}; codes made with "
+                    f"another mode, image size or tokenizer must not be mixed: use another --output folder")
 
-    paths = [Path(q) for p in patterns for q in braceexpand(p)]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"input shard not found: {missing[0]}" +
-                                (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    names = [p.name for p in paths]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"input shards share output names {dup[:5]}; extract each folder to its own --output")
-    if not paths:
-        raise ValueError("no input shards")
-    return paths
 
-
-def write_manifest(cfg: ExtractConfig, shards: list[Path], model_info: dict[str, Any]) -> dict[str, Any]:
+def write_manifest(cfg: ExtractConfig, shards: list[InputShard], header: dict[str, Any],
+                   ignored: list[str]) -> dict[str, Any]:
     """Merge per-shard sidecars into OUT/manifest.json (atomically); returns it."""
     out = Path(cfg.output)
     per, missing = {}, []
-    for p in shards:
-        side = out / (Path(p.name).stem + ".stats.json")
-        if (out / p.name).is_file() and side.is_file():
-            per[p.name] = json.loads(side.read_text())
+    for s in shards:
+        side = out / (s.stem + ".stats.json")
+        if (out / s.name).is_file() and side.is_file():
+            per[s.name] = json.loads(side.read_text())
         else:
-            missing.append(p.name)
-    keys = ("samples", "dropped_aspect", "undecodable", "no_image", "corrupt_members")
-    totals = {k: sum(s.get(k, 0) for s in per.values()) for k in keys}
-    manifest = {"config": asdict(cfg), **model_info, "num_shards": len(shards), "shards": per,
-                "missing_shards": missing, "totals": totals}
+            missing.append(s.name)
+    totals = {k: sum(st.get(k, 0) for st in per.values()) for k in ("samples", *SKIP_REASONS)}
+    examples: dict[str, list[str]] = {}
+    for st in per.values():
+        for r, ids in st.get("examples", {}).items():
+            examples.setdefault(r, [])
+            examples[r] += ids[: NUM_EXAMPLES - len(examples[r])]
+    manifest = {"config": asdict(cfg), **header, "num_shards": len(shards), "shards": per,
+                "missing_shards": missing, "totals": totals, "examples": examples,
+                "ignored_inputs": {"count": len(ignored), "first": ignored[:NUM_EXAMPLES]}}
     tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -254,38 +637,54 @@ def write_manifest(cfg: ExtractConfig, shards: list[Path], model_info: dict[str,
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract this rank's shards; returns {"done": [...], "skipped": [...], "manifest": ... (rank 0)}."""
     from unitok import load_tokenizer
+    from unitok.config import DOWNSAMPLE
 
     rank, world, local = dist_env(cfg.local_rank)
-    shards = input_shards(cfg.input)
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    mine = shards[rank::world]
-    for p in mine:  # leftovers of a crashed run (never renamed, so never mistaken for results)
-        for junk in out.glob(f".{p.name}.tmp-*"):
-            junk.unlink(missing_ok=True)
-    todo = [p for p in mine if not (out / p.name).is_file()]
-    skipped = [p.name for p in mine if p not in todo]
-    if skipped:
-        log.info("rank %d: %d shard(s) already done, skipped", rank, len(skipped))
-    done = []
+    shards, ignored = plan_inputs(cfg)
+    if ignored and rank == 0:
+        log.info("ignored %d path(s) matched by the --input globs that are not inputs of the chosen format, "
+                 "e.g. %s", len(ignored), ignored[0])
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
     model = load_tokenizer(cfg.tokenizer, device=device)
-    model_info = {"num_codebooks": model.num_codebooks, "codebook_size": model.codebook_size,
-                  "grid": [cfg.size // 16, cfg.size // 16]}
+    size = int(cfg.size or model.cfg.img_size)
+    if size % DOWNSAMPLE:
+        raise ValueError(f"image size {size} is not a multiple of {DOWNSAMPLE}")
+    header = {"mode": cfg.mode, "image_size": size, "grid": [size // DOWNSAMPLE, size // DOWNSAMPLE],
+              "num_codebooks": model.num_codebooks, "codebook_size": model.codebook_size}
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    check_output_compatible(out, header)
+    mine = shards[rank::world]
+    for s in mine:  # leftovers of a crashed run (never renamed, so never mistaken for results)
+        for junk in out.glob(f".{s.name}.tmp-*"):
+            junk.unlink(missing_ok=True)
+    todo = [s for s in mine if not (out / s.name).is_file()]
+    for s in mine:  # a finished jsonl shard must hold the same record range (same --per-shard)
+        side = out / (s.stem + ".stats.json")
+        if s.kind == "jsonl" and s not in todo and side.is_file():
+            rec = json.loads(side.read_text())
+            if (rec.get("first_record"), rec.get("num_records")) != (s.first_record, s.num_records):
+                raise ValueError(f"{side} holds records {rec.get('first_record')}+{rec.get('num_records')} but this "
+                                 f"run cuts {s.first_record}+{s.num_records}: rerun with the same --per-shard")
+    skipped = [s.name for s in mine if s not in todo]
+    if skipped:
+        log.info("rank %d: %d shard(s) already done, skipped", rank, len(skipped))
+    done = []
     if todo:
         t0 = time.time()
         with ThreadPoolExecutor(cfg.threads) as pool:
-            for i, p in enumerate(todo):
-                st = extract_shard(model, p, out / p.name, cfg, pool, rank)
-                done.append(p.name)
-                log.info("rank %d: %s -> %d samples (%d/%d, %.1fs)", rank, p.name, st["samples"], i + 1,
-                         len(todo), time.time() - t0)
+            for i, s in enumerate(todo):
+                st = extract_shard(model, s, out / s.name, cfg, pool, size, header, rank)
+                done.append(s.name)
+                skips = {r: st[r] for r in SKIP_REASONS if st[r]}
+                log.info("rank %d: %s -> %s: %d samples, skipped %s (%d/%d, %.1fs)", rank, s.path, s.name,
+                         st["samples"], skips or "none", i + 1, len(todo), time.time() - t0)
     _barrier(world)
     result: dict[str, Any] = {"rank": rank, "done": done, "skipped": skipped}
     if rank == 0:
-        result["manifest"] = write_manifest(cfg, shards, model_info)
+        result["manifest"] = write_manifest(cfg, shards, header, ignored)
     _barrier(world)  # nobody exits (and tears down the group) before the manifest exists
     if world > 1:
         import torch.distributed as dist
@@ -299,11 +698,24 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     ap = argparse.ArgumentParser(prog="python -m unitok.extract", description="images -> UniTok code shards")
     ap.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder or official .pth")
     ap.add_argument("--input", required=True, action="append",
-                    help="input shard pattern with brace expansion; repeat for several")
+                    help="input pattern (brace ranges and globs; tars, parquet files, img2dataset files folders "
+                         "or jsonl annotation files); repeat for several")
     ap.add_argument("--output", required=True, help="output folder")
     ap.add_argument("--mode", default="generation", choices=["generation", "understanding"])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--max-aspect", type=float, default=2.0)
+    ap.add_argument("--size", type=int, default=None, help="image side (default: the tokenizer's img_size)")
+    ap.add_argument("--max-aspect", type=float, default=2.0,
+                    help="generation mode only: drop images with long/short side above this")
+    ap.add_argument("--input-format", default="auto", choices=list(INPUT_FORMATS))
+    ap.add_argument("--caption-column", default=None,
+                    help="parquet column / jsonl field with the caption (default: caption, prompt, text, txt)")
+    ap.add_argument("--image-column", default=None,
+                    help="parquet image column (default: jpg, png, image, ...) / jsonl image path field "
+                         "(default: img_path, image, path)")
+    ap.add_argument("--image-root", default=None,
+                    help="folder that jsonl / parquet image paths are relative to (default: the input's folder)")
+    ap.add_argument("--per-shard", type=int, default=1000, help="jsonl: records per output shard")
+    ap.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
+                    help="skip images with more pixels than this (counted as too_large)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--device", default="auto")
@@ -312,7 +724,9 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
     a = ap.parse_args(argv)
     return ExtractConfig(tokenizer=a.tokenizer, input=a.input, output=a.output, mode=a.mode, size=a.size,
                          max_aspect=a.max_aspect, batch_size=a.batch_size, threads=a.threads, device=a.device,
-                         local_rank=a.local_rank)
+                         local_rank=a.local_rank, input_format=a.input_format, caption_column=a.caption_column,
+                         image_column=a.image_column, image_root=a.image_root, per_shard=a.per_shard,
+                         max_image_pixels=a.max_image_pixels)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 from mllm.data import templates as T
 from mllm.data.collate import Sample, collate
 from mllm.data.recipe import Recipe, load_recipe
-from mllm.data.sources import SKIP_REASONS, Position, Source, build_source, hash_uniform
+from mllm.data.sources import MAX_EXAMPLES, SKIP_REASONS, Position, Source, build_source, hash_uniform
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,15 @@ class _MixtureStream:
             self.positions[i] = Position.from_list(ss["position"])
             self.exhausted[i] = bool(ss["exhausted"])
             s.counters = dict(ss["counters"])
+            s.examples = {r: list(v) for r, v in ss.get("examples", {}).items()}
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state that restarts this stream at the next draw."""
         return {"draws": self.draws, "mix_epoch": self.mix_epoch, "remaining": list(self.remaining),
                 "sources": {s.name: {"position": self.positions[i].to_list(), "exhausted": self.exhausted[i],
-                                     "counters": dict(s.counters)} for i, s in enumerate(self.sources)}}
+                                     "counters": dict(s.counters),
+                                     "examples": {r: list(v) for r, v in s.examples.items()}}
+                            for i, s in enumerate(self.sources)}}
 
     def _draw(self) -> Sample | None:
         while True:
@@ -206,6 +209,7 @@ class MixtureLoader:
         self._consumed = 0
         self._positions_total = 0
         self._positions_pad = 0
+        self._text_only = 0  # batches without any image (they exercise the no-image model path)
         self._index_cache: dict = {}
 
     # ---- iteration --------------------------------------------------------------------------------
@@ -215,6 +219,9 @@ class MixtureLoader:
         total = batch["input_ids"].numel()
         self._positions_total += total
         self._positions_pad += int(round(float(batch["pad_ratio"]) * total))
+        codes = batch.get("image_codes")
+        if codes is None or codes.shape[0] == 0:
+            self._text_only += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.num_workers == 0:
@@ -241,6 +248,7 @@ class MixtureLoader:
         """JSON-able position of this rank's stream (after the last batch handed out)."""
         return {"version": STATE_VERSION, **self._identity(), "consumed_batches": self._consumed,
                 "positions_total": self._positions_total, "positions_pad": self._positions_pad,
+                "text_only_batches": self._text_only,
                 "workers": {str(k): v for k, v in self._snapshots.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,31 +262,69 @@ class MixtureLoader:
         self._consumed = int(state["consumed_batches"])
         self._positions_total = int(state["positions_total"])
         self._positions_pad = int(state["positions_pad"])
+        self._text_only = int(state.get("text_only_batches", 0))
         self._snapshots = {int(k): v for k, v in state["workers"].items()}
 
     # ---- logging -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Per-source counters (samples seen, skipped by reason, kind counts) summed over workers,
-        batches handed out, and the running pad ratio (pad positions / all positions)."""
+        """Per-source counters (samples seen, skipped by reason with the first sample ids, kind counts)
+        summed over workers, batches handed out, text-only batches, and pad positions."""
         sources: dict[str, dict[str, Any]] = {}
         for s in self.recipe.sources:
-            agg: dict[str, Any] = {"records": 0, "samples": 0, "skipped": {r: 0 for r in SKIP_REASONS}}
+            agg: dict[str, Any] = {"records": 0, "samples": 0, "skipped": {r: 0 for r in SKIP_REASONS},
+                                   "examples": {}}
             for snap in self._snapshots.values():
-                for k, v in snap["sources"][s.name]["counters"].items():
+                src = snap["sources"][s.name]
+                for k, v in src["counters"].items():
                     if k.startswith("skipped/"):
                         r = k[len("skipped/"):]
                         agg["skipped"][r] = agg["skipped"].get(r, 0) + v
                     else:
                         agg[k] = agg.get(k, 0) + v
+                _merge_examples(agg["examples"], src.get("examples", {}))
             sources[s.name] = agg
-        pad = self._positions_pad / self._positions_total if self._positions_total else 0.0
-        return {"sources": sources, "batches": self._consumed, "pad_ratio": pad}
+        return {"sources": sources, "batches": self._consumed, "text_only_batches": self._text_only,
+                "positions_total": self._positions_total, "positions_pad": self._positions_pad,
+                "pad_ratio": self._positions_pad / self._positions_total if self._positions_total else 0.0}
+
+
+def _merge_examples(into: dict[str, list[str]], more: dict[str, list[str]]) -> None:
+    for r, ids in more.items():
+        have = into.setdefault(r, [])
+        have.extend(i for i in ids if i not in have and len(have) < MAX_EXAMPLES)
+
+
+def merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum `MixtureLoader.stats()` of several ranks (counts add, sample ids keep the first few);
+    `batches_per_rank` / `text_only_batches_per_rank` keep the per-rank figures."""
+    out: dict[str, Any] = {"sources": {}, "batches": 0, "text_only_batches": 0, "positions_total": 0,
+                           "positions_pad": 0, "batches_per_rank": [], "text_only_batches_per_rank": []}
+    for st in per_rank:
+        for k in ("batches", "text_only_batches", "positions_total", "positions_pad"):
+            out[k] += st[k]
+        out["batches_per_rank"].append(st["batches"])
+        out["text_only_batches_per_rank"].append(st["text_only_batches"])
+        for name, src in st["sources"].items():
+            agg = out["sources"].setdefault(name, {"skipped": {}, "examples": {}})
+            for k, v in src.items():
+                if k == "skipped":
+                    for r, n in v.items():
+                        agg["skipped"][r] = agg["skipped"].get(r, 0) + n
+                elif k == "examples":
+                    _merge_examples(agg["examples"], v)
+                else:
+                    agg[k] = agg.get(k, 0) + v
+    out["pad_ratio"] = out["positions_pad"] / out["positions_total"] if out["positions_total"] else 0.0
+    return out
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    """One log line: `batches=.. pad=..% | name: samples=.. skipped[reason=..]`."""
-    parts = [f"batches={stats['batches']} pad={100 * stats['pad_ratio']:.1f}%"]
+    """One log line: `batches=.. text-only=.. pad=..% | name: samples=.. skipped[reason=.. (first ids)]`."""
+    parts = [f"batches={stats['batches']} text-only={stats.get('text_only_batches', 0)} "
+             f"pad={100 * stats['pad_ratio']:.1f}%"]
     for name, s in stats["sources"].items():
-        skipped = " ".join(f"{k}={v}" for k, v in s["skipped"].items() if v)
-        parts.append(f"{name}: samples={s['samples']}" + (f" skipped[{skipped}]" if skipped else ""))
+        skipped = " ".join(f"{k}={v}" + (f" (e.g. {'; '.join(s['examples'][k])})" if s.get("examples", {}).get(k)
+                                         else "")
+                           for k, v in s["skipped"].items() if v)
+        parts.append(f"{name}: samples={s.get('samples', 0)}" + (f" skipped[{skipped}]" if skipped else ""))
     return " | ".join(parts)

@@ -5,8 +5,9 @@
     sources:
       - name: mgm_instruct
         kind: instructions          # text | pairs | instructions | t2i
-        paths: mgm/instructions/{00000..00179}.jsonl
-        image_paths: mgm/codes/{00000..01499}.tar
+        paths: mgm/instructions/{00000..00179}.jsonl   # brace range ...
+        image_paths: mgm/codes/*.tar                  # ... or glob (sorted; ** spans folders)
+        image_index: mgm/codes/index.json
         budget: 1500000             # samples per mixture epoch ...
       - name: t2i
         kind: t2i
@@ -15,11 +16,14 @@
 
 Every source uses `weight` or every source uses `budget` (mixing both has no common unit). Unknown
 keys, and options that do not apply to a source's kind, raise ValueError (the release silently
-ignored typos). `load_recipe` checks that every expanded path exists and names the first missing one.
+ignored typos). Every path, `image_index` included, resolves against the recipe's `root`.
+`load_recipe` checks that every expanded path exists and names the first missing one, and that every
+glob matches something; `mllm.data.preflight` checks the rest before a run builds its model.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +42,31 @@ _KIND_OPTIONS = {
 }
 
 
+GLOB_CHARS = "*?["
+
+
+def resolve(path: str, root: str | os.PathLike = ".") -> Path:
+    """`path` against `root` (absolute and ~ paths are kept)."""
+    q = Path(os.path.expanduser(path))
+    return q if q.is_absolute() else Path(root) / q
+
+
 def expand_paths(patterns: list[str], root: str | os.PathLike = ".") -> list[Path]:
-    """Brace-expand each pattern (`shards/{00000..00009}.tar`) and resolve it against `root`."""
+    """Brace-expand each pattern (`shards/{00000..00009}.tar`), resolve it against `root`, and expand
+    globs (`dclm/**/*.jsonl.zstd`, sorted, so the order is the same on every rank and every run).
+    A brace range keeps names that do not exist (check_paths reports them); a glob that matches
+    nothing raises FileNotFoundError naming the pattern."""
     out = []
     for p in patterns:
         for q in braceexpand(p):
-            q = Path(os.path.expanduser(q))
-            out.append(q if q.is_absolute() else Path(root) / q)
+            full = resolve(q, root)
+            if any(c in q for c in GLOB_CHARS):
+                hits = sorted(glob.glob(str(full), recursive=True))
+                if not hits:
+                    raise FileNotFoundError(f"pattern {full} matches no file")
+                out.extend(Path(h) for h in hits)
+            else:
+                out.append(full)
     return out
 
 
@@ -82,7 +104,8 @@ class SourceConfig:
     image_paths: list[str] = field(default_factory=list)
     """instructions: code shards holding the images (looked up by their json `path`)."""
     image_index: str | None = None
-    """instructions: cache file for the path -> code index (built on first use if missing)."""
+    """instructions: cache file for the path -> code index, relative to the recipe root like every path
+    (built before training if missing or stale, written atomically)."""
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -160,17 +183,27 @@ class Recipe:
 
     def files(self, source: SourceConfig) -> list[Path]:
         """Expanded data files of a source."""
-        return expand_paths(source.paths, self.root)
+        return self._expand(source, source.paths)
 
     def image_files(self, source: SourceConfig) -> list[Path]:
         """Expanded code shards of an instructions source."""
-        return expand_paths(source.image_paths, self.root)
+        return self._expand(source, source.image_paths)
+
+    def image_index(self, source: SourceConfig) -> Path | None:
+        """The index cache file of an instructions source, resolved against the root."""
+        return resolve(source.image_index, self.root) if source.image_index else None
+
+    def _expand(self, source: SourceConfig, patterns: list[str]) -> list[Path]:
+        try:
+            return expand_paths(patterns, self.root)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"recipe {self.name!r}, source {source.name!r}: {e}") from None
 
     def check_paths(self) -> None:
         """FileNotFoundError naming the first missing file (and how many are missing)."""
         for s in self.sources:
             for group in (self.files(s), self.image_files(s)):
-                missing = [p for p in group if not p.exists()]
+                missing = [p for p in group if not p.is_file()]
                 if missing:
                     raise FileNotFoundError(f"recipe {self.name!r}, source {s.name!r}: missing {missing[0]}"
                                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -1,8 +1,8 @@
 """Source readers: raw records from files in a deterministic, resumable order, with bad-data counters.
 
 Kinds (on-disk formats in data_recipes/README.md):
-    text          JSONL (.jsonl, .jsonl.gz, .jsonl.zst if `zstandard` is installed) or parquet (if
-                  `pyarrow` is installed); one document per row in field `text`.
+    text          JSONL (.jsonl, .jsonl.gz, .jsonl.zst / .jsonl.zstd as DCLM names them) or parquet;
+                  one document per row in field `text`.
     pairs         code shards (webdataset tars): `codes.npy` uint16 (K, h, w), `txt` caption, optional
                   `json` (extra caption fields, `path`); each pair becomes text-to-image with
                   probability t2i_ratio, else a caption sample.
@@ -21,7 +21,9 @@ stream exactly, so resume never replays the data stream. Per-record randomness (
 caption dropout, caption choice) is a hash of (seed, source, epoch, shard, record), not RNG state.
 
 Bad data is skipped and counted per source: missing_image, malformed (JSON line, conversation),
-empty_text, too_long (longer than max_len after image expansion), corrupt (tar/member unreadable).
+empty_text (also a `null` text), too_long (longer than max_len after image expansion), corrupt
+(tar/member unreadable). Each reason also keeps the ids of its first MAX_EXAMPLES samples (file and
+key or line), so a count in the log can be traced to the data.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ from mllm.data.recipe import Recipe, SourceConfig
 log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing_image", "malformed", "empty_text", "too_long", "corrupt")
+MAX_EXAMPLES = 3  # sample ids kept per skip reason
+# Text file suffixes the `text` kind reads (DCLM ships `.jsonl.zstd`; zstd's own tool writes `.zst`).
+TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".parquet")
 _MASK64 = (1 << 64) - 1
 
 
@@ -148,6 +153,8 @@ class Source:
         self.cfg, self.files, self.tokenizer = cfg, list(files), tokenizer
         self.seed, self.max_len, self.boi_id, self.eoi_id = seed, max_len, boi_id, eoi_id
         self.counters: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+        """skip reason -> ids of its first MAX_EXAMPLES samples"""
         self._warned: set[str] = set()
 
     @property
@@ -161,15 +168,19 @@ class Source:
         self.counters[key] = self.counters.get(key, 0) + n
 
     def skip(self, reason: str, detail: str = "") -> None:
-        """Count a skipped record (and warn once per reason)."""
+        """Count a skipped record, keep its id (`detail` starts with it) if among the first few, and
+        warn once per reason."""
         self.count("skipped/" + reason)
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < MAX_EXAMPLES:
+            ex.append(detail[:200])
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("source %s: skipping bad data (%s) %s; further ones are only counted",
                         self.name, reason, detail[:200])
 
     def stats(self) -> dict[str, Any]:
-        """{records, samples, <kind counts>, skipped: {reason: n}}."""
+        """{records, samples, <kind counts>, skipped: {reason: n}, examples: {reason: [ids]}}."""
         out: dict[str, Any] = {"records": 0, "samples": 0}
         skipped = {r: 0 for r in SKIP_REASONS}
         for k, v in self.counters.items():
@@ -178,6 +189,7 @@ class Source:
             else:
                 out[k] = v
         out["skipped"] = skipped
+        out["examples"] = {r: list(v) for r, v in self.examples.items()}
         return out
 
     # -- order
@@ -212,9 +224,9 @@ class Source:
         raise NotImplementedError
 
     # -- iteration
-    def _check_len(self, s: Sample) -> Sample | None:
+    def _check_len(self, s: Sample, key: str) -> Sample | None:
         if self.max_len is not None and s.expanded_length() > self.max_len:
-            self.skip("too_long", f"{s.expanded_length()} > max_len {self.max_len}")
+            self.skip("too_long", f"{key}: {s.expanded_length()} positions > max_len {self.max_len}")
             return None
         return s
 
@@ -279,6 +291,17 @@ def _require(module: str, path: Path, what: str):
                           f"install it with `pip install {module}` or convert the file to plain .jsonl") from None
 
 
+def check_text_file(path: Path, source: str) -> None:
+    """ValueError for a suffix the text reader does not know; ImportError if its reader is missing."""
+    name = path.name.lower()
+    if not name.endswith(TEXT_SUFFIXES):
+        raise ValueError(f"source {source!r}: unsupported text file {path} (suffixes: {', '.join(TEXT_SUFFIXES)})")
+    if name.endswith((".zst", ".zstd")):
+        _require("zstandard", path, "zstd-compressed JSONL")
+    elif name.endswith(".parquet"):
+        _require("pyarrow", path, "parquet")
+
+
 class TextSource(Source):
     """Documents from JSONL / JSONL.gz / JSONL.zst / parquet files (field `text_field`)."""
 
@@ -287,14 +310,7 @@ class TextSource(Source):
     def __init__(self, cfg, files, tokenizer=None, **kw):
         super().__init__(cfg, files, tokenizer, **kw)
         for f in self.files:  # fail at construction, not hours into a run
-            name = f.name.lower()
-            if name.endswith(".zst"):
-                _require("zstandard", f, "zstd-compressed JSONL")
-            elif name.endswith(".parquet"):
-                _require("pyarrow", f, "parquet")
-            elif not (name.endswith(".jsonl") or name.endswith(".json") or name.endswith(".jsonl.gz")):
-                raise ValueError(f"source {cfg.name!r}: unsupported text file {f} "
-                                 "(use .jsonl, .jsonl.gz, .jsonl.zst or .parquet)")
+            check_text_file(f, cfg.name)
 
     def _lines(self, path: Path, start: Position) -> Iterator[tuple[int, bytes, int]]:
         """(line index, raw line, its byte offset, offset after it) from start.record; plain JSONL seeks
@@ -310,7 +326,7 @@ class TextSource(Source):
                     idx += 1
             return
         if name.endswith(".gz"):
-            fh = gzip.open(path, "rb")
+            fh = gzip.open(path, "rb")  # (.zst / .zstd below)
         else:
             zstd = _require("zstandard", path, "zstd-compressed JSONL")
             fh = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
@@ -330,7 +346,7 @@ class TextSource(Source):
             for batch in pq.ParquetFile(str(path)).iter_batches(columns=[field]):
                 for value in batch.column(0).to_pylist():
                     if idx >= start.record and (not by_record or idx % num_splits == split):
-                        rec = self._text_record(f"{path.name}:{idx}", value)
+                        rec = self._text_record(f"{path.name}:row {idx}", value)
                         if rec is not None:
                             yield idx, rec, 0, 0
                     idx += 1
@@ -342,18 +358,21 @@ class TextSource(Source):
                 continue  # blank separator lines are not records
             try:
                 obj = json.loads(line)
-                value = obj.get(field) if isinstance(obj, dict) else None
+                value = obj.get(field) if isinstance(obj, dict) else None  # null text: empty_text
             except (ValueError, UnicodeDecodeError) as e:
-                self.skip("malformed", f"{path}:{idx + 1}: {e}")
+                self.skip("malformed", f"{path.name}:{idx + 1}: {e}")
                 continue
-            if value is None:
-                self.skip("malformed", f"{path}:{idx + 1}: no string field {field!r}")
+            if not isinstance(obj, dict) or field not in obj:
+                self.skip("malformed", f"{path.name}:{idx + 1}: no field {field!r}")
                 continue
-            rec = self._text_record(f"{path.name}:{idx}", value)
+            rec = self._text_record(f"{path.name}:{idx + 1}", value)  # file:line
             if rec is not None:
                 yield idx, rec, own, off
 
     def _text_record(self, key: str, value) -> TextRecord | None:
+        if value is None:  # DCLM rows can carry `"text": null`
+            self.skip("empty_text", f"{key}: {self.cfg.text_field!r} is null")
+            return None
         if not isinstance(value, str):
             self.skip("malformed", f"{key}: field {self.cfg.text_field!r} is not a string")
             return None
@@ -366,7 +385,7 @@ class TextSource(Source):
     def to_samples(self, record, epoch, shard, index):
         out = T.text_samples(self.tokenizer, record.text, self.max_len, self.cfg.text_overflow)
         if not out:
-            self.skip("too_long", record.key)
+            self.skip("too_long", f"{record.key}: longer than max_len {self.max_len} (text_overflow skip)")
         return out
 
 
@@ -477,7 +496,7 @@ class PairSource(Source):
         else:
             s = T.caption_sample(self.tokenizer, caption, record.codes, self.boi_id, self.eoi_id)
             tag = "caption"
-        if self._check_len(s) is None:
+        if self._check_len(s, record.key) is None:
             return []
         self.count(tag)
         return [s]
@@ -514,10 +533,14 @@ class CodeIndex:
                 self.entries = {}
         if not self.entries:
             self._build()
-            if cache is not None:
+            if cache is not None:  # atomically, next to the shards: readers never see a partial index
                 tmp = Path(f"{cache}.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps({"version": self.VERSION, "shards": sig, "entries": self.entries}))
-                os.replace(tmp, cache)
+                try:
+                    tmp.write_text(json.dumps({"version": self.VERSION, "shards": sig, "entries": self.entries}))
+                    os.replace(tmp, cache)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    raise OSError(f"cannot write the image index {cache}: {e.strerror or e}") from None
         self._stems = {os.path.splitext(k)[0]: v for k, v in self.entries.items()}
 
     def _build(self) -> None:
@@ -577,10 +600,11 @@ class InstructionSource(Source):
 
     kind = "instructions"
 
-    def __init__(self, cfg, files, tokenizer=None, image_files: list[Path] = (), index_cache: dict | None = None,
-                 **kw):
+    def __init__(self, cfg, files, tokenizer=None, image_files: list[Path] = (), index_path: Path | None = None,
+                 index_cache: dict | None = None, **kw):
         super().__init__(cfg, files, tokenizer, **kw)
         self.image_files = list(image_files)
+        self.index_path = index_path
         self._index: CodeIndex | None = None
         self._index_cache = index_cache  # shared between streams of one process
         self._cache: tuple[int, list] | None = None
@@ -589,11 +613,11 @@ class InstructionSource(Source):
     def index(self) -> CodeIndex:
         """The path -> codes index (built on first use)."""
         if self._index is None:
-            key = (tuple(map(str, self.image_files)), self.cfg.image_index)
+            key = (tuple(map(str, self.image_files)), str(self.index_path))
             if self._index_cache is not None and key in self._index_cache:
                 self._index = self._index_cache[key]
             else:
-                self._index = CodeIndex(self.image_files, Path(self.cfg.image_index) if self.cfg.image_index else None,
+                self._index = CodeIndex(self.image_files, self.index_path,
                                         on_error=lambda e: self.skip("corrupt", str(e)))
                 if self._index_cache is not None:
                     self._index_cache[key] = self._index
@@ -652,7 +676,8 @@ class InstructionSource(Source):
                 return None
             images.append(codes)
         self.count("records")
-        return InstructionRecord(str(obj.get("id", where)), obj["conversations"], images)
+        key = f"{where} id={obj['id']}" if "id" in obj else where
+        return InstructionRecord(key, obj["conversations"], images)
 
     def to_samples(self, record, epoch, shard, index):
         try:
@@ -660,7 +685,7 @@ class InstructionSource(Source):
         except ValueError as e:
             self.skip("malformed", f"{record.key}: {e}")
             return []
-        if self._check_len(s) is None:
+        if self._check_len(s, record.key) is None:
             return []
         self.count("with_image" if record.images else "text_only")
         return [s]
@@ -676,7 +701,7 @@ def build_source(recipe: Recipe, cfg: SourceConfig, tokenizer=None, *, seed: int
     """Instantiate the reader of one recipe source."""
     kw: dict[str, Any] = dict(seed=seed, max_len=max_len, boi_id=boi_id, eoi_id=eoi_id)
     if cfg.kind == "instructions":
-        kw.update(image_files=recipe.image_files(cfg), index_cache=index_cache)
+        kw.update(image_files=recipe.image_files(cfg), index_path=recipe.image_index(cfg), index_cache=index_cache)
     return SOURCE_CLASSES[cfg.kind](cfg, recipe.files(cfg), tokenizer, **kw)
 
 

@@ -41,6 +41,10 @@ class UniMLLMConfig(LlamaConfig):
     """Image-end token (<0x01>)."""
     z_loss_weight: float = 5e-5
     """Weight of mean(max image logit^2), the release's z-loss variant."""
+    image_size: int | None = None
+    """Pixel side of the images whose codes the model was trained on (grid = image_size / 16), recorded
+    by mllm.train from the code shards' manifests; chat and eval refuse another size. None: unknown
+    (the released model used 256)."""
 
     def __post_init__(self, **kwargs):
         if self.depth_hidden_size is None:
@@ -58,6 +62,8 @@ class UniMLLMConfig(LlamaConfig):
                      "depth_num_layers", "depth_hidden_size", "depth_num_heads", "depth_intermediate_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_size is not None and (self.image_size <= 0 or self.image_size % 16):
+            raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.embed_width % self.embed_num_heads:
             raise ValueError("embed_width must be divisible by embed_num_heads")
         if self.depth_hidden_size % self.depth_num_heads:

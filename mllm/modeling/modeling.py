@@ -11,7 +11,9 @@ Batch contract (built by `mllm.data.collate`), B rows, T positions, N images, K 
     image_gen     (N,)    bool: the image's codes are supervised by the depth head (text-to-image)
 Loss (REFERENCE.md 6.4): token-count weighted text CE and image CE (each sub-code one token),
 plus z-loss weight * mean(max image logit ^ 2). Every trainable module runs exactly once per forward
-on every rank, with dummy inputs when a batch has no images, so ZeRO-3 never hangs.
+on every rank, with dummy inputs when a batch has no images, so ZeRO-3 never hangs: every rank runs
+the same sequence of parameter gathers whatever its batch holds (see `build_inputs_embeds` and
+`_losses`, and tests/test_zero3_mixed_batches.py).
 """
 from __future__ import annotations
 
@@ -76,20 +78,23 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
                 t.data.zero_()
 
     # ---- input side -----------------------------------------------------------------------
-    def embed_images(self, image_codes: torch.Tensor | None) -> torch.Tensor:
-        """image_codes (N, K, Lmax) -> (N, Lmax, hidden). N = 0 runs a dummy image (see module doc)."""
-        if image_codes is None or image_codes.shape[0] == 0 or image_codes.shape[-1] == 0:
-            dummy = torch.zeros(1, self.config.num_codebooks, 1, dtype=torch.long, device=self.device)
-            return self.model.multi_embedder(dummy)[:0]
-        return self.model.multi_embedder(image_codes)
-
     def build_inputs_embeds(self, input_ids, image_codes=None, image_lens=None, image_starts=None):
-        """Text embeddings with each image's h*w positions replaced by visual embeddings."""
+        """Text embeddings with each image's h*w positions replaced by visual embeddings.
+
+        Collective invariance (ZeRO-3): `embed_tokens` and `multi_embedder` each run exactly once here,
+        whatever the batch holds (text only, images, or both), because ZeRO-3 gathers a module's
+        partitioned parameters in its forward hook: a rank that ran the embedder a different number of
+        times than its peers would issue mismatched all-gathers and hang the job. A batch without
+        images embeds one dummy position and adds it times zero, which also gives every embedder
+        parameter a (zero) gradient, so the backward reduce-scatters match as well.
+        """
         embeds = self.model.embed_tokens(input_ids.clamp_min(0))  # (B, T, H)
-        img = self.embed_images(image_codes)  # (N, Lmax, H)
-        if img.shape[0] == 0:
-            empty = torch.zeros(1, 1, self.config.num_codebooks, dtype=torch.long, device=embeds.device)
-            return embeds + 0 * self.model.multi_embedder(empty.transpose(1, 2)).sum()
+        present = has_images(image_codes)
+        if not present:
+            image_codes = torch.zeros(1, self.config.num_codebooks, 1, dtype=torch.long, device=embeds.device)
+        img = self.model.multi_embedder(image_codes)  # (N, Lmax, H): the only embedder call
+        if not present:
+            return embeds + 0 * img.sum().to(embeds.dtype)
         rows, cols, src = image_positions(image_lens, image_starts)
         flat = img[src[0], src[1]].to(embeds.dtype)  # (sum L, H)
         return embeds.index_put((rows, cols), flat)
@@ -200,6 +205,11 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
     def load_tokenizer_weights(self, tokenizer) -> None:
         """Initialise the frozen codebooks and the causal projection from a UniTok."""
         self.model.multi_embedder.load_from_tokenizer(tokenizer)
+
+
+def has_images(image_codes: torch.Tensor | None) -> bool:
+    """Whether a batch's `image_codes` (N, K, Lmax) hold at least one image position."""
+    return image_codes is not None and image_codes.shape[0] > 0 and image_codes.shape[-1] > 0
 
 
 def image_positions(image_lens: torch.Tensor, image_starts: torch.Tensor):

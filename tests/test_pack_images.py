@@ -1,0 +1,263 @@
+"""`python -m mllm.data.pack_images` on a small, faithful MGM-Finetune layout built from real photos.
+
+The layout mirrors the release: images live at the paths the json names (vg/VG_100K/... and
+vg/VG_100K_2/...), ocr_vqa names `.jpg` but stores `.png` / `.gif`, and there are a zero-byte file, an
+absent file, a `..` escape, an absolute path, text-only and malformed entries, integer ids, a first
+turn from `gpt` and a multi-image entry, spread over a JSON list and a JSONL file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from real_data import image_variants
+
+from mllm.data import pack_images as P
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# relative path in the json -> (file stored on disk relative to the root, real_data variant)
+STORED = {
+    "coco/train2017/000000000009.jpg": ("coco/train2017/000000000009.jpg", "astronaut.jpg"),
+    "coco/train2017/000000000025.jpg": ("coco/train2017/000000000025.jpg", "cmyk.jpg"),
+    "coco/train2017/000000000030.jpg": ("coco/train2017/000000000030.jpg", "empty.jpg"),  # zero bytes
+    "gqa/images/2354786.jpg": ("gqa/images/2354786.jpg", "camera_gray.jpg"),
+    "vg/VG_100K/2.jpg": ("vg/VG_100K/2.jpg", "wide.jpg"),
+    "vg/VG_100K_2/1.jpg": ("vg/VG_100K_2/1.jpg", "tiny.jpg"),
+    "ocr_vqa/images/140031996.jpg": ("ocr_vqa/images/140031996.png", "rgba.png"),  # .jpg in json, .png on disk
+    "ocr_vqa/images/1453600173.jpg": ("ocr_vqa/images/1453600173.gif", "animated.gif"),  # ... and .gif
+    "textvqa/train_images/0a0bc91825468c45.jpg": ("textvqa/train_images/0a0bc91825468c45.jpg", "truncated.jpg"),
+    "textvqa/train_images/011e7e629fb9ae7b.jpg": ("textvqa/train_images/011e7e629fb9ae7b.jpg", "tall.png"),
+    "web-celebrity/images/Tom_Hanks_1.jpeg": ("web-celebrity/images/Tom_Hanks_1.jpeg", "coffee.png"),
+    "wikiart/images/monet_1.webp": ("wikiart/images/monet_1.webp", "chelsea.webp"),
+}
+MISSING = "gqa/images/missing_404.jpg"
+ESCAPE = "../escape.jpg"
+PACKED = {k: v for k, v in STORED.items() if v[1] != "empty.jpg"}
+MEMBER_EXT = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp"}
+
+
+def _turns(first: str = "human", n: int = 2, image: bool = True) -> list[dict]:
+    roles = ["human", "gpt"] if first == "human" else ["gpt", "human"]
+    return [{"from": roles[i % 2], "value": ("<image>\nWhat is shown?" if image and i == 0 else f"turn {i}")}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def mgm(tmp_path_factory) -> dict:
+    """MGM-Finetune/ with images, mgm_instruction.json (JSON list) and extra.jsonl."""
+    base = tmp_path_factory.mktemp("pack")
+    root = base / "MGM-Finetune"
+    v = image_variants()
+    for disk, name in STORED.values():
+        (root / disk).parent.mkdir(parents=True, exist_ok=True)
+        (root / disk).write_bytes(v[name])
+    (base / "escape.jpg").write_bytes(v["astronaut.jpg"])  # exists, but outside the root: must not be read
+    abs_path = str(base / "escape.jpg")
+    rows = [
+        {"id": "000000000009", "image": "coco/train2017/000000000009.jpg", "conversations": _turns()},
+        {"id": 2354786, "image": "gqa/images/2354786.jpg", "conversations": _turns(n=4)},  # integer id
+        {"id": "vg_2", "image": "vg/VG_100K/2.jpg", "conversations": _turns()},
+        {"id": "vg_1", "image": "vg/VG_100K_2/1.jpg", "conversations": _turns()},
+        {"id": "140031996", "image": "ocr_vqa/images/140031996.jpg", "conversations": _turns()},
+        {"id": "1453600173", "image": "ocr_vqa/images/1453600173.jpg", "conversations": _turns()},
+        {"id": "tv_0", "image": "textvqa/train_images/0a0bc91825468c45.jpg", "conversations": _turns()},
+        {"id": "tv_1", "image": "textvqa/train_images/011e7e629fb9ae7b.jpg", "conversations": _turns()},
+        {"id": "sharegpt_1", "conversations": _turns(image=False)},  # text-only
+        {"id": 42, "image": None, "conversations": _turns(image=False)},  # text-only, integer id
+        {"id": "gpt_first", "image": "coco/train2017/000000000025.jpg", "conversations": _turns("gpt", 3)},
+        {"id": "multi", "image": ["coco/train2017/000000000009.jpg", "web-celebrity/images/Tom_Hanks_1.jpeg"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nSame person?"},
+                           {"from": "gpt", "value": "No."}]},
+        {"id": "empty", "image": "coco/train2017/000000000030.jpg", "conversations": _turns()},
+        {"id": "absent", "image": MISSING, "conversations": _turns()},
+        {"id": "escape", "image": ESCAPE, "conversations": _turns()},
+        {"id": "bad_image", "image": 5, "conversations": _turns()},  # malformed
+        {"id": "no_turns", "image": "coco/train2017/000000000009.jpg"},  # malformed
+    ]
+    conv = root / "mgm_instruction.json"
+    conv.write_text(json.dumps(rows))
+    extra = base / "extra.jsonl"
+    lines = [json.dumps({"id": 7, "image": "wikiart/images/monet_1.webp", "conversations": _turns()}),
+             json.dumps({"id": "abs", "image": abs_path, "conversations": _turns()}),  # absolute: outside_root
+             json.dumps({"id": "text", "conversations": _turns(image=False)}),
+             "{not json",  # malformed
+             "",
+             json.dumps({"id": "dup", "image": "vg/VG_100K/2.jpg", "conversations": _turns()})]
+    extra.write_text("\n".join(lines) + "\n")
+    return {"base": base, "root": root, "conv": conv, "extra": extra, "abs": abs_path}
+
+
+def _args(mgm: dict, out: Path, per_shard: int = 3) -> list[str]:
+    return ["--conversations", str(mgm["conv"]), str(mgm["extra"]), "--image-root", str(mgm["root"]),
+            "--out", str(out), "--per-shard", str(per_shard), "--threads", "2"]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
+            if p.name != P.MANIFEST}
+
+
+def _members(out: Path) -> dict[str, dict[str, bytes]]:
+    """__key__ -> {ext: bytes} over all shards."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def packed(mgm, tmp_path_factory):
+    """One in-process 1-rank run (per_shard 3)."""
+    out = tmp_path_factory.mktemp("out") / "raw_mgm"
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        res = P.main(_args(mgm, out))
+    finally:
+        os.environ.update(env)
+    return out, res
+
+
+def test_counts_and_manifest(mgm, packed):
+    out, res = packed
+    m = json.loads((out / P.MANIFEST).read_text())
+    assert m == res["manifest"]
+    c = m["counts"]
+    unique = len(STORED) + 3  # + missing, ../escape.jpg, the absolute path
+    assert (c["entries"], c["with_image"], c["text_only"], c["malformed"]) == (22, 16, 3, 3)
+    assert c["image_refs"] == 17 and c["unique_images"] == unique
+    assert (c["packed"], c["not_found"], c["empty_file"], c["outside_root"], c["other_ext"]) == (11, 1, 1, 2, 2)
+    assert c["entries_missing_image"] == 4  # empty, absent, escape, abs
+    assert m["num_shards"] == -(-unique // 3) == 5 and m["per_shard"] == 3
+    assert m["examples"]["not_found"] == [MISSING]
+    assert m["examples"]["empty_file"] == ["coco/train2017/000000000030.jpg"]
+    assert sorted(m["examples"]["outside_root"]) == sorted([ESCAPE, mgm["abs"]])
+    assert m["examples"]["malformed"] == [f"{mgm['conv']}[15]", f"{mgm['conv']}[16]", f"{mgm['extra']}:4"]
+    assert m["fingerprint"] == P.fingerprint(sorted([*STORED, MISSING, ESCAPE, mgm["abs"]]), 3)
+    assert sorted(res["done"]) == list(range(5)) and res["skipped"] == []
+
+
+def test_members_are_the_source_files(mgm, packed):
+    out, _ = packed
+    paths = sorted([*STORED, MISSING, ESCAPE, mgm["abs"]])
+    samples = _members(out)
+    by_path = {}
+    for key, s in samples.items():
+        meta = json.loads(s.pop("json"))
+        assert len(s) == 1, s.keys()
+        (ext, data), = s.items()
+        assert paths[int(key)] == meta["path"] and len(key) == 8
+        assert meta["path"] not in by_path  # every image once
+        by_path[meta["path"]] = (ext, data, meta.get("found_as"))
+    assert set(by_path) == set(PACKED)
+    for rel, (disk, _) in PACKED.items():
+        ext, data, found_as = by_path[rel]
+        assert data == (mgm["root"] / disk).read_bytes()  # copied byte for byte, truncated.jpg included
+        assert ext == MEMBER_EXT[disk.rsplit(".", 1)[1]]
+        assert found_as == (None if disk == rel else disk)
+    assert by_path["ocr_vqa/images/1453600173.jpg"][0] == "gif"
+    assert by_path["web-celebrity/images/Tom_Hanks_1.jpeg"][0] == "jpg"
+    # each shard holds exactly the slice paths[3i : 3i + 3] (minus unusable ones)
+    for tar in sorted(out.glob("*.tar")):
+        i = int(tar.stem)
+        with tarfile.open(tar) as tf:
+            keys = {int(n.split(".")[0]) for n in tf.getnames()}
+        assert keys <= set(range(3 * i, 3 * i + 3))
+
+
+def test_webdataset_reads_the_shards(packed):
+    import webdataset as wds
+
+    out, _ = packed
+    seen = {}
+    for tar in sorted(out.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            seen[json.loads(s["json"])["path"]] = next(e for e in ("jpg", "png", "gif", "webp") if e in s)
+    assert set(seen) == set(PACKED)
+    assert seen["ocr_vqa/images/140031996.jpg"] == "png" and seen["wikiart/images/monet_1.webp"] == "webp"
+
+
+def test_summary_and_next_steps_printed(mgm, tmp_path, capsys):
+    P.main(_args(mgm, tmp_path / "o", per_shard=100))
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if ln.startswith("pack_images:"))
+    assert "packed 11 of 15" in line and f"not_found=1 ['{MISSING}']" in line
+    assert "empty_file=1" in line and "outside_root=2" in line and "3 text_only" in line
+    assert "--mode understanding" in text and "00000.tar" in text
+    assert f"mllm.data.sources split-json {mgm['conv']}" in text and "extra.jsonl" not in text.split("next:")[1]
+
+
+def test_two_ranks_match_one_rank(mgm, packed, tmp_path):
+    out1, _ = packed
+    out2 = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mllm.data.pack_images", *_args(mgm, out2)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _digests(out2) == _digests(out1)  # byte-identical tars and sidecars
+    m1, m2 = (json.loads((o / P.MANIFEST).read_text()) for o in (out1, out2))
+    m1.pop("config"), m2.pop("config")
+    assert m1 == m2
+    assert p.stdout.count("pack_images: packed 11 of 15") == 1  # rank 0 only
+
+
+def test_rerun_skips_redoes_and_cleans(mgm, packed, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(packed[0], out)
+    before = _digests(out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    res = P.main(_args(mgm, out))
+    assert res["done"] == [] and sorted(res["skipped"]) == list(range(5))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+    (out / "00002.tar").unlink()
+    stale = out / ".00001.tar.tmp-99999"  # a crashed run's leftover
+    stale.write_bytes(b"partial")
+    res = P.main(_args(mgm, out))
+    assert res["done"] == [2] and not stale.exists()
+    assert _digests(out) == before
+
+
+def test_refuses_a_different_packing(mgm, packed, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(packed[0], out)
+    with pytest.raises(ValueError, match=r"manifest\.json belongs to a different packing"):
+        P.main(_args(mgm, out, per_shard=4))
+    args = _args(mgm, out)
+    args[args.index("--conversations") + 2: args.index("--image-root")] = []  # drop extra.jsonl
+    with pytest.raises(ValueError, match="different packing"):
+        P.main(args)
+    (out / P.MANIFEST).unlink()  # a crashed first run: only sidecars tell
+    with pytest.raises(ValueError, match=r"00000\.stats\.json belongs to a different packing"):
+        P.main(_args(mgm, out, per_shard=4))
+
+
+def test_clear_errors(mgm, tmp_path):
+    with pytest.raises(FileNotFoundError, match="conversation file not found: .*nope.json"):
+        P.main(["--conversations", str(tmp_path / "nope.json"), "--image-root", str(mgm["root"]),
+                "--out", str(tmp_path / "o")])
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1, "conversations": []},')
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        P.main(["--conversations", str(bad), "--image-root", str(mgm["root"]), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="image root not found.*no_root"):
+        P.main(["--conversations", str(mgm["conv"]), "--image-root", str(tmp_path / "no_root"),
+                "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="per-shard"):
+        P.main(_args(mgm, tmp_path / "o", per_shard=0))

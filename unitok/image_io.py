@@ -1,0 +1,107 @@
+"""Image file bytes -> the RGB pixels the tokenizer sees. Extraction, chat and tokenizer training all
+read images through here, so one file gives the same pixels (and codes) everywhere.
+
+    load_image(bytes | path)          -> PIL RGB, first frame, alpha composited on white, fully decoded
+    preprocess(img, mode, size)       -> uint8 (size, size, 3)
+        generation     resize the short side to `size` (Lanczos, as Liquid's extractor), centre crop
+        understanding  pad to square with PAD_COLOR, resize to size x size (bilinear) (REFERENCE 6.10)
+    to_model_input([pixels])          -> float (B, 3, size, size) in [-1, 1]
+
+Mode handling in `load_image` (the public crawls hold all of these):
+    RGBA, LA, PA, P / L / RGB with a transparency entry  -> alpha-composited on white
+    I;16*, I (16-bit PNG / TIFF)                          -> scaled 0..65535 -> 0..255, then gray -> RGB
+    CMYK, L, 1, P, YCbCr                                  -> PIL's convert("RGB")
+    animated GIF / WebP / multi-page TIFF                 -> the first frame
+EXIF orientation is NOT applied, as in the LLaVA and Liquid readers the released models were trained
+with. Truncated or damaged files raise (the whole image is decoded here, not lazily).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PAD_COLOR = (122, 116, 104)  # LLaVA's expand2square background (CLIP mean * 255)
+MAX_PIXELS = 40_000_000
+"""Default limit on width x height: bigger files are refused before their pixels are decoded."""
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than the `max_pixels` limit (raised before decoding its pixels)."""
+
+    def __init__(self, width: int, height: int, limit: int):
+        self.width, self.height, self.limit = width, height, limit
+        super().__init__(f"image is {width}x{height} = {width * height:,} pixels, over max_pixels={limit:,}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (a new image): transparency composited on white, 16-bit scaled to 8."""
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode.startswith("I"):  # "I" and "I;16*": 16-bit samples (PIL's own convert would clip at 255)
+        a = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if img.mode == "F":
+        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image file bytes (or a file path) into a fully loaded RGB image (see the module docstring).
+
+    Raises PIL.UnidentifiedImageError (not an image), OSError (truncated / damaged) or ImageTooLarge
+    (a ValueError naming `max_pixels`)."""
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src)
+    with Image.open(fp) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageTooLarge(w, h, max_pixels)
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()  # decode now: a truncated file raises here, not later in a worker
+        return to_rgb(img)
+
+
+# ---- preprocessing --------------------------------------------------------------------------------------
+def pad_to_square(img: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+    """Centre `img` on a square canvas of its longer side filled with `color` (LLaVA's expand2square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), color)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess(img: Image.Image, mode: str, size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 (size, size, 3) as the tokenizer sees it (see the module docstring)."""
+    img = img if img.mode == "RGB" else to_rgb(img)
+    w, h = img.size
+    if mode == "generation":
+        s = size / min(w, h)
+        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        img = img.resize((nw, nh), Image.LANCZOS)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    elif mode == "understanding":
+        img = pad_to_square(img).resize((size, size), Image.BILINEAR)
+    else:
+        raise ValueError(f"unknown mode {mode!r}: expected generation or understanding")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_model_input(pixels: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
