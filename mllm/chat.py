@@ -94,7 +94,9 @@ class EngineConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """MLLM weights dtype (the tokenizer always runs in fp32, as its quantizer path requires)."""
     image_size: int | None = None
-    """Square side images are resized to (multiple of 16); None = the tokenizer's training size."""
+    """Square side images are resized to (multiple of 16); None = the size the MLLM was trained at
+    (config.json image_size), else the tokenizer's training size. Another size than the recorded one
+    is refused."""
     max_image_pixels: int = 40_000_000
     """Refuse input images with more pixels than this (width x height)."""
 
@@ -208,7 +210,11 @@ class MLLMEngine:
         if text_tokenizer.bos_token_id is None or text_tokenizer.eos_token_id is None:
             raise ValueError("the text tokenizer needs bos and eos tokens")
         self.model, self.text_tokenizer, self.image_tokenizer = model.eval(), text_tokenizer, image_tokenizer.eval()
-        self.image_size = int(image_size or image_tokenizer.cfg.img_size)
+        trained = getattr(cfg, "image_size", None)  # recorded by mllm.train from the code shards
+        if image_size is not None and trained is not None and int(image_size) != int(trained):
+            raise ValueError(f"--image-size {image_size} does not match the {trained} px images this MLLM was "
+                             f"trained on (its config.json image_size); its code grid would differ")
+        self.image_size = int(image_size or trained or image_tokenizer.cfg.img_size)
         if self.image_size % 16:
             raise ValueError(f"image size must be a multiple of 16, got {self.image_size}")
         self.max_image_pixels = max_image_pixels

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from real_data import caption_for
+from real_data import caption_for, image_variants
 
 SAMPLE_DIGITS = 4  # img2dataset's oom_sample_per_shard for shards of < 10000 samples
 
@@ -194,3 +194,79 @@ def journeydb(out: Path, items: list[tuple[str, bytes]], missing: int = 1, bad_l
     path = out / "annot.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path, root, [name for name, _ in items] + [None] * (len(records) - len(items))
+
+
+# ---- Mini-Gemini (MGM-Finetune) ------------------------------------------------------------------------------
+# A small, faithful MGM-Finetune layout: images live at the paths the json names (vg/VG_100K/... and
+# vg/VG_100K_2/...), ocr_vqa names `.jpg` but stores `.png` / `.gif`, and there are a zero-byte file, an
+# absent file, a `..` escape, an absolute path, text-only and malformed entries, integer ids, a first
+# turn from `gpt` and a multi-image entry, spread over a JSON list and a JSONL file.
+# relative path in the json -> (file stored on disk relative to the root, real_data variant)
+STORED = {
+    "coco/train2017/000000000009.jpg": ("coco/train2017/000000000009.jpg", "astronaut.jpg"),
+    "coco/train2017/000000000025.jpg": ("coco/train2017/000000000025.jpg", "cmyk.jpg"),
+    "coco/train2017/000000000030.jpg": ("coco/train2017/000000000030.jpg", "empty.jpg"),  # zero bytes
+    "gqa/images/2354786.jpg": ("gqa/images/2354786.jpg", "camera_gray.jpg"),
+    "vg/VG_100K/2.jpg": ("vg/VG_100K/2.jpg", "wide.jpg"),
+    "vg/VG_100K_2/1.jpg": ("vg/VG_100K_2/1.jpg", "tiny.jpg"),
+    "ocr_vqa/images/140031996.jpg": ("ocr_vqa/images/140031996.png", "rgba.png"),  # .jpg in json, .png on disk
+    "ocr_vqa/images/1453600173.jpg": ("ocr_vqa/images/1453600173.gif", "animated.gif"),  # ... and .gif
+    "textvqa/train_images/0a0bc91825468c45.jpg": ("textvqa/train_images/0a0bc91825468c45.jpg", "truncated.jpg"),
+    "textvqa/train_images/011e7e629fb9ae7b.jpg": ("textvqa/train_images/011e7e629fb9ae7b.jpg", "tall.png"),
+    "web-celebrity/images/Tom_Hanks_1.jpeg": ("web-celebrity/images/Tom_Hanks_1.jpeg", "coffee.png"),
+    "wikiart/images/monet_1.webp": ("wikiart/images/monet_1.webp", "chelsea.webp"),
+}
+MISSING = "gqa/images/missing_404.jpg"
+ESCAPE = "../escape.jpg"
+
+
+def _turns(first: str = "human", n: int = 2, image: bool = True) -> list[dict]:
+    roles = ["human", "gpt"] if first == "human" else ["gpt", "human"]
+    return [{"from": roles[i % 2], "value": ("<image>\nWhat is shown?" if image and i == 0 else f"turn {i}")}
+            for i in range(n)]
+
+
+def mini_gemini(base: Path) -> dict:
+    """base/MGM-Finetune/ with images (the STORED table), mgm_instruction.json (a JSON list) and
+    base/extra.jsonl; returns {base, root, conv, extra, abs}."""
+    root = base / "MGM-Finetune"
+    v = image_variants()
+    for disk, name in STORED.values():
+        (root / disk).parent.mkdir(parents=True, exist_ok=True)
+        (root / disk).write_bytes(v[name])
+    (base / "escape.jpg").write_bytes(v["astronaut.jpg"])  # exists, but outside the root: must not be read
+    abs_path = str(base / "escape.jpg")
+    rows = [
+        {"id": "000000000009", "image": "coco/train2017/000000000009.jpg", "conversations": _turns()},
+        {"id": 2354786, "image": "gqa/images/2354786.jpg", "conversations": _turns(n=4)},  # integer id
+        {"id": "vg_2", "image": "vg/VG_100K/2.jpg", "conversations": _turns()},
+        {"id": "vg_1", "image": "vg/VG_100K_2/1.jpg", "conversations": _turns()},
+        {"id": "140031996", "image": "ocr_vqa/images/140031996.jpg", "conversations": _turns()},
+        {"id": "1453600173", "image": "ocr_vqa/images/1453600173.jpg", "conversations": _turns()},
+        {"id": "tv_0", "image": "textvqa/train_images/0a0bc91825468c45.jpg", "conversations": _turns()},
+        {"id": "tv_1", "image": "textvqa/train_images/011e7e629fb9ae7b.jpg", "conversations": _turns()},
+        {"id": "sharegpt_1", "conversations": _turns(image=False)},  # text-only
+        {"id": 42, "image": None, "conversations": _turns(image=False)},  # text-only, integer id
+        {"id": "gpt_first", "image": "coco/train2017/000000000025.jpg", "conversations": _turns("gpt", 3)},
+        {"id": "multi", "image": ["coco/train2017/000000000009.jpg", "web-celebrity/images/Tom_Hanks_1.jpeg"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nSame person?"},
+                           {"from": "gpt", "value": "No."}]},
+        {"id": "empty", "image": "coco/train2017/000000000030.jpg", "conversations": _turns()},
+        {"id": "absent", "image": MISSING, "conversations": _turns()},
+        {"id": "escape", "image": ESCAPE, "conversations": _turns()},
+        {"id": "bad_image", "image": 5, "conversations": _turns()},  # malformed
+        {"id": "no_turns", "image": "coco/train2017/000000000009.jpg"},  # malformed
+    ]
+    conv = root / "mgm_instruction.json"
+    conv.write_text(json.dumps(rows))
+    extra = base / "extra.jsonl"
+    lines = [json.dumps({"id": 7, "image": "wikiart/images/monet_1.webp", "conversations": _turns()}),
+             json.dumps({"id": "abs", "image": abs_path, "conversations": _turns()}),  # absolute: outside_root
+             json.dumps({"id": "text", "conversations": _turns(image=False)}),
+             "{not json",  # malformed
+             "",
+             json.dumps({"id": "dup", "image": "vg/VG_100K/2.jpg", "conversations": _turns()})]
+    extra.write_text("\n".join(lines) + "\n")
+    return {"base": base, "root": root, "conv": conv, "extra": extra, "abs": abs_path}
+
+

@@ -4,8 +4,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import tarfile
 from pathlib import Path
 
 import numpy as np

@@ -17,82 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from real_data import image_variants
-
 from mllm.data import pack_images as P
+from public_formats import ESCAPE, MISSING, STORED, mini_gemini
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# relative path in the json -> (file stored on disk relative to the root, real_data variant)
-STORED = {
-    "coco/train2017/000000000009.jpg": ("coco/train2017/000000000009.jpg", "astronaut.jpg"),
-    "coco/train2017/000000000025.jpg": ("coco/train2017/000000000025.jpg", "cmyk.jpg"),
-    "coco/train2017/000000000030.jpg": ("coco/train2017/000000000030.jpg", "empty.jpg"),  # zero bytes
-    "gqa/images/2354786.jpg": ("gqa/images/2354786.jpg", "camera_gray.jpg"),
-    "vg/VG_100K/2.jpg": ("vg/VG_100K/2.jpg", "wide.jpg"),
-    "vg/VG_100K_2/1.jpg": ("vg/VG_100K_2/1.jpg", "tiny.jpg"),
-    "ocr_vqa/images/140031996.jpg": ("ocr_vqa/images/140031996.png", "rgba.png"),  # .jpg in json, .png on disk
-    "ocr_vqa/images/1453600173.jpg": ("ocr_vqa/images/1453600173.gif", "animated.gif"),  # ... and .gif
-    "textvqa/train_images/0a0bc91825468c45.jpg": ("textvqa/train_images/0a0bc91825468c45.jpg", "truncated.jpg"),
-    "textvqa/train_images/011e7e629fb9ae7b.jpg": ("textvqa/train_images/011e7e629fb9ae7b.jpg", "tall.png"),
-    "web-celebrity/images/Tom_Hanks_1.jpeg": ("web-celebrity/images/Tom_Hanks_1.jpeg", "coffee.png"),
-    "wikiart/images/monet_1.webp": ("wikiart/images/monet_1.webp", "chelsea.webp"),
-}
-MISSING = "gqa/images/missing_404.jpg"
-ESCAPE = "../escape.jpg"
 PACKED = {k: v for k, v in STORED.items() if v[1] != "empty.jpg"}
 MEMBER_EXT = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "gif": "gif", "webp": "webp"}
-
-
-def _turns(first: str = "human", n: int = 2, image: bool = True) -> list[dict]:
-    roles = ["human", "gpt"] if first == "human" else ["gpt", "human"]
-    return [{"from": roles[i % 2], "value": ("<image>\nWhat is shown?" if image and i == 0 else f"turn {i}")}
-            for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def mgm(tmp_path_factory) -> dict:
     """MGM-Finetune/ with images, mgm_instruction.json (JSON list) and extra.jsonl."""
-    base = tmp_path_factory.mktemp("pack")
-    root = base / "MGM-Finetune"
-    v = image_variants()
-    for disk, name in STORED.values():
-        (root / disk).parent.mkdir(parents=True, exist_ok=True)
-        (root / disk).write_bytes(v[name])
-    (base / "escape.jpg").write_bytes(v["astronaut.jpg"])  # exists, but outside the root: must not be read
-    abs_path = str(base / "escape.jpg")
-    rows = [
-        {"id": "000000000009", "image": "coco/train2017/000000000009.jpg", "conversations": _turns()},
-        {"id": 2354786, "image": "gqa/images/2354786.jpg", "conversations": _turns(n=4)},  # integer id
-        {"id": "vg_2", "image": "vg/VG_100K/2.jpg", "conversations": _turns()},
-        {"id": "vg_1", "image": "vg/VG_100K_2/1.jpg", "conversations": _turns()},
-        {"id": "140031996", "image": "ocr_vqa/images/140031996.jpg", "conversations": _turns()},
-        {"id": "1453600173", "image": "ocr_vqa/images/1453600173.jpg", "conversations": _turns()},
-        {"id": "tv_0", "image": "textvqa/train_images/0a0bc91825468c45.jpg", "conversations": _turns()},
-        {"id": "tv_1", "image": "textvqa/train_images/011e7e629fb9ae7b.jpg", "conversations": _turns()},
-        {"id": "sharegpt_1", "conversations": _turns(image=False)},  # text-only
-        {"id": 42, "image": None, "conversations": _turns(image=False)},  # text-only, integer id
-        {"id": "gpt_first", "image": "coco/train2017/000000000025.jpg", "conversations": _turns("gpt", 3)},
-        {"id": "multi", "image": ["coco/train2017/000000000009.jpg", "web-celebrity/images/Tom_Hanks_1.jpeg"],
-         "conversations": [{"from": "human", "value": "<image>\n<image>\nSame person?"},
-                           {"from": "gpt", "value": "No."}]},
-        {"id": "empty", "image": "coco/train2017/000000000030.jpg", "conversations": _turns()},
-        {"id": "absent", "image": MISSING, "conversations": _turns()},
-        {"id": "escape", "image": ESCAPE, "conversations": _turns()},
-        {"id": "bad_image", "image": 5, "conversations": _turns()},  # malformed
-        {"id": "no_turns", "image": "coco/train2017/000000000009.jpg"},  # malformed
-    ]
-    conv = root / "mgm_instruction.json"
-    conv.write_text(json.dumps(rows))
-    extra = base / "extra.jsonl"
-    lines = [json.dumps({"id": 7, "image": "wikiart/images/monet_1.webp", "conversations": _turns()}),
-             json.dumps({"id": "abs", "image": abs_path, "conversations": _turns()}),  # absolute: outside_root
-             json.dumps({"id": "text", "conversations": _turns(image=False)}),
-             "{not json",  # malformed
-             "",
-             json.dumps({"id": "dup", "image": "vg/VG_100K/2.jpg", "conversations": _turns()})]
-    extra.write_text("\n".join(lines) + "\n")
-    return {"base": base, "root": root, "conv": conv, "extra": extra, "abs": abs_path}
+    return mini_gemini(tmp_path_factory.mktemp("pack"))
 
 
 def _args(mgm: dict, out: Path, per_shard: int = 3) -> list[str]:

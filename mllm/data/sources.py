@@ -624,17 +624,20 @@ class InstructionSource(Source):
         return self._index
 
     def _shard(self, shard: int) -> list:
-        """Raw items of one file: parsed dicts (JSON list) or raw lines (JSONL, parsed lazily)."""
+        """Raw items of one file as (id for messages, item): parsed dicts of a JSON list ("file[i]") or
+        raw lines of a JSONL file ("file:line", parsed lazily)."""
         if self._cache is None or self._cache[0] != shard:
             path = self.files[shard]
             items: list = []
             try:
                 if path.name.lower().endswith(".jsonl"):
-                    items = [ln for ln in path.read_bytes().splitlines() if ln.strip()]
+                    items = [(f"{path.name}:{n}", ln) for n, ln in enumerate(path.read_bytes().splitlines(), 1)
+                             if ln.strip()]
                 else:
-                    items = json.loads(path.read_bytes())
-                    if not isinstance(items, list):
+                    rows = json.loads(path.read_bytes())
+                    if not isinstance(rows, list):
                         raise ValueError("top level is not a list")
+                    items = [(f"{path.name}[{i}]", row) for i, row in enumerate(rows)]
             except (ValueError, UnicodeDecodeError) as e:
                 self.skip("malformed", f"{path}: {e}")
                 items = []
@@ -647,7 +650,8 @@ class InstructionSource(Source):
         for idx in range(start.record, len(order)):
             if by_record and idx % num_splits != split:
                 continue
-            rec = self._decode(items[order[idx]], f"{self.files[shard].name}:{order[idx]}")
+            where, item = items[order[idx]]
+            rec = self._decode(item, where)
             if rec is not None:
                 yield idx, rec, 0, 0
 
@@ -659,6 +663,8 @@ class InstructionSource(Source):
         except (ValueError, UnicodeDecodeError) as e:
             self.skip("malformed", f"{where}: {e}")
             return None
+        if "id" in obj:
+            where = f"{where} id={obj['id']}"
         img = obj.get("image")
         paths = [] if img in (None, "") else ([img] if isinstance(img, str) else img)
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -676,8 +682,7 @@ class InstructionSource(Source):
                 return None
             images.append(codes)
         self.count("records")
-        key = f"{where} id={obj['id']}" if "id" in obj else where
-        return InstructionRecord(key, obj["conversations"], images)
+        return InstructionRecord(where, obj["conversations"], images)
 
     def to_samples(self, record, epoch, shard, index):
         try:
