@@ -121,3 +121,22 @@ def test_torchrun_launch_works_too(tmp_path, shards):
     p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert [m["step"] for m in _metrics(run)] == [1, 2] and (run / "latest").read_text() == "step-00000002"
+
+
+def test_trains_on_img2dataset_shards_of_real_photos(tmp_path):
+    """img2dataset output (a glob over tars with _stats.json / .parquet side files) holding every image
+    mode of the public crawls, a truncated JPEG and an empty file: the run finishes, and the skipped
+    samples are counted and named by shard and key."""
+    from public_formats import img2dataset_webdataset
+    from real_data import image_variants
+
+    raw = tmp_path / "raw"
+    img2dataset_webdataset(raw, sorted(image_variants().items()), per_shard=8)
+    run = tmp_path / "run"
+    p = deepspeed_module("unitok.train", _args(run, str(raw / "*.tar"), "--total-steps", "3", "--save-every", "3",
+                                               "--no-export"), num_ranks=1)
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
+    out = p.stdout + p.stderr
+    # the two broken files are named with their shard and key (img2dataset keys are 9 digits)
+    assert "00001.tar: sample 000000012" in out or "00000.tar: sample 0000000" in out, out[-3000:]
+    assert "decode_errors=2," in (run / "log.txt").read_text()  # truncated.jpg + empty.jpg

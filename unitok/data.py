@@ -60,7 +60,8 @@ class DataConfig:
     """The image-text pipeline (one rank's view)."""
 
     shards: str = ""
-    """Shard paths: a brace pattern (`/data/{00000000..00140146}.tar`), several joined by `::`."""
+    """Shard paths: a brace pattern (`/data/{00000000..00140146}.tar`) or a glob (`/data/coyo/*.tar`,
+    sorted), several joined by `::`."""
     img_size: int = 256
     """Side of the square training crops."""
     local_batch_size: int = 64
@@ -219,10 +220,27 @@ def decode_sample(sample: dict) -> dict:
 
 # ---- per-worker stream -------------------------------------------------------------------
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """Brace pattern(s) joined by `::`, or a list -> list of shard paths."""
+    """Brace pattern(s) and local globs joined by `::`, or a list -> list of shard paths.
+
+    A glob (`raw/coyo/*.tar`, `raw/**/*.tar`) expands in sorted order, the same on every rank; it is
+    the way to read img2dataset output, whose numbering has gaps where a shard failed and whose
+    `_stats.json` / `.parquet` side files sit next to the tars. A glob that matches nothing raises."""
+    import glob
+
     import webdataset as wds
 
-    return list(spec) if isinstance(spec, (list, tuple)) else wds.shardlists.expand_urls(spec)
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    out: list[str] = []
+    for url in wds.shardlists.expand_urls(spec):
+        if "://" in url or url.startswith("pipe:") or not any(c in url for c in "*?["):
+            out.append(url)
+            continue
+        hits = sorted(glob.glob(os.path.expanduser(url), recursive=True))
+        if not hits:
+            raise FileNotFoundError(f"data.shards pattern {url} matches no file")
+        out.extend(hits)
+    return out
 
 
 def _split_by_node(src: Iterator, rank: int, world_size: int) -> Iterator:
