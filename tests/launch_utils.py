@@ -25,6 +25,14 @@ def ds_env() -> dict[str, str]:
     return env
 
 
+def deepspeed_script(script: Path, args: list[str], num_ranks: int = 2, timeout: int = 300) -> None:
+    """`deepspeed --num_gpus N SCRIPT ARGS` on CPU ranks; raises with the output tail if it fails."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(free_port()), str(script), *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
 def deepspeed_module(module: str, args: list[str], num_ranks: int = 2, timeout: int = 300,
                      check: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus N --module MODULE ARGS` on CPU ranks; output captured."""

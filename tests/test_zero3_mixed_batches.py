@@ -1,20 +1,14 @@
 """ZeRO-3 with different batch contents per rank (2 gloo ranks through the deepspeed launcher)."""
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
-from launch_utils import ROOT, ds_env, free_port
+from launch_utils import deepspeed_script
 
 
 def test_text_only_rank_next_to_image_rank_does_not_hang(tmp_path):
-    launcher = Path(sys.executable).parent / "deepspeed"
     out = tmp_path / "log.json"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(Path(__file__).parent / "zero3_mixed_batches.py"), str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=400)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    deepspeed_script(Path(__file__).parent / "zero3_mixed_batches.py", [str(out)], timeout=400)
     logs = [json.loads(out.with_name(f"{out.name}.rank{r}").read_text()) for r in (0, 1)]
     assert len(logs[0]) == len(logs[1]) == 7
     for a, b in zip(*logs):
