@@ -244,8 +244,7 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
 
     import mllm  # noqa: F401
     from mllm.data.demo_data import BACKGROUNDS, FOREGROUNDS, SHAPES, classify_image
-    from mllm.data.templates import chat_prompt, null_prompt_ids, t2i_prompt_ids
-    from mllm.generate import SamplingConfig, answer, generate_images
+    from mllm.engine import ImageGenConfig, MLLMEngine
     from unitok import load_tokenizer
     from unitok.evaluate import main as tok_eval
 
@@ -269,22 +268,16 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     recon = json.loads((rep / "tok_recon" / "metrics.json").read_text())
     zs_shape = json.loads((rep / "zs1" / "metrics.json").read_text())["zeroshot_top1"]
     zs_color = json.loads((rep / "zs2" / "metrics.json").read_text())["zeroshot_top1"]
-    # MLLM: VQA on held-out questions
-    tok = load_tokenizer(tok_dir)
+    # MLLM: VQA on held-out questions, through the engine the chat and the evaluation use (greedy)
     model = AutoModelForCausalLM.from_pretrained(out / "stage2" / "export").eval()
-    text_tok = AutoTokenizer.from_pretrained(out / "stage2" / "export")
-    from torchvision.transforms.functional import to_tensor
-
+    engine = MLLMEngine(model, AutoTokenizer.from_pretrained(out / "stage2" / "export"), load_tokenizer(tok_dir),
+                        image_size=32)
     correct, rows = 0, []
     for s in range(0, len(items), 8):
         chunk = items[s:s + 8]
-        x = torch.stack([to_tensor(images[it["image"]]) * 2 - 1 for it in chunk])
-        codes = tok.encode(x)
-        prompts = [chat_prompt(text_tok, [it["question"]], images=[codes[j]]) for j, it in enumerate(chunk)]
-        outs = answer(model, prompts, max_new_tokens=12, stop_ids={text_tok.eos_token_id},
-                      pad_id=text_tok.pad_token_id)
-        for it, ids in zip(chunk, outs):
-            pred = text_tok.decode(ids, skip_special_tokens=True).strip()
+        codes = engine.encode_images([images[it["image"]] for it in chunk])  # 8 x (K, 2, 2)
+        prompts = [engine.chat_sample([it["question"]], [c]) for it, c in zip(chunk, codes)]
+        for it, pred in zip(chunk, engine.answer(prompts, max_new_tokens=12)):
             ok = it["answer"].lower().split()[-1] in pred.lower()
             correct += ok
             rows.append({"question": it["question"], "expected": it["answer"], "predicted": pred, "correct": ok})
@@ -294,11 +287,9 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     rng = random.Random(123)
     combos = [(rng.choice(SHAPES), rng.choice(list(FOREGROUNDS)), rng.choice(list(BACKGROUNDS)))
               for _ in range(sizes.num_generate)]
-    prompts = [t2i_prompt_ids(text_tok, f"a {c} {s} on a {b} background") for s, c, b in combos]
-    codes = generate_images(model, prompts, (2, 2), null_ids=null_prompt_ids(text_tok), cfg_scale=3.0,
-                            sampling=SamplingConfig(temperature=1.0, top_k=8), generator=torch.Generator().manual_seed(0),
-                            pad_id=text_tok.pad_token_id)
-    pix = ((tok.decode(codes) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    pix = engine.generate([f"a {c} {s} on a {b} background" for s, c, b in combos],
+                          ImageGenConfig(cfg_scale=3.0, temperature=1.0, top_k=8),
+                          torch.Generator().manual_seed(0))  # (N, 32, 32, 3) uint8
     match, color_match, gen_rows = 0, 0, []
     for i, ((s, c, b), arr) in enumerate(zip(combos, pix)):
         Image.fromarray(arr).resize((128, 128), Image.NEAREST).save(rep / f"generated_{i:02d}_{c}_{s}.png")

@@ -153,61 +153,6 @@ def parse_config(argv: list[str] | None = None) -> MllmTrainConfig:
 
 
 # ---- model construction ---------------------------------------------------------------------------
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {folder}")
-    return files
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(folder):
-        state.update(load_file(str(f)))
-    return state
-
-
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zero3: bool) -> list[str]:
-    """Copy `state` (read on rank 0 only under ZeRO-3) into the model; returns the keys not filled.
-
-    Under ZeRO-3 each submodule's partitioned parameters are gathered with modifier_rank=0, filled on
-    rank 0 and re-partitioned, one module at a time.
-    """
-    from runtime.distributed import get_rank
-
-    if not zero3:
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"unexpected weights: {result.unexpected_keys[:8]}")
-        return list(result.missing_keys)
-    import deepspeed
-
-    missing: list[str] = []
-    for mod_name, module in model.named_modules():
-        params = dict(module.named_parameters(recurse=False))
-        bufs = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
-        if not params and not bufs:
-            continue
-        prefix = f"{mod_name}." if mod_name else ""
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if get_rank() == 0:
-                fresh = [prefix + n for n in {**params, **bufs} if prefix + n not in state]
-                if fresh:  # not in the checkpoint: the model's own init, on the gathered tensors
-                    model._init_weights(module)
-                    missing.extend(fresh)
-                for n, t in {**params, **bufs}.items():
-                    if prefix + n in state:
-                        t.data.copy_(state[prefix + n].to(t.dtype))
-        for n, b in bufs.items():  # buffers are not partitioned: broadcast rank 0's value
-            torch.distributed.broadcast(b.data, src=0)
-    return missing
-
-
 def build_model(cfg: MllmTrainConfig, ds: dict, log):
     """The MLLM (partitioned under ZeRO-3) and the text tokenizer."""
     import deepspeed
@@ -217,6 +162,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
     from mllm.modeling.modeling import default_attn_implementation
     from runtime.distributed import get_rank
+    from runtime.zero_load import load_into, read_safetensors
 
     zero3 = ds["zero_optimization"].get("stage", 0) == 3
     src = Path(cfg.init_from or cfg.llama_dir)
@@ -253,7 +199,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
         model = UniMLLMForCausalLM(config)
     state = None
     if get_rank() == 0 or not zero3:
-        state = _read_weights(src)
+        state = read_safetensors(src)
         if tok_model is not None:  # frozen codebooks + causal projection from the tokenizer
             state.update({f"model.multi_embedder.quantizer.{k}": v
                           for k, v in tok_model.quantizer.state_dict().items()})
@@ -522,11 +468,13 @@ def _resume(engine, loader, ckpts, ckpt: Path, info, log) -> int:
         return step
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from runtime.zero_load import load_into, require_parameters
+
     log.warning(f"{ckpt} was written by {state['world_size']} ranks, this run has {info.world_size}: loading "
                 "the consolidated fp32 weights; optimizer moments and the data stream restart")
     fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
     zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
-    load_into(engine.module, fp32, zero3)
+    require_parameters(engine.module, load_into(engine.module, fp32, zero3), ckpt, log)
     engine.lr_scheduler.last_epoch = step - 1
     engine.lr_scheduler.step()
     return step

@@ -8,15 +8,18 @@
 
 Two tabs:
   Chat      upload an image (optional), type a question; answers stream in; the conversation is
-            multi-turn per browser session (history trimmed to the context window, with a notice);
-            "New conversation" resets it.
+            multi-turn per browser session (history trimmed to the context window, with the same
+            notices as the terminal); "New conversation" resets it.
   Generate  prompt + sliders for cfg scale, temperature, top-k, top-p, seed and number of images;
-            the images are shown and also written as PNGs under --out-dir.
-All model work goes through `mllm.chat.MLLMEngine` / `Conversation` (the terminal chat's code); both
-events share one queue (`concurrency_id="model"`, one job at a time), so requests never interleave
-on the model. The server binds 127.0.0.1 unless --host says otherwise; gradio analytics are off and
-the theme uses system fonts, so the page makes no outside requests. gradio is imported lazily.
-Endpoints (gradio API names): /ask, /reset, /generate.
+            the images are shown and also written as PNGs under --out-dir. The seed box seeds each
+            click, so a seed reproduces its images.
+A browser session is one `mllm.engine.ChatSession` (a gr.State), exactly as a terminal session: its
+history, the images attached to the next question, and its answer sampling generator, seeded from
+--seed once when the session's first request arrives and never reseeded ("New conversation" keeps it).
+This module is the gradio front end only. Both events share one queue (`concurrency_id="model"`, one
+job at a time), so requests never interleave on the model. The server binds 127.0.0.1 unless --host
+says otherwise; gradio analytics are off and the theme uses system fonts, so the page makes no outside
+requests. gradio is imported lazily. Endpoints (gradio API names): /ask, /reset, /generate.
 """
 from __future__ import annotations
 
@@ -29,17 +32,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mllm.chat import (ChatConfig, Conversation, ImageGenConfig, InputError, MLLMEngine, add_engine_args,
-                       add_generation_args, engine_config, generation_config)
-from mllm.generate import SamplingConfig
+from mllm.engine import (ChatSession, EngineConfig, ImageGenConfig, InputError, MLLMEngine, SessionConfig,
+                         add_engine_args, add_generation_args, add_session_args, engine_config, session_config)
 
 
 @dataclass
 class WebConfig:
-    """Server settings plus the chat settings (whose gen fields are the sliders' initial values)."""
+    """Server settings plus what to load and the session settings (whose gen fields are the sliders'
+    initial values)."""
 
-    chat: ChatConfig
-    """Model, answer and generation defaults."""
+    engine: EngineConfig
+    """What to load."""
+    session: SessionConfig = field(default_factory=lambda: SessionConfig(out_dir="web_outputs"))
+    """Answer and generation defaults of every browser session."""
     host: str = "127.0.0.1"
     """Interface to bind (loopback by default: the app has no authentication)."""
     port: int = 7860
@@ -67,40 +72,41 @@ def import_gradio():
 
 
 class WebHandlers:
-    """The event handlers, free of gradio objects (so they can be called directly)."""
+    """The event handlers, free of gradio objects (so they can be called directly). `state` is the
+    browser session's `ChatSession`, None before its first request."""
 
-    def __init__(self, engine: MLLMEngine, cfg: ChatConfig):
+    def __init__(self, engine: MLLMEngine, cfg: SessionConfig):
         self.engine, self.cfg = engine, cfg
 
-    def ask(self, image_path: str | None, question: str, messages: list | None, conv: Conversation | None):
-        """Stream (messages, conversation, status, accepted) updates while the answer is generated;
-        accepted tells the UI to clear the question box and the upload (both are now in the conversation)."""
+    def session(self, state: ChatSession | None) -> ChatSession:
+        """The browser session's ChatSession, started (and its generator seeded) on first use."""
+        return state if state is not None else ChatSession(self.engine, self.cfg)
+
+    def ask(self, image_path: str | None, question: str, messages: list | None, state: ChatSession | None):
+        """Stream (messages, session, status, accepted) updates while the answer is generated; accepted
+        tells the UI to clear the question box and the upload (both are now in the conversation)."""
         messages = list(messages or [])
-        conv = conv if conv is not None else Conversation(self.engine)
-        before = list(conv.pending)
+        session = self.session(state)
+        before = list(session.pending)
         try:
             if image_path:
-                conv.attach(self.engine.encode_images([self.engine.open_image(image_path)]))
-            turn = conv.prepare(question or "", self.cfg.max_new_tokens)
+                session.attach([image_path])
+            turn = session.prepare(question or "")
         except InputError as e:
-            conv.pending = before
-            yield messages, conv, f"error: {e}", False
+            session.pending = before
+            yield messages, session, f"error: {e}", False
             return
-        notice = (f"[context: dropped the {turn.dropped} oldest exchange(s) to fit the "
-                  f"{self.engine.context_length}-token window]") if turn.dropped else ""
+        notice = " ".join(turn.notices)
         shown = question.strip() + (f" [+{len(turn.images)} image(s)]" if turn.images else "")
         messages += [{"role": "user", "content": shown}, {"role": "assistant", "content": ""}]
-        yield messages, conv, notice, True
+        yield messages, session, notice, True
         deltas: queue.Queue = queue.Queue()
         done = object()
         result: dict = {}
 
-        def work():
+        def work():  # the answer runs here; this generator turns its deltas into UI updates
             try:
-                sampling = SamplingConfig(temperature=self.cfg.answer_temperature)
-                generator = torch.Generator(device=self.engine.device).manual_seed(self.cfg.seed)
-                result["reply"] = self.engine.answer([turn.sample], turn.max_new_tokens, sampling, generator,
-                                                     on_text=deltas.put)[0]
+                result["reply"] = session.answer(turn, on_text=deltas.put)
             except Exception as e:  # noqa: BLE001 - shown to the user, the server keeps running
                 result["error"] = e
             deltas.put(done)
@@ -110,44 +116,46 @@ class WebHandlers:
         while (item := deltas.get()) is not done:
             text += item
             messages[-1] = {"role": "assistant", "content": text}
-            yield messages, conv, notice, True
+            yield messages, session, notice, True
         if "error" in result:
             messages[-1] = {"role": "assistant", "content": text + " [failed]"}
-            yield messages, conv, f"error: {result['error']}", True
+            yield messages, session, f"error: {result['error']}", True
             return
-        conv.commit(turn, result["reply"])
-        messages[-1] = {"role": "assistant", "content": result["reply"]}
-        yield messages, conv, notice, True
+        reply = result["reply"]
+        messages[-1] = {"role": "assistant", "content": reply.text}
+        yield messages, session, " ".join(turn.notices + reply.notices), True
 
-    def reset(self):
-        """Empty chat, fresh conversation."""
-        return [], None, "[conversation reset]", None
+    def reset(self, state: ChatSession | None):
+        """Empty chat and history; the session's sampling generator runs on, as in the terminal."""
+        if state is not None:
+            state.reset()
+        return [], state, "[conversation reset]", None
 
     def generate(self, prompt: str, cfg_scale: float, temperature: float, top_k: float, top_p: float, seed: float,
-                 num_images: float):
-        """-> (gallery items [(PIL image, caption)], status)."""
+                 num_images: float, state: ChatSession | None = None):
+        """-> (gallery items [(PIL image, caption)], status, session)."""
         from PIL import Image
 
+        session = self.session(state)
         try:
             gen = ImageGenConfig(cfg_scale=float(cfg_scale), temperature=float(temperature), top_k=int(top_k),
                                  top_p=float(top_p), num_images=int(num_images))
-            self.engine.t2i_prompt(prompt or "")
+            generator = torch.Generator(device=self.engine.device).manual_seed(int(seed))
+            images, paths = session.generate(prompt or "", gen, generator)
         except (InputError, ValueError) as e:
-            return [], f"error: {e}"
-        generator = torch.Generator(device=self.engine.device).manual_seed(int(seed))
-        images = self.engine.generate([prompt], gen, generator)
-        paths = self.engine.save_pngs(images, self.cfg.out_dir, prompt)
+            return [], f"error: {e}", session
         items = [(Image.fromarray(a), p.name) for a, p in zip(images, paths)]
-        return items, f"saved {len(paths)} image(s): " + ", ".join(str(p) for p in paths)
+        return items, f"saved {len(paths)} image(s): " + ", ".join(str(p) for p in paths), session
 
 
 def build_app(engine: MLLMEngine, cfg: WebConfig):
     """The gradio Blocks app (not launched)."""
     gr = import_gradio()
-    h = WebHandlers(engine, cfg.chat)
-    g = cfg.chat.gen
+    h = WebHandlers(engine, cfg.session)
+    g = cfg.session.gen
     with gr.Blocks(title="UniTok MLLM") as app:
         gr.Markdown("## UniTok MLLM\nAsk about an image, or generate images from a prompt.")
+        session = gr.State(None)  # this browser session's ChatSession (both tabs)
         with gr.Tab("Chat", elem_id="tab-chat"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -161,15 +169,13 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
                         ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-btn")
                         reset_btn = gr.Button("New conversation", elem_id="reset-btn")
                     chat_status = gr.Markdown(elem_id="chat-status")
-            conv = gr.State(None)
-
             def ask(image_path, text, messages, state):
                 for msgs, st, status, accepted in h.ask(image_path, text, messages, state):
                     yield (msgs, st, status) + ((None, "") if accepted else (gr.skip(), gr.skip()))
 
-            ask_btn.click(ask, [image, question, chatbot, conv], [chatbot, conv, chat_status, image, question],
+            ask_btn.click(ask, [image, question, chatbot, session], [chatbot, session, chat_status, image, question],
                           api_name="ask", concurrency_id="model", concurrency_limit=1)
-            reset_btn.click(h.reset, None, [chatbot, conv, chat_status, image], api_name="reset")
+            reset_btn.click(h.reset, session, [chatbot, session, chat_status, image], api_name="reset")
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -182,15 +188,16 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
                     top_k = gr.Slider(0, engine.model.config.codebook_size, value=g.top_k, step=1,
                                       label="Top-k (0 = off)", elem_id="top-k")
                     top_p = gr.Slider(0.05, 1.0, value=g.top_p, step=0.01, label="Top-p (1 = off)", elem_id="top-p")
-                    seed = gr.Number(value=cfg.chat.seed, precision=0, label="Seed", elem_id="seed")
+                    seed = gr.Number(value=cfg.session.seed, precision=0, label="Seed", elem_id="seed")
                     num = gr.Slider(1, cfg.max_num_images, value=min(g.num_images, cfg.max_num_images), step=1,
                                     label="Number of images", elem_id="num-images")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                 with gr.Column(scale=2):
                     gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png")
                     gen_status = gr.Markdown(elem_id="gen-status")
-            gen_btn.click(h.generate, [prompt, cfg_scale, temperature, top_k, top_p, seed, num], [gallery, gen_status],
-                          api_name="generate", concurrency_id="model", concurrency_limit=1)
+            gen_btn.click(h.generate, [prompt, cfg_scale, temperature, top_k, top_p, seed, num, session],
+                          [gallery, gen_status, session], api_name="generate", concurrency_id="model",
+                          concurrency_limit=1)
     return app
 
 
@@ -202,15 +209,11 @@ def parse_args(argv: list[str] | None = None) -> WebConfig:
     add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--out-dir", default="web_outputs", help="folder for generated PNGs")
-    p.add_argument("--answer-temperature", type=float, default=0.0, help="answer sampling temperature (0 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0, help="initial seed slider value; answers use it too")
+    add_session_args(p, out_dir="web_outputs",
+                     seed_help="seeds each browser session's answer sampling; the seed box's initial value")
     a = p.parse_args(argv)
     try:
-        chat = ChatConfig(engine=engine_config(a), gen=generation_config(a), answer_temperature=a.answer_temperature,
-                          max_new_tokens=a.max_new_tokens, seed=a.seed, out_dir=a.out_dir)
-        return WebConfig(chat=chat, host=a.host, port=a.port)
+        return WebConfig(engine=engine_config(a), session=session_config(a), host=a.host, port=a.port)
     except ValueError as e:
         p.error(str(e))
 
@@ -219,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model and serve until interrupted; returns the exit status."""
     cfg = parse_args(argv)
     gr = import_gradio()
-    torch.manual_seed(cfg.chat.seed)
+    torch.manual_seed(cfg.session.seed)
     try:
-        engine = MLLMEngine.load(cfg.chat.engine)
+        engine = MLLMEngine.load(cfg.engine)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,17 @@ def ds_env() -> dict[str, str]:
     return env
 
 
+def torchrun_module(module: str, args: list[str], num_ranks: int = 2, timeout: int = 300,
+                    check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m MODULE ARGS` (standalone rendezvous on 127.0.0.1); output captured."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", module, *args]
+    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
 def deepspeed_script(script: Path, args: list[str], num_ranks: int = 2, timeout: int = 300) -> None:
     """`deepspeed --num_gpus N SCRIPT ARGS` on CPU ranks; raises with the output tail if it fails."""
     launcher = Path(sys.executable).parent / "deepspeed"

@@ -1,5 +1,5 @@
 """`python -m mllm.chat` on a tiny random export: a piped session covering every command and bad
-input, the one-shot modes, Ctrl-C through a pty, and the engine/conversation pieces in-process."""
+input, the one-shot modes, Ctrl-C through a pty, and the engine/session pieces (`mllm.engine`) in-process."""
 import json
 import os
 import pty
@@ -255,17 +255,17 @@ def test_ctrl_c_stops_generation_not_session(assets, tmp_path):
     assert not list((tmp_path / "out").glob("*.png"))
 
 
-# ---- in-process: engine and conversation ----------------------------------------------------------------
+# ---- in-process: engine and session ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(assets):
-    from mllm.chat import EngineConfig, MLLMEngine
+    from mllm.engine import EngineConfig, MLLMEngine
 
     return MLLMEngine.load(EngineConfig(model=str(assets["export"]), tokenizer=str(assets["tok"]), device="cpu",
                                         image_size=32, max_image_pixels=10_000))
 
 
 def test_preprocess_pads_with_release_color_and_encodes(engine):
-    from mllm.chat import PAD_COLOR, pad_to_square
+    from unitok.image_io import PAD_COLOR, pad_to_square
 
     img = Image.new("RGB", (40, 20), (255, 0, 0))
     sq = pad_to_square(img)
@@ -281,7 +281,7 @@ def test_preprocess_pads_with_release_color_and_encodes(engine):
 
 
 def test_stream_decoder_matches_full_decode(engine):
-    from mllm.chat import StreamDecoder
+    from mllm.engine import StreamDecoder
 
     tok = engine.text_tokenizer
     ids = tok("The quick brown fox jumps over the lazy dog. 0123", add_special_tokens=False)["input_ids"]
@@ -293,11 +293,11 @@ def test_stream_decoder_matches_full_decode(engine):
     assert dec.push(engine.eos_id) == "" and dec.finished and dec.push(ids[0]) == ""
 
 
-def test_conversation_trims_oldest_first_and_keeps_images(engine):
-    from mllm.chat import Conversation, InputError
+def test_session_trims_oldest_first_and_keeps_images(engine):
+    from mllm.engine import ChatSession, InputError
 
-    conv = Conversation(engine)
-    conv.attach(engine.encode_images([Image.new("RGB", (32, 32), (0, 255, 0))]))
+    conv = ChatSession(engine)
+    conv.attach_codes(engine.encode_images([Image.new("RGB", (32, 32), (0, 255, 0))]))
     t = conv.prepare("What color?", 16)
     assert t.dropped == 0 and len(t.sample.images) == 1 and t.question.startswith("<image>\n")
     assert t.sample.expanded_length() == len(t.sample.input_ids) + 3  # one placeholder -> 4 positions
@@ -318,9 +318,9 @@ def test_conversation_trims_oldest_first_and_keeps_images(engine):
 
 def test_answer_stops_when_asked_and_streams(engine):
     """A set stop event ends the answer after the current step; the streamed text is the reply."""
-    from mllm.chat import Conversation
+    from mllm.engine import ChatSession
 
-    turn = Conversation(engine).prepare("Describe a long story about shapes.", 64)
+    turn = ChatSession(engine).prepare("Describe a long story about shapes.", 64)
     full = engine.answer([turn.sample], 64)[0]
     stop = threading.Event()
     pieces: list[str] = []
@@ -340,7 +340,7 @@ def test_official_mllm_folder_loads_through_the_engine(assets, engine, tmp_path,
     from safetensors.torch import save_file
 
     import mllm.modeling.official as official
-    from mllm.chat import Conversation, EngineConfig, MLLMEngine
+    from mllm.engine import ChatSession, EngineConfig, MLLMEngine
 
     c = engine.model.config
     llama = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -358,9 +358,9 @@ def test_official_mllm_folder_loads_through_the_engine(assets, engine, tmp_path,
     off = MLLMEngine.load(EngineConfig(model=str(tmp_path), tokenizer=str(assets["tok"]), official_mllm=True,
                                        text_tokenizer=str(assets["export"]), device="cpu", image_size=32))
     img = engine.encode_images([Image.open(assets["dir"] / "photo.png")])
-    conv_a, conv_b = Conversation(engine), Conversation(off)
-    conv_a.attach(img)
-    conv_b.attach(img)
+    conv_a, conv_b = ChatSession(engine), ChatSession(off)
+    conv_a.attach_codes(img)
+    conv_b.attach_codes(img)
     a = engine.answer([conv_a.prepare("What is it?", 12).sample], 12)
     b = off.answer([conv_b.prepare("What is it?", 12).sample], 12)
     assert a == b

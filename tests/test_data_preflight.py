@@ -174,6 +174,7 @@ def test_preflight_names_file_and_source(tmp_path):
         preflight(unknown)
 
 
+@pytest.mark.slow
 def test_trainer_rejects_bad_data_before_building_the_model(tmp_path):
     root = tmp_path / "data"
     _touch(root / "web/00000.txt")

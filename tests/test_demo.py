@@ -4,12 +4,17 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from launch_utils import ROOT, ds_env
 
 # Floors from measured --quick runs (PSNR 12.2 dB, codebook usage 31 %): a tokenizer that did not
 # train reconstructs the shapes at about 6-8 dB. The quick run is too short for the MLLM metrics to
-# leave chance level, so they are checked for range only; the full demo's figures are in README.md.
+# leave chance level, so they have no floor here (the full demo's figures are in README.md); the
+# resumed run must reproduce the whole report.
 PSNR_FLOOR, USAGE_FLOOR = 10.0, 10.0
+
+pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 
 
 def test_quick_demo_end_to_end_and_resume(tmp_path):
@@ -19,8 +24,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads((out / "report" / "report.json").read_text())
     assert rep["recon_psnr"] >= PSNR_FLOOR and rep["codebook_usage_pct"] >= USAGE_FLOOR
-    for k in ("zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match"):
-        assert 0.0 <= rep[k] <= 100.0
+    assert {"zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match"} <= set(rep)
     for d in ("tokenizer/export", "stage1/export", "stage2/export"):
         assert (out / d / "config.json").is_file()
     assert len(list((out / "report").glob("generated_*.png"))) == 3
@@ -30,4 +34,4 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert p2.returncode == 0, p2.stdout[-3000:]
     assert "tokenizer: exported" in p2.stdout and "stage 2: exported" in p2.stdout
     rep2 = json.loads((out / "report" / "report.json").read_text())
-    assert rep2["recon_psnr"] == rep["recon_psnr"] and rep2["vqa_accuracy"] == rep["vqa_accuracy"]
+    assert rep2 == rep  # deterministic: the resumed run recomputes the same report

@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +16,10 @@ import torch
 from PIL import Image
 
 import public_formats as pf
-from launch_utils import free_port
+from launch_utils import torchrun_module
 from real_data import BROKEN, DECODABLE, caption_for, image_variants
 from unitok.image_io import PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 32  # the debug preset's img_size: the default --size
 
 
@@ -160,11 +157,7 @@ def formats(tmp_path_factory):
 
 
 def run_torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "unitok.extract", *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun_module("unitok.extract", args, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +186,7 @@ def _counts(d: dict) -> dict:
     return {k: d[k] for k in ("samples", *SKIP_REASONS) if d[k]}
 
 
+@pytest.mark.slow
 def test_two_rank_extraction_of_every_public_layout(formats, extracted):
     from unitok import load_tokenizer
 
@@ -259,6 +253,7 @@ def _in_process(monkeypatch):
         monkeypatch.delenv(k, raising=False)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_shards_and_redoes_a_lost_one(formats, extracted, monkeypatch):
     from unitok.extract import main
 
@@ -281,6 +276,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_lost_one(formats, extracted, m
         main([*args, "--per-shard", "5"])  # the later --per-shard wins
 
 
+@pytest.mark.slow
 def test_other_size_or_mode_in_the_same_output_is_refused(formats, extracted, monkeypatch):
     from unitok.extract import main
 
@@ -339,12 +335,13 @@ def test_generation_mode_drops_wide_and_tall_and_counts_a_truncated_tar(formats,
                                                                      "generation"))
 
 
+@pytest.mark.slow
 def test_chat_engine_gives_the_codes_extraction_wrote(formats, extracted):
     """The same file through `MLLMEngine.open_image` + `encode_images` and through understanding-mode
     extraction (jsonl layout: the images are files on disk) gives identical codes."""
     import mllm  # noqa: F401
     from mllm import UniMLLMForCausalLM
-    from mllm.chat import MLLMEngine
+    from mllm.engine import MLLMEngine
     from mllm.data.tiny_tokenizer import make_llama_tokenizer
     from mllm_tiny import tiny_config
     from transformers import AutoTokenizer

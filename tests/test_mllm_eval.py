@@ -340,6 +340,7 @@ def test_generation_tasks(tiny, tmp_path):
     assert json.loads((tmp_path / "ga" / "prompts.json").read_text()) == {"00001": "a dog", "00003": "a cat on a mat"}
 
 
+@pytest.mark.slow
 def test_two_ranks_shard_and_only_rank0_writes(tiny, tmp_path):
     """torchrun with 2 CPU ranks: each answers half, rank 0 gathers and writes; same answers as 1 rank."""
     single = tmp_path / "one"

@@ -239,3 +239,20 @@ def test_from_local_llama_folder(tmp_path):
     assert torch.allclose(m(input_ids=ids).logits, llama.eval()(input_ids=ids).logits, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         UniMLLMForCausalLM.from_llama(tmp_path / "nowhere")
+
+
+def test_load_into_reports_gaps_and_resume_refuses_missing_parameters():
+    from runtime.zero_load import load_into, require_parameters
+
+    torch.manual_seed(0)
+    model = UniMLLMForCausalLM(tiny_config())
+    state = model.state_dict()
+    assert load_into(model, state, zero3=False) == []
+    require_parameters(model, [], "ckpt")
+    partial = {k: v for k, v in state.items() if not k.startswith("ar_head.")}
+    missing = load_into(model, partial, zero3=False)
+    assert missing and all(k.startswith("ar_head.") for k in missing)
+    with pytest.raises(ValueError, match=r"ckpt lacks \d+ parameters of this model \(first: \['ar_head\."):
+        require_parameters(model, missing, "ckpt")
+    buffers = [k for k in state if k.endswith("vocab_usage")]
+    require_parameters(model, buffers, "ckpt")  # buffers only: allowed (logged)

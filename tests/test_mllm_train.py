@@ -11,6 +11,8 @@ import torch
 from launch_utils import ROOT, deepspeed_module, ds_env
 from mllm.data.tiny_tokenizer import make_llama_tokenizer
 
+pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from mllm.data import pack_images as P
+from launch_utils import torchrun_module
 from public_formats import ESCAPE, MISSING, STORED, mini_gemini
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,16 +133,11 @@ def test_summary_and_next_steps_printed(mgm, tmp_path, capsys):
     assert f"mllm.data.sources split-json {mgm['conv']}" in text and "extra.jsonl" not in text.split("next:")[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(mgm, packed, tmp_path):
     out1, _ = packed
     out2 = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "mllm.data.pack_images", *_args(mgm, out2)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = torchrun_module("mllm.data.pack_images", _args(mgm, out2), timeout=240)
     assert _digests(out2) == _digests(out1)  # byte-identical tars and sidecars
     m1, m2 = (json.loads((o / P.MANIFEST).read_text()) for o in (out1, out2))
     m1.pop("config"), m2.pop("config")

@@ -22,6 +22,9 @@ from public_formats import hub_parquet, img2dataset_webdataset, mini_gemini
 from public_text import write_dclm
 from real_data import image_variants
 
+pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
+
+
 MAX_LEN = 128
 STAGE1 = """name: real_stage1
 root: {root}
@@ -219,7 +222,7 @@ def _stage2(world, init_from: Path, run: Path):
         assert conv_id in lost and ex.endswith(f"{lost[conv_id]}'"), ex
     assert st["skipped"]["malformed"] >= 3  # image: 5, no conversations, a broken JSONL line
     # the export records the image size, and chat refuses another one
-    from mllm.chat import EngineConfig, MLLMEngine
+    from mllm.engine import EngineConfig, MLLMEngine
 
     with pytest.raises(ValueError, match="does not match the 32 px images"):
         MLLMEngine.load(EngineConfig(model=str(run / "export"), tokenizer=str(d / "tok"), image_size=64))

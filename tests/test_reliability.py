@@ -57,6 +57,7 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path):
         parse_config(["--stage", "pretrain", "--trainable", "everything"])
 
 
+@pytest.mark.slow  # a real training process
 def test_nan_loss_is_skipped_and_reported(tmp_path):
     from unitok.data import write_synthetic_shards
 

@@ -27,6 +27,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
     full = tmp_path / "full"
     deepspeed_module("unitok.train", _args(full, shards))
@@ -52,6 +53,7 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
                 assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, shards):
     run = tmp_path / "run"
     p = deepspeed_module("unitok.train", _args(run, shards, "--debug.kill-at-step", "6", "--debug.kill-during-save"),
@@ -103,26 +105,27 @@ def test_clip_init_maps_visual_trunk_and_text(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "clip.pt")
     torch.manual_seed(1)
     dst = UniTok(preset("debug"))
+    untouched = {k: v.clone() for k, v in dst.state_dict().items() if not k.startswith(("encoder.", "text_encoder."))}
     load_clip_init(dst, str(tmp_path / "clip.pt"), logging.getLogger("test"))
-    assert torch.equal(dst.encoder.blocks[0].attn.qkv.weight, src.encoder.blocks[0].attn.qkv.weight)
-    assert torch.equal(dst.text_encoder.token_embedding.weight, src.text_encoder.token_embedding.weight)
-    assert not torch.equal(dst.decoder.norm.weight.data.normal_(), src.decoder.norm.weight)
+    for k, v in dst.state_dict().items():  # the visual trunk and the text tower are copied, exactly
+        if k.startswith(("encoder.", "text_encoder.")):
+            assert torch.equal(v, src.state_dict()[k]), k
+    after = dst.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in untouched.items())  # the rest keeps its own init ...
+    differs = [k for k, v in untouched.items() if v.is_floating_point() and not torch.equal(v, src.state_dict()[k])]
+    assert "decoder.conv_in.weight" in differs or len(differs) > 10  # ... which differs from the source's
 
 
+@pytest.mark.slow
 def test_torchrun_launch_works_too(tmp_path, shards):
-    import subprocess
-    import sys
-
-    from launch_utils import ROOT, ds_env, free_port
+    from launch_utils import torchrun_module
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "unitok.train", *_args(run, shards, "--total-steps", "2", "--save-every", "2", "--no-export")]
-    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    torchrun_module("unitok.train", _args(run, shards, "--total-steps", "2", "--save-every", "2", "--no-export"))
     assert [m["step"] for m in _metrics(run)] == [1, 2] and (run / "latest").read_text() == "step-00000002"
 
 
+@pytest.mark.slow
 def test_trains_on_img2dataset_shards_of_real_photos(tmp_path):
     """img2dataset output (a glob over tars with _stats.json / .parquet side files) holding every image
     mode of the public crawls, a truncated JPEG and an empty file: the run finishes, and the skipped

@@ -1,5 +1,7 @@
-"""`python -m mllm.web` on a tiny random export, driven in headless Chromium with selenium: a bad
-question, a question about an uploaded image, one generated image, and a screenshot."""
+"""`python -m mllm.web` on a tiny random export: the event handlers in-process (one browser session =
+one `ChatSession`: its sampling generator is seeded once, the reply-limit notices reach the status line),
+then the served app driven in headless Chromium with selenium: a bad question, a question about an
+uploaded image, one generated image, and a screenshot."""
 import os
 import shutil
 import subprocess
@@ -9,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from launch_utils import ROOT, free_port
@@ -31,9 +34,83 @@ def _missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+needs_browser = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
+# ---- in-process: the handlers (no gradio, no browser) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from mllm.engine import EngineConfig, MLLMEngine
+    from test_chat import make_tiny_export
+
+    export, tok = make_tiny_export(tmp_path_factory.mktemp("handlers"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a shared 2-core machine
+    yield MLLMEngine.load(EngineConfig(model=str(export), tokenizer=str(tok), device="cpu", image_size=32))
+    torch.set_num_threads(before)
+
+
+def _last(updates):
+    """The final (messages, session, status, accepted) of a streamed ask."""
+    return list(updates)[-1]
+
+
+def test_web_session_samples_on_and_is_not_reseeded(engine, tmp_path):
+    """Sampled answers draw from the browser session's generator, seeded once: the same question after
+    "New conversation" gets another answer (the generator advanced), a new session replays the first."""
+    from mllm.engine import SessionConfig
+    from mllm.web import WebHandlers
+
+    h = WebHandlers(engine, SessionConfig(answer_temperature=1.0, max_new_tokens=8, out_dir=str(tmp_path)))
+    msgs, session, status, accepted = _last(h.ask(None, "What is in the image?", None, None))
+    assert accepted and "error" not in status and len(session.history) == 1
+    first, after_first = msgs[-1]["content"], session.generator.get_state().clone()
+    chat, same, status, _ = h.reset(session)
+    assert same is session and chat == [] and session.history == [] and status == "[conversation reset]"
+    msgs, again, _, _ = _last(h.ask(None, "What is in the image?", chat, session))
+    assert again is session and len(session.history) == 1  # the same prompt as the first question
+    assert not torch.equal(session.generator.get_state(), after_first)  # advanced, not reseeded per question
+    assert msgs[-1]["content"] != first
+    msgs, fresh, _, _ = _last(h.ask(None, "What is in the image?", None, None))
+    assert fresh is not session and msgs[-1]["content"] == first  # a new session starts from --seed
+
+
+def test_web_status_shows_reply_limit_notices(engine, tmp_path):
+    """A reply budget cut by the context window is announced before the answer streams; a reply that
+    runs into its token limit says so when it ends (as in the terminal)."""
+    from mllm.engine import ChatSession, SessionConfig
+    from mllm.web import WebHandlers
+
+    cfg = SessionConfig(max_new_tokens=4, out_dir=str(tmp_path))
+    msgs, _, status, _ = _last(WebHandlers(engine, cfg).ask(None, "Describe a long story about shapes.", None, None))
+    assert status == "[the reply was cut at its limit of 4 tokens]" and msgs[-1]["content"]
+    # a question that leaves 3 positions of the 512-token window: the 4-token budget shrinks to 3
+    n = ChatSession(engine).prepare("the", 1).sample.expanded_length()
+    question = "the " * (512 - 3 - n + 1)  # one token per "the" in the tiny tokenizer
+    assert ChatSession(engine).prepare(question, 1).sample.expanded_length() == 512 - 3  # premise
+    updates = list(WebHandlers(engine, cfg).ask(None, question, None, None))
+    limited = "[context: the reply is limited to 3 tokens by the 512-token window]"
+    assert updates[0][2] == limited and updates[0][3]  # before any text streams
+    assert updates[-1][2] == limited + " [the reply was cut at its limit of 3 tokens]"
+
+
+def test_web_generate_reproduces_its_seed_and_reports_bad_input(engine, tmp_path):
+    from PIL import Image as PILImage
+
+    from mllm.engine import SessionConfig
+    from mllm.web import WebHandlers
+
+    h = WebHandlers(engine, SessionConfig(out_dir=str(tmp_path)))
+    items, status, session = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, None)
+    again, _, same = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, session)
+    assert same is session and status.startswith("saved 1 image(s): ") and len(list(tmp_path.glob("*.png"))) == 2
+    assert isinstance(items[0][0], PILImage.Image) and items[0][0].size == (32, 32)
+    assert np.array_equal(np.asarray(items[0][0]), np.asarray(again[0][0]))  # the seed box decides the images
+    assert h.generate("  ", 3.0, 1.0, 0, 1.0, 5, 1, session)[1].startswith("error: empty prompt")
+    assert h.generate("a cat", 3.0, 1.0, 0, 1.0, 5, 0, session)[1] == "error: num_images must be >= 1, got 0"
+
+
+# ---- the served app in a browser ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The web app on a free loopback port; yields (url, tmp dir); stopped at teardown."""
@@ -93,6 +170,7 @@ def browser(tmp_path):
         driver.quit()
 
 
+@needs_browser
 def test_ask_about_image_and_generate(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -2,7 +2,11 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from launch_utils import deepspeed_script
+
+pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 
 
 def test_generation_on_partitioned_weights_equals_full_model(tmp_path):

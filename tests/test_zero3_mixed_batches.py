@@ -3,7 +3,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from launch_utils import deepspeed_script
+
+pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 
 
 def test_text_only_rank_next_to_image_rank_does_not_hang(tmp_path):

@@ -13,7 +13,7 @@ from mllm_tiny import tiny_config  # noqa: E402
 from mllm import UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample  # noqa: E402
 from mllm.generate import SamplingConfig, answer, generate_images  # noqa: E402
-from mllm.train import load_into  # noqa: E402
+from runtime.zero_load import load_into  # noqa: E402
 from runtime.distributed import init_distributed  # noqa: E402
 
 out = Path(sys.argv[-1])

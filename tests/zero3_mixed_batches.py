@@ -19,7 +19,7 @@ from mllm_tiny import tiny_config  # noqa: E402
 from mllm import UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample, collate  # noqa: E402
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX  # noqa: E402
-from mllm.train import load_into  # noqa: E402
+from runtime.zero_load import load_into  # noqa: E402
 
 out = Path(sys.argv[-1])
 deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mllm.chat import EngineConfig, ImageGenConfig, add_engine_args, add_generation_args, engine_config
+from mllm.engine import EngineConfig, ImageGenConfig, add_engine_args, add_generation_args, engine_config
 from mllm.evaluate.common import DEFAULT_SUFFIX, Benchmark, markdown_table, read_json_or_jsonl, write_results
 from mllm.evaluate.generation import GenerationRun
 from mllm.evaluate.runner import InferenceConfig
@@ -118,7 +118,7 @@ def run(cfg: EvalConfig) -> dict | None:
         write_results(cfg.out, cfg.task, metrics, _config_dict(cfg))
         return metrics
 
-    from mllm.chat import MLLMEngine
+    from mllm.engine import MLLMEngine
     from mllm.evaluate.runner import dist_info
 
     dist_info()  # join the process group first: it pins this rank's GPU, which the model then loads onto

@@ -1,0 +1,81 @@
+"""Load weights into a model whose parameters ZeRO-3 may have partitioned across ranks.
+
+`load_into(model, state, zero3)` copies a state dict (read on rank 0 only under ZeRO-3) into the model,
+module by module inside `deepspeed.zero.GatheredParameters(modifier_rank=0)`, so no rank ever holds
+the whole model twice; tensors the state lacks are initialised by the model's own `_init_weights`
+on the gathered module and returned, so a caller can refuse an unexpected gap.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder: those its index names, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    return files
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors files (sharded or not)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(folder):
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zero3: bool) -> list[str]:
+    """Copy `state` (read on rank 0 only under ZeRO-3) into the model; returns the keys not filled.
+
+    Under ZeRO-3 each submodule's partitioned parameters are gathered with modifier_rank=0, filled on
+    rank 0 and re-partitioned, one module at a time.
+    """
+    from runtime.distributed import get_rank
+
+    if not zero3:
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"unexpected weights: {result.unexpected_keys[:8]}")
+        return list(result.missing_keys)
+    import deepspeed
+
+    missing: list[str] = []
+    for mod_name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        bufs = {n: b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set}
+        if not params and not bufs:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if get_rank() == 0:
+                fresh = [prefix + n for n in {**params, **bufs} if prefix + n not in state]
+                if fresh:  # not in the checkpoint: the model's own init, on the gathered tensors
+                    model._init_weights(module)
+                    missing.extend(fresh)
+                for n, t in {**params, **bufs}.items():
+                    if prefix + n in state:
+                        t.data.copy_(state[prefix + n].to(t.dtype))
+        for n, b in bufs.items():  # buffers are not partitioned: broadcast rank 0's value
+            torch.distributed.broadcast(b.data, src=0)
+    return missing
+
+
+def require_parameters(model: torch.nn.Module, missing: list[str], source: str | Path, log=None) -> None:
+    """ValueError if `load_into` left any parameter of `model` unfilled from `source` (a key mismatch
+    would otherwise silently restart those weights from scratch); missing buffers are only logged."""
+    lost = sorted(set(missing) & {n for n, _ in model.named_parameters()})
+    if lost:
+        raise ValueError(f"{source} lacks {len(lost)} parameters of this model (first: {lost[:5]}); "
+                         "it was written for another model configuration")
+    if missing and log is not None:
+        log.warning(f"{source}: {len(missing)} buffers not in the weights keep their init: {missing[:5]}")
