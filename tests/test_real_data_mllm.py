@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,10 @@ def test_extraction_kept_every_decodable_image(world):
 def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path):
     full = tmp_path / "full"
     deepspeed_module("mllm.train", _stage1_args(world, full), timeout=600)
+    log = (full / "log.txt").read_text()
+    counts = re.search(r"parameter elements per rank: \[(\d+), (\d+)\] of (\d+)", log).groups()
+    a0, a1, total = (int(c) for c in counts)
+    assert abs(a0 - total / 2) < 0.1 * total and abs(a1 - total / 2) < 0.1 * total  # ZeRO-3 halves it
     a = _metrics(full)
     assert [m["step"] for m in a] == list(range(1, 13))
     # the counters saw text-only batches and image batches, and on one step the ranks differed
@@ -168,7 +173,6 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
     assert dclm["examples"]["empty_text"][0].startswith("shard_000000") and "'text' is null" in \
         dclm["examples"]["empty_text"][0]
     assert [m["step"] for m in a if "data" in m] == [4, 8, 12]  # logged every log_every steps
-    log = (full / "log.txt").read_text()
     assert log.count("data (all ranks):") == 3 and "data at the end (all ranks):" in log
     assert json.loads((full / "export/config.json").read_text())["image_size"] == 32
 
@@ -228,3 +232,12 @@ def _stage2(world, init_from: Path, run: Path):
         MLLMEngine.load(EngineConfig(model=str(run / "export"), tokenizer=str(d / "tok"), image_size=64))
     engine = MLLMEngine.load(EngineConfig(model=str(run / "export"), tokenizer=str(d / "tok")))
     assert engine.image_size == 32 and engine.grid == (2, 2)
+    # the stage-2 export answers about a real photo and generates an image
+    from mllm.engine import ChatSession, ImageGenConfig
+
+    session = ChatSession(engine)
+    assert session.attach([world["mgm"]["root"] / "vg/VG_100K/2.jpg"]) == 1
+    reply = session.answer(session.prepare("What is shown?", max_new_tokens=4))
+    assert 1 <= reply.num_tokens <= 4 and not reply.stopped
+    images = engine.generate(["a photo of a cat"], ImageGenConfig(cfg_scale=2.0), torch.Generator().manual_seed(0))
+    assert images.shape == (1, 32, 32, 3)
