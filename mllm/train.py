@@ -44,8 +44,9 @@ class MllmTrainConfig:
     """A stage-two training run."""
 
     stage: Literal["pretrain", "finetune"] = "pretrain"
-    """Stage preset: pretrain (stage-1 recipe, lr 5e-5, from Llama + tokenizer) or finetune (stage-2
-    recipe, lr 2e-5, from the pretrain export)."""
+    """Stage preset: its recipe and learning rate (pretrain: stage-1 recipe, lr 5e-5; finetune: stage-2
+    recipe, lr 2e-5). The starting point is given by --llama-dir + --tokenizer or by --init-from;
+    finetune requires --init-from (the pretrain export)."""
     run_dir: str = "runs/mllm"
     """Output folder."""
     llama_dir: str | None = None
@@ -61,7 +62,7 @@ class MllmTrainConfig:
     data_root: str | None = None
     """Override the recipe's data root."""
     lr: float | None = None
-    """Peak learning rate; default: the stage's."""
+    """Peak learning rate (> 0); default: the stage's."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -127,7 +128,18 @@ class MllmTrainConfig:
     def resolved(self) -> "MllmTrainConfig":
         """Fill stage defaults and check the starting point (before any engine starts)."""
         st = STAGES[self.stage]
-        out = dataclasses.replace(self, recipe=self.recipe or str(ROOT / st["recipe"]), lr=self.lr or st["lr"])
+        out = dataclasses.replace(self, recipe=self.recipe or str(ROOT / st["recipe"]),
+                                  lr=st["lr"] if self.lr is None else self.lr)
+        if not out.lr > 0:
+            raise ValueError(f"--lr must be positive, got {out.lr} (leave it out for the stage's {st['lr']})")
+        if out.init_from is not None:  # the export carries the model: these would be silently ignored
+            given = [flag for flag, v in (("--llama-dir", out.llama_dir), ("--tokenizer", out.tokenizer),
+                                          ("--mllm", out.mllm or None),
+                                          ("--tokenizer-attn-mode", "causal" if out.tokenizer_attn_mode == "causal"
+                                           else None)) if v is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} cannot be combined with --init-from: the export folder "
+                                 "already holds the model, its tokenizer and its codebook")
         if out.init_from is None:
             if out.stage == "finetune":
                 raise ValueError("--stage finetune needs --init-from (the pretrain export folder)")

@@ -55,6 +55,17 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path):
         parse_config(["--stage", "finetune", "--init-from", str(tmp_path)])
     with pytest.raises(SystemExit):  # __post_init__ ValueError, reported by tyro
         parse_config(["--stage", "pretrain", "--trainable", "everything"])
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    assert parse_config(["--stage", "finetune", "--init-from", str(export)]).lr == 2e-5
+    assert parse_config(["--stage", "finetune", "--init-from", str(export), "--lr", "1e-6"]).lr == 1e-6
+    with pytest.raises(ValueError, match="--lr must be positive, got 0.0"):  # not "use the stage's rate"
+        parse_config(["--stage", "finetune", "--init-from", str(export), "--lr", "0"])
+    for extra in (["--llama-dir", str(export)], ["--tokenizer", str(export)], ["--mllm", "depth_num_layers", "1"],
+                  ["--tokenizer-attn-mode", "causal"]):
+        with pytest.raises(ValueError, match=f"{extra[0]} cannot be combined with --init-from"):
+            parse_config(["--stage", "finetune", "--init-from", str(export), *extra])
 
 
 @pytest.mark.slow  # a real training process
