@@ -225,18 +225,18 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     A glob (`raw/coyo/*.tar`, `raw/**/*.tar`) expands in sorted order, the same on every rank; it is
     the way to read img2dataset output, whose numbering has gaps where a shard failed and whose
     `_stats.json` / `.parquet` side files sit next to the tars. A glob that matches nothing raises."""
-    import glob
-
     import webdataset as wds
+
+    from runtime.paths import expand_glob, is_glob
 
     if isinstance(spec, (list, tuple)):
         return list(spec)
     out: list[str] = []
     for url in wds.shardlists.expand_urls(spec):
-        if "://" in url or url.startswith("pipe:") or not any(c in url for c in "*?["):
+        if "://" in url or url.startswith("pipe:") or not is_glob(url):
             out.append(url)
             continue
-        hits = sorted(glob.glob(os.path.expanduser(url), recursive=True))
+        hits = expand_glob(url)
         if not hits:
             raise FileNotFoundError(f"data.shards pattern {url} matches no file")
         out.extend(hits)

@@ -28,7 +28,6 @@ Inputs (a pattern takes brace ranges `{00000..00099}` and globs `*`, `?`, `[..]`
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -39,6 +38,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+
+from runtime.paths import expand_glob, is_glob
 
 if TYPE_CHECKING:
     from unitok.extract import ExtractConfig
@@ -57,7 +58,6 @@ CAPTION_COLUMNS = ("caption", "prompt", "text", "txt")
 JSONL_CAPTION_FIELDS = ("prompt", "caption", "text")
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "jpeg", "webp", "image", "img")
 JSONL_PATH_FIELDS = ("img_path", "image", "path")
-_GLOB_CHARS = set("*?[")
 
 # ---- input planning -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def plan_inputs(cfg: ExtractConfig) -> tuple[list[InputShard], list[str]]:
         explicit: list[Path] = []
         globbed: list[Path] = []
         for q in braceexpand(pattern):
-            if _GLOB_CHARS & set(q):
-                hits = sorted(glob.glob(q))
+            if is_glob(q):
+                hits = expand_glob(q)
                 if not hits:
                     raise FileNotFoundError(f"no input matches {q!r}")
                 globbed += [Path(h) for h in hits]

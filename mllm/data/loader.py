@@ -34,7 +34,7 @@ import torch
 from mllm.data import templates as T
 from mllm.data.collate import Sample, collate
 from mllm.data.recipe import Recipe, load_recipe
-from mllm.data.sources import MAX_EXAMPLES, SKIP_REASONS, Position, Source, build_source, hash_uniform
+from mllm.data.sources import MAX_EXAMPLES, Position, Source, build_source, hash_uniform, structured_stats
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +271,33 @@ class MixtureLoader:
         summed over workers, batches handed out, text-only batches, and pad positions."""
         sources: dict[str, dict[str, Any]] = {}
         for s in self.recipe.sources:
-            agg: dict[str, Any] = {"records": 0, "samples": 0, "skipped": {r: 0 for r in SKIP_REASONS},
-                                   "examples": {}}
+            agg = structured_stats({}, {})
             for snap in self._snapshots.values():
                 src = snap["sources"][s.name]
-                for k, v in src["counters"].items():
-                    if k.startswith("skipped/"):
-                        r = k[len("skipped/"):]
-                        agg["skipped"][r] = agg["skipped"].get(r, 0) + v
-                    else:
-                        agg[k] = agg.get(k, 0) + v
-                _merge_examples(agg["examples"], src.get("examples", {}))
+                _add_source_stats(agg, structured_stats(src["counters"], src.get("examples", {})))
             sources[s.name] = agg
         return {"sources": sources, "batches": self._consumed, "text_only_batches": self._text_only,
                 "positions_total": self._positions_total, "positions_pad": self._positions_pad,
-                "pad_ratio": self._positions_pad / self._positions_total if self._positions_total else 0.0}
+                "pad_ratio": _ratio(self._positions_pad, self._positions_total)}
 
 
-def _merge_examples(into: dict[str, list[str]], more: dict[str, list[str]]) -> None:
-    for r, ids in more.items():
-        have = into.setdefault(r, [])
-        have.extend(i for i in ids if i not in have and len(have) < MAX_EXAMPLES)
+def _ratio(part: int, total: int) -> float:
+    return part / total if total else 0.0
+
+
+def _add_source_stats(into: dict[str, Any], more: dict[str, Any]) -> None:
+    """Sum one source's structured stats (`structured_stats` form) into `into`: counts add, the skip
+    examples keep the first MAX_EXAMPLES distinct ids per reason."""
+    for k, v in more.items():
+        if k == "skipped":
+            for r, n in v.items():
+                into["skipped"][r] = into["skipped"].get(r, 0) + n
+        elif k == "examples":
+            for r, ids in v.items():
+                have = into["examples"].setdefault(r, [])
+                have.extend(i for i in ids if i not in have and len(have) < MAX_EXAMPLES)
+        else:
+            into[k] = into.get(k, 0) + v
 
 
 def merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,16 +311,8 @@ def merge_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         out["batches_per_rank"].append(st["batches"])
         out["text_only_batches_per_rank"].append(st["text_only_batches"])
         for name, src in st["sources"].items():
-            agg = out["sources"].setdefault(name, {"skipped": {}, "examples": {}})
-            for k, v in src.items():
-                if k == "skipped":
-                    for r, n in v.items():
-                        agg["skipped"][r] = agg["skipped"].get(r, 0) + n
-                elif k == "examples":
-                    _merge_examples(agg["examples"], v)
-                else:
-                    agg[k] = agg.get(k, 0) + v
-    out["pad_ratio"] = out["positions_pad"] / out["positions_total"] if out["positions_total"] else 0.0
+            _add_source_stats(out["sources"].setdefault(name, structured_stats({}, {})), src)
+    out["pad_ratio"] = _ratio(out["positions_pad"], out["positions_total"])
     return out
 
 

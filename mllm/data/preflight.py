@@ -22,10 +22,9 @@ from pathlib import Path
 
 from mllm.data.recipe import Recipe, SourceConfig
 from mllm.data.sources import CodeIndex, check_text_file
+from unitok.extract import MANIFEST as CODE_MANIFEST  # written by unitok.extract next to its code shards
 
 log = logging.getLogger(__name__)
-
-CODE_MANIFEST = "manifest.json"  # written by unitok.extract next to its code shards
 
 
 @dataclass

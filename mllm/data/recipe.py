@@ -23,7 +23,6 @@ glob matches something; `mllm.data.preflight` checks the rest before a run build
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 
 import yaml
 from braceexpand import braceexpand
+
+from runtime.paths import expand_glob, is_glob
 
 KINDS = ("text", "pairs", "instructions", "t2i")
 _COMMON = {"name", "kind", "paths", "weight", "budget", "shuffle"}
@@ -40,9 +41,6 @@ _KIND_OPTIONS = {
     "t2i": {"caption_dropout", "caption_field", "caption_field_prob"},
     "instructions": {"template", "image_paths", "image_index"},
 }
-
-
-GLOB_CHARS = "*?["
 
 
 def resolve(path: str, root: str | os.PathLike = ".") -> Path:
@@ -60,8 +58,8 @@ def expand_paths(patterns: list[str], root: str | os.PathLike = ".") -> list[Pat
     for p in patterns:
         for q in braceexpand(p):
             full = resolve(q, root)
-            if any(c in q for c in GLOB_CHARS):
-                hits = sorted(glob.glob(str(full), recursive=True))
+            if is_glob(q):
+                hits = expand_glob(str(full))
                 if not hits:
                     raise FileNotFoundError(f"pattern {full} matches no file")
                 out.extend(Path(h) for h in hits)

@@ -132,6 +132,21 @@ class Position:
         return cls(*[int(x) for x in v])
 
 
+def structured_stats(counters: dict[str, int], examples: dict[str, list[str]]) -> dict[str, Any]:
+    """A source's raw counters (kind counts and "skipped/<reason>") and skip examples -> {records, samples,
+    <kind counts>, skipped: {reason: n}, examples: {reason: [ids]}}."""
+    out: dict[str, Any] = {"records": 0, "samples": 0}
+    skipped = {r: 0 for r in SKIP_REASONS}
+    for k, v in counters.items():
+        if k.startswith("skipped/"):
+            skipped[k[len("skipped/"):]] = v
+        else:
+            out[k] = v
+    out["skipped"] = skipped
+    out["examples"] = {r: list(v) for r, v in examples.items()}
+    return out
+
+
 class Skip(Exception):
     """A record is bad; `reason` is one of SKIP_REASONS."""
 
@@ -181,16 +196,7 @@ class Source:
 
     def stats(self) -> dict[str, Any]:
         """{records, samples, <kind counts>, skipped: {reason: n}, examples: {reason: [ids]}}."""
-        out: dict[str, Any] = {"records": 0, "samples": 0}
-        skipped = {r: 0 for r in SKIP_REASONS}
-        for k, v in self.counters.items():
-            if k.startswith("skipped/"):
-                skipped[k[len("skipped/"):]] = v
-            else:
-                out[k] = v
-        out["skipped"] = skipped
-        out["examples"] = {r: list(v) for r, v in self.examples.items()}
-        return out
+        return structured_stats(self.counters, self.examples)
 
     # -- order
     def shard_order(self, epoch: int, split: int, num_splits: int) -> tuple[list[int], bool]:
