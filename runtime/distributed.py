@@ -64,8 +64,31 @@ def init_distributed(seed: int = 0, timeout_min: int = 30) -> DistInfo:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if backend == "gloo" and world > 1:
+        _unlink_shm_workspace(rank, world)
     seed_everything(seed + rank)
     return DistInfo(rank, world, local, device, backend)
+
+
+def _unlink_shm_workspace(rank: int, world: int) -> None:
+    """Remove the name of DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed's shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, used when every rank
+    is on one node, LOCAL_SIZE == WORLD_SIZE) creates one 69 MB /dev/shm file per rank and never
+    unlinks it: each CPU run, finished or killed, left world_size x 69 MB of RAM behind until
+    reboot, and a test suite's worth filled a 24 GiB machine until the OOM killer stopped a run.
+    `shm_initialize` returns only after a rank has mapped all its peers' files, so after a barrier
+    the names are no longer needed; the mappings live on until the processes exit.
+    """
+    if _env_int("LOCAL_SIZE") != world:
+        return
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
 
 
 def _free_port() -> int:
