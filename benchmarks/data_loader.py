@@ -13,12 +13,12 @@ positions after image expansion) and the non-pad fraction of the batch, packed v
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -96,15 +96,25 @@ def measure(recipe, tok, *, max_len, pack, workers, batches, micro_batch_size=4)
     return n / dt / w, tok0 / dt / w, 1 - st["pad_ratio"]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", type=int, default=200)
-    ap.add_argument("--max-len", type=int, nargs="+", default=[2048, 1024])
-    ap.add_argument("--workers", type=int, nargs="+", default=[0])
-    ap.add_argument("--tokenizer", default=None, help="HF Llama tokenizer folder (default: tiny test tokenizer)")
-    args = ap.parse_args()
-    from tiny_assets import load_llama_tokenizer, make_llama_tokenizer
+@dataclass
+class Options:
+    """What to measure."""
 
+    batches: int = 200
+    """Batches per measurement."""
+    max_len: list[int] = field(default_factory=lambda: [2048, 1024])
+    """Row lengths (positions) to measure."""
+    workers: list[int] = field(default_factory=lambda: [0])
+    """DataLoader worker counts to measure (0 = in-process)."""
+    tokenizer: str | None = None
+    """HF Llama tokenizer folder; None = the tiny test tokenizer, trained here."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mllm.data.tiny_tokenizer import load_llama_tokenizer, make_llama_tokenizer
+    from runtime.cli import parse
+
+    args = parse(Options, argv, prog="python benchmarks/data_loader.py", description=__doc__.split("\n")[0])
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         tok = load_llama_tokenizer(args.tokenizer or make_llama_tokenizer(root / "tok"))

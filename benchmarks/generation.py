@@ -8,10 +8,10 @@ and embedder KV caches. Both use greedy decoding, and the table says whether the
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mllm import UniMLLMConfig, UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample  # noqa: E402
 from mllm.generate import SamplingConfig, answer, generate_images, reference_generate_images  # noqa: E402
+from runtime.cli import parse  # noqa: E402
 
 PRESETS = {
     "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -44,13 +45,27 @@ def timeit(fn):
     return out, time.perf_counter() - t
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", type=int, default=16, help="image side in positions (16 -> 256 positions)")
-    p.add_argument("--presets", nargs="+", default=["debug", "small"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--answer-tokens", type=int, default=64)
-    a = p.parse_args()
+@dataclass
+class Options:
+    """What to measure."""
+
+    grid: int = 16
+    """Image side in positions (16 -> 256 positions)."""
+    presets: list[str] = field(default_factory=lambda: ["debug", "small"])
+    """Model sizes to measure (PRESETS)."""
+    batch: int = 2
+    """Prompts per generate / answer call."""
+    answer_tokens: int = 64
+    """Answer tokens to generate."""
+
+    def __post_init__(self):
+        unknown = [n for n in self.presets if n not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(Options, argv, prog="python benchmarks/generation.py", description=__doc__)
     greedy = SamplingConfig(temperature=0)
     rows = []
     for name in a.presets:

@@ -9,26 +9,39 @@ rank holds) and tokens/s (non-pad positions). On a GPU the trainer also prints M
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from mllm import demo  # noqa: E402
+from experiments import demo  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_mllm")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--ds-config", default="zero3")
-    a = p.parse_args()
+@dataclass
+class BenchConfig:
+    """MLLM training throughput and memory at several world sizes."""
+
+    out: str = "runs/bench_mllm"
+    """Work folder (demo assets, runs, logs)."""
+    hidden: int = 256
+    """Tiny Llama width."""
+    layers: int = 4
+    """Tiny Llama layers."""
+    steps: int = 6
+    """Training steps per world size."""
+    ranks: tuple[int, ...] = (1, 2)
+    """World sizes to measure."""
+    ds_config: str = "zero3"
+    """DeepSpeed config name."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tyro
+
+    a = tyro.cli(BenchConfig, args=argv, description=__doc__)
     out = Path(a.out)
     sizes = demo.DemoSizes(**{**vars(demo.QUICK), "hidden": a.hidden, "layers": a.layers})
     demo.step_data(out, sizes)

@@ -4,15 +4,15 @@ Runs the `debug` and `small` presets on CPU, and on the GPU too when one is pres
 The training step is forward + reconstruction/VQ/CLIP losses + backward + AdamW step (no LPIPS or
 GAN: those are measured by the trainer's benchmark rows).
 
-    python benchmarks/tokenizer_throughput.py [--presets debug small] [--batch 8] [--iters 5]
+    python benchmarks/tokenizer_throughput.py [--presets debug small] [--batch 8] [--iters 3] [--res N]
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unitok import UniTok, preset  # noqa: E402
+from runtime.cli import parse  # noqa: E402
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -79,13 +80,22 @@ def bench(name: str, device: torch.device, batch: int, iters: int, res: int | No
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["debug", "small"])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--res", type=int, default=None, help="image side (default: the preset's img_size)")
-    a = p.parse_args()
+@dataclass
+class Options:
+    """What to measure."""
+
+    presets: list[str] = field(default_factory=lambda: ["debug", "small"])
+    """Tokenizer presets (unitok.config.PRESETS)."""
+    batch: int = 8
+    """Images per step."""
+    iters: int = 3
+    """Timed iterations per measurement."""
+    res: int | None = None
+    """Image side; None = the preset's img_size."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(Options, argv, prog="python benchmarks/tokenizer_throughput.py", description=__doc__)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = [bench(n, d, a.batch, a.iters, a.res) for d in devices for n in a.presets]
     print(f"# machine: {platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}"

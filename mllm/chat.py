@@ -1,12 +1,11 @@
 """Chat with the unified MLLM in a terminal: multi-turn questions about images, and text-to-image.
 
-    python -m mllm.chat --model EXPORT_DIR --tokenizer TOKENIZER [--official-mllm] [--text-tokenizer DIR]
-        [--attn-mode full|causal] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--image-size N]
-        [--cfg-scale 7.0] [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--num-images 1]
-        [--answer-temperature 0.0] [--max-new-tokens 256] [--seed 0] [--out-dir chat_outputs]
-        [--max-image-pixels 40000000]
+    python -m mllm.chat --model EXPORT_DIR --tokenizer TOKENIZER [options]     (python -m mllm.chat --help)
     one-shot (for scripts; prints only the answer / the PNG paths on stdout, exit 0):
         --ask "question" [--image PATH ...]        --generate "prompt"
+    A flag that does not apply to the chosen mode is an error: the image-generation flags (--cfg-scale,
+    --temperature, --top-k, --top-p, --num-images, --out-dir) with --ask, the answer flags
+    (--answer-temperature, --max-new-tokens) and --image with --generate.
 
 Commands in the session:
     /image PATH [PATH ...]  attach images to the next question (quote paths with spaces)
@@ -17,10 +16,10 @@ Commands in the session:
 This module is the terminal front end only (flags, the read-eval loop, Ctrl-C, pipes and one-shot
 modes). What runs, the conversation state and its notices are `mllm.engine` (`MLLMEngine`,
 `ChatSession`), which `mllm.web` shares; tests drive `TerminalChat` line by line through `handle()`.
+Flags are the fields of `ChatConfig` (parsed by tyro, help from the field docstrings).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import shlex
 import signal
@@ -29,12 +28,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import Annotated, Iterable, TextIO
 
 import torch
+from tyro.conf import OmitArgPrefixes, UseAppendAction, arg
 
-from mllm.engine import (ChatSession, EngineConfig, GenerationStopped, InputError, MLLMEngine, SessionConfig,
-                         add_engine_args, add_generation_args, add_session_args, engine_config, session_config)
+from mllm.engine import ChatSession, EngineConfig, GenerationStopped, InputError, MLLMEngine, SessionConfig
+from runtime.cli import parse, refuse_changed
+
+# session fields that only image generation reads, and those that only answers read
+GENERATION_FIELDS = ("gen.cfg_scale", "gen.temperature", "gen.top_k", "gen.top_p", "gen.num_images", "out_dir")
+ANSWER_FIELDS = ("answer_temperature", "max_new_tokens")
 
 HELP = """commands:
   /image PATH [PATH ...]  attach image(s) to your next question
@@ -47,12 +51,34 @@ anything else is a question for the model"""
 
 @dataclass
 class ChatConfig:
-    """Everything the terminal chat needs."""
+    """Everything the terminal chat needs: what to load, how the session answers and draws, and the
+    one-shot mode (--ask or --generate) if any."""
 
-    engine: EngineConfig
+    engine: Annotated[EngineConfig, OmitArgPrefixes]
     """What to load."""
-    session: SessionConfig = field(default_factory=SessionConfig)
+    session: Annotated[SessionConfig, OmitArgPrefixes] = field(default_factory=SessionConfig)
     """How the conversation answers and draws."""
+    ask: Annotated[str | None, arg(metavar="QUESTION")] = None
+    """One-shot: answer QUESTION (about the --image files), print the answer and exit."""
+    generate: Annotated[str | None, arg(metavar="PROMPT")] = None
+    """One-shot: generate images from PROMPT, write PNGs under --out-dir, print their paths and exit."""
+    image: Annotated[list[str], UseAppendAction, arg(metavar="PATH")] = field(default_factory=list)
+    """Image for --ask, or attached to the first question of a session; repeat for several."""
+
+    def __post_init__(self):
+        if self.ask is not None and self.generate is not None:
+            raise ValueError("--ask and --generate are two one-shot modes: give one of them")
+        if self.ask is not None:
+            refuse_changed(self.session, GENERATION_FIELDS, "to --ask (it answers and writes no images)")
+        if self.generate is not None:
+            if self.image:
+                raise ValueError("--image goes with --ask or an interactive session, not --generate")
+            refuse_changed(self.session, ANSWER_FIELDS, "to --generate (it answers no question)")
+
+    @property
+    def one_shot(self) -> bool:
+        """--ask or --generate: answer or draw once, then exit."""
+        return self.ask is not None or self.generate is not None
 
 
 @contextlib.contextmanager
@@ -203,56 +229,38 @@ class TerminalChat:
 
 
 # ---- CLI ----------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> tuple[ChatConfig, argparse.Namespace]:
-    """Command line -> (ChatConfig, the raw namespace for the one-shot flags); exits on bad flags."""
-    p = argparse.ArgumentParser(prog="python -m mllm.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
-    add_generation_args(p)
-    add_session_args(p, out_dir="chat_outputs", seed_help="sampling seed for the session")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--ask", metavar="QUESTION", help="one-shot: answer QUESTION (with --image) and exit")
-    mode.add_argument("--generate", metavar="PROMPT", help="one-shot: generate images, print their paths, exit")
-    p.add_argument("--image", action="append", default=[], metavar="PATH",
-                   help="image(s) for --ask, or attached to the first question of a session")
-    a = p.parse_args(argv)
-    if a.generate is not None and a.image:
-        p.error("--image goes with --ask or an interactive session, not --generate")
-    try:
-        cfg = ChatConfig(engine=engine_config(a), session=session_config(a))
-    except ValueError as e:
-        p.error(str(e))
-    return cfg, a
+def parse_args(argv: list[str] | None = None) -> ChatConfig:
+    """Command line -> ChatConfig; exits with status 2 and a message on bad flags."""
+    return parse(ChatConfig, argv, prog="python -m mllm.chat", description=__doc__.split("\n\nThis module")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 bad input in one-shot mode)."""
-    cfg, a = parse_args(argv)
+    cfg = parse_args(argv)
     torch.manual_seed(cfg.session.seed)
     try:
         engine = MLLMEngine.load(cfg.engine)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    one_shot = a.ask is not None or a.generate is not None
-    chat = TerminalChat(engine, cfg.session, out=sys.stdout, msg=sys.stderr if one_shot else sys.stdout,
-                        prefix="" if one_shot else "assistant: ", progress=False if one_shot else None)
-    if one_shot:
+    chat = TerminalChat(engine, cfg.session, out=sys.stdout, msg=sys.stderr if cfg.one_shot else sys.stdout,
+                        prefix="" if cfg.one_shot else "assistant: ", progress=False if cfg.one_shot else None)
+    if cfg.one_shot:
         try:
-            if a.ask is not None:
-                if a.image:
-                    chat.session.attach(a.image)
-                chat.ask(a.ask)
+            if cfg.ask is not None:
+                if cfg.image:
+                    chat.session.attach(cfg.image)
+                chat.ask(cfg.ask)
             else:
-                if not chat.generate(a.generate):
+                if not chat.generate(cfg.generate):
                     return 1
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    if a.image:
+    if cfg.image:
         try:
-            chat.session.attach(a.image)
+            chat.session.attach(cfg.image)
         except InputError as e:
             chat.error(str(e))
     chat.run()

@@ -23,14 +23,13 @@ What runs (REFERENCE.md 6.6-6.10):
     tokenizer (its full-attention projection).
 A session seeds its sampling generator once, when it starts: sampled answers and images continue one
 random stream (two sampled answers to the same question differ; a new session replays the stream).
-This module holds no terminal or gradio code; `mllm.evaluate` and `mllm.demo` use `MLLMEngine` alone.
+This module holds no terminal or gradio code; `mllm.evaluate` and `experiments.demo` use `MLLMEngine` alone.
 
 Shapes: codes (K, h, w) per image, K = num_codebooks, h = w = image_size / 16; generated images
 (N, S, S, 3) uint8 with S = image_size.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import threading
 import time
@@ -46,7 +45,7 @@ from mllm.data.collate import Sample
 from mllm.data.templates import IMAGE_PLACEHOLDER, chat_prompt, null_prompt_ids, t2i_prompt_ids
 from mllm.generate import SamplingConfig, answer, generate_images
 # one image path for extraction and chat: a file gives the same codes in both
-from unitok.image_io import ImageTooLarge, load_image, preprocess, to_model_input
+from unitok.image_io import MAX_PIXELS, ImageTooLarge, load_image, preprocess, to_model_input
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,15 +59,10 @@ class GenerationStopped(Exception):
 
 
 # ---- configs ------------------------------------------------------------------------------------
-@dataclass
-class EngineConfig:
-    """What to load, where, and how images enter the model."""
+@dataclass(kw_only=True)
+class EngineOptions:
+    """How the model is loaded, where, and how images enter it (everything but which files)."""
 
-    model: str
-    """This project's export folder (config.json + safetensors + text tokenizer files), or the released
-    unitok_mllm folder with official_mllm=True."""
-    tokenizer: str
-    """UniTok checkpoint folder, or the official unitok_tokenizer.pth."""
     official_mllm: bool = False
     """`model` is the released FoundationVision/unitok_mllm folder (loaded by load_official_mllm)."""
     text_tokenizer: str | None = None
@@ -76,14 +70,14 @@ class EngineConfig:
     attn_mode: Literal["full", "causal"] = "full"
     """Attention mode of an official tokenizer .pth (their keys do not record it); ignored for folders."""
     device: str | None = None
-    """cpu or cuda; None = cuda when available."""
+    """cpu, cuda or cuda:N; None = cuda when available."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """MLLM weights dtype (the tokenizer always runs in fp32, as its quantizer path requires)."""
     image_size: int | None = None
     """Square side images are resized to (multiple of 16); None = the size the MLLM was trained at
     (config.json image_size), else the tokenizer's training size. Another size than the recorded one
     is refused."""
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = MAX_PIXELS
     """Refuse input images with more pixels than this (width x height)."""
 
     def __post_init__(self):
@@ -97,6 +91,17 @@ class EngineConfig:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.max_image_pixels <= 0:
             raise ValueError("max_image_pixels must be positive")
+
+
+@dataclass(kw_only=True)
+class EngineConfig(EngineOptions):
+    """What to load (the MLLM and the UniTok tokenizer), where, and how images enter the model."""
+
+    model: str
+    """This project's export folder (config.json + safetensors + text tokenizer files), or the released
+    unitok_mllm folder with --official-mllm."""
+    tokenizer: str
+    """UniTok checkpoint folder, or the official unitok_tokenizer.pth."""
 
 
 @dataclass
@@ -185,7 +190,7 @@ class MLLMEngine:
     """Model + text tokenizer + UniTok: the operations shared by chat, web and evaluation."""
 
     def __init__(self, model, text_tokenizer, image_tokenizer, image_size: int | None = None,
-                 max_image_pixels: int = 40_000_000):
+                 max_image_pixels: int = MAX_PIXELS):
         cfg = model.config
         if image_tokenizer.num_codebooks != cfg.num_codebooks or image_tokenizer.codebook_size != cfg.codebook_size:
             raise ValueError(
@@ -548,57 +553,3 @@ class ChatSession:
         images = self.engine.generate([prompt], gen or self.cfg.gen, generator or self.generator, on_position,
                                       self.stop)
         return images, self.engine.save_pngs(images, self.cfg.out_dir, prompt)
-
-
-# ---- command-line flags shared by mllm.chat, mllm.web and mllm.evaluate ------------------------------
-def add_engine_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The loading flags (`required=False`: tasks without a model)."""
-    p.add_argument("--model", required=required, help="MLLM export folder (or the released unitok_mllm folder "
-                                                      "with --official-mllm)")
-    p.add_argument("--tokenizer", required=required,
-                   help="UniTok checkpoint folder or official unitok_tokenizer.pth")
-    p.add_argument("--official-mllm", action="store_true", help="--model is the released unitok_mllm folder")
-    p.add_argument("--text-tokenizer", help="text tokenizer folder (default: the --model folder)")
-    p.add_argument("--attn-mode", choices=["full", "causal"], default="full",
-                   help="attention mode of an official tokenizer .pth (ignored for folders)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="MLLM weights dtype")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="square input/output image side (default: the tokenizer's training size, 256 released)")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="refuse larger input images")
-
-
-def engine_config(a: argparse.Namespace) -> EngineConfig:
-    """EngineConfig from parsed `add_engine_args` flags."""
-    return EngineConfig(model=a.model, tokenizer=a.tokenizer, official_mllm=a.official_mllm,
-                        text_tokenizer=a.text_tokenizer, attn_mode=a.attn_mode, device=a.device, dtype=a.dtype,
-                        image_size=a.image_size, max_image_pixels=a.max_image_pixels)
-
-
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """Text-to-image sampling flags (release defaults)."""
-    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="image sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="image sampling top-k (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="image sampling top-p (1 = off)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-
-
-def generation_config(a: argparse.Namespace) -> ImageGenConfig:
-    """ImageGenConfig from parsed `add_generation_args` flags."""
-    return ImageGenConfig(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                          num_images=a.num_images)
-
-
-def add_session_args(p: argparse.ArgumentParser, out_dir: str, seed_help: str = "sampling seed of a session") -> None:
-    """Answer and session flags of the chat front ends (plus `add_generation_args`)."""
-    p.add_argument("--answer-temperature", type=float, default=0.0, help="answer sampling temperature (0 = greedy)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--out-dir", default=out_dir, help="folder for generated PNGs")
-
-
-def session_config(a: argparse.Namespace) -> SessionConfig:
-    """SessionConfig from parsed `add_session_args` + `add_generation_args` flags."""
-    return SessionConfig(gen=generation_config(a), answer_temperature=a.answer_temperature,
-                         max_new_tokens=a.max_new_tokens, seed=a.seed, out_dir=a.out_dir)

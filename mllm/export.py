@@ -7,11 +7,25 @@ The folder loads with `AutoModelForCausalLM.from_pretrained(out)` after `import 
 """
 from __future__ import annotations
 
-import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from runtime.cli import parse
+
+
+@dataclass
+class ExportConfig:
+    """A training checkpoint -> a Hugging Face folder."""
+
+    checkpoint: str
+    """A step-XXXXXXXX folder, or a run folder (its `latest` step)."""
+    out: str
+    """Output HF folder (replaced if it exists)."""
+    tokenizer_dir: str | None = None
+    """Folder with the text tokenizer files to copy (Llama or an export); None = no tokenizer files."""
 
 
 def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -55,12 +69,9 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX folder, or a run folder (uses latest)")
-    p.add_argument("--out", required=True, help="output HF folder")
-    p.add_argument("--tokenizer-dir", help="folder with the text tokenizer files to copy (Llama or an export)")
-    a = p.parse_args(argv)
-    print(f"wrote {export_from_checkpoint(a.checkpoint, a.out, a.tokenizer_dir)}")
+    """CLI entry point."""
+    cfg = parse(ExportConfig, argv, prog="python -m mllm.export", description=__doc__)
+    print(f"wrote {export_from_checkpoint(cfg.checkpoint, cfg.out, cfg.tokenizer_dir)}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ usual dense-transformer estimate (forward 2N + backward 4N per token, plus atten
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -31,6 +30,9 @@ from typing import Any, Literal
 
 import torch
 
+from runtime.loop import RunConfig, Task, run, strip_launcher_args
+from runtime.optim import OptimConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "pretrain": {"recipe": "data_recipes/stage1_pretrain.yaml", "lr": 5e-5},
@@ -39,16 +41,27 @@ STAGES = {
 GROUPS = ("llm", "attn_projection", "mm_projector", "depth_head")
 
 
+def _mllm_optim() -> OptimConfig:
+    return OptimConfig(lr=None, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, warmup_frac=0.03, end_ratio=0.0,
+                       grad_clip=1.0)
+
+
 @dataclass
-class MllmTrainConfig:
-    """A stage-two training run."""
+class MllmTrainConfig(RunConfig):
+    """A stage-two training run (the shared run flags are runtime/loop.py's RunConfig)."""
 
     stage: Literal["pretrain", "finetune"] = "pretrain"
     """Stage preset: its recipe and learning rate (pretrain: stage-1 recipe, lr 5e-5; finetune: stage-2
     recipe, lr 2e-5). The starting point is given by --llama-dir + --tokenizer or by --init-from;
     finetune requires --init-from (the pretrain export)."""
     run_dir: str = "runs/mllm"
-    """Output folder."""
+    """Output folder: config.json, log, metrics.jsonl, data_stats.json, checkpoints, export."""
+    grad_accum: int = 4
+    """Micro batches per optimizer step."""
+    ds_config: str = "zero3"
+    """DeepSpeed config: a name in ds_configs/ (zero3, zero2, zero3_offload) or a path."""
+    keep_last: int = 2
+    """Checkpoints kept."""
     llama_dir: str | None = None
     """Local HF Llama folder (weights + sentencepiece tokenizer); stage pretrain."""
     tokenizer: str | None = None
@@ -61,77 +74,41 @@ class MllmTrainConfig:
     """Data recipe YAML; default: the stage's."""
     data_root: str | None = None
     """Override the recipe's data root."""
-    lr: float | None = None
-    """Peak learning rate (> 0); default: the stage's."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    warmup_ratio: float = 0.03
-    """Linear warmup fraction, then cosine to end_ratio."""
-    end_ratio: float = 0.0
-    """Final LR fraction."""
-    grad_clip: float = 1.0
-    """Max gradient norm."""
+    optim: OptimConfig = field(default_factory=_mllm_optim)
+    """AdamW over the trainable groups; --optim.lr defaults to the stage's rate."""
     trainable: tuple[str, ...] = GROUPS
     """Trained module groups among llm, attn_projection, mm_projector, depth_head (codebook always frozen)."""
     micro_batch: int = 4
     """Rows per rank per micro step."""
-    grad_accum: int = 4
-    """Micro steps per optimizer step."""
     max_len: int = 2048
     """Positions per row (images count h*w each)."""
     pack: bool = True
     """Pack several samples per row (no attention across samples) instead of padding."""
     num_workers: int = 2
     """Data worker processes per rank."""
-    total_steps: int = 1000
-    """Optimizer steps."""
-    ds_config: str = "zero3"
-    """ds_configs/ name or path: zero3 (default), zero2, zero3_offload."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
     gradient_checkpointing: bool | None = None
     """Activation checkpointing of the Llama layers; default: on with a GPU."""
-    seed: int = 0
-    """Base seed."""
-    resume: str = "auto"
-    """auto, none, or a checkpoint folder."""
-    save_every: int = 500
-    """Checkpoint interval (steps)."""
-    keep_last: int = 2
-    """Checkpoints kept."""
-    log_every: int = 10
-    """Log interval (steps)."""
-    metrics: Literal["none", "tensorboard", "wandb"] = "none"
-    """Metrics sink."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for MFU (0 = 989 on H100, 312 on A100, none on CPU)."""
-    export: bool = True
-    """Write run_dir/export (HF folder) at the end."""
     mllm: dict[str, int] = field(default_factory=dict)
     """Extra UniMLLMConfig fields for a new model, e.g. `--mllm depth_num_layers 3`."""
-    kill_at_step: int = -1
-    """Tests: SIGKILL right after this step (and its checkpoint, if due)."""
-    kill_during_save: bool = False
-    """Tests: with kill_at_step, SIGKILL in the middle of that step's checkpoint instead."""
 
     def __post_init__(self):
+        super().__post_init__()
         self.trainable = tuple(self.trainable)
         bad = set(self.trainable) - set(GROUPS)
         if bad or not self.trainable:
             raise ValueError(f"trainable groups must be a non-empty subset of {GROUPS}, got {self.trainable}")
-        for name in ("micro_batch", "grad_accum", "max_len", "total_steps", "save_every", "keep_last", "log_every"):
+        for name in ("micro_batch", "max_len"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
 
     def resolved(self) -> "MllmTrainConfig":
         """Fill stage defaults and check the starting point (before any engine starts)."""
         st = STAGES[self.stage]
+        lr = st["lr"] if self.optim.lr is None else self.optim.lr
         out = dataclasses.replace(self, recipe=self.recipe or str(ROOT / st["recipe"]),
-                                  lr=st["lr"] if self.lr is None else self.lr)
-        if not out.lr > 0:
-            raise ValueError(f"--lr must be positive, got {out.lr} (leave it out for the stage's {st['lr']})")
+                                  optim=dataclasses.replace(self.optim, lr=lr))
         if out.init_from is not None:  # the export carries the model: these would be silently ignored
             given = [flag for flag, v in (("--llama-dir", out.llama_dir), ("--tokenizer", out.tokenizer),
                                           ("--mllm", out.mllm or None),
@@ -158,10 +135,7 @@ class MllmTrainConfig:
 def parse_config(argv: list[str] | None = None) -> MllmTrainConfig:
     import tyro
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--local_rank", "--local-rank", type=int)  # from the deepspeed launcher
-    _, rest = pre.parse_known_args(argv)
-    return tyro.cli(MllmTrainConfig, args=rest).resolved()
+    return tyro.cli(MllmTrainConfig, args=strip_launcher_args(argv)).resolved()
 
 
 # ---- model construction ---------------------------------------------------------------------------
@@ -299,23 +273,122 @@ def peak_flops(cfg: MllmTrainConfig) -> float | None:
     return 989e12 if ("H100" in name or "H200" in name) else 312e12
 
 
-def train(cfg: MllmTrainConfig) -> dict[str, Any]:
-    """Run or resume; returns the last logged metrics."""
+class MllmTask(Task):
+    """The ZeRO-3 MLLM engine and the mixture loader, driven by runtime/loop.py."""
+
+    project = "unitok-mllm"
+
+    def __init__(self, cfg: MllmTrainConfig, engine, loader, info):
+        self.cfg, self.engine, self.loader, self.info = cfg, engine, loader, info
+        self.engines = {"mllm": engine}
+        self.model = engine.module
+        self.peak = peak_flops(cfg)
+        self.seq = 0
+
+    def forward(self, batch, step):
+        inputs = {k: (batch[k].to(self.info.device) if batch[k] is not None else None) for k in MODEL_KEYS}
+        out = self.engine(**inputs)
+        self.seq = batch["input_ids"].shape[1]
+        return {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss}
+
+    def backward(self, out, batch, step):
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return {}
+
+    def count(self, batch):
+        return int(batch["num_samples"]), round(batch["input_ids"].numel() * (1 - float(batch["pad_ratio"])))
+
+    def batch_hash(self, batch):
+        return hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:8]
+
+    def after_step(self, step, record, batch, out):
+        if step == 1 or step == self.cfg.total_steps:
+            from runtime.log import get_logger
+
+            mem = model_state_bytes(self.engine)
+            get_logger().warning(f"rank {self.info.rank}: model-state MB {mem['total'] / 2**20:.2f} (params "
+                                 f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
+                                 f"moments {mem['moments'] / 2**20:.2f})")
+
+    def data_stats(self) -> dict[str, Any]:
+        """Every rank's data counters, summed (a collective: all ranks call it at the same steps)."""
+        from mllm.data.loader import merge_stats
+
+        own = self.loader.stats()
+        if self.info.world_size == 1:
+            return merge_stats([own])
+        gathered: list[Any] = [None] * self.info.world_size
+        torch.distributed.all_gather_object(gathered, own)
+        return merge_stats(gathered)
+
+    def on_log(self, step, record, tokens_per_s):
+        from mllm.data.loader import format_stats
+
+        suffix = ""
+        if self.peak is not None and tokens_per_s > 0:
+            mfu = flops_per_step(self.model, int(tokens_per_s), self.seq) / (self.peak * self.info.world_size)
+            suffix += f" | mfu {100 * mfu:.1f}%"
+        stats = self.data_stats()
+        suffix += f" | pad {100 * stats['pad_ratio']:.1f}%\ndata (all ranks): {format_stats(stats)}"
+        record["data"] = stats
+        skipped = {f"skipped/{name}/{r}": n for name, src in stats["sources"].items()
+                   for r, n in src["skipped"].items() if n}
+        return suffix, {"pad_ratio": stats["pad_ratio"], **skipped}
+
+    def save_extra(self, tmp):
+        from runtime.distributed import is_main_process
+
+        if is_main_process():
+            self.model.config.to_json_file(str(tmp / "mllm_config.json"))
+
+    def load_checkpoint(self, ckpt, rank_state, step, log):
+        """The same number of ranks resumes exactly; another one reloads the consolidated fp32 weights
+        (optimizer moments and the data stream restart, logged)."""
+        if int(rank_state.get("world_size", self.info.world_size)) == self.info.world_size:
+            return super().load_checkpoint(ckpt, rank_state, step, log)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from runtime.zero_load import load_into, require_parameters
+
+        log.warning(f"{ckpt} was written by {rank_state['world_size']} ranks, this run has "
+                    f"{self.info.world_size}: loading the consolidated fp32 weights; optimizer moments and the "
+                    "data stream restart")
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
+        zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
+        require_parameters(self.model, load_into(self.model, fp32, zero3), ckpt, log)
+        self.engine.lr_scheduler.last_epoch = step - 1
+        self.engine.lr_scheduler.step()
+        return False
+
+    def finish(self, run_dir, ckpts, trained, log):
+        from mllm.data.loader import format_stats
+        from runtime.distributed import barrier, is_main_process
+
+        final = self.data_stats()
+        log.info(f"data at the end (all ranks): {format_stats(final)}")
+        if is_main_process():
+            (run_dir / "data_stats.json").write_text(json.dumps(final, indent=1))
+        if self.cfg.export:
+            from mllm.export import export_from_checkpoint
+
+            barrier()
+            if is_main_process():
+                export_from_checkpoint(ckpts.latest(), run_dir / "export",
+                                       tokenizer_dir=Path(self.cfg.init_from or self.cfg.llama_dir))
+                log.info(f"exported {run_dir / 'export'}")
+
+
+def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
+    """Preflight the data, then the model, its DeepSpeed engine and the mixture loader."""
     import deepspeed
 
-    from mllm.data.loader import MixtureLoader, format_stats, merge_stats
+    from mllm.data.loader import MixtureLoader
     from mllm.data.preflight import preflight
     from mllm.data.recipe import load_recipe
-    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, step_name
     from runtime.distributed import barrier, is_main_process
-    from runtime.run import append_metrics, kill_self, start_run, truncate_metrics
     from runtime.ds_config import load_ds_config
-    from runtime.log import MetricSink, Progress, format_line, memory_gb
-    from runtime.optim import lambda_scheduler, warmup_cosine
 
-    run_dir = Path(cfg.run_dir)
-    resolved = dataclasses.asdict(cfg)
-    info, log = start_run(resolved, run_dir, cfg.seed)
     # Data problems fail here, before the model is built: rank 0 checks first (and writes the
     # instruction image index), the others after it, reading that index.
     recipe = load_recipe(cfg.recipe, root=cfg.data_root)
@@ -326,8 +399,9 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
             report = preflight(recipe, expect_image_size=expect_size)
         barrier()
     log.info(report.summary())
+    o = cfg.optim
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
-                        world_size=info.world_size, grad_clip=cfg.grad_clip, precision=cfg.precision)
+                        world_size=info.world_size, grad_clip=o.grad_clip, precision=cfg.precision)
     model, text_tok = build_model(cfg, ds, log)
     model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -336,126 +410,24 @@ def train(cfg: MllmTrainConfig) -> dict[str, Any]:
              f"ZeRO-{ds['zero_optimization'].get('stage', 0)}, world {info.world_size}, "
              f"global batch {ds['train_batch_size']} rows of {cfg.max_len}")
     log_partition(model, info, log)
-    if "offload_optimizer" in ds["zero_optimization"]:
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": 1e-8,
-                                                      "weight_decay": cfg.weight_decay}}
-        opt = None
+    if "offload_optimizer" in ds["zero_optimization"]:  # DeepSpeed's CPU Adam builds the optimizer itself
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
+                                                      "weight_decay": o.weight_decay}}
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
+                                               lr_scheduler=lambda opt: o.schedule(opt, cfg.total_steps))
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    warm = int(cfg.warmup_ratio * cfg.total_steps)
-    sched_fn = lambda s: warmup_cosine(s, cfg.total_steps, warm, cfg.end_ratio)  # noqa: E731
-    if opt is not None:
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds,
-                                               lr_scheduler=lambda_scheduler(opt, sched_fn))
-    else:
-        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
-                                                 lr_scheduler=lambda o: lambda_scheduler(o, sched_fn))
+                                               lr_scheduler=o.schedule(opt, cfg.total_steps))
     loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            micro_batch_size=cfg.micro_batch, max_len=cfg.max_len, pack=cfg.pack,
                            pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers)
-    ckpts = CheckpointManager(run_dir, cfg.keep_last)
-    step = 0
-    resume_from = ckpts.resolve(cfg.resume)
-    if resume_from is not None:
-        step = _resume(engine, loader, ckpts, resume_from, info, log)
-    metrics_file = run_dir / "metrics.jsonl"
-    if is_main_process():
-        truncate_metrics(metrics_file, step)
-    sink = MetricSink(cfg.metrics, run_dir, resolved, project="unitok-mllm")
-    progress = Progress(step, cfg.total_steps)
-    peak = peak_flops(cfg)
-    last: dict[str, Any] = {}
-    it = iter(loader)
+    return MllmTask(cfg, engine, loader, info)
 
-    def data_stats() -> dict[str, Any]:
-        # A collective: every rank calls it at the same steps (log steps and the end).
-        own = loader.stats()
-        if info.world_size == 1:
-            return merge_stats([own])
-        gathered: list[Any] = [None] * info.world_size
-        torch.distributed.all_gather_object(gathered, own)
-        return merge_stats(gathered)
 
-    def save(at: int):
-        def write(tmp: Path):
-            engine.save_checkpoint(str(tmp), tag="mllm")
-            if cfg.kill_during_save and at == cfg.kill_at_step:
-                kill_self()
-            if is_main_process():
-                model.config.to_json_file(str(tmp / "mllm_config.json"))
-        ckpts.save(at, write,
-                   {"data": loader.state_dict(), "rng": rng_state(), "world_size": info.world_size},
-                   {"step": at, "config": resolved, "git_sha": git_sha()})
-        log.info(f"saved {step_name(at)}")
-
-    while step < cfg.total_steps:
-        agg = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0, "tokens": 0, "samples": 0, "seq": 0}
-        hashes = []
-        for _ in range(cfg.grad_accum):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            hashes.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest()[:8])
-            inputs = {k: (batch[k].to(info.device) if batch[k] is not None else None) for k in MODEL_KEYS}
-            out = engine(**inputs)
-            engine.backward(out.loss)
-            engine.step()
-            agg["loss"] += float(out.loss.detach()) / cfg.grad_accum
-            agg["text_loss"] += float(out.text_loss) / cfg.grad_accum
-            agg["image_loss"] += float(out.image_loss) / cfg.grad_accum
-            agg["tokens"] += round(batch["input_ids"].numel() * (1 - float(batch["pad_ratio"])))  # non-pad positions
-            agg["samples"] += int(batch["num_samples"])
-            agg["seq"] = batch["input_ids"].shape[1]
-        step += 1
-        progress.update(agg["samples"] * info.world_size, agg["tokens"] * info.world_size)
-        norm = engine.get_global_grad_norm()
-        last = {"step": step, "loss": agg["loss"], "text_loss": agg["text_loss"], "image_loss": agg["image_loss"],
-                "grad_norm": float(norm) if norm is not None else 0.0, "lr": float(engine.get_lr()[0]),
-                "data_hash": "".join(hashes)}
-        if step == 1 or step == cfg.total_steps:
-            mem = model_state_bytes(engine)
-            log.warning(f"rank {info.rank}: model-state MB {mem['total'] / 2**20:.2f} (params "
-                        f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
-                        f"moments {mem['moments'] / 2**20:.2f})")
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
-            sps, tps, eta = progress.rates(step)
-            shown = {k: last[k] for k in ("loss", "text_loss", "image_loss", "grad_norm", "lr")}
-            line = format_line(step, cfg.total_steps, shown, sps, tps, memory_gb(info.device), eta)
-            if peak is not None and tps > 0:
-                mfu = flops_per_step(model, int(tps), agg["seq"]) / (peak * info.world_size)
-                line += f" | mfu {100 * mfu:.1f}%"
-            stats = data_stats()
-            line += f" | pad {100 * stats['pad_ratio']:.1f}%"
-            log.info(line)
-            log.info(f"data (all ranks): {format_stats(stats)}")
-            skipped = {f"skipped/{name}/{r}": n for name, src in stats["sources"].items()
-                       for r, n in src["skipped"].items() if n}
-            sink.log({**shown, "samples_per_s": sps, "tokens_per_s": tps, "pad_ratio": stats["pad_ratio"],
-                      **skipped}, step)
-            last["data"] = stats
-        if is_main_process():
-            append_metrics(metrics_file, last)
-        if step % cfg.save_every == 0 or step == cfg.total_steps:
-            save(step)
-        if step == cfg.kill_at_step:
-            kill_self()
-    progress.close()
-    final = data_stats()
-    log.info(f"data at the end (all ranks): {format_stats(final)}")
-    if is_main_process():
-        (run_dir / "data_stats.json").write_text(json.dumps(final, indent=1))
-    if cfg.export:
-        from mllm.export import export_from_checkpoint
-
-        barrier()
-        if is_main_process():
-            export_from_checkpoint(ckpts.latest(), run_dir / "export", tokenizer_dir=Path(cfg.init_from or cfg.llama_dir))
-            log.info(f"exported {run_dir / 'export'}")
-        barrier()
-    sink.close()
-    return last
+def train(cfg: MllmTrainConfig) -> dict[str, Any]:
+    """Run or resume; returns the last step's record."""
+    return run(cfg, build)
 
 
 def _start_image_size(cfg: MllmTrainConfig) -> int | None:
@@ -464,33 +436,6 @@ def _start_image_size(cfg: MllmTrainConfig) -> int | None:
         return None
     conf = json.loads((Path(cfg.init_from) / "config.json").read_text())
     return conf.get("image_size")
-
-
-def _resume(engine, loader, ckpts, ckpt: Path, info, log) -> int:
-    """Load engine + data + RNG; on another world size, fall back to the consolidated fp32 weights."""
-    from runtime.checkpoint import set_rng_state
-
-    state = ckpts.load_rank_state(ckpt)
-    step = int(ckpts.load_trainer_state(ckpt)["step"])
-    if int(state.get("world_size", info.world_size)) == info.world_size:
-        engine.load_checkpoint(str(ckpt), tag="mllm")
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        log.info(f"resumed from {ckpt} at step {step}")
-        return step
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from runtime.zero_load import load_into, require_parameters
-
-    log.warning(f"{ckpt} was written by {state['world_size']} ranks, this run has {info.world_size}: loading "
-                "the consolidated fp32 weights; optimizer moments and the data stream restart")
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
-    zero3 = getattr(engine, "zero_optimization_stage", lambda: 0)() == 3
-    require_parameters(engine.module, load_into(engine.module, fp32, zero3), ckpt, log)
-    engine.lr_scheduler.last_epoch = step - 1
-    engine.lr_scheduler.step()
-    return step
-
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,9 @@
 """Browser chat for the unified MLLM (gradio): ask about an uploaded image, generate images from a prompt.
 
-    python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860]
-        [--out-dir web_outputs] [--max-new-tokens 256] [--answer-temperature 0]
-        [loading flags as mllm.chat: --official-mllm --text-tokenizer --attn-mode --device --dtype
-         --image-size --max-image-pixels] [default sliders: --cfg-scale --temperature --top-k --top-p
-         --num-images --seed]
+    python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860] [options]
+        (python -m mllm.web --help: the loading flags of mllm.chat, the session flags, whose image
+         settings --cfg-scale --temperature --top-k --top-p --num-images --seed are the sliders'
+         initial values)
 
 Two tabs:
   Chat      upload an image (optional), type a question; answers stream in; the conversation is
@@ -23,17 +22,18 @@ requests. gradio is imported lazily. Endpoints (gradio API names): /ask, /reset,
 """
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import sys
 import threading
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
+from tyro.conf import OmitArgPrefixes, Suppress
 
-from mllm.engine import (ChatSession, EngineConfig, ImageGenConfig, InputError, MLLMEngine, SessionConfig,
-                         add_engine_args, add_generation_args, add_session_args, engine_config, session_config)
+from mllm.engine import ChatSession, EngineConfig, ImageGenConfig, InputError, MLLMEngine, SessionConfig
+from runtime.cli import parse
 
 
 @dataclass
@@ -41,18 +41,20 @@ class WebConfig:
     """Server settings plus what to load and the session settings (whose gen fields are the sliders'
     initial values)."""
 
-    engine: EngineConfig
+    engine: Annotated[EngineConfig, OmitArgPrefixes]
     """What to load."""
-    session: SessionConfig = field(default_factory=lambda: SessionConfig(out_dir="web_outputs"))
-    """Answer and generation defaults of every browser session."""
+    session: Annotated[SessionConfig, OmitArgPrefixes] = field(
+        default_factory=lambda: SessionConfig(out_dir="web_outputs"))
+    """Answer and generation defaults of every browser session (the image settings and the seed are the
+    Generate tab's initial values)."""
     host: str = "127.0.0.1"
     """Interface to bind (loopback by default: the app has no authentication)."""
     port: int = 7860
     """TCP port."""
     max_num_images: int = 8
     """Upper end of the number-of-images slider."""
-    extra: dict = field(default_factory=dict)
-    """Extra keyword arguments for `Blocks.launch` (tests)."""
+    extra: Annotated[dict, Suppress] = field(default_factory=dict)
+    """Extra keyword arguments for `Blocks.launch` (tests; not a flag)."""
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -202,20 +204,8 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
 
 
 def parse_args(argv: list[str] | None = None) -> WebConfig:
-    """Command line -> WebConfig; exits on bad flags."""
-    p = argparse.ArgumentParser(prog="python -m mllm.web", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_engine_args(p)
-    add_generation_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=7860)
-    add_session_args(p, out_dir="web_outputs",
-                     seed_help="seeds each browser session's answer sampling; the seed box's initial value")
-    a = p.parse_args(argv)
-    try:
-        return WebConfig(engine=engine_config(a), session=session_config(a), host=a.host, port=a.port)
-    except ValueError as e:
-        p.error(str(e))
+    """Command line -> WebConfig; exits with status 2 and a message on bad flags."""
+    return parse(WebConfig, argv, prog="python -m mllm.web", description=__doc__.split("\n\nTwo tabs:")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

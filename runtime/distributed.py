@@ -64,7 +64,7 @@ def init_distributed(seed: int = 0, timeout_min: int = 30) -> DistInfo:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if backend == "gloo" and world > 1:
+    if backend == "gloo":
         _unlink_shm_workspace(rank, world)
     seed_everything(seed + rank)
     return DistInfo(rank, world, local, device, backend)

@@ -12,6 +12,19 @@ from runtime.distributed import warn_once
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
+def resolve_precision(precision: str) -> str:
+    """The `--precision` flag (auto, bf16, fp32) -> what runs: auto is bf16 on a GPU and fp32 on CPU; an
+    explicit bf16 runs bf16 on CPU too (one warning), so the bf16 paths are tested without a GPU."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision == "bf16" and not torch.cuda.is_available():
+        warn_once("--precision bf16 on CPU: running bf16 for testing (slow, not a training setup); "
+                  "auto uses fp32 on CPU")
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return precision
+
+
 def load_ds_config(name_or_path: str, *, micro_batch: int, grad_accum: int, world_size: int,
                    grad_clip: float | None, precision: str = "auto") -> dict[str, Any]:
     """Read `ds_configs/<name>.json` (or a path), inject global = micro x accum x world, and precision."""
@@ -33,13 +46,8 @@ def load_ds_config(name_or_path: str, *, micro_batch: int, grad_accum: int, worl
     cfg["gradient_accumulation_steps"] = grad_accum
     if grad_clip is not None:
         cfg["gradient_clipping"] = grad_clip
-    if precision not in ("auto", "bf16", "autocast", "fp32"):
-        raise ValueError(f"precision must be auto, bf16, autocast or fp32, got {precision!r}")
-    if precision in ("bf16", "autocast") and not torch.cuda.is_available():
-        warn_once(f"{precision} requested without a GPU: running fp32")
-        precision = "fp32"
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if precision != "autocast":
+        precision = resolve_precision(precision)
     # bf16: DeepSpeed keeps bf16 weights + fp32 master copies (the MLLM). autocast: fp32 weights and a
     # bf16 autocast forward (the tokenizer, whose quantizer path must see fp32 weights).
     cfg["bf16"] = {"enabled": precision == "bf16"}

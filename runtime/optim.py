@@ -1,13 +1,46 @@
-"""Optimizer parameter groups and the warmup + cosine schedule shared by both trainers."""
+"""The optimizer flags, parameter groups and the warmup + cosine schedule shared by both trainers."""
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 
 # REFERENCE.md 4.7: no weight decay for 1-D tensors or names containing these pieces.
 NO_DECAY = re.compile(r"norm_scale|bn|ln|bias|logit_scale")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule (`--optim.*` in both trainers; each trainer sets its own defaults)."""
+
+    lr: float | None = None
+    """Peak learning rate (> 0). The MLLM trainer leaves it unset to take its stage's rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_frac: float = 0.0
+    """Linear warmup, as a fraction of total steps; then cosine to end_ratio x lr."""
+    end_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_frac <= 1 or not 0 <= self.end_ratio <= 1:
+            raise ValueError("--optim.warmup-frac and --optim.end-ratio must lie in [0, 1]")
+
+    def schedule(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warmup + cosine over `total_steps` (warmup = warmup_frac x total_steps)."""
+        warm = int(self.warmup_frac * total_steps)
+        return lambda_scheduler(optimizer, lambda s: warmup_cosine(s, total_steps, warm, self.end_ratio))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

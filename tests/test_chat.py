@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch_utils import ROOT
+from runtime.launch import ROOT
 
 CHAT = [sys.executable, "-m", "mllm.chat"]
 
@@ -80,8 +80,10 @@ def assets(tmp_path_factory):
 
 
 def base_args(a, export=None, out=None, *extra):
+    """Loading flags, and --out-dir except for --ask (which writes no PNGs: the flag would be refused)."""
+    out_dir = [] if "--ask" in extra else ["--out-dir", str(out or a["dir"] / "out")]
     return ["--model", str(export or a["export"]), "--tokenizer", str(a["tok"]), "--image-size", "32", "--device",
-            "cpu", "--out-dir", str(out or a["dir"] / "out"), "--max-image-pixels", "10000", *extra]
+            "cpu", *out_dir, "--max-image-pixels", "10000", *extra]
 
 
 def test_session_commands_and_bad_input(assets):
@@ -194,8 +196,29 @@ def test_one_shot_bad_input_exits_1(assets, capsys):
     assert out == "" and err.strip().splitlines()[-1].startswith("error: empty prompt")
     assert main(base_args(assets, None, None, "--ask", "x" * 10, "--image", str(d / "nope.png"))) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: no such file: {d / 'nope.png'}"
-    with pytest.raises(SystemExit):  # argparse: --image does not go with --generate
+    with pytest.raises(SystemExit):  # ChatConfig: --image does not go with --generate
         main(base_args(assets, None, None, "--generate", "a cat", "--image", str(d / "photo.png")))
+
+
+@pytest.mark.parametrize("mode,flags,message", [
+    (["--ask", "q"], ["--temperature", "0"], "--temperature does not apply to --ask"),
+    (["--ask", "q"], ["--out-dir", "x", "--num-images", "2"], "--num-images, --out-dir do not apply to --ask"),
+    (["--generate", "p"], ["--max-new-tokens", "9"], "--max-new-tokens does not apply to --generate"),
+    (["--generate", "p"], ["--answer-temperature", "0.5"], "--answer-temperature does not apply to --generate"),
+    (["--generate", "p"], ["--image", "a.png"], "--image goes with --ask or an interactive session"),
+    (["--generate", "p"], ["--ask", "q"], "--ask and --generate are two one-shot modes"),
+])
+def test_flags_of_another_mode_are_errors(mode, flags, message, capsys):
+    """A flag the chosen one-shot mode would ignore stops the command line, naming the flag."""
+    from mllm.chat import parse_args
+
+    base = ["--model", "m", "--tokenizer", "t"]
+    with pytest.raises(SystemExit) as e:
+        parse_args([*base, *mode, *flags])
+    assert e.value.code == 2 and message in " ".join(capsys.readouterr().err.replace("│", "").split())
+    assert parse_args([*base, *mode]).one_shot  # the same mode without them is fine
+    if "--ask" not in flags:  # and an interactive session reads them all
+        assert not parse_args([*base, *flags]).one_shot
 
 
 def _read_until(fd, buf: bytearray, pattern: bytes, timeout: float) -> bool:
@@ -217,9 +240,11 @@ def _read_until(fd, buf: bytearray, pattern: bytes, timeout: float) -> bool:
 
 def test_ctrl_c_stops_generation_not_session(assets, tmp_path):
     """Ctrl-C typed on the terminal during /gen stops that generation; the session keeps answering."""
+    from unitok.image_io import MAX_PIXELS
+
     # 1024 px -> 64 x 64 = 4096 positions (x 4 images): far longer than the time to press Ctrl-C
     export = with_context(assets["export"], tmp_path / "long", 8192)
-    args = CHAT + base_args(assets, export, tmp_path / "out", "--max-image-pixels", "40000000")
+    args = CHAT + base_args(assets, export, tmp_path / "out", "--max-image-pixels", str(MAX_PIXELS))
     args[args.index("--image-size") + 1] = "1024"
     args += ["--num-images", "4"]
     pid, fd = pty.fork()

@@ -2,15 +2,13 @@
 import io
 import json
 import random
-import tarfile
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
-from unitok.data import (COLORS, DataConfig, ImageTextLoader, get_tokenizer, render_shape, val_transform,
-                         write_synthetic_shards)
+from experiments.synthetic import draw_shape, write_shards
+from unitok.data import DataConfig, ImageTextLoader, get_tokenizer, val_transform
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # wds.warn_and_continue on bad members
 
@@ -22,37 +20,8 @@ def _cfg(shards, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def _read_tar(path):
-    with tarfile.open(path) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
-def _nearest_color(rgb) -> str:
-    return min(COLORS, key=lambda c: sum((p - q) ** 2 for p, q in zip(rgb, COLORS[c])))
-
-
-def test_synthetic_shards_are_deterministic_and_consistent(tmp_path):
-    a = write_synthetic_shards(tmp_path / "a", num_shards=2, samples_per_shard=30, size=32, seed=3)
-    b = write_synthetic_shards(tmp_path / "b", num_shards=2, samples_per_shard=30, size=32, seed=3)
-    c = write_synthetic_shards(tmp_path / "c", num_shards=2, samples_per_shard=6, size=32, seed=4)
-    assert [open(p, "rb").read() for p in a] == [open(p, "rb").read() for p in b]
-    assert open(a[0], "rb").read() != open(c[0], "rb").read()
-    members = _read_tar(a[0])
-    assert len(members) == 30 * 3
-    for name in [n for n in members if n.endswith(".txt")]:
-        key = name[:-4]
-        caption = members[name].decode()
-        meta = json.loads(members[key + ".json"])
-        assert caption == f"a {meta['color']} {meta['shape']} on a {meta['background']} background"
-        img = Image.open(io.BytesIO(members[key + ".jpg"])).convert("RGB")
-        assert img.size == (32, 32)
-        # the centre shows the shape, the corners the background: nearest palette colour (JPEG)
-        for xy, name_ in [((16, 16), meta["color"]), ((0, 0), meta["background"]), ((31, 31), meta["background"])]:
-            assert _nearest_color(img.getpixel(xy)) == name_, (xy, name_)
-
-
 def test_batches_shapes_ranges_and_tokens(tmp_path):
-    shards = write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=8, size=40, seed=0)
+    shards = write_shards(tmp_path, num_shards=2, samples_per_shard=8, size=40, seed=0)
     loader = ImageTextLoader(_cfg(shards, train=False))  # fixed order: shard 0 first
     batches = list(loader)
     assert len(batches) == 4 and loader.stats.counts["samples"] == 16 and loader.stats.skipped == 0
@@ -62,7 +31,7 @@ def test_batches_shapes_ranges_and_tokens(tmp_path):
     assert -1 <= b["images"].min() < 0 < b["images"].max() <= 1
     # the first batch is exactly the first 4 samples of shard 0, transformed and tokenized
     samples = list(wds.WebDataset(shards[0], shardshuffle=False).decode("pilrgb"))[:4]
-    expected = torch.stack([val_transform(s["jpg"], 32) for s in samples])
+    expected = torch.stack([val_transform(s["png"], 32) for s in samples])
     assert torch.equal(b["images"], expected)
     assert torch.equal(b["texts"], get_tokenizer("ViT-B-32", 16)([s["txt"] for s in samples]))
     # training crops: random, seeded, still in range
@@ -78,8 +47,8 @@ def _write_bad_shard(path):
     good = []
     for i in range(5):
         buf = io.BytesIO()
-        render_shape("circle", "red", "blue", 32, rng).save(buf, format="PNG")
-        good.append({"__key__": f"good{i}", "png": buf.getvalue(), "txt": "a red circle on a blue background"})
+        draw_shape("circle", "red", "white", 32, rng).save(buf, format="PNG")
+        good.append({"__key__": f"good{i}", "png": buf.getvalue(), "txt": "a red circle on a white background"})
     with wds.TarWriter(str(path)) as sink:
         sink.write(good[0])
         sink.write({"__key__": "corrupt", "jpg": b"\xff\xd8 this is not a jpeg", "txt": "broken"})
@@ -94,7 +63,7 @@ def _write_bad_shard(path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers):
     _write_bad_shard(tmp_path / "bad.tar")
-    good = write_synthetic_shards(tmp_path / "good", num_shards=1, samples_per_shard=3, size=32)
+    good = write_shards(tmp_path / "good", num_shards=1, samples_per_shard=3, size=32)
     loader = ImageTextLoader(_cfg([str(tmp_path / "bad.tar"), *good], local_batch_size=2,
                                   num_workers=num_workers, train=False))
     batches = list(loader)
@@ -114,8 +83,8 @@ def _same(xs, ys) -> bool:
 def test_resume_continues_exactly(tmp_path, num_workers, per_epoch, stop):
     # uneven shards (3 x 6 and 2 x 5 samples): workers run out at different times in one-pass mode;
     # per_epoch = 7 exceeds one pass of a worker and forces a second, reshuffled pass
-    shards = (write_synthetic_shards(tmp_path / "a", num_shards=3, samples_per_shard=6, size=32, seed=1)
-              + write_synthetic_shards(tmp_path / "b", num_shards=2, samples_per_shard=5, size=32, seed=2))
+    shards = (write_shards(tmp_path / "a", num_shards=3, samples_per_shard=6, size=32, seed=1)
+              + write_shards(tmp_path / "b", num_shards=2, samples_per_shard=5, size=32, seed=2))
     cfg = _cfg(shards, num_workers=num_workers, num_batches_per_epoch=per_epoch)
     full = ImageTextLoader(cfg)
     epoch0, epoch1 = list(full), list(full)
@@ -148,7 +117,7 @@ def test_resume_continues_exactly(tmp_path, num_workers, per_epoch, stop):
 
 
 def test_two_ranks_get_disjoint_samples(tmp_path, monkeypatch):
-    shards = write_synthetic_shards(tmp_path, num_shards=4, samples_per_shard=8, size=32, seed=5)
+    shards = write_shards(tmp_path, num_shards=4, samples_per_shard=8, size=32, seed=5)
     seen = []
     for rank in range(2):
         batches = list(ImageTextLoader(_cfg(shards), rank=rank, world_size=2))
@@ -164,7 +133,7 @@ def test_two_ranks_get_disjoint_samples(tmp_path, monkeypatch):
 
 
 def test_config_and_loader_errors(tmp_path):
-    shards = write_synthetic_shards(tmp_path, num_shards=2, samples_per_shard=2, size=32)
+    shards = write_shards(tmp_path, num_shards=2, samples_per_shard=2, size=32)
     with pytest.raises(ValueError):
         DataConfig(img_size=0)
     with pytest.raises(ValueError):

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import ROOT, ds_env, free_port
 from mllm.data.loader import MixtureLoader, format_stats, merge_stats
 from mllm.data.preflight import preflight
 from mllm.data.recipe import Recipe, SourceConfig, load_recipe
 from mllm.data.sources import TextSource
 from mllm.data.tiny_tokenizer import load_llama_tokenizer, make_llama_tokenizer
 from public_text import DCLM_FILES, write_dclm
+from runtime.launch import ROOT, ds_env, free_port
 from test_mllm_data import codes_for, pair_items, write_code_shard
 
 

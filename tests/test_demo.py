@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from launch_utils import ROOT, ds_env
+from runtime.launch import ROOT, ds_env
 
 # Floors from measured --quick runs (PSNR 12.2 dB, codebook usage 31 %): a tokenizer that did not
 # train reconstructs the shapes at about 6-8 dB. The quick run is too short for the MLLM metrics to
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not s
 
 def test_quick_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "mllm.demo", "--out", str(out), "--quick"]
+    cmd = [sys.executable, "-m", "experiments.demo", "--out", str(out), "--quick"]
     p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads((out / "report" / "report.json").read_text())

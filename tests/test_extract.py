@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import public_formats as pf
-from launch_utils import torchrun_module
 from real_data import BROKEN, DECODABLE, caption_for, image_variants
+from runtime.launch import torchrun_module
 from unitok.image_io import PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input
 
 SIZE = 32  # the debug preset's img_size: the default --size
@@ -130,6 +130,23 @@ def test_plan_inputs_globs_braces_side_files_and_name_clashes(tmp_path):
         plan(str(tmp_path / "coyo/*.zip"))
     with pytest.raises(ValueError, match="cannot tell the input format"):
         plan(str(tmp_path / "coyo/00000_stats.json"))
+
+
+def test_command_line_refuses_flags_of_the_other_mode(capsys):
+    """--max-aspect only filters generation-mode crops: with --mode understanding it is an error."""
+    from unitok.extract import ExtractConfig, parse_args
+
+    base = ["--tokenizer", "t", "--input", "a/*.tar", "--input", "b/*.tar", "--output", "o"]
+    cfg = parse_args([*base, "--max-aspect", "3", "--local_rank=1"])  # the deepspeed launcher's spelling
+    assert (cfg.input, cfg.max_aspect, cfg.local_rank, cfg.mode) == (["a/*.tar", "b/*.tar"], 3.0, 1, "generation")
+    assert parse_args([*base, "--mode", "understanding"]).max_aspect == 2.0
+    with pytest.raises(SystemExit) as e:
+        parse_args([*base, "--mode", "understanding", "--max-aspect", "3"])
+    assert e.value.code == 2
+    assert "--max-aspect does not apply to --mode understanding" in " ".join(
+        capsys.readouterr().err.replace("│", "").split())
+    with pytest.raises(ValueError, match="--max-aspect does not apply"):  # the same rule without a command line
+        ExtractConfig(tokenizer="t", input=["a"], output="o", mode="understanding", max_aspect=1.5)
 
 
 # ---- every public layout, 2 ranks ------------------------------------------------------------------------------

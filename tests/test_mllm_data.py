@@ -1,4 +1,4 @@
-"""Stage-two data: templates (token-level masks), source readers, recipes, the mixture loader, demo data."""
+"""Stage-two data: templates (token-level masks), source readers, recipes, the mixture loader."""
 from __future__ import annotations
 
 import gzip
@@ -453,40 +453,3 @@ def test_loader_counts_bad_data(tok, tmp_path):
     st = L.stats()["sources"]
     assert st["t"]["skipped"] == {"missing_image": 0, "malformed": 1, "empty_text": 1, "too_long": 1, "corrupt": 0}
     assert st["p"]["skipped"]["corrupt"] == 1 and st["p"]["samples"] == 10
-
-
-# ---- demo data ---------------------------------------------------------------------------------------------
-def test_demo_data_is_deterministic_and_consistent(tmp_path):
-    from PIL import Image
-
-    from mllm.data.demo_data import BACKGROUNDS, FOREGROUNDS, DemoConfig, write_demo_data
-
-    c = DemoConfig(num_images=24, images_per_shard=10, num_eval_images=6, num_text=10, text_per_file=4, seed=5)
-    m = write_demo_data(tmp_path / "a", c)
-    write_demo_data(tmp_path / "b", c)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert len(files) == 3 + 2 + 3 + 1 + 1  # image shards, eval tar + questions, text files, instructions, manifest
-    for f in files:
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
-    samples = list(wds.WebDataset(str(tmp_path / "a/images/{00000..00002}.tar"), shardshuffle=False))
-    assert len(samples) == m["num_images"] == 24
-    paths = {}
-    for s in samples:
-        meta = json.loads(s["json"])
-        img = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
-        assert img.shape == (32, 32, 3)
-        bg = BACKGROUNDS[meta["background"]]
-        assert tuple(img[0, 0]) == bg or tuple(img[-1, -1]) == bg  # the shape never covers two corners
-        assert (img == np.array(FOREGROUNDS[meta["color"]])).all(-1).sum() > 30  # the shape is drawn
-        assert meta["shape"] in s["txt"].decode() and meta["color"] in s["txt"].decode()
-        paths[meta["path"]] = meta
-    conv = json.loads((tmp_path / "a/instructions/train.json").read_text())
-    with_img = [c for c in conv if "image" in c]
-    assert len(with_img) == 24 and len(conv) > 24
-    for row in with_img:
-        meta = paths[row["image"]]  # every referenced image exists in the shards
-        for q, a in zip(row["conversations"][::2], row["conversations"][1::2]):
-            if "shape" in q["value"] and "color" not in q["value"]:
-                assert a["value"] == f"A {meta['shape']}."
-            if q["value"].endswith("What color is the shape?"):
-                assert a["value"].lower() == meta["color"] + "."

@@ -2,8 +2,6 @@
 runners end-to-end on tiny fake benchmark folders with a tiny random model (answers are garbage; the
 plumbing, files and the scores' consistency with the written predictions are what is checked)."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -12,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from launch_utils import ROOT, ds_env, free_port
 from mllm.evaluate import (binary_metrics, evalai_normalize, genai_import, geneval_import, normalize_answer,
                            normalize_gqa, parse_mme, parse_yes_no, score_gqa, score_mme, score_pope, score_textvqa,
                            score_vqav2, soft_accuracy, subtask_score, textvqa_accuracy, vqav2_accuracy)
 from mllm.evaluate.cli import main as eval_main
+from runtime.launch import torchrun_module
 
 
 # ---- VQA normalisation and soft accuracy ---------------------------------------------------------
@@ -286,6 +284,52 @@ def test_bad_invocations_fail_clearly(tiny, tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
+_M = ["--model", "m", "--tokenizer", "t"]
+_POPE = ["--task", "pope", *_M, "--questions", "q.json", "--images", "coco"]
+_FID = ["--task", "fid", *_M, "--prompts", "meta.json", "--images", "mjhq", "--inception-weights", "w.pth"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([*_POPE, "--annotations", "a.json"], "--annotations does not apply to --task pope"),
+    ([*_POPE, "--seed", "1", "--cfg-scale", "2"], "--seed, --cfg-scale do not apply to --task pope"),
+    ([*_POPE, "--predictions", "p.jsonl"], "--model, --tokenizer, --images do not apply to --task pope with "
+                                           "--predictions"),
+    (["--task", "mme", "--images", "MME", "--predictions", "p.jsonl", "--batch-size", "2"],
+     "--batch-size does not apply to --task mme with --predictions"),
+    ([*_FID, "--num-images", "2"], "--num-images does not apply to --task fid"),
+    ([*_FID, "--max-new-tokens", "9", "--prompt-suffix", ""], "--prompt-suffix, --max-new-tokens do not apply"),
+    (["--task", "genai-export", *_M, "--prompts", "p.txt", "--num-images", "4"],
+     "--num-images does not apply to --task genai-export"),
+    (["--task", "geneval-import", "--results", "r.jsonl", *_M, "--device", "cpu"],
+     "--model, --tokenizer, --device do not apply to --task geneval-import"),
+    (["--task", "gqa", *_M, "--annotations", "a.json", "--images", "i", "--questions", "a", "--questions", "b"],
+     "--task gqa takes at most one --questions file"),
+    (["--task", "fid", "--model", "m", "--prompts", "p", "--images", "i", "--inception-weights", "w"],
+     "give both --model and --tokenizer"),
+])
+def test_flags_the_task_does_not_read_are_errors(argv, message, capsys):
+    from mllm.evaluate.cli import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and message in " ".join(capsys.readouterr().err.replace("│", "").split())
+
+
+def test_task_defaults_and_shared_batch_flags():
+    """--batch-size/--limit batch both kinds of task; GenEval defaults to 4 images per prompt, yet takes 1."""
+    from mllm.evaluate.cli import parse_args
+
+    cfg = parse_args([*_FID, "--batch-size", "3", "--limit", "5", "--seed", "7"])
+    assert (cfg.generation.batch_size, cfg.generation.limit, cfg.generation.seed) == (3, 5, 7)
+    assert cfg.engine.model == "m" and cfg.engine.device is None
+    ge = ["--task", "geneval-export", *_M, "--prompts", "meta.jsonl"]
+    assert parse_args(ge).gen.num_images == 4 and parse_args([*ge, "--num-images", "1"]).gen.num_images == 1
+    assert parse_args(["--task", "genai-export", *_M, "--prompts", "p.txt"]).gen.num_images == 1
+    pope = parse_args([*_POPE, "--prompt-suffix", "\\nShort answer."])
+    assert pope.prompt_suffix == "\nShort answer." and pope.inference.batch_size == 8
+    assert parse_args(["--task", "pope", "--questions", "q", "--predictions", "p"]).engine is None
+
+
 def _random_inception(path: Path) -> Path:
     """torch-fidelity's InceptionV3 with random weights (no download), saved as a plain state dict."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -346,10 +390,7 @@ def test_two_ranks_shard_and_only_rank0_writes(tiny, tmp_path):
     single = tmp_path / "one"
     assert eval_main(_pope_args(tiny, single, 2)) == 0
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "mllm.evaluate", *_pope_args(tiny, out, 2)]
-    p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun_module("mllm.evaluate", _pope_args(tiny, out, 2))
     assert sorted(x.name for x in out.iterdir()) == ["predictions.jsonl", "results.json", "results.md"]
     a = (single / "predictions.jsonl").read_text().splitlines()
     b = (out / "predictions.jsonl").read_text().splitlines()

@@ -1,5 +1,5 @@
 """The MLLM trainer through the real `deepspeed` launcher on the demo data: ZeRO-3 on 2 CPU ranks (gloo),
-resume on 1 rank from a 2-rank checkpoint, kill during a save. (Partitioning, kill -9 and exact
+resume on 1 rank from a 2-rank checkpoint, the NaN guard, kill during a save. (Partitioning, kill -9 and exact
 resume, export, stage 2 from the export and generation from it: test_real_data_mllm.py.)"""
 import json
 import subprocess
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from launch_utils import ROOT, deepspeed_module, ds_env
 from mllm.data.tiny_tokenizer import make_llama_tokenizer
+from runtime.launch import ROOT, deepspeed_module, ds_env
 
 pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 
@@ -19,7 +19,7 @@ def assets(tmp_path_factory):
     """Demo data + codes (debug tokenizer) + a tiny Llama folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mllm.data.demo_data import write_demo_data
+    from experiments.synthetic import write_demo_data
     from unitok import UniTok, preset
 
     d = tmp_path_factory.mktemp("mllm_assets")
@@ -58,11 +58,15 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(tmp_path, assets):
     assert steps == [1, 2, 3] and (run / "latest").read_text() == "step-00000003"
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, assets):
+def test_nan_guard_then_kill_during_save_keeps_the_previous_checkpoint(tmp_path, assets):
     run = tmp_path / "run"
-    p = deepspeed_module("mllm.train", _stage1(assets, run, "--no-export", "--kill-at-step", "4",
-                                               "--kill-during-save"), check=False)
+    p = deepspeed_module("mllm.train", _stage1(assets, run, "--no-export", "--debug.kill-at-step", "4",
+                                               "--debug.kill-during-save", "--debug.nan-at-step", "2"), check=False)
     assert p.returncode != 0
+    # the NaN guard under ZeRO-3: step 2's first micro batch is dropped on both ranks, training goes on
+    log = (run / "log.txt").read_text()
+    assert "step 1: non-finite loss on some rank (here: {'loss': nan})" in log, log[-2000:]
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in _metrics(run))
     assert (run / "latest").read_text() == "step-00000002" and not (run / "step-00000004").exists()
     deepspeed_module("mllm.train", _stage1(assets, run, "--no-export"))
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from mllm.data import pack_images as P
-from launch_utils import torchrun_module
 from public_formats import ESCAPE, MISSING, STORED, mini_gemini
+from runtime.launch import torchrun_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def mgm(tmp_path_factory) -> dict:
 
 
 def _args(mgm: dict, out: Path, per_shard: int = 3) -> list[str]:
-    return ["--conversations", str(mgm["conv"]), str(mgm["extra"]), "--image-root", str(mgm["root"]),
-            "--out", str(out), "--per-shard", str(per_shard), "--threads", "2"]
+    return ["--conversations", str(mgm["conv"]), "--conversations", str(mgm["extra"]), "--image-root",
+            str(mgm["root"]), "--out", str(out), "--per-shard", str(per_shard), "--threads", "2"]
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -171,7 +171,7 @@ def test_refuses_a_different_packing(mgm, packed, tmp_path):
     with pytest.raises(ValueError, match=r"manifest\.json belongs to a different packing"):
         P.main(_args(mgm, out, per_shard=4))
     args = _args(mgm, out)
-    args[args.index("--conversations") + 2: args.index("--image-root")] = []  # drop extra.jsonl
+    args[args.index("--conversations") + 2: args.index("--image-root")] = []  # drop --conversations extra.jsonl
     with pytest.raises(ValueError, match="different packing"):
         P.main(args)
     (out / P.MANIFEST).unlink()  # a crashed first run: only sidecars tell
@@ -179,7 +179,7 @@ def test_refuses_a_different_packing(mgm, packed, tmp_path):
         P.main(_args(mgm, out, per_shard=4))
 
 
-def test_clear_errors(mgm, tmp_path):
+def test_clear_errors(mgm, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="conversation file not found: .*nope.json"):
         P.main(["--conversations", str(tmp_path / "nope.json"), "--image-root", str(mgm["root"]),
                 "--out", str(tmp_path / "o")])
@@ -190,5 +190,10 @@ def test_clear_errors(mgm, tmp_path):
     with pytest.raises(FileNotFoundError, match="image root not found.*no_root"):
         P.main(["--conversations", str(mgm["conv"]), "--image-root", str(tmp_path / "no_root"),
                 "--out", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="per-shard"):
+    with pytest.raises(SystemExit):  # PackConfig's ValueError, reported by tyro
         P.main(_args(mgm, tmp_path / "o", per_shard=0))
+    assert "--per-shard must be >= 1, got 0" in " ".join(capsys.readouterr().err.replace("│", "").split())
+    with pytest.raises(SystemExit):  # a second file goes after its own --conversations
+        P.main(["--conversations", str(mgm["conv"]), str(mgm["extra"]), "--image-root", str(mgm["root"]),
+                "--out", str(tmp_path / "o")])
+    assert str(mgm["extra"]) in "".join(capsys.readouterr().err.replace("│", "").split())  # named, however wrapped

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import deepspeed_module
 from public_formats import hub_parquet, img2dataset_webdataset, mini_gemini
 from public_text import write_dclm
 from real_data import image_variants
+from runtime.launch import deepspeed_module
 
 pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 
@@ -101,8 +101,8 @@ def world(tmp_path_factory):
                                        str(data / name / "codes"), "--mode", mode, "--threads", "2"])
         man[name] = json.loads((data / name / "codes/manifest.json").read_text())
     mg = mini_gemini(d / "mgm_src")
-    _single_process(pack_images.main, ["--conversations", str(mg["conv"]), str(mg["extra"]), "--image-root",
-                                       str(mg["root"]), "--out", str(d / "raw/mgm"), "--per-shard", "4"])
+    _single_process(pack_images.main, ["--conversations", str(mg["conv"]), "--conversations", str(mg["extra"]),
+                                       "--image-root", str(mg["root"]), "--out", str(d / "raw/mgm"), "--per-shard", "4"])
     _single_process(extract.main, ["--tokenizer", tok, "--input", str(d / "raw/mgm/*.tar"), "--output",
                                    str(data / "mgm/codes"), "--mode", "understanding", "--threads", "2"])
     man["mgm"] = json.loads((data / "mgm/codes/manifest.json").read_text())
@@ -177,7 +177,7 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
     assert json.loads((full / "export/config.json").read_text())["image_size"] == 32
 
     crash = tmp_path / "crash"
-    p = deepspeed_module("mllm.train", _stage1_args(world, crash, "--kill-at-step", "10"), check=False, timeout=600)
+    p = deepspeed_module("mllm.train", _stage1_args(world, crash, "--debug.kill-at-step", "10"), check=False, timeout=600)
     assert p.returncode != 0 and (crash / "latest").read_text() == "step-00000008"
     deepspeed_module("mllm.train", _stage1_args(world, crash, "--no-export"), timeout=600)
     b = _metrics(crash)

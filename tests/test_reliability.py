@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from launch_utils import ROOT, ds_env
+from runtime.launch import ROOT, ds_env
 
 LIBRARY_DIRS = ("unitok", "mllm", "runtime")
 
@@ -44,7 +44,7 @@ def test_tokenizer_trainer_config_errors_name_the_problem(tmp_path):
         parse_config(["--preset", "debug", "--no-such-flag", "1"])
 
 
-def test_mllm_trainer_config_errors_name_the_problem(tmp_path):
+def test_mllm_trainer_config_errors_name_the_problem(tmp_path, capsys):
     from mllm.train import parse_config
 
     with pytest.raises(ValueError, match="init-from"):
@@ -58,10 +58,11 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text("{}")
-    assert parse_config(["--stage", "finetune", "--init-from", str(export)]).lr == 2e-5
-    assert parse_config(["--stage", "finetune", "--init-from", str(export), "--lr", "1e-6"]).lr == 1e-6
-    with pytest.raises(ValueError, match="--lr must be positive, got 0.0"):  # not "use the stage's rate"
-        parse_config(["--stage", "finetune", "--init-from", str(export), "--lr", "0"])
+    assert parse_config(["--stage", "finetune", "--init-from", str(export)]).optim.lr == 2e-5
+    assert parse_config(["--stage", "finetune", "--init-from", str(export), "--optim.lr", "1e-6"]).optim.lr == 1e-6
+    with pytest.raises(SystemExit):  # not "use the stage's rate"
+        parse_config(["--stage", "finetune", "--init-from", str(export), "--optim.lr", "0"])
+    assert "--optim.lr must be positive, got 0.0" in capsys.readouterr().err
     for extra in (["--llama-dir", str(export)], ["--tokenizer", str(export)], ["--mllm", "depth_num_layers", "1"],
                   ["--tokenizer-attn-mode", "causal"]):
         with pytest.raises(ValueError, match=f"{extra[0]} cannot be combined with --init-from"):
@@ -70,20 +71,20 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path):
 
 @pytest.mark.slow  # a real training process
 def test_nan_loss_is_skipped_and_reported(tmp_path):
-    from unitok.data import write_synthetic_shards
+    from experiments.synthetic import write_shards
 
-    write_synthetic_shards(tmp_path / "shards", 2, 16, size=32, seed=0)
+    write_shards(tmp_path / "shards", 2, 16, size=32, seed=0)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "unitok.train", "--preset", "debug", "--run-dir", str(run), "--data.shards",
-           str(tmp_path / "shards" / "shapes-{000000..000001}.tar"), "--data.local-batch-size", "4",
+           str(tmp_path / "shards" / "{00000..00001}.tar"), "--data.local-batch-size", "4",
            "--data.num-workers", "0", "--total-steps", "4", "--save-every", "4", "--log-every", "1",
            "--loss.lpips", "0", "--gan.no-enabled", "--debug.nan-at-step", "2", "--no-export"]
     p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     log = (run / "log.txt").read_text()
-    assert "non-finite generator loss" in log and "'total': nan" in log
+    assert "non-finite loss" in log and "'loss': nan" in log
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["total"] == s["total"] for s in steps)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["loss"] == s["loss"] for s in steps)
     # resuming a finished run trains nothing and still exports
     p = subprocess.run([c for c in cmd if c != "--no-export"], cwd=ROOT, env=ds_env(), capture_output=True,
                        text=True, timeout=300)

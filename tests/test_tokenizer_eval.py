@@ -36,6 +36,22 @@ def _folder(root, n=6, size=40, seed=0):
     return root
 
 
+@pytest.mark.parametrize("argv,message", [
+    ([], "give --images and/or --zeroshot-dir"),
+    (["--zeroshot-dir", "zs", "--inception-weights", "w.pth"], "--inception-weights does not apply without --images"),
+    (["--images", "ref", "--classnames", "imagenet"], "--classnames does not apply without --zeroshot-dir"),
+])
+def test_flags_of_the_other_evaluation_are_errors(argv, message, capsys):
+    from unitok.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--tokenizer", "t", *argv])
+    assert e.value.code == 2 and message in " ".join(capsys.readouterr().err.replace("│", "").split())
+    cfg = parse_args(["--tokenizer", "t", "--images", "ref", "--inception-weights", "w", "--zeroshot-dir", "zs",
+                      "--classnames", "imagenet", "--local_rank=0"])  # both together: every flag applies
+    assert (cfg.inception_weights, cfg.classnames, cfg.size, cfg.local_rank) == ("w", "imagenet", 256, 0)
+
+
 def test_reconstruction_metrics_and_fid(tmp_path, random_inception):
     torch.manual_seed(0)
     UniTok(preset("debug")).save_pretrained(tmp_path / "tok")

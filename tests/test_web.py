@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch_utils import ROOT, free_port
+from runtime.launch import ROOT, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

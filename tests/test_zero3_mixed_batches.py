@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_utils import deepspeed_script
+from runtime.launch import deepspeed_script
 
 pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 

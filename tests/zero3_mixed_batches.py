@@ -4,7 +4,6 @@ swapping between steps. Every rank must run the same collectives whatever its ba
 that runs a module a different number of times makes the gathers mismatch and the job hang (the
 process-group timeout below turns a hang into an error). Each rank writes its losses and the number
 of parameter elements that received a gradient."""
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -19,10 +18,11 @@ from mllm_tiny import tiny_config  # noqa: E402
 from mllm import UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample, collate  # noqa: E402
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX  # noqa: E402
+from runtime.distributed import init_distributed  # noqa: E402
 from runtime.zero_load import load_into  # noqa: E402
 
 out = Path(sys.argv[-1])
-deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
+init_distributed(0, timeout_min=1)
 rank = torch.distributed.get_rank()
 cfg = tiny_config()
 torch.manual_seed(0)

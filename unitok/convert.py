@@ -14,18 +14,33 @@ CLI: python -m unitok.convert unitok_tokenizer.pth OUT_DIR [--attn-mode causal]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from tyro.conf import Positional, arg
 
+from runtime.cli import parse
 from unitok.config import (DecoderConfig, EncoderConfig, ProjectionConfig, QuantizerConfig, TextConfig,
                            UniTokConfig, PRESETS)
 from unitok.models.unitok import UniTok
+
+
+@dataclass
+class ConvertConfig:
+    """Official unitok_tokenizer.pth -> a config.json + model.safetensors folder."""
+
+    checkpoint: Annotated[Positional[str], arg(metavar="CHECKPOINT")]
+    """The official unitok_tokenizer.pth."""
+    out_dir: Annotated[Positional[str], arg(metavar="OUT_DIR")]
+    """Output folder."""
+    attn_mode: Literal["full", "causal"] = "full"
+    """Projection attention of the release (not stored in the file): full (April 2025) or causal (February 2025)."""
+
 
 # Official `args.model` -> trunk preset (the decoder mirrors the encoder's ViT in the release).
 _TRUNKS = {"vitamin_large": "large", "vitamin_base": "base", "vitamin_small": "small"}
@@ -116,15 +131,10 @@ def official_args_from_config(cfg: UniTokConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Convert an official .pth into a config.json + model.safetensors folder."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="official unitok_tokenizer.pth")
-    p.add_argument("out_dir", help="output folder")
-    p.add_argument("--attn-mode", choices=["full", "causal"], default="full",
-                   help="projection attention of the release: full (April 2025) or causal (February 2025)")
-    a = p.parse_args(argv)
-    model = load_official(a.checkpoint, attn_mode=a.attn_mode)
-    model.save_pretrained(a.out_dir)
-    print(f"wrote {a.out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+    cfg = parse(ConvertConfig, argv, prog="python -m unitok.convert", description=__doc__)
+    model = load_official(cfg.checkpoint, attn_mode=cfg.attn_mode)
+    model.save_pretrained(cfg.out_dir)
+    print(f"wrote {cfg.out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image-text data for stage one: a resumable webdataset pipeline and a synthetic shapes source.
+"""Image-text data for stage one: a resumable webdataset pipeline.
 
 Shards use the DataComp layout: one tar member per field, `{key}.jpg|png|jpeg|webp|gif|bmp|tif|tiff`
 + `{key}.txt` (other members, e.g. `.json`, are ignored). Images are decoded by
@@ -35,8 +35,6 @@ Design choices (the release differs; see REFERENCE.md 4.9 and 9):
 """
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import random
@@ -44,7 +42,6 @@ import warnings
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -467,78 +464,3 @@ class ImageTextLoader:
                 "local_batch_size": c.local_batch_size, "num_workers": max(1, c.num_workers),
                 "rank": self.rank, "world_size": self.world_size, "train": c.train,
                 "num_batches_per_epoch": c.num_batches_per_epoch}
-
-
-# ---- synthetic source ------------------------------------------------------------------------
-SHAPES = ("circle", "square", "triangle")
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
-}
-
-
-def caption_for(shape: str, color: str, background: str) -> str:
-    """The caption of a synthetic image, e.g. 'a red circle on a blue background'."""
-    return f"a {color} {shape} on a {background} background"
-
-
-def render_shape(shape: str, color: str, background: str, size: int, rng: random.Random):
-    """Draw one shape on a flat background -> PIL RGB (size x size).
-
-    The shape centre is within 5% of the image centre and its radius 22-30% of the side, so the
-    image centre always shows the shape (even a triangle: its inradius r/2 >= 11% exceeds the
-    largest offset, 7%) and the corners always show the background.
-    """
-    from PIL import Image, ImageDraw
-
-    if shape not in SHAPES or color not in COLORS or background not in COLORS:
-        raise ValueError(f"unknown shape/colour: {shape!r}, {color!r}, {background!r}")
-    img = Image.new("RGB", (size, size), COLORS[background])
-    draw = ImageDraw.Draw(img)
-    cx, cy = (0.5 + rng.uniform(-0.05, 0.05)) * size, (0.5 + rng.uniform(-0.05, 0.05)) * size
-    r = rng.uniform(0.22, 0.3) * size
-    fill = COLORS[color]
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:  # triangle with its circumcentre at (cx, cy), random rotation
-        a = rng.uniform(0, 2 * math.pi)
-        draw.polygon([(cx + r * math.cos(a + k * 2 * math.pi / 3), cy + r * math.sin(a + k * 2 * math.pi / 3))
-                      for k in range(3)], fill=fill)
-    return img
-
-
-def write_synthetic_shards(out_dir: str | os.PathLike, num_shards: int, samples_per_shard: int,
-                           size: int = 64, seed: int = 0) -> list[str]:
-    """Write `num_shards` webdataset tars of coloured shapes with captions -> the shard paths.
-
-    Each sample: `{key}.jpg` (size x size), `{key}.txt` ("a red circle on a blue background") and
-    `{key}.json` ({"shape", "color", "background"}, for zero-shot / VQA checks). Deterministic:
-    the same arguments give byte-identical shards (fixed tar mtime, seeded per shard).
-    """
-    import webdataset as wds
-
-    if num_shards <= 0 or samples_per_shard <= 0 or size <= 0:
-        raise ValueError("num_shards, samples_per_shard and size must be positive")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
-    paths = []
-    for s in range(num_shards):
-        rng = random.Random(f"synthetic/{seed}/{s}")
-        path = out / f"shapes-{s:06d}.tar"
-        with wds.TarWriter(str(path), mtime=0.0) as sink:
-            for j in range(samples_per_shard):
-                shape, color = rng.choice(SHAPES), rng.choice(names)
-                background = rng.choice([c for c in names if c != color])
-                buf = io.BytesIO()  # JPEG 4:4:4 (no chroma subsampling) keeps the small shapes' colours
-                render_shape(shape, color, background, size, rng).save(buf, format="JPEG", quality=95, subsampling=0)
-                sink.write({
-                    "__key__": f"{s:06d}{j:06d}",
-                    "jpg": buf.getvalue(),
-                    "txt": caption_for(shape, color, background),
-                    "json": json.dumps({"shape": shape, "color": color, "background": background}),
-                })
-        paths.append(str(path))
-    return paths

@@ -1,7 +1,8 @@
 """Tokenizer evaluation: reconstruction (rFID, IS, PSNR, SSIM), codebook usage, zero-shot accuracy.
 
     python -m unitok.evaluate --tokenizer CKPT --images REF_DIR [--inception-weights FILE]
-        [--zeroshot-dir IMAGEFOLDER --classnames imagenet|folders] [--size 256] [--out OUT_DIR]
+        [--zeroshot-dir IMAGEFOLDER [--classnames imagenet|folders]] [--size 256] [--out OUT_DIR]
+    (--inception-weights goes with --images, --classnames with --zeroshot-dir; python -m unitok.evaluate --help)
 
 - Reconstruction: each image of REF_DIR goes through Resize + CenterCrop(size), encode, decode; the
   reconstructions are written as PNGs under OUT_DIR/recon and compared with the centre crops
@@ -12,20 +13,60 @@
 - Codebook: per-codebook usage (% of entries hit) and perplexity exp(H(code histogram)).
 - Zero-shot: open_clip's zero-shot classifier (class names x templates, averaged and renormalised
   text embeddings) against `encode_image` (the quantized path); top-1 and top-5.
+
 Multi-rank: images are split across ranks; counts are all-reduced; only rank 0 writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from runtime.cli import parse, refuse_changed
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class TokenizerEvalConfig:
+    """One tokenizer evaluation: reconstruction metrics on --images and/or zero-shot on --zeroshot-dir."""
+
+    tokenizer: str
+    """Checkpoint folder or official unitok_tokenizer.pth."""
+    attn_mode: Literal["full", "causal"] = "full"
+    """Projection attention of an official .pth (ignored for folders)."""
+    images: str | None = None
+    """Folder of reference images for the reconstruction metrics (PSNR, SSIM, codebook usage)."""
+    inception_weights: str | None = None
+    """Local weights-inception-2015-12-05-6726825d.pth for rFID/IS (with --images)."""
+    zeroshot_dir: str | None = None
+    """ImageFolder for zero-shot classification."""
+    classnames: Literal["imagenet", "folders"] = "folders"
+    """Zero-shot class names: ImageNet's (1000 class folders) or the folder names (with --zeroshot-dir)."""
+    size: int = 256
+    """Image side (Resize + CenterCrop)."""
+    batch_size: int = 16
+    """Images per forward."""
+    out: str = "eval_out"
+    """Output folder (metrics.json, recon/, reference/)."""
+    local_rank: int | None = None
+    """Passed by the deepspeed launcher; the rank is read from the environment (LOCAL_RANK)."""
+
+    def __post_init__(self):
+        if not self.images and not self.zeroshot_dir:
+            raise ValueError("give --images and/or --zeroshot-dir")
+        if not self.images:
+            refuse_changed(self, ["inception_weights"], "without --images (rFID/IS compare reconstructions)")
+        if not self.zeroshot_dir:
+            refuse_changed(self, ["classnames"], "without --zeroshot-dir")
+        if self.size <= 0 or self.batch_size < 1:
+            raise ValueError("--size and --batch-size must be positive")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -165,7 +206,7 @@ def _reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def run(args) -> dict:
+def run(args: TokenizerEvalConfig) -> dict:
     """Evaluate and return the metrics dict (rank 0 also writes OUT_DIR/metrics.json)."""
     from runtime.distributed import barrier, get_rank, get_world_size, is_main_process, launcher_env
     from unitok.loading import load_tokenizer
@@ -213,25 +254,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="checkpoint folder or official unitok_tokenizer.pth")
-    p.add_argument("--attn-mode", choices=["full", "causal"], default="full", help="official .pth files only")
-    p.add_argument("--images", help="folder of reference images for reconstruction metrics")
-    p.add_argument("--inception-weights", help="local weights-inception-2015-12-05-6726825d.pth for rFID/IS")
-    p.add_argument("--zeroshot-dir", help="ImageFolder for zero-shot classification")
-    p.add_argument("--classnames", choices=["imagenet", "folders"], default="folders")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default="eval_out")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    a = p.parse_args(argv)
-    if not a.images and not a.zeroshot_dir:
-        p.error("give --images and/or --zeroshot-dir")
-    return a
+def parse_args(argv: list[str] | None = None) -> TokenizerEvalConfig:
+    """Command line -> TokenizerEvalConfig; exits with status 2 and a message on bad flags."""
+    return parse(TokenizerEvalConfig, argv, prog="python -m unitok.evaluate", description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> None:
+    """CLI entry point (also `python -m mllm.evaluate --task tokenizer ...`)."""
     run(parse_args(argv))
 
 

@@ -1,9 +1,7 @@
 """Pre-tokenise images into code shards (REFERENCE 8.5), one input shard range per rank.
 
     python -m unitok.extract --tokenizer CKPT --input PATTERN [--input PATTERN ...] --output OUT_DIR
-        [--mode generation|understanding] [--size N (default: the tokenizer's img_size)] [--max-aspect 2.0]
-        [--input-format auto|webdataset|parquet|files|jsonl] [--caption-column C] [--image-column C]
-        [--image-root DIR] [--per-shard 1000] [--max-image-pixels 40000000] [--batch-size 32] [--threads 4]
+        [--mode generation|understanding] [options]        (python -m unitok.extract --help: every option)
     torchrun --nproc_per_node 8 -m unitok.extract ...            (or launch/extract.sh)
 
 Inputs: the layouts of `unitok.image_sources` (webdataset, parquet, files, jsonl; brace ranges and globs).
@@ -16,7 +14,7 @@ chat and tokenizer training) and preprocessed by `unitok.image_io.preprocess`:
     generation     resize the short side to --size (Lanczos, as Liquid's extractor), centre crop; images
                    with max(w, h) / min(w, h) > --max-aspect are dropped (a crop would lose too much)
     understanding  pad to square with (122, 116, 104), resize to --size (bilinear) (REFERENCE 6.10);
-                   every decodable image is kept (--max-aspect does not apply)
+                   every decodable image is kept (--max-aspect does not apply: giving it is an error)
 Skipped samples are counted per reason (SKIP_REASONS) with the first few sample ids, in each shard's
 <name>.stats.json sidecar and in the manifest, and warned with shard and key.
 Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes shards r, r + w, ... .
@@ -26,7 +24,6 @@ codebook shape is refused. After a barrier, rank 0 merges the sidecars into OUT_
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -35,11 +32,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
+from tyro.conf import UseAppendAction
 
+from runtime.cli import parse, refuse_changed
 # re-exported: older code imports the preprocessing from here
 from unitok.image_io import MAX_PIXELS, PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input  # noqa: F401
 from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, READERS, SKIP_REASONS, InputShard,
@@ -48,6 +47,8 @@ from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, READERS, SKIP_REA
 log = logging.getLogger("unitok.extract")
 
 MANIFEST = "manifest.json"
+InputFormat = Literal["auto", "webdataset", "parquet", "files", "jsonl"]
+assert get_args(InputFormat) == INPUT_FORMATS
 # what must agree between a run and the shards already in its --output
 _COMPAT_KEYS = ("mode", "image_size", "num_codebooks", "codebook_size")
 
@@ -58,11 +59,12 @@ class ExtractConfig:
 
     tokenizer: str
     """Tokenizer checkpoint folder (or official .pth), read by `unitok.load_tokenizer`."""
-    input: list[str]
-    """Input patterns (brace ranges and globs), see the module docstring."""
+    input: Annotated[list[str], UseAppendAction]
+    """Input pattern (brace ranges and globs; tars, parquet files, img2dataset files folders or jsonl
+    annotation files, see the module docstring); at least one, repeat the flag for several."""
     output: str
     """Output folder for code shards, stats sidecars and the manifest."""
-    mode: str = "generation"
+    mode: Literal["generation", "understanding"] = "generation"
     """generation (resize + centre crop) or understanding (pad to square + resize)."""
     size: int | None = None
     """Output side in pixels; codes are (K, size/16, size/16). None = the tokenizer's training img_size."""
@@ -75,13 +77,15 @@ class ExtractConfig:
     device: str = "auto"
     """auto = cuda:LOCAL_RANK when CUDA is available, else cpu."""
     local_rank: int | None = None
-    """--local_rank as passed by the deepspeed launcher (fallback when LOCAL_RANK is not set)."""
-    input_format: str = "auto"
+    """Passed by the deepspeed launcher as --local_rank (used when LOCAL_RANK is not set)."""
+    input_format: InputFormat = "auto"
     """auto (per pattern, see the module docstring), webdataset, parquet, files or jsonl."""
     caption_column: str | None = None
-    """Parquet column / jsonl field with the caption; None = the first of the usual names present."""
+    """Parquet column / jsonl field with the caption; None = the first of the usual names present
+    (unitok.image_sources: CAPTION_COLUMNS, JSONL_CAPTION_FIELDS)."""
     image_column: str | None = None
-    """Parquet column with the image (bytes or {bytes, path}) / jsonl field with the relative image path."""
+    """Parquet column with the image (bytes or {bytes, path}) / jsonl field with the relative image path;
+    None = the first of the usual names present (PARQUET_IMAGE_COLUMNS, JSONL_PATH_FIELDS)."""
     image_root: str | None = None
     """Folder that relative image paths (jsonl, parquet rows without bytes) resolve against; None = the
     input file's folder."""
@@ -107,6 +111,8 @@ class ExtractConfig:
             raise ValueError("--max-image-pixels must be >= 1")
         if not self.input:
             raise ValueError("no --input given")
+        if self.mode == "understanding":
+            refuse_changed(self, ["max_aspect"], "to --mode understanding (every decodable image is kept)")
 
 
 
@@ -325,39 +331,9 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> ExtractConfig:
-    """Command line -> ExtractConfig."""
-    ap = argparse.ArgumentParser(prog="python -m unitok.extract", description="images -> UniTok code shards")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder or official .pth")
-    ap.add_argument("--input", required=True, action="append",
-                    help="input pattern (brace ranges and globs; tars, parquet files, img2dataset files folders "
-                         "or jsonl annotation files); repeat for several")
-    ap.add_argument("--output", required=True, help="output folder")
-    ap.add_argument("--mode", default="generation", choices=["generation", "understanding"])
-    ap.add_argument("--size", type=int, default=None, help="image side (default: the tokenizer's img_size)")
-    ap.add_argument("--max-aspect", type=float, default=2.0,
-                    help="generation mode only: drop images with long/short side above this")
-    ap.add_argument("--input-format", default="auto", choices=list(INPUT_FORMATS))
-    ap.add_argument("--caption-column", default=None,
-                    help="parquet column / jsonl field with the caption (default: caption, prompt, text, txt)")
-    ap.add_argument("--image-column", default=None,
-                    help="parquet image column (default: jpg, png, image, ...) / jsonl image path field "
-                         "(default: img_path, image, path)")
-    ap.add_argument("--image-root", default=None,
-                    help="folder that jsonl / parquet image paths are relative to (default: the input's folder)")
-    ap.add_argument("--per-shard", type=int, default=1000, help="jsonl: records per output shard")
-    ap.add_argument("--max-image-pixels", type=int, default=MAX_PIXELS,
-                    help="skip images with more pixels than this (counted as too_large)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                    help="set by the deepspeed launcher; LOCAL_RANK from the environment wins")
-    a = ap.parse_args(argv)
-    return ExtractConfig(tokenizer=a.tokenizer, input=a.input, output=a.output, mode=a.mode, size=a.size,
-                         max_aspect=a.max_aspect, batch_size=a.batch_size, threads=a.threads, device=a.device,
-                         local_rank=a.local_rank, input_format=a.input_format, caption_column=a.caption_column,
-                         image_column=a.image_column, image_root=a.image_root, per_shard=a.per_shard,
-                         max_image_pixels=a.max_image_pixels)
+    """Command line -> ExtractConfig; exits with status 2 and a message on bad flags."""
+    return parse(ExtractConfig, argv, prog="python -m unitok.extract", description="images -> UniTok code shards "
+                 "(see the docstring of unitok/extract.py and data_recipes/README.md)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

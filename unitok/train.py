@@ -16,37 +16,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from runtime.loop import RunConfig, StopRun, Task, finite_everywhere, run, strip_launcher_args
+from runtime.optim import OptimConfig
 from unitok.config import UniTokConfig, preset
 from unitok.data import DataConfig, ImageTextLoader
-
-
-@dataclass
-class OptimConfig:
-    """Tokenizer optimizer and schedule."""
-
-    lr: float = 5e-4
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    weight_decay: float = 0.02
-    """AdamW weight decay (not on 1-D tensors, norms, biases, logit scale)."""
-    eps: float = 1e-6
-    """AdamW epsilon."""
-    warmup_frac: float = 0.01
-    """Linear warmup as a fraction of total steps."""
-    end_ratio: float = 0.1
-    """Final LR as a fraction of the peak (cosine)."""
-    grad_clip: float = 10.0
-    """Max gradient norm."""
 
 
 @dataclass
@@ -97,74 +77,39 @@ class LossConfig:
     """Random VGG trunk (tests and the demo only; one warning)."""
 
 
-@dataclass
-class DebugConfig:
-    """Fault injection for the reliability tests (all off by default)."""
-
-    kill_at_step: int = -1
-    """SIGKILL this process right after finishing this step (and its checkpoint, if one is due)."""
-    kill_during_save: bool = False
-    """With kill_at_step: SIGKILL in the middle of that step's checkpoint instead (before it is complete)."""
-    nan_at_step: int = -1
-    """Make the generator loss NaN on the first micro batch of this step (tests the NaN guard)."""
+def _tokenizer_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-4, betas=(0.9, 0.95), weight_decay=0.02, eps=1e-6, warmup_frac=0.01, end_ratio=0.1,
+                       grad_clip=10.0)
 
 
 @dataclass
-class TrainConfig:
-    """A tokenizer training run."""
+class TrainConfig(RunConfig):
+    """A tokenizer training run (the shared run flags are runtime/loop.py's RunConfig)."""
 
     run_dir: str = "runs/unitok"
-    """Output folder: checkpoints, logs, images, export."""
+    """Output folder: config.json, log, metrics.jsonl, checkpoints, images, export."""
     preset: str = "large"
     """Model preset (debug, small, base, large); `--model.*` overrides it."""
     model: UniTokConfig = field(default_factory=UniTokConfig)
     """Tokenizer architecture."""
     data: DataConfig = field(default_factory=DataConfig)
     """Image-text shards (local_batch_size is the micro batch per rank)."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Tokenizer optimizer."""
+    optim: OptimConfig = field(default_factory=_tokenizer_optim)
+    """Tokenizer optimizer (no weight decay on 1-D tensors, norms, biases, the logit scale)."""
     gan: GanConfig = field(default_factory=GanConfig)
     """Discriminator and GAN schedule."""
     loss: LossConfig = field(default_factory=LossConfig)
     """Generator loss weights."""
-    total_steps: int = 1000
-    """Optimizer steps of the whole run."""
-    grad_accum: int = 1
-    """Micro batches per optimizer step."""
     num_decode: int = 0
     """Images per micro batch that are decoded for the pixel losses (0 = all; the release decodes all)."""
-    ds_config: str = "zero2"
-    """DeepSpeed config name in ds_configs/ or a path (ZeRO/offload only)."""
-    precision: Literal["auto", "autocast", "fp32"] = "auto"
-    """auto: bf16 autocast on GPU, fp32 on CPU."""
-    seed: int = 0
-    """Base seed (each rank uses seed + rank)."""
-    resume: str = "auto"
-    """auto (latest checkpoint in run_dir, if any), none, or a checkpoint folder."""
-    save_every: int = 500
-    """Checkpoint every N steps (and at the end)."""
-    keep_last: int = 3
-    """Checkpoints kept."""
-    log_every: int = 10
-    """Steps between log lines."""
     image_every: int = 0
     """Steps between PNG grids of originals and reconstructions (0 = only at the end)."""
-    nan_policy: Literal["skip", "stop"] = "skip"
-    """On a non-finite loss: skip the step (all ranks) or stop the run (exit code 3)."""
     clip_init: str | None = None
     """Local open_clip checkpoint whose visual trunk and text tower initialise the model (the paper's
     CLIP-init variant); random init when unset."""
-    metrics: Literal["none", "tensorboard", "wandb"] = "none"
-    """Metrics sink (wandb honours WANDB_MODE=offline)."""
-    export: bool = True
-    """Write run_dir/export (config.json + model.safetensors) at the end."""
-    debug: DebugConfig = field(default_factory=DebugConfig)
-    """Fault injection for tests."""
 
     def __post_init__(self):
-        for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        super().__post_init__()
         if self.num_decode < 0 or self.image_every < 0:
             raise ValueError("num_decode and image_every must be >= 0")
         if self.data.img_size % 16:
@@ -181,6 +126,8 @@ class TrainConfig:
         if self.gan.enabled and self.gan.dino_weights is None and not self.gan.random_backbone:
             raise ValueError("the GAN needs --gan.dino-weights FILE (or --gan.random-backbone for tests), "
                              "or --gan.no-enabled")
+        if self.optim.lr is None:
+            raise ValueError("--optim.lr must be given")
         for path in (self.loss.lpips_weights, self.gan.dino_weights, self.clip_init):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"file not found: {path}")
@@ -192,8 +139,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="large")
-    pre.add_argument("--local_rank", "--local-rank", type=int)  # added by the deepspeed launcher; env has it
-    known, rest = pre.parse_known_args(argv)
+    known, rest = pre.parse_known_args(strip_launcher_args(argv))
     model = preset(known.preset)
     data = DataConfig(img_size=model.img_size, context_length=model.text.context_length)
     default = TrainConfig(preset=known.preset, model=model, data=data)
@@ -203,11 +149,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ---- the task ----------------------------------------------------------------------------------
-class TokenizerTask:
-    """Holds the tokenizer engine, the discriminator engine and the losses; returns named terms."""
+class TokenizerTask(Task):
+    """The tokenizer engine, the discriminator engine and the losses, driven by runtime/loop.py."""
 
-    def __init__(self, cfg: TrainConfig, engine, disc_engine, perceptual, contrastive, diffaug):
-        self.cfg, self.engine, self.disc_engine = cfg, engine, disc_engine
+    project = "unitok"
+
+    def __init__(self, cfg: TrainConfig, engine, disc_engine, perceptual, contrastive, diffaug, loader=None):
+        self.cfg, self.engine, self.disc_engine, self.loader = cfg, engine, disc_engine, loader
+        self.engines = {"tokenizer": engine, **({"disc": disc_engine} if disc_engine is not None else {})}
         self.perceptual, self.contrastive, self.diffaug = perceptual, contrastive, diffaug
         self._last_conv_input: torch.Tensor | None = None
         # The GAN's randomness (DiffAug, discriminator crops) has its own generator, saved with each
@@ -240,9 +189,11 @@ class TokenizerTask:
         return self.engine.module
 
     def autocast(self):
-        """bf16 autocast when the run uses it (GPU), else a no-op context."""
-        on = self.cfg.precision != "fp32" and torch.cuda.is_available()
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on)
+        """bf16 autocast when the run uses bf16 (`--precision`, resolved once), else a no-op context."""
+        from runtime.ds_config import resolve_precision
+
+        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
+                              enabled=resolve_precision(self.cfg.precision) == "bf16")
 
     def gan_state(self, step: int):
         from unitok.losses import gan_schedule
@@ -252,7 +203,8 @@ class TokenizerTask:
         return gan_schedule(step, self.cfg.total_steps, self.cfg.gan.start_frac, self.cfg.gan.warmup_frac)
 
     def generator_losses(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """Forward the tokenizer; return loss terms (scalars), "total", and "rec" (detached images)."""
+        """Forward the tokenizer; return loss terms (scalars), "loss" (the objective), and "rec"
+        (detached images) and "codebook_usage"."""
         from unitok.losses import hinge_g_loss, reconstruction_loss
 
         c = self.cfg.loss
@@ -286,8 +238,7 @@ class TokenizerTask:
             w = self.adaptive_weight(nll, terms["g"], rec)
             terms["g_weight"] = w * gs.warm * self.cfg.gan.weight
             total = total + terms["g_weight"] * terms["g"]
-        terms = {k: v for k, v in terms.items() if k != "total"}
-        terms["total"] = total
+        terms["loss"] = total
         terms["usage"] = out["codebook_usage"].mean()
         terms["logit_scale"] = out["logit_scale"].detach()
         return {**terms, "rec": rec.detach(), "codebook_usage": out["codebook_usage"].detach()}
@@ -302,6 +253,66 @@ class TokenizerTask:
         real = batch["images"][: rec.shape[0]]
         return discriminator_loss(lambda x: self.disc_engine(x, generator=self.rng), real, rec, self.diffaug,
                                   gs.fade, self.cfg.gan.bcr, generator=self.rng)
+
+    # ---- the loop's interface (runtime/loop.py) ----
+    def forward(self, batch, step):
+        return self.generator_losses(batch, step)
+
+    def backward(self, out, batch, step):
+        """Generator update, then the discriminator's on the same micro batch (after the GAN start)."""
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        disc = self.discriminator_losses(batch, out["rec"], step)
+        if not disc:
+            return {}
+        if not finite_everywhere(disc["total"]):
+            if self.cfg.nan_policy == "stop":
+                raise StopRun(f"step {step}: non-finite discriminator loss {float(disc['total'])}")
+            from runtime.log import get_logger
+
+            get_logger().warning(f"step {step}: non-finite discriminator loss {float(disc['total'])}; "
+                                 "discriminator update skipped")
+            return {}
+        self.disc_engine.backward(disc["total"])
+        self.disc_engine.step()
+        return {f"d_{'loss' if k == 'total' else k}": v for k, v in disc.items()}
+
+    def count(self, batch):
+        return batch["images"].shape[0], 0
+
+    def batch_hash(self, batch):
+        return hashlib.sha1(batch["texts"].cpu().numpy().tobytes()).hexdigest()[:12]
+
+    def after_step(self, step, record, batch, out):
+        from runtime.checkpoint import step_name
+        from runtime.distributed import is_main_process
+
+        self.model.clamp_logit_scale()
+        record["usage_per_codebook"] = [round(float(u), 3) for u in out["codebook_usage"]]
+        self._last = (batch["images"], out["rec"])
+        if self.cfg.image_every and step % self.cfg.image_every == 0 and is_main_process():
+            save_grid(Path(self.cfg.run_dir) / "images" / f"{step_name(step)}.png", *self._last)
+
+    def on_log(self, step, record, tokens_per_s):
+        return f" | skipped samples {self.loader.stats.skipped}", {}
+
+    def state_dict(self):
+        return {"gan_rng": self.rng.get_state()}
+
+    def load_state_dict(self, state):
+        self.rng.set_state(state["gan_rng"])
+
+    def finish(self, run_dir, ckpts, trained, log):
+        from runtime.distributed import is_main_process
+
+        if not is_main_process():
+            return
+        if trained:
+            save_grid(run_dir / "images" / "final.png", *self._last)
+        if self.cfg.export:
+            self.model.save_pretrained(run_dir / "export")
+            log.info(f"exported {run_dir / 'export'}")
+        log.info(f"data: {self.loader.stats}")
 
 
 # ---- building ----------------------------------------------------------------------------------
@@ -331,7 +342,7 @@ def build(cfg: TrainConfig, info, log):
     """Model, discriminator, losses and the two DeepSpeed engines."""
     import deepspeed
 
-    from runtime.ds_config import load_ds_config
+    from runtime.ds_config import load_ds_config, resolve_precision
     from runtime.optim import lambda_scheduler, param_groups, warmup_cosine
     from unitok.losses import ContrastiveLoss, DiffAug, PerceptualLoss
     from unitok.models.discriminator import DinoDiscriminator
@@ -342,15 +353,15 @@ def build(cfg: TrainConfig, info, log):
         load_clip_init(model, cfg.clip_init, log)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"tokenizer: {n_params / 1e6:.2f}M parameters, preset {cfg.preset}")
-    precision = "autocast" if cfg.precision == "auto" and torch.cuda.is_available() else cfg.precision
-    precision = "fp32" if precision == "auto" else precision
+    # bf16 for the tokenizer means fp32 weights under a bf16 autocast forward (its quantizer path must
+    # see fp32 weights), which DeepSpeed calls torch_autocast.
+    precision = "autocast" if resolve_precision(cfg.precision) == "bf16" else "fp32"
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.data.local_batch_size, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=cfg.optim.grad_clip, precision=precision)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    warm = int(o.warmup_frac * cfg.total_steps)
-    sched = lambda_scheduler(opt, lambda s: warmup_cosine(s, cfg.total_steps, warm, o.end_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=o.schedule(opt, cfg.total_steps),
+                                           config=ds)
     disc_engine = None
     if cfg.gan.enabled:
         g = cfg.gan
@@ -367,26 +378,11 @@ def build(cfg: TrainConfig, info, log):
     if cfg.loss.lpips > 0:
         perceptual = PerceptualLoss(cfg.loss.lpips_weights, random_backbone=cfg.loss.lpips_random_backbone)
         perceptual.to(info.device)
-    task = TokenizerTask(cfg, engine, disc_engine, perceptual, ContrastiveLoss(), DiffAug())
-    return task
+    loader = ImageTextLoader(dataclasses.replace(cfg.data, seed=cfg.seed), rank=info.rank, world_size=info.world_size)
+    return TokenizerTask(cfg, engine, disc_engine, perceptual, ContrastiveLoss(), DiffAug(), loader)
 
 
-# ---- the loop ----------------------------------------------------------------------------------
-def _finite_everywhere(x: torch.Tensor) -> bool:
-    from runtime.distributed import get_world_size
-
-    bad = (~torch.isfinite(x.detach().float())).float().reshape(1)
-    if get_world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(bad)
-    return bad.item() == 0
-
-
-def _batch_hash(batch: dict[str, torch.Tensor]) -> str:
-    return hashlib.sha1(batch["texts"].cpu().numpy().tobytes()).hexdigest()[:12]
-
-
+# ---- the run -----------------------------------------------------------------------------------
 def save_grid(path: Path, images: torch.Tensor, rec: torch.Tensor, n: int = 8) -> None:
     """Originals (top row) over reconstructions (bottom row)."""
     from torchvision.utils import save_image
@@ -398,133 +394,8 @@ def save_grid(path: Path, images: torch.Tensor, rec: torch.Tensor, n: int = 8) -
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the last logged metrics."""
-    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
-    from runtime.distributed import barrier, is_main_process
-    from runtime.run import append_metrics, kill_self, start_run, truncate_metrics
-    from runtime.log import MetricSink, Progress, format_line, memory_gb
-
-    run_dir = Path(cfg.run_dir)
-    resolved = dataclasses.asdict(cfg)
-    info, log = start_run(resolved, run_dir, cfg.seed)
-    task = build(cfg, info, log)
-    loader = ImageTextLoader(dataclasses.replace(cfg.data, seed=cfg.seed), rank=info.rank,
-                             world_size=info.world_size)
-    ckpts = CheckpointManager(run_dir, cfg.keep_last)
-    step = 0
-    resume_from = ckpts.resolve(cfg.resume)
-    if resume_from is not None:
-        task.engine.load_checkpoint(str(resume_from), tag="tokenizer")
-        if task.disc_engine is not None:
-            task.disc_engine.load_checkpoint(str(resume_from), tag="disc")
-        state = ckpts.load_rank_state(resume_from)
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        task.rng.set_state(state["gan_rng"])
-        step = int(ckpts.load_trainer_state(resume_from)["step"])
-        log.info(f"resumed from {resume_from} at step {step}")
-    metrics_file = run_dir / "metrics.jsonl"
-    if is_main_process():
-        truncate_metrics(metrics_file, step)  # drop lines of steps that were lost with a crash
-    sink = MetricSink(cfg.metrics, run_dir, resolved, project="unitok")
-    progress = Progress(step, cfg.total_steps)
-    last: dict[str, Any] = {}
-    it = iter(loader)
-
-    def save(at: int):
-        def write(tmp: Path):
-            task.engine.save_checkpoint(str(tmp), tag="tokenizer")
-            if cfg.debug.kill_during_save and at == cfg.debug.kill_at_step:
-                kill_self()
-            if task.disc_engine is not None:
-                task.disc_engine.save_checkpoint(str(tmp), tag="disc")
-        ckpts.save(at, write, {"data": loader.state_dict(), "rng": rng_state(), "gan_rng": task.rng.get_state()},
-                   {"step": at, "config": resolved, "git_sha": git_sha()})
-        log.info(f"saved {step_name(at)}")
-
-    consecutive_bad = 0
-    while step < cfg.total_steps:
-        micro = 0
-        while micro < cfg.grad_accum:
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(loader)
-                batch = next(it)
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            gen = task.generator_losses(batch, step)
-            if step + 1 == cfg.debug.nan_at_step and micro == 0 and consecutive_bad == 0:
-                gen["total"] = gen["total"] * float("nan")
-            if not _finite_everywhere(gen["total"]):
-                # NaN guard: the micro batch is dropped on every rank (no backward, no step) and
-                # replaced by the next one, so DeepSpeed's accumulation counters stay aligned.
-                bad = {k: float(v) for k, v in gen.items()
-                       if isinstance(v, torch.Tensor) and v.dim() == 0 and not math.isfinite(float(v))}
-                log.warning(f"step {step}: non-finite generator loss, terms {bad}; micro batch skipped")
-                consecutive_bad += 1
-                if cfg.nan_policy == "stop" or consecutive_bad >= 20:
-                    log.error("stopping on non-finite losses; the last good checkpoint is kept")
-                    sys.exit(3)
-                continue
-            task.engine.backward(gen["total"])
-            task.engine.step()
-            disc = task.discriminator_losses(batch, gen["rec"], step)
-            if disc:
-                if _finite_everywhere(disc["total"]):
-                    task.disc_engine.backward(disc["total"])
-                    task.disc_engine.step()
-                else:
-                    log.warning(f"step {step}: non-finite discriminator loss {float(disc['total'])}; "
-                                "discriminator update skipped")
-                    if cfg.nan_policy == "stop":
-                        sys.exit(3)
-            consecutive_bad = 0
-            micro += 1
-        step += 1
-        task.model.clamp_logit_scale()
-        progress.update(cfg.data.local_batch_size * cfg.grad_accum * info.world_size)
-        last = _record(step, gen, disc, task, batch)
-        if is_main_process():
-            append_metrics(metrics_file, last)
-        if step % cfg.log_every == 0 or step == cfg.total_steps:
-            sps, _, eta = progress.rates(step)
-            shown = {k: v for k, v in last.items() if k not in ("step", "data_hash", "usage_per_codebook")}
-            log.info(format_line(step, cfg.total_steps, shown, sps, None, memory_gb(info.device), eta)
-                     + f" | skipped samples {loader.stats.skipped}")
-            sink.log(shown, step)
-        if cfg.image_every and step % cfg.image_every == 0 and is_main_process():
-            save_grid(run_dir / "images" / f"{step_name(step)}.png", batch["images"], gen["rec"])
-        if step % cfg.save_every == 0 or step == cfg.total_steps:
-            save(step)
-        if step == cfg.debug.kill_at_step:
-            kill_self()
-    progress.close()
-    if is_main_process():
-        if last:  # this invocation trained at least one step (a resume at the final step trains none)
-            save_grid(run_dir / "images" / "final.png", batch["images"], gen["rec"])
-        if cfg.export:
-            task.model.save_pretrained(run_dir / "export")
-            log.info(f"exported {run_dir / 'export'}")
-        log.info(f"data: {loader.stats}")
-    barrier()
-    sink.close()
-    return last
-
-
-def _record(step: int, gen: dict, disc: dict, task: TokenizerTask, batch) -> dict[str, Any]:
-    out: dict[str, Any] = {"step": step}
-    for k, v in gen.items():
-        if isinstance(v, torch.Tensor) and v.dim() == 0:
-            out[k] = float(v.detach())
-    for k, v in disc.items():
-        out[f"d_{k}"] = float(v)
-    norm = task.engine.get_global_grad_norm()
-    out["grad_norm"] = float(norm) if norm is not None else 0.0
-    out["lr"] = float(task.engine.get_lr()[0])
-    out["usage_per_codebook"] = [round(float(u), 3) for u in gen["codebook_usage"]]
-    out["data_hash"] = _batch_hash(batch)
-    return out
-
+    """Run (or resume) training; returns the last step's record."""
+    return run(cfg, build)
 
 
 def main(argv: list[str] | None = None) -> None:

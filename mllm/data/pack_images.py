@@ -1,7 +1,7 @@
 """Pack the images that LLaVA / Mini-Gemini conversation files refer to into webdataset image shards.
 
-    python -m mllm.data.pack_images --conversations MGM-Finetune/mgm_instruction.json [more files] \
-        --image-root MGM-Finetune --out raw/mgm [--per-shard 1000] [--threads 8]
+    python -m mllm.data.pack_images --conversations MGM-Finetune/mgm_instruction.json \
+        [--conversations MORE.json ...] --image-root MGM-Finetune --out raw/mgm [--per-shard 1000] [--threads 8]
     torchrun --nproc_per_node 8 -m mllm.data.pack_images ...        (or the deepspeed launcher)
 
 Input: JSON lists (or `.jsonl` files) of {"id", "image": "rel/path.jpg" | [paths] | absent, "conversations"}.
@@ -25,7 +25,6 @@ gloo barrier.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -39,7 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from tyro.conf import UseAppendAction
+
+from runtime.cli import parse
 
 log = logging.getLogger("mllm.data.pack_images")
 
@@ -55,8 +58,9 @@ TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical tars on
 class PackConfig:
     """Options of one packing run."""
 
-    conversations: list[str]
-    """LLaVA / Mini-Gemini conversation files: JSON lists, or JSONL when the name ends in .jsonl."""
+    conversations: Annotated[list[str], UseAppendAction]
+    """LLaVA / Mini-Gemini conversation file: a JSON list, or JSONL when the name ends in .jsonl; at least
+    one, repeat the flag for several."""
     image_root: str
     """Folder that the conversations' relative image paths resolve against (e.g. MGM-Finetune)."""
     out: str
@@ -68,7 +72,7 @@ class PackConfig:
     barrier_timeout_min: float = 24 * 60
     """How long the gloo barrier waits for the slowest rank, in minutes."""
     local_rank: int | None = None
-    """--local_rank as passed by the deepspeed launcher; packing uses no device, so only accepted."""
+    """Passed by the deepspeed launcher as --local_rank; packing uses no device, so it is only accepted."""
     extensions: tuple[str, ...] = field(default=FALLBACK_EXTS)
     """Extensions tried, in order, when the exact path does not exist."""
 
@@ -317,13 +321,16 @@ def summary_line(m: dict[str, Any], out: str) -> str:
 
 def next_steps(cfg: PackConfig, num_shards: int) -> str:
     """The follow-up commands: extraction, and splitting the JSON lists into JSONL shards."""
+    from mllm.data.sources import SplitJsonConfig
+
     out = cfg.out.rstrip("/")
     shards = f"{out}/{{00000..{num_shards - 1:05d}}}.tar" if num_shards > 1 else f"{out}/00000.tar"
     lines = ["next:", f"  python -m unitok.extract --tokenizer TOKENIZER --input '{shards}' "
                       f"--output {out}_codes --mode understanding"]
     for f in cfg.conversations:
         if not f.lower().endswith(".jsonl"):
-            lines.append(f"  python -m mllm.data.sources split-json {f} OUT_DIR/{Path(f).stem} --per-shard 10000")
+            lines.append(f"  python -m mllm.data.sources split-json {f} OUT_DIR/{Path(f).stem} "
+                         f"--per-shard {SplitJsonConfig.per_shard}")
     return "\n".join(lines)
 
 
@@ -381,21 +388,10 @@ def run(cfg: PackConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> PackConfig:
-    """Command line -> PackConfig."""
-    ap = argparse.ArgumentParser(prog="python -m mllm.data.pack_images",
-                                 description="conversation files + image folder -> webdataset image shards")
-    ap.add_argument("--conversations", required=True, nargs="+", action="extend",
-                    help="LLaVA / Mini-Gemini JSON lists or .jsonl files (repeatable)")
-    ap.add_argument("--image-root", required=True, help="folder the relative image paths resolve against")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--per-shard", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--barrier-timeout-min", type=float, default=24 * 60)
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                    help="set by the deepspeed launcher; packing uses no device")
-    a = ap.parse_args(argv)
-    return PackConfig(conversations=a.conversations, image_root=a.image_root, out=a.out, per_shard=a.per_shard,
-                      threads=a.threads, barrier_timeout_min=a.barrier_timeout_min, local_rank=a.local_rank)
+    """Command line -> PackConfig; exits with status 2 and a message on bad flags."""
+    return parse(PackConfig, argv, prog="python -m mllm.data.pack_images",
+                 description="conversation files + image folder -> webdataset image shards "
+                             "(see the docstring of mllm/data/pack_images.py)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

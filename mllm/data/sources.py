@@ -36,9 +36,10 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 import numpy as np
+from tyro.conf import Positional, arg
 
 from mllm.data import templates as T
 from mllm.data.collate import Sample
@@ -716,7 +717,24 @@ def build_source(recipe: Recipe, cfg: SourceConfig, tokenizer=None, *, seed: int
     return SOURCE_CLASSES[cfg.kind](cfg, recipe.files(cfg), tokenizer, **kw)
 
 
-def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike, per_shard: int = 10000) -> list[Path]:
+@dataclass
+class SplitJsonConfig:
+    """Split a big LLaVA JSON list (e.g. mgm_instruction.json) into JSONL shards (`split-json`)."""
+
+    src: Annotated[Positional[str], arg(metavar="IN_JSON")]
+    """The JSON list to split."""
+    out_dir: Annotated[Positional[str], arg(metavar="OUT_DIR")]
+    """Folder for the shards 00000.jsonl, 00001.jsonl, ..."""
+    per_shard: int = 10000
+    """Records per shard."""
+
+    def __post_init__(self):
+        if self.per_shard < 1:
+            raise ValueError(f"--per-shard must be >= 1, got {self.per_shard}")
+
+
+def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike,
+                    per_shard: int = SplitJsonConfig.per_shard) -> list[Path]:
     """Split a big LLaVA JSON list (e.g. mgm_instruction.json) into JSONL shards 00000.jsonl, ...
 
     Many small shards shuffle better and spare every rank from parsing a multi-GB JSON file.
@@ -736,19 +754,19 @@ def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike, per_shar
     return paths
 
 
+# the subcommands of `python -m mllm.data.sources` (tyro: one per config class)
+COMMANDS = {"split-json": SplitJsonConfig}
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m mllm.data.sources split-json IN.json OUT_DIR [--per-shard N]`."""
-    import argparse
+    import tyro
 
-    ap = argparse.ArgumentParser(prog="python -m mllm.data.sources")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("split-json", help="split a LLaVA JSON list into JSONL shards")
-    sp.add_argument("src")
-    sp.add_argument("out_dir")
-    sp.add_argument("--per-shard", type=int, default=10000)
-    args = ap.parse_args(argv)
-    paths = split_json_list(args.src, args.out_dir, args.per_shard)
-    print(f"wrote {len(paths)} shards to {args.out_dir}")
+    cfg = tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="python -m mllm.data.sources", args=argv,
+                                               description="tools for the data sources",
+                                               config=(tyro.conf.FlagCreatePairsOff,))
+    paths = split_json_list(cfg.src, cfg.out_dir, cfg.per_shard)
+    print(f"wrote {len(paths)} shards to {cfg.out_dir}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Understanding (greedy answers, scored with each benchmark's own rules; see each 
   mme      --images MME_Benchmark_release_version                                        mllm.evaluate.mme
   options: --batch-size 8 --max-new-tokens 128 --limit N --prompt-suffix TEXT
            --predictions OUT/predictions.jsonl (re-score saved answers without the model)
+
 Generation (release sampling defaults: --cfg-scale 7 --temperature 1 --top-k 0 --top-p 1; see
 mllm.evaluate.generation for the layouts):
   fid             --prompts meta_data.json --images MJHQ_IMAGES --inception-weights FILE
@@ -21,7 +22,10 @@ mllm.evaluate.generation for the layouts):
   geneval-import  --results results.jsonl
   genai-export    --prompts prompts.txt|genai_image.json                   (then VQAScore)
   genai-import    --scores vqascores.json --skills genai_skills.json
+
 Tokenizer: --task tokenizer ARGS...   (forwarded to unitok.evaluate; its metrics are re-exported here)
+
+A flag that the chosen task does not read is an error (`python -m mllm.evaluate --help` lists them all).
 
 Multi-rank: launch with torchrun/deepspeed; questions and prompts are sharded by RANK/WORLD_SIZE,
 answers are gathered to rank 0, and only rank 0 writes results (generated images are written by the

@@ -1,4 +1,9 @@
-"""Command line of `python -m mllm.evaluate` (task list and files: mllm/evaluate/__init__.py)."""
+"""Command line of `python -m mllm.evaluate` (task list and files: mllm/evaluate/__init__.py).
+
+Flags are the fields of `EvalConfig` (parsed by tyro; `python -m mllm.evaluate --help`). A flag that the
+chosen task does not read is an error naming it (e.g. --annotations with --task pope, --seed with an
+understanding task, the model flags with an import task or with --predictions).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,37 +11,66 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, get_args
 
-from mllm.engine import EngineConfig, ImageGenConfig, add_engine_args, add_generation_args, engine_config
+from tyro.conf import OmitArgPrefixes, UseAppendAction
+
+from mllm.engine import EngineConfig, EngineOptions, ImageGenConfig
 from mllm.evaluate.common import DEFAULT_SUFFIX, Benchmark, markdown_table, read_json_or_jsonl, write_results
 from mllm.evaluate.generation import GenerationRun
 from mllm.evaluate.runner import InferenceConfig
+from runtime.cli import parse, refuse_changed
 
+Task = Literal["vqav2", "gqa", "textvqa", "pope", "mme", "fid", "geneval-export", "genai-export", "geneval-import",
+               "genai-import", "tokenizer"]
 UNDERSTANDING = ("vqav2", "gqa", "textvqa", "pope", "mme")
 GENERATION = ("fid", "geneval-export", "genai-export")
 IMPORTS = ("geneval-import", "genai-import")
 TASKS = UNDERSTANDING + GENERATION + IMPORTS + ("tokenizer",)
-DEFAULT_NUM_IMAGES = {"geneval-export": 4}  # GenEval scores 4 samples per prompt; the others 1
+assert TASKS == get_args(Task)
+
+# Every file flag; the files each task needs; those it may take besides. `_applicable` adds the model,
+# answering and drawing settings by kind of task; every other flag that was set is refused.
+_FILES = ("questions", "images", "annotations", "prompts", "results", "scores", "skills", "inception_weights")
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "vqav2": ("questions", "images"), "gqa": ("annotations", "images"), "textvqa": ("annotations", "images"),
+    "pope": ("questions", "images"), "mme": ("images",), "fid": ("prompts", "images", "inception_weights"),
+    "geneval-export": ("prompts",), "genai-export": ("prompts",), "geneval-import": ("results",),
+    "genai-import": ("scores", "skills"), "tokenizer": ()}
+_OPTIONAL: dict[str, tuple[str, ...]] = {"vqav2": ("annotations",), "gqa": ("questions",), "textvqa": ("questions",)}
+_MODEL = ("model", "tokenizer", *(f"loading.{f.name}" for f in dataclasses.fields(EngineOptions)))
+_ANSWERS = ("prompt_suffix", "inference.batch_size", "inference.max_new_tokens", "inference.limit",
+            "inference.log_every")
+_IMAGES = ("inference.batch_size", "inference.limit", "seed", "gen.cfg_scale", "gen.temperature", "gen.top_k",
+           "gen.top_p", "gen.num_images")
+_ALL = tuple(dict.fromkeys((*_MODEL, *_FILES, "predictions", *_ANSWERS, *_IMAGES)))  # in flag order, once
 
 
 @dataclass
 class EvalConfig:
-    """One evaluation run, resolved from the command line."""
+    """One evaluation run: the task, its files, the model and the answering / drawing settings."""
 
-    task: str
-    """One of TASKS."""
+    task: Task
+    """What to evaluate (the files each task reads are listed above); `--task tokenizer` must come first: the
+    remaining arguments go to unitok.evaluate."""
     out: str = "eval_out"
     """Output folder (results.json, results.md, predictions, images)."""
-    engine: EngineConfig | None = None
-    """Model to load; None for import tasks and for scoring saved predictions."""
-    questions: list[str] = field(default_factory=list)
-    """Question file(s): VQAv2 questions JSON/JSONL, optional GQA/TextVQA LLaVA JSONL, POPE coco_pope_*.json."""
+    model: str | None = None
+    """MLLM export folder (or the released unitok_mllm folder with --official-mllm); understanding and
+    generation tasks."""
+    tokenizer: str | None = None
+    """UniTok checkpoint folder or official unitok_tokenizer.pth (with --model)."""
+    loading: Annotated[EngineOptions, OmitArgPrefixes] = field(default_factory=EngineOptions)
+    """How the model is loaded (with --model)."""
+    questions: Annotated[list[str], UseAppendAction] = field(default_factory=list)
+    """Question file(s): VQAv2 questions JSON/JSONL, optional GQA/TextVQA LLaVA JSONL, POPE coco_pope_*.json
+    (repeat for the POPE categories)."""
     images: str | None = None
     """Image folder (VQA tasks), MME release folder, or MJHQ reference images (fid)."""
     annotations: str | None = None
     """Official annotation file (VQAv2 annotations, GQA testdev_balanced_questions.json, TextVQA val JSON)."""
     predictions: str | None = None
-    """Score this predictions.jsonl instead of running the model."""
+    """Score this predictions.jsonl instead of running the model (understanding tasks)."""
     prompts: str | None = None
     """Prompt set: MJHQ meta_data.json, GenEval evaluation_metadata.jsonl, GenAI prompts.txt/genai_image.json."""
     results: str | None = None
@@ -46,34 +80,71 @@ class EvalConfig:
     skills: str | None = None
     """genai_skills.json (genai-import)."""
     inception_weights: str | None = None
-    """Local Inception weights for FID/IS."""
+    """Local Inception weights for FID/IS (fid)."""
     prompt_suffix: str = DEFAULT_SUFFIX
-    """Instruction appended to every question unless already present ("" = none)."""
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-    """Batched answering settings."""
-    generation: GenerationRun = field(default_factory=GenerationRun)
-    """Batched image generation settings."""
-    gen: ImageGenConfig = field(default_factory=ImageGenConfig)
-    """Sampling settings for generation tasks."""
+    """Instruction appended to every question unless already present ("" = none; a typed \\n is a newline)."""
+    inference: Annotated[InferenceConfig, OmitArgPrefixes] = field(default_factory=InferenceConfig)
+    """Batched answering; --batch-size and --limit also batch and cut the prompts of generation tasks."""
+    seed: int = GenerationRun.seed
+    """Base seed of generation tasks (see mllm.evaluate.generation)."""
+    gen: Annotated[ImageGenConfig, OmitArgPrefixes] = field(default_factory=ImageGenConfig)
+    """Sampling settings of generation tasks (fid draws one image per prompt, genai-export too)."""
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        need: dict[str, tuple[str, ...]] = {
-            "vqav2": ("questions", "images"), "gqa": ("annotations", "images"), "textvqa": ("annotations", "images"),
-            "pope": ("questions", "images"), "mme": ("images",), "fid": ("prompts", "images", "inception_weights"),
-            "geneval-export": ("prompts",), "genai-export": ("prompts",), "geneval-import": ("results",),
-            "genai-import": ("scores", "skills"), "tokenizer": ()}
-        for name in need[self.task]:
-            if name == "images" and self.predictions and self.task in UNDERSTANDING and self.task != "mme":
+        self.prompt_suffix = self.prompt_suffix.replace("\\n", "\n")
+        scoring = self.task in UNDERSTANDING and self.predictions is not None
+        for name in _NEEDS[self.task]:
+            if name == "images" and scoring and self.task != "mme":
                 continue  # scoring saved predictions needs no images
             if not getattr(self, name):
                 raise ValueError(f"--task {self.task} needs --{name.replace('_', '-')}")
+        refuse_changed(self, [p for p in _ALL if p not in self._applicable()],
+                       f"to --task {self.task}" + (" with --predictions (scoring saved answers)" if scoring else ""))
         if self.task == "vqav2" and len(self.questions) != 1:
             raise ValueError("--task vqav2 takes exactly one --questions file")
-        needs_model = self.task in GENERATION or (self.task in UNDERSTANDING and not self.predictions)
-        if needs_model and self.engine is None:
+        if self.task in ("gqa", "textvqa") and len(self.questions) > 1:
+            raise ValueError(f"--task {self.task} takes at most one --questions file")
+        needs_model = self.task in GENERATION or (self.task in UNDERSTANDING and not scoring)
+        if needs_model and (self.model is None) != (self.tokenizer is None):
+            raise ValueError("give both --model and --tokenizer")
+        if needs_model and self.model is None:
             raise ValueError(f"--task {self.task} needs --model and --tokenizer")
+
+    def _applicable(self) -> set[str]:
+        """The field paths this task reads."""
+        if self.task == "tokenizer":
+            return set(_ALL)  # main() forwards `--task tokenizer ...` before parsing; see there
+        files = {*_NEEDS[self.task], *_OPTIONAL.get(self.task, ())}
+        if self.task in UNDERSTANDING:
+            if self.predictions is not None:  # scoring: no model; MME reads its questions from --images
+                return (files - ({"images"} if self.task != "mme" else set())) | {"predictions"}
+            return files | {*_MODEL, *_ANSWERS}
+        if self.task in GENERATION:
+            one_image = self.task in ("fid", "genai-export")  # FID and GenAI-Bench: one image per prompt
+            return files | {*_MODEL, *_IMAGES} - ({"gen.num_images"} if one_image else set())
+        return files
+
+    @property
+    def engine(self) -> EngineConfig | None:
+        """What to load; None without --model (import tasks, scoring saved predictions)."""
+        if self.model is None or self.tokenizer is None:
+            return None
+        return EngineConfig(model=self.model, tokenizer=self.tokenizer, **dataclasses.asdict(self.loading))
+
+    @property
+    def generation(self) -> GenerationRun:
+        """Batched image generation settings (--batch-size, --seed, --limit)."""
+        return GenerationRun(batch_size=self.inference.batch_size, seed=self.seed, limit=self.inference.limit)
+
+
+@dataclass
+class GenEvalExportConfig(EvalConfig):
+    """`EvalConfig` of --task geneval-export: GenEval scores 4 images per prompt, so that is the default."""
+
+    gen: Annotated[ImageGenConfig, OmitArgPrefixes] = field(default_factory=lambda: ImageGenConfig(num_images=4))
+    """Sampling settings (GenEval scores 4 images per prompt)."""
 
 
 def load_benchmark(cfg: EvalConfig) -> Benchmark:
@@ -95,7 +166,8 @@ def load_benchmark(cfg: EvalConfig) -> Benchmark:
 
 def _config_dict(cfg: EvalConfig) -> dict:
     """The resolved config as written into results.json."""
-    return dataclasses.asdict(cfg)
+    return {**dataclasses.asdict(cfg), "engine": dataclasses.asdict(cfg.engine) if cfg.engine else None,
+            "generation": dataclasses.asdict(cfg.generation)}
 
 
 def run(cfg: EvalConfig) -> dict | None:
@@ -153,47 +225,15 @@ def run(cfg: EvalConfig) -> dict | None:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    """Command line -> EvalConfig; exits with a usage message on bad flags or missing files for the task."""
+    """Command line -> EvalConfig; exits with status 2 and a message on bad flags, on missing files for the
+    task and on flags the task does not read."""
     from mllm.evaluate import __doc__ as doc
 
-    p = argparse.ArgumentParser(prog="python -m mllm.evaluate", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--out", default="eval_out", help="output folder")
-    add_engine_args(p, required=False)
-    add_generation_args(p)
-    p.set_defaults(num_images=None)
-    p.add_argument("--questions", action="append", default=[], help="question file (repeat for POPE categories)")
-    p.add_argument("--images", help="image folder / MME folder / MJHQ reference images")
-    p.add_argument("--annotations", help="official annotation file")
-    p.add_argument("--predictions", help="score this predictions.jsonl instead of running the model")
-    p.add_argument("--prompts", help="prompt set for generation tasks")
-    p.add_argument("--results", help="GenEval results.jsonl (geneval-import)")
-    p.add_argument("--scores", help="VQAScore JSON {id: score} (genai-import)")
-    p.add_argument("--skills", help="genai_skills.json (genai-import)")
-    p.add_argument("--inception-weights", help="local Inception weights for FID")
-    p.add_argument("--prompt-suffix", default=DEFAULT_SUFFIX, help="appended to every question ('' = none)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions (or prompts) per batch")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions/prompts")
-    p.add_argument("--seed", type=int, default=0, help="generation seed")
-    a = p.parse_args(argv)
-    try:
-        has_model = a.model is not None or a.tokenizer is not None
-        if has_model and not (a.model and a.tokenizer):
-            raise ValueError("give both --model and --tokenizer")
-        num_images = a.num_images or DEFAULT_NUM_IMAGES.get(a.task, 1)
-        return EvalConfig(
-            task=a.task, out=a.out, engine=engine_config(a) if has_model else None, questions=a.questions,
-            images=a.images, annotations=a.annotations, predictions=a.predictions, prompts=a.prompts,
-            results=a.results, scores=a.scores, skills=a.skills, inception_weights=a.inception_weights,
-            prompt_suffix=a.prompt_suffix.replace("\\n", "\n"),
-            inference=InferenceConfig(batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, limit=a.limit),
-            generation=GenerationRun(batch_size=a.batch_size, num_images=num_images, seed=a.seed, limit=a.limit),
-            gen=ImageGenConfig(cfg_scale=a.cfg_scale, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                               num_images=num_images))
-    except ValueError as e:
-        p.error(str(e))
+    pre = argparse.ArgumentParser(add_help=False)  # the task picks the defaults (as --preset does for training)
+    pre.add_argument("--task")
+    known, _ = pre.parse_known_args(argv)
+    cls = GenEvalExportConfig if known.task == "geneval-export" else EvalConfig
+    return parse(cls, argv, prog="python -m mllm.evaluate", description=doc.split("\n\nMulti-rank:")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

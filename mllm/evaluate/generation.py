@@ -50,16 +50,14 @@ class GenerationRun:
 
     batch_size: int = 4
     """Prompts per generate call (each prompt also runs a null-prompt row under CFG)."""
-    num_images: int = 1
-    """Images per prompt."""
     seed: int = 0
     """Base seed (see the module docstring)."""
     limit: int | None = None
     """Only the first N prompts."""
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_images < 1:
-            raise ValueError("batch_size and num_images must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
 
 
 def _generate_sharded(engine, prompts: list[tuple[str, str]], gen_cfg, run: GenerationRun, rank: int, world: int,

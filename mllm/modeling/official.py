@@ -10,15 +10,18 @@ CLI: python -m mllm.modeling.official UNITOK_MLLM_DIR OUT_DIR
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from tyro.conf import Positional, arg
 
 from mllm.modeling.configuration import UniMLLMConfig
 from mllm.modeling.modeling import UniMLLMForCausalLM
+from runtime.cli import parse
 
 # Llama fields carried over from the official config.json; everything else there is Mini-Gemini residue.
 _LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -90,15 +93,22 @@ def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     return model.eval()
 
 
+@dataclass
+class ImportConfig:
+    """The released unitok_mllm folder -> this project's `unitok_mllm` folder."""
+
+    official_dir: Annotated[Positional[str], arg(metavar="UNITOK_MLLM_DIR")]
+    """The released FoundationVision/unitok_mllm folder (config.json + safetensors shards)."""
+    out_dir: Annotated[Positional[str], arg(metavar="OUT_DIR")]
+    """Output folder."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Convert the released folder into a `unitok_mllm` folder that `from_pretrained` loads after `import mllm`."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("official_dir")
-    p.add_argument("out_dir")
-    a = p.parse_args(argv)
-    model = load_official_mllm(a.official_dir)
-    model.save_pretrained(a.out_dir)
-    print(f"wrote {a.out_dir}")
+    cfg = parse(ImportConfig, argv, prog="python -m mllm.modeling.official", description=__doc__)
+    model = load_official_mllm(cfg.official_dir)
+    model.save_pretrained(cfg.out_dir)
+    print(f"wrote {cfg.out_dir}")
 
 
 if __name__ == "__main__":

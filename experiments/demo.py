@@ -1,10 +1,11 @@
 """The embedded end-to-end demo: the whole pipeline at toy scale on CPU, with the real code paths.
 
-    python -m mllm.demo --out runs/demo            (launch/demo.sh; `make demo`)
+    python -m experiments.demo --out runs/demo [--quick] [--fresh] [--no-chat]   (launch/demo.sh; `make demo`)
 
 Steps (each is skipped when its output already exists, so a second run resumes or is a no-op;
 --fresh starts over):
-  1. data        procedural coloured shapes (webdataset shards, JSONL text, LLaVA JSON, held-out set)
+  1. data        procedural coloured shapes (experiments.synthetic: webdataset shards, JSONL text,
+                 LLaVA JSON, held-out set)
   2. text tok.   a tiny sentencepiece Llama tokenizer trained on the demo text + a random tiny Llama
   3. tokenizer   unitok.train (debug preset) on 2 ranks through the deepspeed launcher -> export
   4. codes       unitok.extract on 2 ranks (training shards and the held-out shard)
@@ -13,12 +14,12 @@ Steps (each is skipped when its output already exists, so a second run resumes o
   7. chat        mllm.chat one-shot: a question about a held-out image, an image from a held-out prompt
   8. report      reconstruction PSNR, zero-shot shape/colour accuracy, VQA accuracy on held-out
                  questions, and the fraction of generated images whose colour and shape match the
-                 prompt (mllm.data.demo_data.classify_image); PNGs under OUT/report/
+                 prompt (experiments.synthetic.classify_image); PNGs under OUT/report/
+
 On 2 CPU cores the default sizes take about 15 minutes; --quick is the reduced version the tests run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from runtime.launch import ROOT, deepspeed_cmd, free_port, job_env, run_logged
 
 
 @dataclass
@@ -65,57 +66,26 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else env.get("DS_ACCELERATOR", ""))
-    if not env["DS_ACCELERATOR"]:
-        env.pop("DS_ACCELERATOR")
-    env.setdefault("WANDB_MODE", "disabled")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONPATH"] = str(ROOT) + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], log_file: Path) -> None:
-    """Run a step, streaming its output to the console and to `log_file`; raise on failure."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n")
-        p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in p.stdout:
-            f.write(line)
-            if "WARNING" not in line and "warn" not in line and "[INFO]" not in line:
-                print("    " + line.rstrip()[:200], flush=True)
-        if p.wait() != 0:
-            raise SystemExit(f"demo step failed ({p.returncode}): {' '.join(cmd)}\nsee {log_file}")
+def _echo(line: str) -> None:
+    """A job's output line on the console, without the launchers' warnings and info lines."""
+    if "WARNING" not in line and "warn" not in line and "[INFO]" not in line:
+        print("    " + line.rstrip()[:200], flush=True)
 
 
 def _deepspeed(module: str, args: list[str], ranks: int, log_file: Path) -> None:
-    launcher = Path(sys.executable).parent / "deepspeed"
-    _run([str(launcher), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "--module", module, *args],
-         log_file)
+    port = free_port()
+    run_logged(deepspeed_cmd(module, args, ranks, port), port, log_file, what=f"demo step {module}", echo=_echo,
+               cwd=ROOT)
 
 
 # ---- steps --------------------------------------------------------------------------------------
 def step_data(out: Path, sizes: DemoSizes) -> None:
-    from mllm.data.demo_data import DemoConfig, write_demo_data
+    from experiments.synthetic import DemoDataConfig, write_demo_data
 
     if (out / "data" / "manifest.json").is_file():
         return _log("data: exists")
     # data_recipes/demo*.yaml name 6 shards
-    write_demo_data(out / "data", DemoConfig(num_images=sizes.num_images, images_per_shard=sizes.num_images // 6))
+    write_demo_data(out / "data", DemoDataConfig(num_images=sizes.num_images, images_per_shard=sizes.num_images // 6))
     _log(f"data: wrote {sizes.num_images} training images, held-out set, text and instructions")
 
 
@@ -180,7 +150,7 @@ def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> None:
     _log(f"MLLM stage 1 (pretrain): {sizes.stage1_steps} steps, ZeRO-3 on {ranks} ranks")
     _deepspeed("mllm.train", ["--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer",
                               str(out / "tokenizer" / "export"), "--recipe", str(ROOT / "data_recipes/demo.yaml"),
-                              "--lr", "2e-3", "--mllm", "depth_num_layers", "2",
+                              "--optim.lr", "2e-3", "--mllm", "depth_num_layers", "2",
                               *_mllm_common(out, sizes, "stage1", sizes.stage1_steps)], ranks,
                out / "logs" / "stage1.log")
 
@@ -190,7 +160,7 @@ def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> None:
         return _log("stage 2: exported")
     _log(f"MLLM stage 2 (finetune): {sizes.stage2_steps} steps from the stage-1 export")
     _deepspeed("mllm.train", ["--stage", "finetune", "--init-from", str(out / "stage1" / "export"), "--recipe",
-                              str(ROOT / "data_recipes/demo_finetune.yaml"), "--lr", "1e-3",
+                              str(ROOT / "data_recipes/demo_finetune.yaml"), "--optim.lr", "1e-3",
                               *_mllm_common(out, sizes, "stage2", sizes.stage2_steps)], ranks,
                out / "logs" / "stage2.log")
 
@@ -221,15 +191,16 @@ def step_chat(out: Path) -> dict[str, str]:
     img_path = rep / "held_out_question.png"
     _eval_images(out)[item["image"]].save(img_path)
     base = [sys.executable, "-m", "mllm.chat", "--model", str(out / "stage2" / "export"), "--tokenizer",
-            str(out / "tokenizer" / "export"), "--image-size", "32", "--out-dir", str(rep / "chat"), "--seed", "0"]
-    q = subprocess.run(base + ["--ask", item["question"], "--image", str(img_path), "--temperature", "0"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+            str(out / "tokenizer" / "export"), "--image-size", "32", "--seed", "0"]
+    q = subprocess.run(base + ["--ask", item["question"], "--image", str(img_path)],
+                       cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=300)
     prompt = f"a {item['color']} {item['shape']} on a {item['background']} background"
-    g = subprocess.run(base + ["--generate", prompt, "--cfg-scale", "3.0"], cwd=ROOT, env=_env(),
+    g = subprocess.run(base + ["--generate", prompt, "--cfg-scale", "3.0", "--out-dir", str(rep / "chat")],
+                       cwd=ROOT, env=job_env(),
                        capture_output=True, text=True, timeout=300)
     for p in (q, g):
         if p.returncode != 0:
-            raise SystemExit(f"chat failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+            raise RuntimeError(f"chat failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     _log(f"chat: Q: {item['question']} -> A: {q.stdout.strip()[-200:]} (expected {item['answer']})")
     _log(f"chat: /gen {prompt!r} -> {g.stdout.strip()[-200:]}")
     return {"question": item["question"], "answer": q.stdout.strip(), "expected": item["answer"],
@@ -243,7 +214,7 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mllm  # noqa: F401
-    from mllm.data.demo_data import BACKGROUNDS, FOREGROUNDS, SHAPES, classify_image
+    from experiments.synthetic import classify_image, random_scene
     from mllm.engine import ImageGenConfig, MLLMEngine
     from unitok import load_tokenizer
     from unitok.evaluate import main as tok_eval
@@ -285,8 +256,7 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     (rep / "vqa.json").write_text(json.dumps(rows, indent=1))
     # generation: held-out prompts -> decode -> checker
     rng = random.Random(123)
-    combos = [(rng.choice(SHAPES), rng.choice(list(FOREGROUNDS)), rng.choice(list(BACKGROUNDS)))
-              for _ in range(sizes.num_generate)]
+    combos = [random_scene(rng) for _ in range(sizes.num_generate)]
     pix = engine.generate([f"a {c} {s} on a {b} background" for s, c, b in combos],
                           ImageGenConfig(cfg_scale=3.0, temperature=1.0, top_k=8),
                           torch.Generator().manual_seed(0))  # (N, 32, 32, 3) uint8
@@ -337,15 +307,35 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
     return report
 
 
+@dataclass
+class DemoConfig:
+    """The demo run."""
+
+    out: str = "runs/demo"
+    """Output folder; a second run resumes it."""
+    quick: bool = False
+    """The reduced sizes that the tests run (QUICK) instead of the full ones (DemoSizes)."""
+    ranks: int = 2
+    """Local ranks per training stage."""
+    fresh: bool = False
+    """Delete OUT first instead of resuming."""
+    chat: bool = True
+    """Run the chat step (--no-chat skips it)."""
+
+    def __post_init__(self):
+        if self.ranks <= 0:
+            raise ValueError(f"--ranks must be positive, got {self.ranks}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--quick", action="store_true", help="the reduced version (tests)")
-    p.add_argument("--ranks", type=int, default=2, help="local ranks per training stage")
-    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
-    p.add_argument("--no-chat", action="store_true", help="skip the chat step")
-    a = p.parse_args(argv)
-    run(Path(a.out), QUICK if a.quick else DemoSizes(), a.ranks, a.fresh, not a.no_chat)
+    """CLI entry point; a failed step ends with its log's last lines, not a traceback."""
+    import tyro
+
+    cfg = tyro.cli(DemoConfig, args=argv, description=__doc__)
+    try:
+        run(Path(cfg.out), QUICK if cfg.quick else DemoSizes(), cfg.ranks, cfg.fresh, cfg.chat)
+    except RuntimeError as e:
+        raise SystemExit(f"experiments.demo: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,9 @@
+"""Experiments that drive the libraries from outside them.
+
+    demo.py            the embedded end-to-end demo (python -m experiments.demo; launch/demo.sh)
+    ablate.py          the tokenizer ablation grid (python -m experiments.ablate; launch/ablate.sh), with
+    ablate_grid.py     its grid model and YAML grid files, and
+    ablate_report.py   its results table and plot
+    synthetic.py       the synthetic shapes world they train on (the library tests write shards with it too)
+The libraries (unitok, mllm, runtime) never import from here.
+"""

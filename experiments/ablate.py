@@ -1,0 +1,412 @@
+"""Tokenizer ablation grid: the paper's Tables 6-8, Fig. 3 and the causal/full projection switch.
+
+    python -m experiments.ablate --grid cpu --base-preset debug --seeds 0 1 2 --out-dir runs/ablate
+    python -m experiments.ablate --grid paper --base-preset large --launcher deepspeed --ngpu 8 \
+        --data.shards '/data/{00000000..00140146}.tar' --eval-images IMAGENET_VAL --zeroshot-dir IMAGENET_VAL \
+        --classnames imagenet --inception-weights external/weights-inception-2015-12-05-6726825d.pth \
+        --loss.lpips-weights external/lpips_with_vgg.pth --gan.dino-weights external/dinov2_vits14_pretrain.pth
+    bash launch/ablate.sh --grid paper ...            (same flags; NGPU, LAUNCHER from the environment)
+
+Every cell is the base preset with ONE switch (REFERENCE.md 1.4 and 3.5):
+    base              MCQ K x V (the preset's), attention projection, full attention, recon + contrastive
+    mcq-8x.. mcq-2x.. MCQ with 8 / 4 / 2 sub-codebooks at the same total entries N = K*V  (Table 8)
+    single-1xN        one codebook of N entries                                             (Table 8)
+    rq-KxV            residual quantization with the base's code shape and latent width     (Table 7)
+    linear-proj       linear instead of attention projections                               (Fig. 3)
+    causal-proj       raster-causal projection attention (Feb 2025 release)                 (REFERENCE 3.5)
+    recon-only        no contrastive loss: reconstruction metrics are reported              (Table 6)
+    contrastive-only  no pixel losses, no GAN: zero-shot accuracy is reported               (Table 6)
+Resolution generalisation is not a training switch: every cell is evaluated at its training
+resolution S and at 2S (columns `psnr` and `psnr@2x`), the encoder being resolution-agnostic.
+
+Each (cell, seed) is trained by `unitok.train` in a subprocess (no launcher: single process with a
+private process group; `--launcher deepspeed`: `deepspeed --num_gpus NGPU --module unitok.train`)
+and evaluated by `unitok.evaluate` (in this process without a launcher, through the launcher
+otherwise): PSNR/SSIM/codebook usage on `--eval-images` at 1x and 2x, rFID/IS with
+`--inception-weights`, zero-shot top-1/top-5 on `--zeroshot-dir`. Arguments this CLI does not know
+(`--data.shards ...`, `--loss.lpips-weights ...`) are passed to every training run, before the cell's
+own switch, so they cannot undo it; --preset, --run-dir, --seed, --total-steps and --resume are set
+per run and refused there. Every cell's arguments are checked by unitok.train's parser
+before anything runs.
+
+Without `--data.shards`, synthetic data is written under OUT_DIR/data (experiments.synthetic, the
+demo's shapes world): training shards, a held-out eval folder and a zero-shot ImageFolder, all
+rendered at 2S px so that the 1x evaluation sees the same downsampling as training and the 2x
+evaluation sees native pixels. The zero-shot classes are whole scenes, "<colour> <shape> on a
+<background> background" (6 x 3 x 3 = 54 classes, chance 1.9 % top-1): a caption names the
+background colour too, so a class "red circle" is ambiguous to the tiny text tower (with the
+earlier 8-colour world, a first try with 24 such classes scored below chance, 2.6 % vs 4.2 %,
+where the scene classes gave 14.9 % for the same model).
+
+Layout (resumable: a (cell, seed) is finished when its result.json exists; a half-trained one
+resumes with `--resume auto`; a result written with different arguments is an error, not reused):
+    OUT_DIR/cells/<cell>/seed<k>/{train/, train.log, eval_1x/, eval_2x/, result.json}
+    OUT_DIR/results.{json,md,png}   statistics over seeds, table and plot (experiments/ablate_report.py)
+
+CPU grid budget (`--grid cpu`: debug preset, 32 px, batch 32, 500 steps, 8192 synthetic samples,
+no GAN and no LPIPS, which need pretrained weights). 9 cells x 3 seeds = 27 runs; 40 min = 2400 s
+allows ~89 s per run. One-cell timing on the 2-core machine (cell `base`, seed 0; `rq-4x64` took the
+same): ~4 s process start and model build + ~0.1 s per step (~50 s for 500 steps) + ~1 s of
+checkpoints and export + ~4 s of evaluation (128 images at 32 and 64 px; timed on the earlier
+world's 672 zero-shot images and 168 classes x 80 prompts, where this one has 648 images and
+54 x 80 prompts) = ~59 s per run -> 27 x 59 s = ~27 min, + ~10 s of start and data generation. The remaining third is margin for other load, and the rate is load-sensitive: two more
+timings of the same cell, with other jobs saturating both cores now and then, took 152 s and 164 s
+(~2.7x, ~70 min for the grid); on a busy machine use `--steps 200`.
+
+The paper grid (`--grid paper`, not run here) uses the released preset with Table 8 at N = 16384
+(1x16384, 2x8192, 4x4096, 8x2048, as in the paper) and needs real data, LPIPS and DINO weights.
+The paper does not state its ablation schedule: the default of 10,000 steps is an assumption,
+set `--steps`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from experiments.ablate_grid import Cell, Grid, load_grid
+from experiments.ablate_report import markdown_table, write_outputs
+from runtime.launch import deepspeed_cmd, free_port, run_logged
+
+RECON_KEYS = ("psnr", "ssim", "mean_usage_pct", "mean_perplexity", "rfid", "is")
+ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5")
+SYNTH_SHARDS, SYNTH_PER_SHARD = 16, 512          # 8192 training samples
+SYNTH_EVAL_IMAGES, SYNTH_ZS_PER_CLASS = 128, 12  # held-out reconstruction images; zero-shot images per class
+RESERVED = ("--preset", "--run-dir", "--seed", "--total-steps", "--resume")  # one value per (cell, seed)
+
+
+@dataclass
+class AblateConfig:
+    """A run of the ablation grid. Arguments it does not know are unitok.train overrides for every run."""
+
+    grid: str = "cpu"
+    """cpu, paper, or a YAML/JSON grid file (experiments/ablate_grid.py)."""
+    base_preset: str | None = None
+    """Model preset of every cell; None: the grid's (cpu: debug, paper: large)."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """Training seeds; every cell is trained once per seed."""
+    steps: int | None = None
+    """Optimizer steps per run; None: the grid's."""
+    cells: tuple[str, ...] = ()
+    """Run only these cells of the grid; none given: all."""
+    out_dir: str = "runs/ablate"
+    """Output folder; a rerun resumes it."""
+    launcher: Literal["none", "deepspeed"] = "none"
+    """none: one process per run; deepspeed: `deepspeed --num_gpus NGPU` per run."""
+    ngpu: int = 8
+    """GPUs per run with --launcher deepspeed."""
+    launcher_args: str = ""
+    """Extra deepspeed launcher flags, e.g. --launcher-args='--hostfile H'."""
+    eval_images: str | None = None
+    """Reconstruction eval folder; None: synthetic images."""
+    zeroshot_dir: str | None = None
+    """Zero-shot ImageFolder; None: the synthetic scene classes."""
+    classnames: Literal["folders", "imagenet"] = "folders"
+    """Zero-shot class names: the folder names, or ImageNet's for an ImageNet val folder."""
+    inception_weights: str | None = None
+    """Local Inception weights for rFID/IS (not computed without)."""
+    eval_batch_size: int = 64
+    """Evaluation batch size."""
+    dry_run: bool = False
+    """Validate and print the training commands only."""
+
+    def __post_init__(self):
+        self.seeds, self.cells = tuple(self.seeds), tuple(self.cells)
+        if self.steps is not None and self.steps <= 0:
+            raise ValueError("--steps must be positive")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds must be distinct integers, got {list(self.seeds)}")
+        if self.ngpu <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("--ngpu and --eval-batch-size must be positive")
+
+
+# ---- data ------------------------------------------------------------------------------------
+def synthetic_paths(out_dir: Path) -> dict[str, str]:
+    """Where `prepare_synthetic` puts the training shards (a brace pattern) and the eval folders."""
+    root = out_dir / "data"
+    return {"shards": str(root / "shards" / f"{{00000..{SYNTH_SHARDS - 1:05d}}}.tar"),
+            "eval_images": str(root / "eval"), "zeroshot_dir": str(root / "zeroshot")}
+
+
+def prepare_synthetic(out_dir: Path, train_size: int, log) -> None:
+    """Training shards + eval folders under out_dir/data, rendered at 2x the training size (idempotent)."""
+    from experiments.synthetic import write_eval_folders, write_shards
+
+    root = out_dir / "data"
+    size = 2 * train_size
+    marker = root / "READY.json"
+    spec = {"world": "experiments.synthetic", "shards": SYNTH_SHARDS, "per_shard": SYNTH_PER_SHARD, "size": size,
+            "eval": SYNTH_EVAL_IMAGES, "zs_per_class": SYNTH_ZS_PER_CLASS}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return
+    shutil.rmtree(root, ignore_errors=True)  # other sizes or another world: no stale class folders
+    t = time.time()
+    write_shards(root / "shards", SYNTH_SHARDS, SYNTH_PER_SHARD, size=size, seed=0)
+    _, zs = write_eval_folders(root, size, SYNTH_EVAL_IMAGES, SYNTH_ZS_PER_CLASS)
+    marker.write_text(json.dumps(spec))
+    n_cls = sum(1 for _ in zs.iterdir())
+    log.info(f"synthetic data: {SYNTH_SHARDS * SYNTH_PER_SHARD} training samples, {SYNTH_EVAL_IMAGES} eval images, "
+             f"{SYNTH_ZS_PER_CLASS} x {n_cls} zero-shot images at {size} px under {root} ({time.time() - t:.1f} s)")
+
+
+# ---- running ---------------------------------------------------------------------------------
+def check_train_args(argv: list[str], where: str):
+    """Parse with unitok.train's own parser; any problem becomes a ValueError naming `where`."""
+    from unitok.train import parse_config
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            return parse_config(argv)
+    except SystemExit:
+        raise ValueError(f"{where}: unitok.train rejects {shlex.join(argv)}\n{buf.getvalue().strip()}") from None
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+@dataclass
+class Plan:
+    """Everything a run of the grid needs, resolved once."""
+
+    grid: Grid
+    out_dir: Path
+    steps: int
+    seeds: list[int]
+    user_args: list[str]
+    eval_images: str | None
+    zeroshot_dir: str | None
+    classnames: str
+    inception_weights: str | None
+    eval_batch_size: int
+    launcher: str
+    ngpu: int
+    launcher_args: list[str]
+    train_size: int = 0
+
+    def train_argv(self, cell: Cell, seed: int) -> list[str]:
+        """grid args < user args < the cell's switch (tyro: the last occurrence wins)."""
+        run_dir = self.out_dir / "cells" / cell.name / f"seed{seed}" / "train"
+        return ["--preset", self.grid.base_preset, "--run-dir", str(run_dir), "--seed", str(seed),
+                "--total-steps", str(self.steps), "--save-every", str(max(1, self.steps // 3)), "--resume", "auto",
+                *self.grid.train_args, *self.user_args, *cell.args]
+
+    def eval_argv(self, export: Path, out: Path, scale: int) -> list[str]:
+        argv = ["--tokenizer", str(export), "--images", self.eval_images, "--size", str(self.train_size * scale),
+                "--batch-size", str(self.eval_batch_size), "--out", str(out)]
+        if scale == 1:
+            if self.zeroshot_dir:
+                argv += ["--zeroshot-dir", self.zeroshot_dir, "--classnames", self.classnames]
+            if self.inception_weights:
+                argv += ["--inception-weights", self.inception_weights]
+        return argv
+
+    def fingerprint(self, cell: Cell, seed: int) -> dict[str, Any]:
+        """What decides a result; paths under out_dir are written relative so the folder can move."""
+        def rel(a):
+            return a.replace(str(self.out_dir), "$OUT") if isinstance(a, str) else a
+        return {"train_argv": [rel(a) for a in self.train_argv(cell, seed)],
+                "eval": {"scales": list(self.grid.eval_scales), "images": rel(self.eval_images),
+                         "zeroshot_dir": rel(self.zeroshot_dir), "classnames": self.classnames,
+                         "inception_weights": self.inception_weights, "train_size": self.train_size}}
+
+
+def _job(plan: Plan, module: str, argv: list[str]) -> tuple[list[str], int]:
+    """The command of one training or evaluation job and its master port."""
+    port = free_port()
+    if plan.launcher == "none":  # one process; its private process group uses the port (see run_logged)
+        return [sys.executable, "-m", module, *argv], port
+    # unitok.evaluate's parser does not take the launcher's --local_rank (LOCAL_RANK is in the env anyway)
+    extra = ["--no_local_rank"] if module == "unitok.evaluate" else []
+    return deepspeed_cmd(module, argv, plan.ngpu, port, launcher_args=[*plan.launcher_args, *extra]), port
+
+
+def _trained(run_dir: Path, total_steps: int) -> bool:
+    """The final checkpoint and the export both exist."""
+    from runtime.checkpoint import step_name
+
+    latest = run_dir / "latest"
+    done = latest.is_file() and latest.read_text().strip() == step_name(total_steps)
+    exported = (run_dir / "export" / "model.safetensors").is_file()
+    if done and not exported:
+        raise RuntimeError(f"{run_dir} holds the final checkpoint but no export (killed while exporting); "
+                           f"delete {run_dir} to retrain this cell")
+    return done and exported
+
+
+def evaluate_cell(plan: Plan, export: Path, cell_dir: Path) -> dict[str, Any]:
+    """unitok.evaluate at every scale -> flat metrics (`psnr`, `psnr@2x`, `zeroshot_top1`, ...)."""
+    metrics: dict[str, Any] = {}
+    for s in plan.grid.eval_scales:
+        out = cell_dir / f"eval_{s}x"
+        argv = plan.eval_argv(export, out, s)
+        if plan.launcher == "none":
+            from unitok.evaluate import parse_args, run
+
+            with open(cell_dir / "eval.log", "a") as f, contextlib.redirect_stdout(f):
+                f.write(f"$ python -m unitok.evaluate {shlex.join(argv)}\n")
+                m = run(parse_args(argv))
+        else:
+            cmd, port = _job(plan, "unitok.evaluate", argv)
+            run_logged(cmd, port, cell_dir / "eval.log", what=f"evaluation of {export}")
+            m = json.loads((out / "metrics.json").read_text())
+        suffix = "" if s == 1 else f"@{s}x"
+        for k in (*RECON_KEYS, *ZEROSHOT_KEYS, "zeroshot_classes"):
+            if k in m and (s == 1 or k in ("psnr", "ssim")):
+                metrics[k + suffix] = m[k]
+    return metrics
+
+
+def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
+    """Train (or resume) and evaluate one (cell, seed); -> (result, ran). Finished ones are read back."""
+    cell_dir = plan.out_dir / "cells" / cell.name / f"seed{seed}"
+    result_path = cell_dir / "result.json"
+    fp = plan.fingerprint(cell, seed)
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("fingerprint") != fp:
+            raise ValueError(f"{result_path} was written with other arguments than this run's "
+                             f"({result.get('fingerprint')} vs {fp}); use another --out-dir or delete {cell_dir}")
+        return result, False
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cell_dir / "train"
+    t0 = time.time()
+    if not _trained(run_dir, plan.steps):
+        cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
+        run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}")
+        if not (run_dir / "export" / "model.safetensors").is_file():
+            raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
+                               f"see {cell_dir / 'train.log'}")
+    t1 = time.time()
+    metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
+    t2 = time.time()
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][-1]
+    metrics.update(train_loss=last["loss"], train_clip=last.get("clip"), train_seconds=round(t1 - t0, 2),
+                   eval_seconds=round(t2 - t1, 2))
+    result = {"cell": cell.name, "group": cell.group, "seed": seed, "args": cell.args, "report": list(cell.report),
+              "metrics": metrics, "fingerprint": fp}
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, result_path)  # the marker of a finished cell appears whole or not at all
+    return result, True
+
+
+# ---- entry -----------------------------------------------------------------------------------
+def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
+    """Resolve the grid, the data and every cell's arguments; validate them all before any training."""
+    grid = load_grid(args.grid, args.base_preset)
+    if args.cells:
+        unknown = [c for c in args.cells if c not in {x.name for x in grid.cells}]
+        if unknown:
+            raise ValueError(f"--cells {unknown} not in grid {grid.name!r}: {[c.name for c in grid.cells]}")
+        grid.cells = [c for c in grid.cells if c.name in args.cells]
+    if user_args and not user_args[0].startswith("--"):
+        raise ValueError(f"unexpected argument {user_args[0]!r}: unitok.train overrides start with '--'")
+    out_dir = Path(args.out_dir).resolve()
+    for p in (args.eval_images, args.zeroshot_dir):
+        if p and not Path(p).is_dir():
+            raise ValueError(f"folder not found: {p}")
+    if args.inception_weights:
+        from unitok.evaluate import check_local_weights
+
+        check_local_weights(args.inception_weights)
+
+    def absolute(p):
+        return str(Path(p).resolve()) if p else None
+
+    plan = Plan(grid, out_dir, args.steps or grid.steps, list(args.seeds), list(user_args),
+                absolute(args.eval_images), absolute(args.zeroshot_dir), args.classnames,
+                absolute(args.inception_weights), args.eval_batch_size, args.launcher, args.ngpu,
+                shlex.split(args.launcher_args))
+    for where, args_ in [("grid train_args", grid.train_args), ("arguments", user_args),
+                         *[(f"cell {c.name!r}", c.args) for c in grid.cells]]:
+        flags = {a.split("=")[0].replace("_", "-") for a in args_}
+        taken = sorted(flags & set(RESERVED))
+        if taken:
+            raise ValueError(f"{where}: {taken} are set by experiments.ablate (use --steps, --seeds, --base-preset, "
+                             "--out-dir)")
+    given = [a.split("=")[0].replace("_", "-") for a in (*grid.train_args, *user_args)]
+    if grid.needs_user_data and "--data.shards" not in given:  # before the parser, whose errors are about weights
+        raise ValueError(f"grid {grid.name!r} needs real data: pass --data.shards PATTERN (and --eval-images, "
+                         "--zeroshot-dir)")
+    base = check_train_args(plan.train_argv(Cell("base", "x"), plan.seeds[0]), "base arguments")
+    plan.train_size = base.data.img_size
+    synthetic = not base.data.shards
+    if synthetic:
+        paths = synthetic_paths(out_dir)
+        plan.user_args = ["--data.shards", paths["shards"], *plan.user_args]
+        plan.eval_images = plan.eval_images or paths["eval_images"]
+        plan.zeroshot_dir = plan.zeroshot_dir or paths["zeroshot_dir"]
+    elif not plan.eval_images:
+        raise ValueError("with --data.shards, give --eval-images DIR for the reconstruction metrics")
+    elif not plan.zeroshot_dir:
+        from runtime.distributed import warn_once
+
+        warn_once("no --zeroshot-dir: zero-shot accuracy is not measured")
+    for cell in grid.cells:
+        cfg = check_train_args(plan.train_argv(cell, plan.seeds[0]), f"cell {cell.name!r}")
+        if cfg.data.img_size != plan.train_size:
+            raise ValueError(f"cell {cell.name!r} changes the training resolution; cells must share it")
+    if synthetic and not args.dry_run:
+        prepare_synthetic(out_dir, plan.train_size, log)
+    return plan
+
+
+def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
+    """Run (or resume) the grid; returns the summary."""
+    from runtime.log import setup_logging
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = setup_logging(out_dir)
+    plan = make_plan(args, user_args, log)
+    todo = [(c, s) for c in plan.grid.cells for s in plan.seeds]
+    log.info(f"grid {plan.grid.name}: {len(plan.grid.cells)} cells x {len(plan.seeds)} seeds = {len(todo)} runs, "
+             f"preset {plan.grid.base_preset}, {plan.steps} steps, launcher {plan.launcher}, out {plan.out_dir}")
+    if args.dry_run:
+        for c, s in todo:
+            cmd, _ = _job(plan, "unitok.train", plan.train_argv(c, s))
+            log.info(f"[dry run] {c.name} seed {s}: {shlex.join(cmd)}")
+        return {}
+    results = []
+    t_start = time.time()
+    for i, (cell, seed) in enumerate(todo, 1):
+        t = time.time()
+        result, ran = run_cell(plan, cell, seed)
+        results.append(result)
+        m = result["metrics"]
+        shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1") if k in m)
+        how = (f"done in {time.time() - t:.0f} s (train {m['train_seconds']:.0f} s, eval {m['eval_seconds']:.0f} s)"
+               if ran else "finished before, skipped")
+        log.info(f"[{i}/{len(todo)}] {cell.name} seed {seed}: {how} | {shown}")
+        write_outputs(plan, results)
+    summary = write_outputs(plan, results)
+    log.info(f"grid done in {time.time() - t_start:.0f} s -> {plan.out_dir / 'results.md'}\n"
+             + markdown_table(summary))
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[AblateConfig, list[str]]:
+    """-> (the harness's config, unitok.train overrides)."""
+    import tyro
+
+    return tyro.cli(AblateConfig, args=argv, description=__doc__, return_unknown_args=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point; user errors and failed runs end with one line, not a traceback."""
+    try:
+        run(*parse_args(argv))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"experiments.ablate: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The ablation grid's results: per-cell statistics over seeds, the markdown table and the plot.
+
+    OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds
+    OUT_DIR/results.md     one markdown table, mean +- std
+    OUT_DIR/results.png    reconstruction (PSNR at 1x and 2x, rFID) and zero-shot top-1 per cell
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from experiments.ablate import Plan
+
+PM = "\u00b1"  # the plus-minus sign of the markdown table
+
+
+# ---- summary ---------------------------------------------------------------------------------
+def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Group per cell: mean, std (sample, 0 for one seed), min, max and the values of each metric."""
+    import numpy as np
+
+    cells = []
+    for cell in plan.grid.cells:
+        rs = [r for r in results if r["cell"] == cell.name]
+        if not rs:
+            continue
+        keys = sorted({k for r in rs for k, v in r["metrics"].items() if isinstance(v, (int, float))})
+        stats = {}
+        for k in keys:
+            vals = [float(r["metrics"][k]) for r in rs if isinstance(r["metrics"].get(k), (int, float))]
+            a = np.array(vals)
+            stats[k] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                        "min": float(a.min()), "max": float(a.max()), "values": vals}
+        cells.append({"name": cell.name, "group": cell.group, "note": cell.note, "args": cell.args,
+                      "report": list(cell.report), "seeds": [r["seed"] for r in rs], "metrics": stats})
+    return {"grid": plan.grid.name, "base_preset": plan.grid.base_preset, "steps": plan.steps, "seeds": plan.seeds,
+            "train_size": plan.train_size, "eval_scales": list(plan.grid.eval_scales), "cells": cells}
+
+
+def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric key, header, report group) of the columns that some cell has."""
+    S = summary["train_size"]
+    cols = [("psnr", f"PSNR {S}px", "recon")]
+    cols += [(f"psnr@{s}x", f"PSNR {S * s}px ({s}x)", "recon") for s in summary["eval_scales"] if s != 1]
+    cols += [("ssim", "SSIM", "recon"), ("rfid", "rFID", "recon"), ("mean_usage_pct", "usage %", "recon"),
+             ("zeroshot_top1", "zero-shot top-1 %", "zeroshot"), ("zeroshot_top5", "top-5 %", "zeroshot")]
+    have = {k for c in summary["cells"] for k in c["metrics"]}
+    return [c for c in cols if c[0] in have]
+
+
+def _fmt(stat: dict[str, float] | None) -> str:
+    if stat is None:
+        return "-"
+    if len(stat["values"]) == 1:
+        return f"{stat['mean']:.2f}"
+    return f"{stat['mean']:.2f} {PM} {stat['std']:.2f}"
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The results table: one row per cell, mean +- std over seeds; '-' where the cell does not report it."""
+    cols = _columns(summary)
+    head = ["cell", "ablation", *[h for _, h, _ in cols], "seeds", "switch"]
+    lines = [f"Grid `{summary['grid']}`, preset `{summary['base_preset']}`, {summary['steps']} steps, "
+             f"seeds {summary['seeds']}; mean {PM} std over seeds (min/max in results.json). "
+             "'-': not reported for that cell (Table 6 reports reconstruction for recon-only and zero-shot "
+             "for contrastive-only).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in summary["cells"]:
+        row = [c["name"], c["group"]]
+        for key, _, group in cols:
+            row.append(_fmt(c["metrics"].get(key)) if group in c["report"] else "-")
+        row += [str(len(c["seeds"])), c["note"] or " ".join(c["args"]) or "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    zs = [c["metrics"]["zeroshot_classes"]["mean"] for c in summary["cells"] if "zeroshot_classes" in c["metrics"]]
+    if zs:
+        lines += ["", f"Zero-shot chance level: {100 / zs[0]:.1f} % top-1 ({int(zs[0])} classes)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> bool:
+    """Bar charts (mean, std error bars) of reconstruction and zero-shot accuracy per cell -> PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        from runtime.distributed import warn_once
+
+        warn_once("matplotlib is not installed: results.png is not written (pip install matplotlib)")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = summary["cells"]
+    names = [c["name"] for c in cells]
+    y = np.arange(len(cells))
+    S = summary["train_size"]
+
+    def series(key, group):
+        m = [c["metrics"].get(key) if group in c["report"] else None for c in cells]
+        return (np.array([s["mean"] if s else np.nan for s in m]), np.array([s["std"] if s else 0.0 for s in m]))
+
+    panels = [("recon", "PSNR (dB), higher is better",
+               [(k, h) for k, h, g in _columns(summary) if k.startswith("psnr")])]
+    if any("rfid" in c["metrics"] for c in cells):
+        panels.append(("recon", "rFID, lower is better", [("rfid", "rFID")]))
+    panels.append(("zeroshot", "zero-shot top-1 (%), higher is better", [("zeroshot_top1", "top-1")]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(cells) + 2.2), sharey=True,
+                             layout="constrained")
+    colors = itertools.count()  # one colour per series across panels, for the shared legend
+    for ax, (group, title, keys) in zip(np.atleast_1d(axes), panels):
+        h = 0.8 / len(keys)
+        for i, (key, label) in enumerate(keys):
+            mean, std = series(key, group)
+            ok = np.isfinite(mean)
+            pos = y - 0.4 + h * (i + 0.5)
+            ax.barh(pos[ok], mean[ok], h, xerr=std[ok], label=label, capsize=2, color=f"C{next(colors)}")
+            for p in pos[~ok] if i == 0 else []:
+                ax.text(0, p + 0.4 - h / 2, " not reported", va="center", fontsize=8, color="gray")
+        if group == "zeroshot":
+            ncls = [c["metrics"]["zeroshot_classes"]["mean"] for c in cells if "zeroshot_classes" in c["metrics"]]
+            if ncls:
+                ax.axvline(100 / ncls[0], color="k", ls="--", lw=1, label="chance")
+        ax.set_title(title, fontsize=10)
+    ax0 = np.atleast_1d(axes)[0]
+    ax0.set_yticks(y, names)
+    ax0.invert_yaxis()
+    fig.suptitle(f"UniTok ablation, grid {summary['grid']}, preset {summary['base_preset']} ({S}px), "
+                 f"{summary['steps']} steps, {len(summary['seeds'])} seed(s)", fontsize=10)
+    fig.legend(loc="outside lower center", ncol=6, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """results.json, results.md, results.png under out_dir."""
+    summary = summarize(plan, results)
+    (plan.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    (plan.out_dir / "results.md").write_text(markdown_table(summary))
+    plot(summary, plan.out_dir / "results.png")
+    return summary

@@ -1,0 +1,172 @@
+"""Start jobs through the real launchers (deepspeed, torchrun) and check what they leave behind.
+
+The tests, the demo and the ablation grid all launch here, so every launch gets the same command
+line, environment and leak check. DeepSpeed's CPU all-reduce creates one 69 MB /dev/shm workspace
+per rank whose name holds the job's master port (`deepspeed_allreduce_buffer_*_{port}_*`);
+runtime.distributed unlinks it after init. A workspace still there when a job ends is removed and
+then reported as an error, so that one faulty run cannot fill the machine's RAM for the runs after it.
+
+    port = free_port()
+    run_logged(deepspeed_cmd("unitok.train", args, 2, port), port, "train.log")   # output to a log file
+    p = deepspeed_module("unitok.train", args)                                    # CPU ranks, output captured
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from runtime.distributed import _free_port as free_port  # a port for --master_port; public here
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The checkout: jobs run with it first on PYTHONPATH."""
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""Set by an enclosing job; a launched job must not inherit them."""
+
+
+# ---- environment -------------------------------------------------------------------------------
+def job_env(cpu: bool | None = None) -> dict[str, str]:
+    """This process's environment for a launched job.
+
+    Drops the rank variables of an enclosing job, puts the checkout first on PYTHONPATH and turns
+    wandb and tokenizer threads off unless set. `cpu` (None: when CUDA is missing) selects
+    DeepSpeed's CPU accelerator unless DS_ACCELERATOR is set; DeepSpeed would otherwise look for CUDA.
+    """
+    env = dict(os.environ)
+    for k in RANK_VARS:
+        env.pop(k, None)
+    if cpu is None:
+        import torch
+
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("WANDB_MODE", "disabled")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def ds_env() -> dict[str, str]:
+    """The environment of test jobs: CPU ranks with one OpenMP thread each, wandb off, only this checkout
+    on PYTHONPATH, whatever the caller's environment says."""
+    env = job_env(cpu=True)
+    env.update(DS_ACCELERATOR="cpu", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+# ---- command lines -----------------------------------------------------------------------------
+def deepspeed_cmd(target: str | Path, args: Sequence[str], num_ranks: int, port: int, *, module: bool = True,
+                  launcher_args: Sequence[str] = ()) -> list[str]:
+    """`deepspeed --num_gpus N --master_port PORT [LAUNCHER_ARGS] [--module] TARGET ARGS` (this venv's launcher)."""
+    exe = Path(sys.executable).parent / "deepspeed"
+    return [str(exe) if exe.exists() else "deepspeed", "--num_gpus", str(num_ranks), "--master_port", str(port),
+            *launcher_args, *(["--module"] if module else []), str(target), *args]
+
+
+def torchrun_cmd(module: str, args: Sequence[str], num_ranks: int, port: int) -> list[str]:
+    """`torchrun --nproc_per_node N -m MODULE ARGS` with a standalone rendezvous on 127.0.0.1:PORT."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_ranks), "--master_addr",
+            "127.0.0.1", "--master_port", str(port), "-m", module, *args]
+
+
+# ---- running -----------------------------------------------------------------------------------
+def leaked_shm(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce workspaces left in /dev/shm by the job on `port` (should be none)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+def _sweep_shm(port: int) -> list[str]:
+    """Remove what the job on `port` leaked in /dev/shm -> the removed names."""
+    leaked = leaked_shm(port)
+    for f in leaked:
+        f.unlink(missing_ok=True)
+    return [f.name for f in leaked]
+
+
+def _raise_on_failure(what: str, returncode: int, output: Callable[[], str], leaked: list[str]) -> None:
+    if returncode != 0:
+        also = f"; it also left {leaked} in /dev/shm (removed)" if leaked else ""
+        raise RuntimeError(f"{what} failed with exit code {returncode}{also}\n{output()}")
+    if leaked:
+        raise RuntimeError(f"{what} left {leaked} in /dev/shm (removed now): DeepSpeed's CPU all-reduce "
+                           "workspace must be unlinked after init (runtime.distributed)")
+
+
+def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, check: bool = True,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a job from the checkout with its output captured (env: `ds_env()` by default).
+
+    `check`: a non-zero exit raises RuntimeError with the output tails. A leaked /dev/shm workspace
+    of `port` always raises, after it is removed (also after a timeout).
+    """
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=ds_env() if env is None else env, capture_output=True, text=True,
+                           timeout=timeout)
+    finally:
+        leaked = _sweep_shm(port)
+    _raise_on_failure(shlex.join(cmd), p.returncode if check else 0,
+                      lambda: f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}", leaked)
+    return p
+
+
+def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | None = None,
+               echo: Callable[[str], None] | None = None, cwd: str | Path | None = None,
+               env: dict[str, str] | None = None) -> None:
+    """Run a job with its output appended to `log_file` after a `$ CMD` line (env: `job_env()` by default).
+
+    `echo` also receives every output line (console progress). A non-zero exit raises RuntimeError
+    naming `what` with the log's last lines; a leaked /dev/shm workspace of `port` raises after it is
+    removed. MASTER_PORT is set to `port`: a launcher sets the same from --master_port, and a job
+    without one uses it for its private process group, which the leak check then finds.
+    """
+    log_file = Path(log_file)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = {**(job_env() if env is None else env), "MASTER_PORT": str(port)}
+    with open(log_file, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        try:
+            if echo is None:
+                returncode = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+            else:
+                with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) as p:
+                    for line in p.stdout:
+                        f.write(line)
+                        echo(line)
+                returncode = p.returncode
+        finally:
+            leaked = _sweep_shm(port)
+
+    def tail() -> str:
+        lines = log_file.read_text(errors="replace").splitlines()[-25:]
+        return f"full log {log_file}; last lines:\n" + "\n".join(lines)
+
+    _raise_on_failure(what or shlex.join(cmd), returncode, tail, leaked)
+
+
+# ---- CPU-rank launches (tests) -----------------------------------------------------------------
+def deepspeed_module(module: str, args: list[str], num_ranks: int = 2, timeout: float = 300,
+                     check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N --module MODULE ARGS` on CPU ranks (`ds_env()`); output captured."""
+    port = free_port()
+    return run_captured(deepspeed_cmd(module, args, num_ranks, port), port, timeout=timeout, check=check)
+
+
+def deepspeed_script(script: str | Path, args: list[str], num_ranks: int = 2,
+                     timeout: float = 300) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N SCRIPT ARGS` on CPU ranks (`ds_env()`); raises with the output tails if it fails."""
+    port = free_port()
+    return run_captured(deepspeed_cmd(script, args, num_ranks, port, module=False), port, timeout=timeout)
+
+
+def torchrun_module(module: str, args: list[str], num_ranks: int = 2, timeout: float = 300,
+                    check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m MODULE ARGS` on CPU ranks (`ds_env()`); output captured."""
+    port = free_port()
+    return run_captured(torchrun_cmd(module, args, num_ranks, port), port, timeout=timeout, check=check)

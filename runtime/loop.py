@@ -1,0 +1,295 @@
+"""The training loop both stages share, and the flags that drive it.
+
+A task (`unitok.train.TokenizerTask`, `mllm.train.MllmTask`) builds its DeepSpeed engines and its data
+loader, and from one micro batch returns named losses. `fit()` owns everything around that, once for
+both stages (in the spirit of torchtitan's Trainer and litgpt's fit):
+
+- stepping: `grad_accum` micro batches per optimizer step, the loader restarted when it runs out;
+- the NaN/inf guard: a non-finite loss on any rank drops that micro batch on every rank (no backward,
+  no engine step, so DeepSpeed's accumulation counters stay aligned) and takes the next one;
+  `--nan-policy stop`, or 20 bad micro batches in a row, ends the run with exit code 3;
+- the per-step record (`run_dir/metrics.jsonl`, rank 0: losses averaged over the micro batches,
+  grad norm, lr, a hash of the batches), the log line every `log_every` steps, the metric sink;
+- checkpoints every `save_every` steps and at the end (runtime/checkpoint.py's contract: each engine
+  under its tag, then per-rank state `{data, rng, world_size, task}` and `trainer_state.json`);
+- resume (`--resume auto` continues exactly: engines, data position, RNG, task state);
+- fault injection for the reliability tests (`--debug.*`), and the task's end-of-run hook (export).
+
+The task interface is the `Task` base class below.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+
+MAX_BAD_IN_A_ROW = 20
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the reliability tests (all off by default)."""
+
+    kill_at_step: int = -1
+    """SIGKILL this process right after finishing this step (and its checkpoint, if one is due)."""
+    kill_during_save: bool = False
+    """With kill_at_step: SIGKILL in the middle of that step's checkpoint instead (before it is complete)."""
+    nan_at_step: int = -1
+    """Make the loss NaN on the first micro batch of this step (tests the NaN guard)."""
+
+
+@dataclass
+class RunConfig:
+    """Flags both trainers share: one name and one meaning in both (trainers may change a default)."""
+
+    run_dir: str = "runs/run"
+    """Output folder: config.json, log, metrics.jsonl, checkpoints, export."""
+    total_steps: int = 1000
+    """Optimizer steps of the whole run."""
+    grad_accum: int = 1
+    """Micro batches per optimizer step."""
+    ds_config: str = "zero2"
+    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. bf16 without a GPU runs fp32 (one warning)."""
+    seed: int = 0
+    """Base seed (each rank uses seed + rank)."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint folder."""
+    save_every: int = 500
+    """Checkpoint every N steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept."""
+    log_every: int = 10
+    """Steps between log lines (and metric-sink points)."""
+    metrics: Literal["none", "tensorboard", "wandb"] = "none"
+    """Metrics sink (wandb honours WANDB_MODE=offline)."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """On a non-finite loss: skip that micro batch on all ranks, or stop the run (exit code 3)."""
+    export: bool = True
+    """Write run_dir/export at the end."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Fault injection for tests."""
+
+    def __post_init__(self):
+        for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def strip_launcher_args(argv: list[str] | None) -> list[str]:
+    """Drop `--local_rank=N`, which the deepspeed launcher appends (the environment carries it too)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--local_rank", "--local-rank", type=int)
+    return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[1]
+
+
+class StopRun(RuntimeError):
+    """Raised by a task to end the run on a non-finite value; `fit` logs it and exits with code 3."""
+
+
+def finite_everywhere(x: torch.Tensor) -> bool:
+    """True when `x` is finite on every rank (a collective: all ranks must call it)."""
+    import torch.distributed as dist
+
+    from runtime.distributed import get_world_size
+
+    bad = (~torch.isfinite(x.detach().float())).any().float().reshape(1)
+    if get_world_size() > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+def scalars(out: dict[str, Any]) -> dict[str, float]:
+    """The 0-d tensor (or float) entries of a task's output, as floats."""
+    return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()
+            if isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0)}
+
+
+class Task:
+    """What a stage gives the loop. Subclasses set `engines` (checkpoint tag -> DeepSpeed engine; the
+    first is the main one: its lr and grad norm are logged) and `loader` (iterable, with
+    state_dict/load_state_dict), and implement `forward`, `backward` and `count`."""
+
+    engines: dict[str, Any]
+    loader: Any
+    project = "unitok"
+    """Metric-sink project name."""
+
+    def forward(self, batch: Any, step: int) -> dict[str, Any]:
+        """One micro batch: {"loss": objective, other 0-d tensors (logged), anything else (task-private)}."""
+        raise NotImplementedError
+
+    def backward(self, out: dict[str, Any], batch: Any, step: int) -> dict[str, Any]:
+        """Backward and engine steps for a finite loss; returns more 0-d terms to log (may raise StopRun)."""
+        raise NotImplementedError
+
+    def count(self, batch: Any) -> tuple[int, int]:
+        """(samples, tokens) in this rank's micro batch, for the throughput figures (tokens may be 0)."""
+        raise NotImplementedError
+
+    def batch_hash(self, batch: Any) -> str:
+        """A short digest of the micro batch; resume tests compare it step by step."""
+        raise NotImplementedError
+
+    def after_step(self, step: int, record: dict[str, Any], batch: Any, out: dict[str, Any]) -> None:
+        """After each optimizer step, with the last micro batch and its output; may add to `record`."""
+
+    def on_log(self, step: int, record: dict[str, Any], tokens_per_s: float) -> tuple[str, dict[str, float]]:
+        """At log steps, on every rank (it may be a collective): (suffix of the log line, where a newline
+        starts another log line; extra sink metrics). May add entries to `record`, which is written to
+        metrics.jsonl afterwards."""
+        return "", {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task-private per-rank state saved with each checkpoint (e.g. a dedicated RNG)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def save_extra(self, tmp: Path) -> None:
+        """Write extra files into a checkpoint folder being assembled (all ranks call it)."""
+
+    def load_checkpoint(self, ckpt: Path, rank_state: dict[str, Any], step: int, log) -> bool:
+        """Load the engines from `ckpt`. True: exact resume (the loop then restores data, RNG and task
+        state); False: weights only (the task has logged what restarts)."""
+        from runtime.distributed import get_world_size
+
+        saved = int(rank_state.get("world_size", get_world_size()))
+        if saved != get_world_size():
+            raise ValueError(f"{ckpt} was written by {saved} ranks and this run has {get_world_size()}; "
+                             "resume with the same number of ranks")
+        for tag, engine in self.engines.items():
+            engine.load_checkpoint(str(ckpt), tag=tag)
+        return True
+
+    def finish(self, run_dir: Path, ckpts, trained: bool, log) -> None:
+        """End of the run (every rank): export and final reports. `trained` is False when this
+        invocation ran no step (a resume at the final step)."""
+
+
+def _batches(loader) -> Iterator[Any]:
+    """The loader's batches, restarting it whenever it runs out."""
+    while True:
+        yield from loader
+
+
+def run(cfg: RunConfig, build) -> dict[str, Any]:
+    """A whole run: start-up (process group, logging, config.json), `build(cfg, info, log) -> Task`, `fit`."""
+    import dataclasses
+
+    from runtime.run import start_run
+
+    resolved = dataclasses.asdict(cfg)
+    info, log = start_run(resolved, cfg.run_dir, cfg.seed)
+    return fit(cfg, build(cfg, info, log), info, log, resolved)
+
+
+def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) to `cfg.total_steps`; returns the last step's record."""
+    try:
+        return _fit(cfg, task, info, log, run_config)
+    except StopRun as e:
+        log.error(f"{e}; stopping, the last good checkpoint is kept")
+        sys.exit(3)
+
+
+def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
+    from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
+    from runtime.distributed import barrier, is_main_process
+    from runtime.log import MetricSink, Progress, format_line, memory_gb
+    from runtime.run import append_metrics, kill_self, truncate_metrics
+
+    run_dir = Path(cfg.run_dir)
+    ckpts = CheckpointManager(run_dir, cfg.keep_last)
+    step = 0
+    resume_from = ckpts.resolve(cfg.resume)
+    if resume_from is not None:
+        rank_state = ckpts.load_rank_state(resume_from)
+        step = int(ckpts.load_trainer_state(resume_from)["step"])
+        if task.load_checkpoint(resume_from, rank_state, step, log):
+            task.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+            task.load_state_dict(rank_state.get("task", rank_state))  # checkpoints before the shared loop: top level
+        log.info(f"resumed from {resume_from} at step {step}")
+    metrics_file = run_dir / "metrics.jsonl"
+    if is_main_process():
+        truncate_metrics(metrics_file, step)  # drop lines of steps that were lost with a crash
+    sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project)
+    progress = Progress(step, cfg.total_steps)
+    main_engine = next(iter(task.engines.values()))
+    kill = cfg.debug
+
+    def save(at: int) -> None:
+        def write(tmp: Path) -> None:
+            for i, (tag, engine) in enumerate(task.engines.items()):
+                engine.save_checkpoint(str(tmp), tag=tag)
+                if i == 0 and kill.kill_during_save and at == kill.kill_at_step:
+                    kill_self()
+            task.save_extra(tmp)
+        ckpts.save(at, write, {"data": task.loader.state_dict(), "rng": rng_state(), "world_size": info.world_size,
+                               "task": task.state_dict()},
+                   {"step": at, "config": run_config, "git_sha": git_sha()})
+        log.info(f"saved {step_name(at)}")
+
+    batches = _batches(task.loader)
+    last: dict[str, Any] = {}
+    bad_in_row = 0
+    while step < cfg.total_steps:
+        sums: dict[str, float] = {}
+        hashes, samples, tokens, micro = [], 0, 0, 0
+        while micro < cfg.grad_accum:
+            batch = next(batches)
+            out = task.forward(batch, step)
+            if step + 1 == kill.nan_at_step and micro == 0 and bad_in_row == 0:
+                out["loss"] = out["loss"] * float("nan")
+            if not finite_everywhere(out["loss"]):
+                bad = {k: v for k, v in scalars(out).items() if not math.isfinite(v)}
+                log.warning(f"step {step}: non-finite loss on some rank (here: {bad}); micro batch skipped on "
+                            "every rank")
+                bad_in_row += 1
+                if cfg.nan_policy == "stop" or bad_in_row >= MAX_BAD_IN_A_ROW:
+                    raise StopRun(f"{bad_in_row} non-finite micro batch(es) in a row (--nan-policy {cfg.nan_policy})")
+                continue
+            out.update(task.backward(out, batch, step))
+            bad_in_row = 0
+            for k, v in scalars(out).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n, t = task.count(batch)
+            samples, tokens = samples + n, tokens + t
+            hashes.append(task.batch_hash(batch))
+            micro += 1
+        step += 1
+        progress.update(samples * info.world_size, tokens * info.world_size)
+        record: dict[str, Any] = {"step": step, **{k: v / cfg.grad_accum for k, v in sums.items()}}
+        norm = main_engine.get_global_grad_norm()
+        record["grad_norm"] = float(norm) if norm is not None else 0.0
+        record["lr"] = float(main_engine.get_lr()[0])
+        task.after_step(step, record, batch, out)
+        record["data_hash"] = "".join(hashes)
+        if step % cfg.log_every == 0 or step == cfg.total_steps:
+            sps, tps, eta = progress.rates(step)
+            shown = {k: v for k, v in record.items() if isinstance(v, float)}
+            suffix, extra = task.on_log(step, record, tps)
+            line = format_line(step, cfg.total_steps, shown, sps, tps if tokens else None, memory_gb(info.device), eta)
+            for part in (line + suffix).split("\n"):
+                log.info(part)
+            sink.log({**shown, "samples_per_s": sps, **({"tokens_per_s": tps} if tokens else {}), **extra}, step)
+        if is_main_process():
+            append_metrics(metrics_file, record)
+        if step % cfg.save_every == 0 or step == cfg.total_steps:
+            save(step)
+        if step == kill.kill_at_step:
+            kill_self()
+        last = record
+    progress.close()
+    task.finish(run_dir, ckpts, bool(last), log)
+    barrier()
+    sink.close()
+    return last
