@@ -402,6 +402,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     o = cfg.optim
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=o.grad_clip, precision=cfg.precision)
+    log.info("precision: " + ("bf16 weights, fp32 master copies" if ds["bf16"]["enabled"] else "fp32"))
     model, text_tok = build_model(cfg, ds, log)
     model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,7 +1,9 @@
 """The MLLM trainer through the real `deepspeed` launcher on the demo data: ZeRO-3 on 2 CPU ranks (gloo),
-resume on 1 rank from a 2-rank checkpoint, the NaN guard, kill during a save. (Partitioning, kill -9 and exact
-resume, export, stage 2 from the export and generation from it: test_real_data_mllm.py.)"""
+resume on 1 rank from a 2-rank checkpoint; in bf16: the NaN guard, kill during a save, exact resume.
+(Partitioning, kill -9 and exact resume in fp32, export, stage 2 from the export and generation from
+it: test_real_data_mllm.py.)"""
 import json
+import re
 import subprocess
 import sys
 
@@ -58,16 +60,28 @@ def test_resume_on_one_rank_from_a_two_rank_checkpoint(tmp_path, assets):
     assert steps == [1, 2, 3] and (run / "latest").read_text() == "step-00000003"
 
 
-def test_nan_guard_then_kill_during_save_keeps_the_previous_checkpoint(tmp_path, assets):
+def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
+    """bf16 on CPU (DeepSpeed's bf16 section: bf16 weights, fp32 master copies), the NaN guard under
+    ZeRO-3, a kill -9 in the middle of a save, and a resume that replays the lost steps exactly."""
     run = tmp_path / "run"
-    p = deepspeed_module("mllm.train", _stage1(assets, run, "--no-export", "--debug.kill-at-step", "4",
+    bf16 = ("--precision", "bf16", "--no-export")
+    p = deepspeed_module("mllm.train", _stage1(assets, run, *bf16, "--debug.kill-at-step", "4",
                                                "--debug.kill-during-save", "--debug.nan-at-step", "2"), check=False)
     assert p.returncode != 0
-    # the NaN guard under ZeRO-3: step 2's first micro batch is dropped on both ranks, training goes on
+    assert "--precision bf16 on CPU: running bf16 for testing" in p.stdout + p.stderr
+    # the NaN guard: step 2's first micro batch is dropped on both ranks and training goes on
     log = (run / "log.txt").read_text()
+    assert "precision: bf16 weights, fp32 master copies" in log
     assert "step 1: non-finite loss on some rank (here: {'loss': nan})" in log, log[-2000:]
-    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4] and all(m["loss"] > 0 for m in _metrics(run))
+    # bf16 weights next to fp32 master copies: this rank's parameters take half the master's bytes
+    params, master = map(float, re.search(r"model-state MB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())
+    assert master > 0 and abs(2 * params - master) <= 0.02, (params, master)
+    before = _metrics(run)
+    assert [m["step"] for m in before] == [1, 2, 3, 4] and all(0 < m["loss"] < 100 for m in before)
     assert (run / "latest").read_text() == "step-00000002" and not (run / "step-00000004").exists()
-    deepspeed_module("mllm.train", _stage1(assets, run, "--no-export"))
-    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    deepspeed_module("mllm.train", _stage1(assets, run, *bf16))  # resumes at step 2, replays 3 and 4
+    after = _metrics(run)
+    assert [m["step"] for m in after] == [1, 2, 3, 4]
+    for x, y in zip(before, after):
+        assert x["data_hash"] == y["data_hash"] and x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
     assert (run / "latest").read_text() == "step-00000004" and not list(run.glob(".tmp-*"))

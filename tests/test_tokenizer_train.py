@@ -56,15 +56,21 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, shards):
+def test_bf16_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, shards):
+    """--precision bf16 on CPU (a bf16 autocast forward over fp32 weights), kill -9 in a save, exact replay."""
     run = tmp_path / "run"
-    p = deepspeed_module("unitok.train", _args(run, shards, "--debug.kill-at-step", "6", "--debug.kill-during-save"),
-                         check=False)
+    p = deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16", "--debug.kill-at-step", "6",
+                                               "--debug.kill-during-save"), check=False)
     assert p.returncode != 0
+    assert "--precision bf16 on CPU: running bf16 for testing" in p.stdout + p.stderr
+    assert "precision: bf16 autocast forward, fp32 weights and quantizer" in (run / "log.txt").read_text()
     assert (run / "latest").read_text() == "step-00000003"
     assert not (run / "step-00000006").exists()
-    deepspeed_module("unitok.train", _args(run, shards))  # resumes from step 3 and finishes
-    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+    before = _metrics(run)
+    deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16"))  # resumes from step 3 and finishes
+    after = _metrics(run)
+    assert [m["step"] for m in before] == [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
+    assert before == after  # every logged float, the batch hashes and the codebook usage
     assert (run / "latest").read_text() == "step-00000006" and not list(run.glob(".tmp-*"))
 
 

@@ -356,6 +356,8 @@ def build(cfg: TrainConfig, info, log):
     # bf16 for the tokenizer means fp32 weights under a bf16 autocast forward (its quantizer path must
     # see fp32 weights), which DeepSpeed calls torch_autocast.
     precision = "autocast" if resolve_precision(cfg.precision) == "bf16" else "fp32"
+    log.info("precision: " + ("bf16 autocast forward, fp32 weights and quantizer" if precision == "autocast"
+                              else "fp32"))
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.data.local_batch_size, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=cfg.optim.grad_clip, precision=precision)
     o = cfg.optim
