@@ -89,7 +89,8 @@ class MllmTrainConfig(RunConfig):
     gradient_checkpointing: bool | None = None
     """Activation checkpointing of the Llama layers; default: on with a GPU."""
     peak_tflops: float = 0.0
-    """Per-device peak TFLOP/s for MFU (0 = 989 on H100, 312 on A100, none on CPU)."""
+    """Per-device peak bf16 TFLOP/s for MFU (0 = from the device name: A100, H100, H200, GH200, B200,
+    L40S, L4; MFU is not shown on CPU or unknown devices)."""
     mllm: dict[str, int] = field(default_factory=dict)
     """Extra UniMLLMConfig fields for a new model, e.g. `--mllm depth_num_layers 3`."""
 
@@ -264,13 +265,30 @@ def flops_per_step(model, tokens: int, seq_len: int) -> float:
     return 6.0 * n * tokens + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len * tokens
 
 
-def peak_flops(cfg: MllmTrainConfig) -> float | None:
+# Dense bf16 tensor-core peak per device, TFLOP/s, from NVIDIA's data sheets (the "with sparsity" figures
+# halved). Matched in order against torch.cuda.get_device_name(), so specific names come first.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+)
+
+
+def peak_flops(cfg: MllmTrainConfig, device_name: str | None = None) -> float | None:
+    """Peak FLOP/s of one device for MFU: --peak-tflops, else the table above; None (MFU unknown) on CPU
+    or on a device the table does not know (one warning naming it)."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops * 1e12
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return 989e12 if ("H100" in name or "H200" in name) else 312e12
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12
+    from runtime.distributed import warn_once
+
+    warn_once(f"MFU unknown: no peak FLOP/s for {device_name!r}; pass --peak-tflops")
+    return None
 
 
 class MllmTask(Task):

@@ -145,3 +145,46 @@ def test_help_parser_sees_duplicates_and_wrong_defaults():
         rows = help_rows(text)
         assert [split_row(r)[0] for r in rows] == [["-h", "--help"], ["--seed"], ["--seed"]]
         assert split_row(rows[2])[1].startswith("Seed again. (default: 1)")
+
+
+def _help(module: str, argv: list[str], capsys) -> dict[str, str]:
+    """{--flag: help text and default} of a command line's --help (each flag listed once)."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).main([*argv, "--help"])
+    assert e.value.code in (0, None)
+    parsed = [split_row(r) for r in help_rows(capsys.readouterr().out)]
+    flags = [fl for fls, _ in parsed for fl in fls]
+    assert len(flags) == len(set(flags)), f"{module}: an option is listed twice: {sorted(flags)}"
+    return {fls[0]: rest for fls, rest in parsed if fls[0] != "-h"}
+
+
+def test_trainers_share_the_loop_flags_with_one_meaning(capsys, monkeypatch):
+    """Every flag of runtime/loop.py's RunConfig, --optim.* and --debug.* exists in both trainers with the
+    same help text; each trainer shows its own defaults, which are its config's."""
+    from mllm.train import MllmTrainConfig
+    from runtime.loop import DebugConfig, RunConfig
+    from runtime.optim import OptimConfig
+    from unitok.train import TrainConfig, parse_config
+
+    monkeypatch.setenv("COLUMNS", "90")  # narrow enough that tyro stacks the option groups in one column
+    tok, mllm = _help("unitok.train", ["--preset", "debug"], capsys), _help("mllm.train", [], capsys)
+    shared = {f"--{f.name.replace('_', '-')}": f.name for f in dataclasses.fields(RunConfig) if f.name != "debug"}
+    shared["--export"] = shared.pop("--export")  # a switch: listed as "--export, --no-export"
+    shared.update({f"--optim.{f.name.replace('_', '-')}": f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)})
+    shared.update({f"--debug.{f.name.replace('_', '-')}": f"debug.{f.name}" for f in dataclasses.fields(DebugConfig)})
+    redeclared = {"--run-dir", "--ds-config", "--optim.lr"}  # help names the trainer's own folder / configs / rate
+    tok_default, mllm_default = parse_config(["--preset", "debug", "--gan.no-enabled", "--loss.lpips", "0"]), MllmTrainConfig()
+    assert isinstance(tok_default, TrainConfig)
+    for flag, path in shared.items():
+        assert flag in tok and flag in mllm, flag
+        texts = [re.sub(r"\s*\(default: .*\)$", "", rows[flag]) for rows in (tok, mllm)]
+        assert texts[0] and (texts[0] == texts[1] or flag in redeclared), (flag, texts)
+        for rows, cfg in ((tok, tok_default), (mllm, mllm_default)):
+            value = cfg
+            for part in path.split("."):
+                value = getattr(value, part)
+            if flag == "--export":
+                continue
+            shown_default = re.search(r"\(default: (.*)\)$", rows[flag]).group(1)
+            assert " ".join(shown_default.split()) == shown(value), (flag, shown_default, value)
+    assert "--kill-at-step" not in mllm and "--lr" not in mllm and "--warmup-ratio" not in mllm

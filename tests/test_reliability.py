@@ -96,3 +96,15 @@ def test_nan_loss_is_skipped_and_reported(tmp_path):
     p2 = subprocess.run(cmd2, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=300)
     assert p2.returncode == 3
     assert (run2 / "latest").read_text() == "step-00000001"
+
+
+def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):
+    from mllm.train import MllmTrainConfig, peak_flops
+
+    cfg = MllmTrainConfig()
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12, "NVIDIA L4": 121e12}
+    assert {n: peak_flops(cfg, n) for n in names} == names
+    assert peak_flops(cfg, "NVIDIA GeForce RTX 9999") is None  # unknown: no guessed MFU ...
+    assert any("RTX 9999" in str(w.message) and "--peak-tflops" in str(w.message) for w in recwarn)  # ... said once
+    assert peak_flops(MllmTrainConfig(peak_tflops=100.0), "NVIDIA GeForce RTX 9999") == 100e12
