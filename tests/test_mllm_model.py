@@ -1,4 +1,6 @@
 """The unified MLLM on a tiny config: parity, causality, depth head, losses, checkpoints, generation."""
+import sys
+
 import pytest
 import torch
 
@@ -194,7 +196,33 @@ def test_seeded_sampling_is_reproducible_and_cfg1_is_conditional(model):
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_packed_rows_do_not_attend_across_samples(model):
+def test_attention_implementation_selection(monkeypatch):
+    """flash_attention_2 when flash-attn imports and a GPU is present; otherwise SDPA, with one warning."""
+    import types
+    import warnings
+
+    from mllm.modeling.modeling import default_attn_implementation
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_attn_implementation() == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(default_attn_implementation, "_warned", False, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert default_attn_implementation() == "sdpa"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed: the import fails
+        assert default_attn_implementation() == "sdpa"
+    assert [str(w.message) for w in caught] == ["flash-attn is not available: using PyTorch SDPA attention"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # the two implementations that run on CPU
+def test_packed_rows_do_not_attend_across_samples(model, attn):
+    """A packed row (position ids restarting per sample, no mask: the layout flash-attention's varlen
+    path reads on a GPU) gives each sample exactly the logits it has alone."""
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
     samples = [Sample([1, 10, IMG, 11], [-100, 10, -100, 11], [_codes(4)], [True]),
                Sample([1, 20, 21, 22, 23], [-100, 20, 21, 22, 23]),
                Sample([1, IMG, 30], [-100, -100, 30], [_codes(5, 1, 1)], [False])]
