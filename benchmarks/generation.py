@@ -1,8 +1,11 @@
-"""Generation speed: cached text-to-image loop vs the naive loop, and answer tokens/s.
+"""Generation speed: cached text-to-image loop vs the naive loop, and answer tokens/s vs transformers.
 
 The naive loop re-embeds and re-runs the whole prefix at every position and runs the depth head
 without a cache (`mllm.generate.reference_generate_images`); the cached loop keeps LLM, depth-head
 and embedder KV caches. Both use greedy decoding, and the table says whether their codes match.
+Answering (`mllm.generate.answer`) runs beside transformers' own `LlamaForCausalLM.generate` on the
+same Llama weights and prompts (greedy, KV cache, the same number of new tokens), each timed after a
+warm-up call; the table says whether the tokens are the same.
 
     python benchmarks/generation.py [--grid 16] [--presets debug small]
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mllm import UniMLLMConfig, UniMLLMForCausalLM  # noqa: E402
@@ -37,6 +41,15 @@ def build(name: str) -> UniMLLMForCausalLM:
     torch.manual_seed(0)
     cfg = UniMLLMConfig(**PRESETS[name], max_position_embeddings=2048, pad_token_id=0, attn_implementation="sdpa")
     return UniMLLMForCausalLM(cfg).eval()
+
+
+def llama_of(model: UniMLLMForCausalLM) -> LlamaForCausalLM:
+    """transformers' own LlamaForCausalLM holding the same Llama weights (no embedder, no depth head)."""
+    base = {k: v for k, v in model.config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    hf = LlamaForCausalLM(LlamaConfig(**base, attn_implementation="sdpa")).eval()
+    missing, _ = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not missing, missing
+    return hf
 
 
 def timeit(fn):
@@ -79,15 +92,25 @@ def main(argv: list[str] | None = None) -> None:
         slow, t_slow = timeit(lambda: reference_generate_images(model, prompts, grid, null_ids=null, cfg_scale=3.0,
                                                                 sampling=greedy))
         qs = [Sample([1] + list(range(50, 80)), [-100] * 31) for _ in range(a.batch)]
-        toks, t_ans = timeit(lambda: answer(model, qs, max_new_tokens=a.answer_tokens, stop_ids=set()))
-        rows.append((name, L / t_fast, L / t_slow, t_slow / t_fast, torch.equal(fast, slow),
-                     sum(len(r) for r in toks) / t_ans))
+        ours = lambda: answer(model, qs, max_new_tokens=a.answer_tokens, stop_ids=set())  # noqa: E731
+        ours()
+        toks, t_ans = timeit(ours)
+        hf = llama_of(model)
+        ids = torch.tensor([q.input_ids for q in qs])
+        theirs = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,  # noqa: E731
+                                     max_new_tokens=a.answer_tokens, min_new_tokens=a.answer_tokens)
+        theirs()
+        ref, t_hf = timeit(theirs)
+        n = sum(len(r) for r in toks)
+        rows.append((name, L / t_fast, L / t_slow, t_slow / t_fast, torch.equal(fast, slow), n / t_ans,
+                     ref[:, ids.shape[1]:].numel() / t_hf, ref[:, ids.shape[1]:].tolist() == toks))
     print(f"# machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch {a.batch}, {a.grid}x{a.grid} positions, CFG 3.0 (2x rows), greedy")
-    print("| preset | cached positions/s | naive positions/s | speed-up | identical codes | answer tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | cached positions/s | naive positions/s | speed-up | identical codes | answer tokens/s | "
+          "transformers generate tokens/s | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f}x | {r[4]} | {r[5]:.1f} |")
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.1f}x | {r[4]} | {r[5]:.1f} | {r[6]:.1f} | {r[7]} |")
 
 
 if __name__ == "__main__":

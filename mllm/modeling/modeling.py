@@ -109,6 +109,11 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
             # Packed rows: transformers builds the block-diagonal causal mask from restarting position
             # ids only when no cache is in play, so do not let it create one implicitly.
             use_cache = False
+        if inputs_embeds is None and cache is not None and cache.get_seq_length() > 0 and not has_images(image_codes):
+            # A cached decoding step of text: every rank decodes in lockstep (generate.py's `synced`), so
+            # skipping the embedder's dummy call here keeps the collectives equal on all ranks, and
+            # `embeds + 0 * dummy` is exactly `embeds`; it saves the visual embedder on every new token.
+            inputs_embeds = self.model.embed_tokens(input_ids.clamp_min(0))
         if inputs_embeds is None:
             inputs_embeds = self.build_inputs_embeds(input_ids, image_codes, image_lens, image_starts)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
