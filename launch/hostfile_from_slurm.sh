@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Write a deepspeed hostfile for the current SLURM allocation and print its path.
-#   export HOSTFILE=$(bash launch/hostfile_from_slurm.sh) MASTER_ADDR=$(scontrol show hostnames | head -1)
+# Write a deepspeed hostfile for the current SLURM allocation ("host slots=N" per node) and print its path.
+#   export HOSTFILE=$(bash launch/hostfile_from_slurm.sh) MASTER_ADDR=$(head -1 "$HOSTFILE" | cut -d' ' -f1)
+# Slots: SLURM_GPUS_ON_NODE, else SLURM_NTASKS_PER_NODE. Uses scontrol when present, else reads the
+# compressed node list itself (runtime/slurm.py, standard library only). Optional argument: the file.
 set -euo pipefail
-out=${1:-${TMPDIR:-/tmp}/hostfile.$SLURM_JOB_ID}
-scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=${SLURM_GPUS_ON_NODE:-8}/" > "$out"
-echo "$out"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m runtime.slurm ${1:+--out "$1"}

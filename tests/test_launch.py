@@ -1,5 +1,8 @@
 """runtime.launch: the job environment, the command lines and the /dev/shm leak check, on trivial jobs."""
+import os
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +66,54 @@ def test_run_logged_appends_the_command_and_echoes_the_output(tmp_path):
     lines = (tmp_path / "logs" / "job.log").read_text().splitlines()
     assert lines[0] == lines[2] == f"$ {shlex.join(cmd)}"
     assert lines[1] == lines[3] == f"port {port}" and seen == [f"port {port}\n"]
+
+
+# ---- SLURM hostfiles (launch/hostfile_from_slurm.sh -> runtime/slurm.py) ----------------------------
+@pytest.mark.parametrize("spec,hosts", [
+    ("node[01-03,07]", ["node01", "node02", "node03", "node07"]),
+    ("gpu-a[1-2],gpu-b5", ["gpu-a1", "gpu-a2", "gpu-b5"]),
+    ("rack[1-2]-n[08-09]", ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]),
+    ("login1", ["login1"]),
+    ("a[9-11],b", ["a9", "a10", "a11", "b"]),
+])
+def test_slurm_node_lists_expand_like_scontrol(spec, hosts):
+    from runtime.slurm import expand_nodelist
+
+    assert expand_nodelist(spec) == hosts
+
+
+@pytest.mark.parametrize("spec", ["node[01-03", "node]1[", "node[3-1]", "node[a-b]"])
+def test_bad_slurm_node_lists_are_refused(spec):
+    from runtime.slurm import expand_nodelist
+
+    with pytest.raises(ValueError, match="host list"):
+        expand_nodelist(spec)
+
+
+def _hostfile_script(tmp_path, env_extra: dict[str, str], path_dirs: list[str]):
+    env = {"PATH": os.pathsep.join(path_dirs), "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "77", **env_extra}
+    return subprocess.run(["bash", str(ROOT / "launch/hostfile_from_slurm.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_hostfile_from_slurm_without_and_with_scontrol(tmp_path):
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    for tool in ("bash", "dirname", "python3"):  # a PATH without scontrol
+        (bins / tool).symlink_to(shutil.which(tool) if tool != "python3" else sys.executable)
+    p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "node[01-03,07]", "SLURM_GPUS_ON_NODE": "4"}, [str(bins)])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(tmp_path / "hostfile.77")
+    assert (tmp_path / "hostfile.77").read_text() == "".join(f"node0{i} slots=4\n" for i in (1, 2, 3, 7))
+    p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "gpu-a[1-2],gpu-b5", "SLURM_NTASKS_PER_NODE": "2"},
+                         [str(bins)])
+    assert (tmp_path / "hostfile.77").read_text() == "gpu-a1 slots=2\ngpu-a2 slots=2\ngpu-b5 slots=2\n"
+    p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "n[1-2]"}, [str(bins)])
+    assert p.returncode != 0 and "SLURM_GPUS_ON_NODE" in p.stderr and "SLURM_NTASKS_PER_NODE" in p.stderr
+    # when scontrol exists it is the authority
+    (bins / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'x1\\nx2\\n'\n")
+    (bins / "scontrol").chmod(0o755)
+    (bins / "sh").symlink_to(shutil.which("sh"))
+    p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8"}, [str(bins)])
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "hostfile.77").read_text() == "x1 slots=8\nx2 slots=8\n"
