@@ -56,7 +56,7 @@ class RunConfig:
     ds_config: str = "zero2"
     """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU. bf16 without a GPU runs fp32 (one warning)."""
+    """auto: bf16 on GPU, fp32 on CPU. An explicit bf16 runs bf16 on CPU too, for testing (one warning)."""
     seed: int = 0
     """Base seed (each rank uses seed + rank)."""
     resume: str = "auto"

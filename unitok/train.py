@@ -158,6 +158,9 @@ class TokenizerTask(Task):
         self.cfg, self.engine, self.disc_engine, self.loader = cfg, engine, disc_engine, loader
         self.engines = {"tokenizer": engine, **({"disc": disc_engine} if disc_engine is not None else {})}
         self.perceptual, self.contrastive, self.diffaug = perceptual, contrastive, diffaug
+        from runtime.ds_config import resolve_precision
+
+        self.bf16 = resolve_precision(cfg.precision) == "bf16"
         self._last_conv_input: torch.Tensor | None = None
         # The GAN's randomness (DiffAug, discriminator crops) has its own generator, saved with each
         # checkpoint: library code (e.g. a DataLoader iterator) also draws from the global RNG, and a
@@ -189,11 +192,8 @@ class TokenizerTask(Task):
         return self.engine.module
 
     def autocast(self):
-        """bf16 autocast when the run uses bf16 (`--precision`, resolved once), else a no-op context."""
-        from runtime.ds_config import resolve_precision
-
-        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16,
-                              enabled=resolve_precision(self.cfg.precision) == "bf16")
+        """bf16 autocast when the run uses bf16 (`--precision`, resolved once at start-up), else a no-op."""
+        return torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def gan_state(self, step: int):
         from unitok.losses import gan_schedule
