@@ -63,32 +63,29 @@ def init_distributed(seed: int = 0, timeout_min: int = 30) -> DistInfo:
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if backend == "gloo":
-        _unlink_shm_workspace(rank, world)
+        _skip_shm_allreduce_op()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     seed_everything(seed + rank)
     return DistInfo(rank, world, local, device, backend)
 
 
-def _unlink_shm_workspace(rank: int, world: int) -> None:
-    """Remove the name of DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+def _skip_shm_allreduce_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce op.
 
-    DeepSpeed's shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp, used when every rank
-    is on one node, LOCAL_SIZE == WORLD_SIZE) creates one 69 MB /dev/shm file per rank and never
-    unlinks it: each CPU run, finished or killed, left world_size x 69 MB of RAM behind until
-    reboot, and a test suite's worth filled a 24 GiB machine until the OOM killer stopped a run.
-    `shm_initialize` returns only after a rank has mapped all its peers' files, so after a barrier
-    the names are no longer needed; the mappings live on until the processes exit.
+    DeepSpeed's comm layer JIT-compiles `deepspeed_shm_comm` (deepspeed/ops/csrc/cpu/comm/shm.cpp)
+    on CPU and calls it only from `inference_all_reduce` (tensor-parallel inference), which nothing
+    here uses: training and ZeRO-3 collectives go through torch.distributed (gloo). Building it cost
+    about 45 s of C++ compilation per fresh cache (twice on a clean CI machine: the multi-node launch
+    builds with another command line), needed a compiler on users' CPU machines, and its start-up
+    left one 69 MB /dev/shm file per rank that it never unlinks (a suite's worth filled a 24 GiB
+    machine). `deepspeed.ops.__compatible_ops__` is computed once per process and kept in the module
+    (deepspeed/ops/__init__.py says edits to it persist); marking the op incompatible makes
+    `build_shm_op()` return None, and the comm layer then falls back to torch.distributed.
     """
-    if _env_int("LOCAL_SIZE") != world:
-        return
-    dist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:
-        pass
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _free_port() -> int:

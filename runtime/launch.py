@@ -1,10 +1,11 @@
 """Start jobs through the real launchers (deepspeed, torchrun) and check what they leave behind.
 
 The tests, the demo and the ablation grid all launch here, so every launch gets the same command
-line, environment and leak check. DeepSpeed's CPU all-reduce creates one 69 MB /dev/shm workspace
-per rank whose name holds the job's master port (`deepspeed_allreduce_buffer_*_{port}_*`);
-runtime.distributed unlinks it after init. A workspace still there when a job ends is removed and
-then reported as an error, so that one faulty run cannot fill the machine's RAM for the runs after it.
+line, environment and leak check. DeepSpeed's CPU shared-memory all-reduce op creates one 69 MB
+/dev/shm workspace per rank whose name holds the job's master port
+(`deepspeed_allreduce_buffer_*_{port}_*`) and never removes it; runtime.distributed keeps that op
+from starting. A workspace found when a job ends is removed and then reported as an error, so that
+one faulty run cannot fill the machine's RAM for the runs after it.
 
     port = free_port()
     run_logged(deepspeed_cmd("unitok.train", args, 2, port), port, "train.log")   # output to a log file
@@ -94,7 +95,7 @@ def _raise_on_failure(what: str, returncode: int, output: Callable[[], str], lea
         raise RuntimeError(f"{what} failed with exit code {returncode}{also}\n{output()}")
     if leaked:
         raise RuntimeError(f"{what} left {leaked} in /dev/shm (removed now): DeepSpeed's CPU all-reduce "
-                           "workspace must be unlinked after init (runtime.distributed)")
+                           "shared-memory op must not start (runtime.distributed._skip_shm_allreduce_op)")
 
 
 def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, check: bool = True,

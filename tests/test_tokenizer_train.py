@@ -171,10 +171,7 @@ def test_two_nodes_without_ssh_then_resume_on_one_node(tmp_path, shards):
     args = _args(run, shards, "--gan.no-enabled", "--loss.lpips", "0", "--total-steps", "4", "--save-every", "2")
     port = free_port()
     env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HOSTFILE": str(hostfile), "NNODES": "2", "NGPU": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           # DeepSpeed JIT-builds its shm comm op with another command line in multi-node mode (seen in
-           # torch_extensions' .ninja_log): a cache of its own avoids two ~50 s rebuilds of the shared one
-           "TORCH_EXTENSIONS_DIR": str(ROOT / ".venv" / "torch_extensions_multinode")}
+           "HOSTFILE": str(hostfile), "NNODES": "2", "NGPU": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     nodes = [subprocess.Popen(["bash", str(ROOT / "launch/tokenizer.sh"), *args, "--debug.kill-at-step", "3"],
                               cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
