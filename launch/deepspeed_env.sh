@@ -6,7 +6,11 @@
 #   NODE_RANK    set it to start one launcher per node without ssh (DeepSpeed's --no_ssh): run the same
 #                command on every node with the same HOSTFILE, NODE_RANK=0..N-1 and node 0's MASTER_ADDR.
 #                Unset: the launcher on node 0 starts the other nodes over ssh/pdsh.
-# CPU-only machines: DS_ACCELERATOR=cpu.
+# CPU-only machines: DS_ACCELERATOR=cpu. SLURM: launch/slurm.sbatch runs any launch/*.sh this way.
+# Failures: a rank that dies (kill -9, OOM, a crash) makes the others fail in their next collective and
+# every launcher exits, so the whole job stops. A node that drops off the network without closing its
+# connections is noticed after the trainers' --dist-timeout-min (default 30); extraction and packing
+# wait up to --barrier-timeout-min (default 24 h) at their final barrier, where ranks may end hours apart.
 ds_launch() {
     local port=$1
     shift

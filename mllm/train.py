@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import torch
 
-from runtime.loop import RunConfig, Task, run, strip_launcher_args
+from runtime.cli import strip_launcher_args
+from runtime.loop import RunConfig, Task, run
 from runtime.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[1]

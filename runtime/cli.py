@@ -8,8 +8,10 @@ are refused by the config's `__post_init__` through `refuse_changed`, which name
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
+import sys
 from typing import Any, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -25,6 +27,13 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     kw: dict[str, Any] = {} if default is None else {"default": default}
     return tyro.cli(cls, args=argv, prog=prog, description=description,
                     config=(tyro.conf.FlagCreatePairsOff,), **kw)
+
+
+def strip_launcher_args(argv: list[str] | None) -> list[str]:
+    """Drop `--local_rank=N`, which the deepspeed launcher appends (the environment carries it too)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--local_rank", "--local-rank", type=int)
+    return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[1]
 
 
 def flag(path: str) -> str:

@@ -43,8 +43,9 @@ def launcher_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def init_distributed(seed: int = 0, timeout_min: int = 30) -> DistInfo:
-    """Initialise the process group once (idempotent) and seed `seed + rank`."""
+def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
+    """Initialise the process group once (idempotent) and seed `seed + rank`; collectives (and the
+    rendezvous) fail after `timeout_min` minutes without the missing rank."""
     rank, world, local = launcher_env()
     if torch.cuda.is_available():
         backend, device = "nccl", torch.device("cuda", local % torch.cuda.device_count())
@@ -86,6 +87,46 @@ def _skip_shm_allreduce_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def job_barrier(world: int, timeout_min: float) -> None:
+    """Barrier of a file-writing job whose ranks need no collective before their work ends (extraction,
+    image packing). The gloo group is created at the first call, after each rank's own work, so both the
+    rendezvous and the barrier wait up to `timeout_min` for the slowest rank (ranks may finish hours
+    apart; torch's default 30 minutes would fail a job that is only uneven). gloo: the group carries no
+    tensors, and works on CPU and GPU nodes alike."""
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
+        dist.barrier()
+
+
+def end_job() -> None:
+    """Tear down the group a job_barrier created (call after the last barrier)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_layout() -> str:
+    """Where every rank runs, gathered on all ranks: "node 0 (host a): ranks [0, 1] local [0, 1]; node 1 ...".
+
+    The node index is the launcher's (DeepSpeed CROSS_RANK, torchrun GROUP_RANK, SLURM_NODEID), so a
+    multi-node launch can be checked from rank 0's log alone; alone: one node.
+    """
+    import socket
+
+    node = _env_int("CROSS_RANK", "GROUP_RANK", "SLURM_NODEID", default=0)
+    me = (node, socket.gethostname(), get_rank(), _env_int("LOCAL_RANK", default=0))
+    everyone = [me]
+    if get_world_size() > 1:
+        everyone = [None] * get_world_size()
+        dist.all_gather_object(everyone, me)
+    parts = []
+    for n in sorted({e[0] for e in everyone}):
+        mine = sorted((e for e in everyone if e[0] == n), key=lambda e: e[2])
+        hosts = ",".join(sorted({e[1] for e in mine}))
+        parts.append(f"node {n} (host {hosts}): ranks {[e[2] for e in mine]} local {[e[3] for e in mine]}")
+    return "; ".join(parts)
 
 
 def _free_port() -> int:

@@ -171,3 +171,55 @@ def torchrun_module(module: str, args: list[str], num_ranks: int = 2, timeout: f
     """`torchrun --nproc_per_node N -m MODULE ARGS` on CPU ranks (`ds_env()`); output captured."""
     port = free_port()
     return run_captured(torchrun_cmd(module, args, num_ranks, port), port, timeout=timeout, check=check)
+
+
+class NodeLaunch:
+    """launch/SCRIPT started once per simulated node on this machine: DeepSpeed's no-ssh multi-node mode
+    (the same hostfile, NODE_RANK=0..N-1, 127.0.0.1 as node 0), each node one launcher process."""
+
+    def __init__(self, script: str, args: Sequence[str], workdir: Path, nodes: int = 2, ranks_per_node: int = 1):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.hostfile = workdir / "hostfile"
+        self.hostfile.write_text("".join(f"node-{chr(97 + n)} slots={ranks_per_node}\n" for n in range(nodes)))
+        self.port = free_port()
+        env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "HOSTFILE": str(self.hostfile), "NNODES": str(nodes), "NGPU": str(ranks_per_node),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(self.port)}
+        self.procs = [subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT,
+                                       env={**env, "NODE_RANK": str(n)}, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True) for n in range(nodes)]
+
+    def rank_pids(self, node: int) -> list[int]:
+        """The rank processes node `node`'s launcher started (the launcher's python descendants below it)."""
+        import psutil
+
+        kids = psutil.Process(self.procs[node].pid).children(recursive=True)
+        return [k.pid for k in kids if "--local_rank" in " ".join(k.cmdline())]
+
+    def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
+        """(exit code, output) per node; on a timeout every process is killed and TimeoutExpired raised.
+        A leaked /dev/shm workspace raises after it is removed."""
+        try:
+            outs = [p.communicate(timeout=timeout)[0] for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        finally:
+            leaked = _sweep_shm(self.port)
+        _raise_on_failure("multi-node launch", 0, lambda: "", leaked)
+        return [(p.returncode, out) for p, out in zip(self.procs, outs)]
+
+    def kill(self) -> None:
+        """kill -9 every launcher and rank of every node."""
+        import psutil
+
+        for p in self.procs:
+            try:
+                victims = [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]
+            except psutil.NoSuchProcess:
+                continue
+            for v in victims:
+                try:
+                    v.kill()
+                except psutil.NoSuchProcess:
+                    pass

@@ -19,7 +19,6 @@ The task interface is the `Task` base class below.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from dataclasses import dataclass, field
@@ -73,20 +72,17 @@ class RunConfig:
     """On a non-finite loss: skip that micro batch on all ranks, or stop the run (exit code 3)."""
     export: bool = True
     """Write run_dir/export at the end."""
+    dist_timeout_min: float = 30.0
+    """Minutes a collective waits for a missing rank before the run fails (the process-group timeout).
+    A rank that dies is noticed at once (its connections close) and stops the job; a node that drops off
+    the network is noticed only after this."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection for tests."""
 
     def __post_init__(self):
-        for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every"):
+        for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every", "dist_timeout_min"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-
-
-def strip_launcher_args(argv: list[str] | None) -> list[str]:
-    """Drop `--local_rank=N`, which the deepspeed launcher appends (the environment carries it too)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--local_rank", "--local-rank", type=int)
-    return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[1]
 
 
 class StopRun(RuntimeError):
@@ -187,7 +183,7 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     from runtime.run import start_run
 
     resolved = dataclasses.asdict(cfg)
-    info, log = start_run(resolved, cfg.run_dir, cfg.seed)
+    info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
     return fit(cfg, build(cfg, info, log), info, log, resolved)
 
 

@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 
 
-def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int):
+def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int, timeout_min: float):
     """init_distributed + rank-0 logging + the resolved config and git SHA in run_dir/config.json."""
     from runtime.checkpoint import git_sha
-    from runtime.distributed import init_distributed, is_main_process
+    from runtime.distributed import init_distributed, is_main_process, rank_layout
     from runtime.log import setup_logging
 
-    info = init_distributed(seed)
+    info = init_distributed(seed, timeout_min)
+    layout = rank_layout()
     log = setup_logging(run_dir)
+    log.info("ranks: %s", layout)
     if is_main_process():
         Path(run_dir, "config.json").write_text(json.dumps({"config": config, "git_sha": git_sha()}, indent=2))
     return info, log

@@ -22,6 +22,8 @@ CLIS = [
     ("mllm.evaluate.cli", ["--task", "geneval-export"], "mllm.evaluate.cli:GenEvalExportConfig"),
     ("mllm.data.pack_images", [], "mllm.data.pack_images:PackConfig"),
     ("mllm.data.sources", ["split-json"], "mllm.data.sources:SplitJsonConfig"),
+    ("runtime.weights", ["fetch"], "runtime.weights:FetchConfig"),
+    ("runtime.weights", ["list"], "runtime.weights:ListConfig"),
     ("mllm.modeling.official", [], "mllm.modeling.official:ImportConfig"),
     ("unitok.extract", [], "unitok.extract:ExtractConfig"),
     ("unitok.evaluate", [], "unitok.evaluate:TokenizerEvalConfig"),

@@ -1,5 +1,5 @@
-"""unitok.extract and unitok.image_io: decoding of real-photo variants, preprocessing, one real 2-rank
-torchrun extraction over copies of every public input layout (img2dataset webdataset / parquet / files,
+"""unitok.extract and unitok.image_io: decoding of real-photo variants, preprocessing, one real extraction
+on two simulated nodes (launch/extract.sh, DeepSpeed's no-ssh mode) over copies of every public input layout (img2dataset webdataset / parquet / files,
 hub parquet, JourneyDB jsonl), exact skip counts, resumable reruns, refused mixing, and codes identical
 to the chat engine's."""
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from PIL import Image
 
 import public_formats as pf
 from real_data import BROKEN, DECODABLE, caption_for, image_variants
-from runtime.launch import torchrun_module
 from unitok.image_io import PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input
 
 SIZE = 32  # the debug preset's img_size: the default --size
@@ -173,17 +171,17 @@ def formats(tmp_path_factory):
             "jdb_names": names, "args": args}
 
 
-def run_torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    return torchrun_module("unitok.extract", args, check=False)
-
-
 @pytest.fixture(scope="module")
 def extracted(formats):
-    """ONE 2-rank understanding-mode extraction over all layouts (no --size: the tokenizer's 32 px)."""
+    """ONE understanding-mode extraction over all layouts (no --size: the tokenizer's 32 px) on two nodes of
+    one rank each: launch/extract.sh started once per node (DeepSpeed's no-ssh mode) -> (out, log)."""
+    from runtime.launch import NodeLaunch
+
     out = formats["root"] / "codes"
-    proc = run_torchrun([*formats["args"], "--output", str(out)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    nodes = NodeLaunch("extract.sh", [*formats["args"], "--output", str(out)], formats["root"] / "nodes").wait()
+    for code, log in nodes:
+        assert code == 0, log[-3000:]
+    return out, "\n".join(log for _, log in nodes)
 
 
 EXPECTED = {  # output shard -> counts (understanding mode keeps wide / tall; 2 broken files per 15 variants)
@@ -204,10 +202,11 @@ def _counts(d: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_two_rank_extraction_of_every_public_layout(formats, extracted):
+def test_two_node_extraction_of_every_public_layout(formats, extracted):
     from unitok import load_tokenizer
 
-    out, proc = extracted
+    out, log = extracted
+    assert "node_rank=0" in log and "node_rank=1" in log and "{'node-a': [0], 'node-b': [1]}" in log
     raw = formats["raw"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert {n: _counts(s) for n, s in manifest["shards"].items()} == EXPECTED
@@ -232,8 +231,8 @@ def test_two_rank_extraction_of_every_public_layout(formats, extracted):
     assert manifest["examples"]["corrupt_members"] == [f"{jl}:record 000000016"]
     assert manifest["examples"]["no_image"] == [f"{raw}/laion/00002.parquet:000020008",
                                                 f"{raw}/laion/00003.parquet:000030007", f"{jl}:000000017"]
-    assert f"{raw}/coyo/00001.tar:000010005 skipped (undecodable)" in proc.stderr
-    assert f"{jl}:000000015 skipped (missing_file): no such file" in proc.stderr
+    assert f"{raw}/coyo/00001.tar:000010005 skipped (undecodable)" in log
+    assert f"{jl}:000000015 skipped (missing_file): no such file" in log
 
     # every kept sample: codes exactly as image_io + the tokenizer give them, metadata per layout
     model = load_tokenizer(formats["root"] / "tok")

@@ -117,3 +117,28 @@ def test_hostfile_from_slurm_without_and_with_scontrol(tmp_path):
     p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8"}, [str(bins)])
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "hostfile.77").read_text() == "x1 slots=8\nx2 slots=8\n"
+
+
+def test_sbatch_example_starts_one_launcher_per_node(tmp_path):
+    """launch/slurm.sbatch under a stand-in srun that runs its command once per node, as srun does with
+    SLURM_NODEID set: each node gets the same hostfile, its NODE_RANK, node 0 as master and its slots."""
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                               'for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i "$@"; done\n')
+    stub = tmp_path / "stub.sh"  # stands for launch/mllm_stage1.sh: prints what deepspeed_env.sh would read
+    stub.write_text('echo "node=$NODE_RANK nnodes=$NNODES ngpu=$NGPU master=$MASTER_ADDR:$MASTER_PORT '
+                    'hosts=$(cut -d" " -f1 "$HOSTFILE" | paste -sd,) args=$*"\n')
+    for f in (bins / "srun", stub):
+        f.chmod(0o755)
+    env = {"PATH": f"{bins}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_SUBMIT_DIR": str(ROOT),
+           "SLURM_JOB_NODELIST": "gpu-a[1-2],gpu-b5", "SLURM_GPUS_ON_NODE": "4"}
+    p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), str(stub), "--run-dir", "runs/x"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [f"node={i} nnodes=3 ngpu=4 master=gpu-a1:24242 hosts=gpu-a1,gpu-a2,gpu-b5 "
+                                     "args=--run-dir runs/x" for i in range(3)]
+    p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), str(stub)], env={"PATH": env["PATH"]},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "run this under sbatch" in p.stderr

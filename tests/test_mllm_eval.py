@@ -2,6 +2,7 @@
 runners end-to-end on tiny fake benchmark folders with a tiny random model (answers are garbage; the
 plumbing, files and the scores' consistency with the written predictions are what is checked)."""
 import json
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -14,7 +15,7 @@ from mllm.evaluate import (binary_metrics, evalai_normalize, genai_import, genev
                            normalize_gqa, parse_mme, parse_yes_no, score_gqa, score_mme, score_pope, score_textvqa,
                            score_vqav2, soft_accuracy, subtask_score, textvqa_accuracy, vqav2_accuracy)
 from mllm.evaluate.cli import main as eval_main
-from runtime.launch import torchrun_module
+from runtime.launch import NodeLaunch
 
 
 # ---- VQA normalisation and soft accuracy ---------------------------------------------------------
@@ -385,17 +386,22 @@ def test_generation_tasks(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_shard_and_only_rank0_writes(tiny, tmp_path):
-    """torchrun with 2 CPU ranks: each answers half, rank 0 gathers and writes; same answers as 1 rank."""
+def test_two_nodes_shard_and_only_rank0_writes(tiny, tmp_path):
+    """launch/evaluate.sh on two simulated nodes of one rank each (DeepSpeed's no-ssh mode): each rank answers
+    half, rank 0 gathers and writes; the same answers as one process."""
     single = tmp_path / "one"
     assert eval_main(_pope_args(tiny, single, 2)) == 0
     out = tmp_path / "two"
-    p = torchrun_module("mllm.evaluate", _pope_args(tiny, out, 2))
+    nodes = NodeLaunch("evaluate.sh", _pope_args(tiny, out, 2), tmp_path / "nodes").wait()
+    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
     assert sorted(x.name for x in out.iterdir()) == ["predictions.jsonl", "results.json", "results.md"]
     a = (single / "predictions.jsonl").read_text().splitlines()
     b = (out / "predictions.jsonl").read_text().splitlines()
     assert a == b  # merged back into question order
-    assert p.stdout.count("### pope") == 1  # only rank 0 reports
+    # rank 0 (node 0) alone reports; it saw one rank per node
+    assert nodes[0][1].count("### pope") == 1 and "### pope" not in nodes[1][1]
+    assert re.search(r"ranks: node 0 \(host [^)]+\): ranks \[0\] local \[0\]; node 1 \(host [^)]+\): ranks \[1\] "
+                     r"local \[0\]", nodes[0][1]), nodes[0][1][-2000:]
 
 
 def test_tokenizer_metrics_are_reexported_and_forwarded(tiny, tmp_path):

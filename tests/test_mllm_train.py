@@ -3,7 +3,9 @@ resume on 1 rank from a 2-rank checkpoint; in bf16: the NaN guard, kill during a
 (Partitioning, kill -9 and exact resume in fp32, export, stage 2 from the export and generation from
 it: test_real_data_mllm.py.)"""
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -50,14 +52,43 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_on_one_rank_from_a_two_rank_checkpoint(tmp_path, assets):
+def test_two_nodes_survive_a_node_kill_then_resume_on_one_node_and_on_one_rank(tmp_path, assets):
+    """launch/mllm_stage1.sh on two simulated nodes of one rank each (DeepSpeed's no-ssh mode, ZeRO-3 across
+    the nodes). kill -9 of node 1's rank from outside stops both nodes (node 0's rank fails in its next
+    collective instead of waiting); the run resumes on one node with two ranks and replays the lost steps
+    exactly, then continues on one rank from the consolidated weights."""
+    import time
+
+    from runtime.launch import NodeLaunch
+
     run = tmp_path / "run"
-    deepspeed_module("mllm.train", _stage1(assets, run, "--total-steps", "2", "--no-export"))
-    p = deepspeed_module("mllm.train", _stage1(assets, run, "--total-steps", "3", "--no-export"),
-                         num_ranks=1)
+    args = _stage1(assets, run, "--total-steps", "12", "--no-export")[2:]  # the script passes --stage pretrain
+    nodes = NodeLaunch("mllm_stage1.sh", args, tmp_path / "nodes")
+    deadline = time.time() + 240
+    while not (run / "step-00000004").is_dir() and time.time() < deadline:  # the second checkpoint
+        time.sleep(0.05)
+    victims = nodes.rank_pids(1)
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    t0 = time.time()
+    (code0, out0), (code1, out1) = nodes.wait(timeout=120)
+    assert code0 != 0 and code1 != 0, out0[-2000:] + out1[-2000:]  # nobody waits for the dead rank
+    assert time.time() - t0 < 60
+    log = (run / "log.txt").read_text()
+    assert re.search(r"ranks: node 0 \(host [^)]+\): ranks \[0\] local \[0\]; node 1 \(host [^)]+\): ranks \[1\] "
+                     r"local \[0\]", log), log[:2000]
+    assert re.search(r"parameter elements per rank: \[\d+, \d+\]", log)  # ZeRO-3 partitions across the nodes
+    before = _metrics(run)
+    last = int((run / "latest").read_text().split("-")[1])
+    assert 4 <= last < 12 and [m["step"] for m in before] == list(range(1, len(before) + 1)), (last, before)
+    deepspeed_module("mllm.train", _stage1(assets, run, "--total-steps", "12", "--no-export"))  # one node, two ranks
+    after = _metrics(run)
+    assert [m["step"] for m in after] == list(range(1, 13))
+    for x, y in zip(before, after):  # the steps after the checkpoint are replayed exactly
+        assert x["data_hash"] == y["data_hash"] and x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"], x["step"]
+    p = deepspeed_module("mllm.train", _stage1(assets, run, "--total-steps", "13", "--no-export"), num_ranks=1)
     assert "was written by 2 ranks, this run has 1" in p.stdout + p.stderr
-    steps = [m["step"] for m in _metrics(run)]
-    assert steps == [1, 2, 3] and (run / "latest").read_text() == "step-00000003"
+    assert [m["step"] for m in _metrics(run)] == list(range(1, 14)) and (run / "latest").read_text() == "step-00000013"
 
 
 def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):

@@ -158,28 +158,15 @@ def test_two_nodes_without_ssh_then_resume_on_one_node(tmp_path, shards):
     """launch/tokenizer.sh with NODE_RANK: two launchers on this machine act as two nodes of one rank each
     (DeepSpeed's --no_ssh, one hostfile with two names); a kill -9 at step 3 stops both nodes, and the run
     resumes on one node with two ranks (the same ZeRO world size), replaying step 3 exactly."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from runtime.launch import ROOT, ds_env, free_port, leaked_shm
+    from runtime.launch import NodeLaunch
 
     run = tmp_path / "run"
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     args = _args(run, shards, "--gan.no-enabled", "--loss.lpips", "0", "--total-steps", "4", "--save-every", "2")
-    port = free_port()
-    env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HOSTFILE": str(hostfile), "NNODES": "2", "NGPU": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    nodes = [subprocess.Popen(["bash", str(ROOT / "launch/tokenizer.sh"), *args, "--debug.kill-at-step", "3"],
-                              cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
-    outs = [n.communicate(timeout=300)[0] for n in nodes]
-    assert not leaked_shm(port)
-    for r, (n, out) in enumerate(zip(nodes, outs)):
-        assert n.returncode != 0, out[-2000:]  # both nodes stop after the kill; none waits forever
+    nodes = NodeLaunch("tokenizer.sh", [*args, "--debug.kill-at-step", "3"], tmp_path / "nodes").wait()
+    for r, (code, out) in enumerate(nodes):
+        assert code != 0, out[-2000:]  # both nodes stop after the kill; none waits forever
         assert f"node_rank={r}" in out and "{'node-a': [0], 'node-b': [1]}" in out, out[-2000:]
+    assert "ranks [0] local [0]; node 1 (host " in (run / "log.txt").read_text()  # rank 0's view of the layout
     before = _metrics(run)
     assert [m["step"] for m in before] == [1, 2, 3] and (run / "latest").read_text() == "step-00000002"
     deepspeed_module("unitok.train", args)  # one node, two ranks: resumes at step 2

@@ -90,7 +90,9 @@ def read_official(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load the official file safely; clear errors for missing, truncated or foreign files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"official tokenizer checkpoint not found: {path}")
+        from runtime.weights import fetch_hint
+
+        raise FileNotFoundError(f"official tokenizer checkpoint not found: {path}; {fetch_hint('unitok-tokenizer')}")
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:

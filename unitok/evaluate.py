@@ -113,7 +113,9 @@ def check_local_weights(path: str | Path) -> Path:
     """Refuse a missing file or one that holds anything but tensors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path}")
+        from runtime.weights import fetch_hint
+
+        raise FileNotFoundError(f"Inception weights not found: {path}; {fetch_hint('inception')}")
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means we will not hand it to an unsafe loader

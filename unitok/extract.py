@@ -39,6 +39,7 @@ import torch
 from tyro.conf import UseAppendAction
 
 from runtime.cli import parse, refuse_changed
+from runtime.distributed import end_job, job_barrier
 # re-exported: older code imports the preprocessing from here
 from unitok.image_io import MAX_PIXELS, PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input  # noqa: F401
 from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, READERS, SKIP_REASONS, InputShard,
@@ -93,6 +94,8 @@ class ExtractConfig:
     """jsonl: records per output shard."""
     max_image_pixels: int = MAX_PIXELS
     """Images with more pixels (width x height) are skipped as too_large before decoding."""
+    barrier_timeout_min: float = 24 * 60
+    """How long the end-of-job barrier waits for the slowest rank, in minutes."""
 
     def __post_init__(self):
         if self.mode not in ("generation", "understanding"):
@@ -109,12 +112,12 @@ class ExtractConfig:
             raise ValueError("--per-shard must be >= 1")
         if self.max_image_pixels < 1:
             raise ValueError("--max-image-pixels must be >= 1")
+        if self.barrier_timeout_min <= 0:
+            raise ValueError("--barrier-timeout-min must be > 0")
         if not self.input:
             raise ValueError("no --input given")
         if self.mode == "understanding":
             refuse_changed(self, ["max_aspect"], "to --mode understanding (every decodable image is kept)")
-
-
 
 
 # ---- one shard ----------------------------------------------------------------------------------------------
@@ -217,15 +220,6 @@ def dist_env(local_rank: int | None = None) -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only a barrier: gloo works on CPU and GPU nodes alike
-        dist.barrier()
-
-
 def check_output_compatible(out: Path, header: dict[str, Any]) -> None:
     """ValueError when OUT already holds a manifest or sidecars made with another mode, image size or
     codebook shape (codes of different grids or vocabularies must not be mixed in one folder)."""
@@ -318,15 +312,14 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
                 skips = {r: st[r] for r in SKIP_REASONS if st[r]}
                 log.info("rank %d: %s -> %s: %d samples, skipped %s (%d/%d, %.1fs)", rank, s.path, s.name,
                          st["samples"], skips or "none", i + 1, len(todo), time.time() - t0)
-    _barrier(world)
+    job_barrier(world, cfg.barrier_timeout_min)
     result: dict[str, Any] = {"rank": rank, "done": done, "skipped": skipped}
-    if rank == 0:
-        result["manifest"] = write_manifest(cfg, shards, header, ignored)
-    _barrier(world)  # nobody exits (and tears down the group) before the manifest exists
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    try:
+        if rank == 0:
+            result["manifest"] = write_manifest(cfg, shards, header, ignored)
+    finally:
+        job_barrier(world, cfg.barrier_timeout_min)  # nobody exits (and tears down the group) before the manifest
+        end_job()
     return result
 
 

@@ -26,4 +26,7 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
         from unitok.convert import load_official
 
         return load_official(path, device, attn_mode=attn_mode)
-    raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    from runtime.weights import fetch_hint
+
+    raise FileNotFoundError(f"tokenizer checkpoint not found: {path}; for the released one, "
+                            f"{fetch_hint('unitok-tokenizer')}")

@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from runtime.loop import RunConfig, StopRun, Task, finite_everywhere, run, strip_launcher_args
+from runtime.cli import strip_launcher_args
+from runtime.loop import RunConfig, StopRun, Task, finite_everywhere, run
 from runtime.optim import OptimConfig
 from unitok.config import UniTokConfig, preset
 from unitok.data import DataConfig, ImageTextLoader
@@ -128,9 +129,13 @@ class TrainConfig(RunConfig):
                              "or --gan.no-enabled")
         if self.optim.lr is None:
             raise ValueError("--optim.lr must be given")
-        for path in (self.loss.lpips_weights, self.gan.dino_weights, self.clip_init):
+        from runtime.weights import fetch_hint
+
+        for flag, path, entry in (("--loss.lpips-weights", self.loss.lpips_weights, "lpips-vgg16"),
+                                  ("--gan.dino-weights", self.gan.dino_weights, "dinov2-vits14"),
+                                  ("--clip-init", self.clip_init, "vitamin-l-256")):
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"file not found: {path}")
+                raise FileNotFoundError(f"{flag}: file not found: {path}; {fetch_hint(entry)}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -318,6 +323,11 @@ class TokenizerTask(Task):
 # ---- building ----------------------------------------------------------------------------------
 def load_clip_init(model, path: str, log) -> None:
     """The CLIP-init variant: `visual.trunk.*` -> `encoder.*`, `text.*` -> `text_encoder.*` (non-strict)."""
+    if not Path(path).is_file():
+        from runtime.weights import fetch_hint
+
+        raise FileNotFoundError(f"open_clip checkpoint for --clip-init not found: {path}; "
+                                f"{fetch_hint('vitamin-l-256')}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]

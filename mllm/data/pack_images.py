@@ -36,13 +36,13 @@ import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 from tyro.conf import UseAppendAction
 
 from runtime.cli import parse
+from runtime.distributed import end_job, job_barrier
 
 log = logging.getLogger("mllm.data.pack_images")
 
@@ -247,15 +247,6 @@ def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: Thr
 
 
 # ---- distributed plumbing ------------------------------------------------------------------------------------
-def _barrier(world: int, timeout_min: float) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # only a barrier: gloo works on CPU and GPU nodes alike
-            dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
-        dist.barrier()
-
-
 def check_previous(out: Path, fp: str) -> None:
     """Refuse an OUT that holds a manifest or shard sidecars of a different packing."""
     for f in [out / MANIFEST, *sorted(out.glob("*.stats.json"))]:
@@ -371,7 +362,7 @@ def run(cfg: PackConfig) -> dict[str, Any]:
             log.info("rank %d: %05d.tar: %d/%d packed (%d other ext), %s, %.1f MB (%d/%d, %.1fs)", rank, i,
                      s["packed"], s["num_paths"], s["other_ext"], ", ".join(f"{r} {s[r]}" for r in REASONS),
                      s["bytes"] / 1e6, n + 1, len(todo), time.time() - t0)
-    _barrier(world, cfg.barrier_timeout_min)
+    job_barrier(world, cfg.barrier_timeout_min)
     result: dict[str, Any] = {"rank": rank, "done": done, "skipped": skipped}
     try:
         if rank == 0:
@@ -379,11 +370,8 @@ def run(cfg: PackConfig) -> dict[str, Any]:
             print(summary_line(m, cfg.out), flush=True)
             print(next_steps(cfg, num_shards), flush=True)
     finally:
-        _barrier(world, cfg.barrier_timeout_min)  # nobody exits (and tears down the group) before the manifest
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        job_barrier(world, cfg.barrier_timeout_min)  # nobody exits (and tears down the group) before the manifest
+        end_job()
     return result
 
 

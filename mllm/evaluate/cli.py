@@ -19,7 +19,7 @@ from mllm.engine import EngineConfig, EngineOptions, ImageGenConfig
 from mllm.evaluate.common import DEFAULT_SUFFIX, Benchmark, markdown_table, read_json_or_jsonl, write_results
 from mllm.evaluate.generation import GenerationRun
 from mllm.evaluate.runner import InferenceConfig
-from runtime.cli import parse, refuse_changed
+from runtime.cli import parse, refuse_changed, strip_launcher_args
 
 Task = Literal["vqav2", "gqa", "textvqa", "pope", "mme", "fid", "geneval-export", "genai-export", "geneval-import",
                "genai-import", "tokenizer"]
@@ -238,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = strip_launcher_args(argv)  # the deepspeed launcher appends --local_rank=N
     if argv[:2] == ["--task", "tokenizer"] or argv[:1] == ["--task=tokenizer"]:
         from mllm.evaluate.tokenizer import tokenizer_main
 

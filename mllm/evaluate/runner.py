@@ -39,10 +39,13 @@ class InferenceConfig:
 
 def dist_info() -> tuple[int, int]:
     """(rank, world); initialises the process group when a launcher started several ranks."""
-    from runtime.distributed import get_rank, get_world_size, init_distributed, launcher_env
+    from runtime.distributed import get_rank, get_world_size, init_distributed, launcher_env, rank_layout
 
     if launcher_env()[1] > 1:
         init_distributed()
+        layout = rank_layout()
+        if get_rank() == 0:
+            print(f"ranks: {layout}", file=sys.stderr, flush=True)
     return get_rank(), get_world_size()
 
 

@@ -58,7 +58,9 @@ def _read_lpips_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a torchvision vgg16 or LPIPS state dict file -> lpips-layout keys (trunk + optional heads)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS/VGG16 weights file not found: {path}")
+        from runtime.weights import fetch_hint
+
+        raise FileNotFoundError(f"LPIPS/VGG16 weights file not found: {path}; {fetch_hint('lpips-vgg16')}")
     try:  # mmap: a torchvision file is 90% classifier, which is never read
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (pre-zipfile) serialisation cannot be mmapped

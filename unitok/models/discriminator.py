@@ -69,6 +69,12 @@ def dinov2_official_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
+def _missing_dino(path: str | os.PathLike) -> str:
+    from runtime.weights import fetch_hint
+
+    return f"DINOv2 weights file not found: {path}; {fetch_hint('dinov2-vits14')}"
+
+
 def load_dinov2_weights(backbone: nn.Module, path: str | os.PathLike, assign: bool = False) -> None:
     """Load an official-layout DINOv2 state dict from a local file into a timm backbone, strictly.
 
@@ -76,7 +82,7 @@ def load_dinov2_weights(backbone: nn.Module, path: str | os.PathLike, assign: bo
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"DINOv2 weights file not found: {path}")
+        raise FileNotFoundError(_missing_dino(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = dinov2_official_to_timm(state)
     own = backbone.state_dict()
@@ -129,7 +135,7 @@ class DinoDiscriminator(nn.Module):
         if dino_weights is not None and random_backbone:
             raise ValueError("pass either dino_weights or random_backbone=True, not both")
         if dino_weights is not None and not Path(dino_weights).is_file():
-            raise FileNotFoundError(f"DINOv2 weights file not found: {dino_weights}")
+            raise FileNotFoundError(_missing_dino(dino_weights))
         if dino_weights is None:
             vit = build_dinov2_backbone(backbone)
         else:  # every tensor comes from the file: skip the (slow) random init on the meta device
