@@ -184,8 +184,11 @@ def _eval_images(out: Path) -> dict[str, "object"]:
 
 
 def step_chat(out: Path) -> dict[str, str]:
-    """The chat script's one-shot modes on a held-out image and a held-out prompt."""
-    rep = out / "report"
+    """The chat script's one-shot modes on a held-out image and a held-out prompt -> report/chat.json."""
+    rep, model = out / "report", out / "stage2" / "export" / "model.safetensors"
+    if (rep / "chat.json").is_file() and (rep / "chat.json").stat().st_mtime > model.stat().st_mtime:
+        _log("chat: done (report/chat.json)")
+        return json.loads((rep / "chat.json").read_text())
     rep.mkdir(parents=True, exist_ok=True)
     item = _eval_items(out)[0]
     img_path = rep / "held_out_question.png"
@@ -203,8 +206,10 @@ def step_chat(out: Path) -> dict[str, str]:
             raise RuntimeError(f"chat failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     _log(f"chat: Q: {item['question']} -> A: {q.stdout.strip()[-200:]} (expected {item['answer']})")
     _log(f"chat: /gen {prompt!r} -> {g.stdout.strip()[-200:]}")
-    return {"question": item["question"], "answer": q.stdout.strip(), "expected": item["answer"],
-            "gen_prompt": prompt, "gen_output": g.stdout.strip()}
+    result = {"question": item["question"], "answer": q.stdout.strip(), "expected": item["answer"],
+              "gen_prompt": prompt, "gen_output": g.stdout.strip()}
+    (rep / "chat.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 @torch.no_grad()

@@ -29,9 +29,10 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         assert (out / d / "config.json").is_file()
     assert len(list((out / "report").glob("generated_*.png"))) == 3
     assert list((out / "report" / "chat").glob("*.png"))  # the chat script's /gen one-shot wrote an image
+    assert json.loads((out / "report" / "chat.json").read_text())["expected"]
     # a second run skips every finished step and reproduces the report
     p2 = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stdout[-3000:]
-    assert "tokenizer: exported" in p2.stdout and "stage 2: exported" in p2.stdout
+    assert "tokenizer: exported" in p2.stdout and "stage 2: exported" in p2.stdout and "chat: done" in p2.stdout
     rep2 = json.loads((out / "report" / "report.json").read_text())
     assert rep2 == rep  # deterministic: the resumed run recomputes the same report
