@@ -17,7 +17,8 @@ What runs (REFERENCE.md 6.6-6.10):
     the text as it is decoded. The history is trimmed oldest-first so that prompt + reply fit in the
     model's context (config.max_position_embeddings), with a notice; so is a reply budget cut by the
     window, and a reply that ran into its token limit.
-  - generation: prompt + " Generate an image based on this description." + boi, classifier-free
+  - generation: prompt + " Generate an image based on this description." + boi (the model config's
+    boi_token_id: the release's 3, or the marker recorded for another base's tokenizer), classifier-free
     guidance against the "<unconditional>" prompt (cfg_scale), sampling with temperature/top-k/top-p
     (defaults = the release's GenAI/MJHQ scripts: cfg 7, T 1, no top-k/top-p), codes decoded by the
     tokenizer (its full-attention projection).
@@ -354,7 +355,7 @@ class MLLMEngine:
         """Validated generation prompt ids; InputError when empty or beyond the context."""
         if not prompt or not prompt.strip():
             raise InputError("empty prompt: describe the image to generate, e.g. /gen a red apple on a table")
-        ids = t2i_prompt_ids(self.text_tokenizer, prompt)
+        ids = t2i_prompt_ids(self.text_tokenizer, prompt, self.model.config.boi_token_id)
         need = len(ids) + self.grid[0] * self.grid[1]
         if need > self.context_length:
             raise InputError(f"prompt too long: {len(ids)} prompt tokens + {self.grid[0] * self.grid[1]} image "
@@ -380,8 +381,8 @@ class MLLMEngine:
                 on_position(t + 1, L)
 
         use_cfg = gen.cfg_scale != 1.0
-        codes = generate_images(self.model, ids, self.grid,
-                                null_ids=null_prompt_ids(self.text_tokenizer) if use_cfg else None,
+        null = null_prompt_ids(self.text_tokenizer, self.model.config.boi_token_id) if use_cfg else None
+        codes = generate_images(self.model, ids, self.grid, null_ids=null,
                                 cfg_scale=gen.cfg_scale, sampling=gen.sampling(), generator=generator,
                                 pad_id=self.pad_id, on_position=_pos)  # (N, K, h, w)
         pix = self.image_tokenizer.decode(codes.to(self.image_tokenizer.device))  # (N, 3, S, S) in [-1, 1]

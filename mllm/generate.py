@@ -67,6 +67,14 @@ def _to_device(batch: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def default_stop_ids(model, stop_ids=None) -> set[int]:
+    """`stop_ids`, or the config's eos id(s): Llama-3.1 configs list several."""
+    if stop_ids is not None:
+        return set(stop_ids)
+    eos = model.config.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
 def _all_done(done: torch.Tensor, synced: bool) -> bool:
     flag = (~done).any().float().reshape(1)
     if synced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -81,7 +89,7 @@ def answer(model, prompts: list[Sample], max_new_tokens: int = 128, sampling: Sa
     """Continue each prompt (batched, left-padded, KV cache). Returns the new token ids per prompt,
     without the stop token. `on_token(ids (B,))` is called per step; returning True stops early."""
     sampling = sampling or SamplingConfig(temperature=0)
-    stop_ids = set(stop_ids if stop_ids is not None else [model.config.eos_token_id])
+    stop_ids = default_stop_ids(model, stop_ids)
     batch = _to_device(collate(prompts, pad_id=pad_id, padding_side="left"), model.device)
     mask, pos = batch["attention_mask"], batch["position_ids"]
     embeds = model.build_inputs_embeds(batch["input_ids"], batch["image_codes"], batch["image_lens"],
@@ -213,7 +221,7 @@ def reference_generate_images(model, prompt_ids, grid, null_ids=None, cfg_scale=
 @torch.no_grad()
 def reference_answer(model, prompts: list[Sample], max_new_tokens: int = 16, stop_ids=None, pad_id=0):
     """Greedy answers by recomputing the full sequence at every step (one prompt at a time)."""
-    stop_ids = set(stop_ids if stop_ids is not None else [model.config.eos_token_id])
+    stop_ids = default_stop_ids(model, stop_ids)
     results = []
     for p in prompts:
         ids, new = list(p.input_ids), []

@@ -64,7 +64,8 @@ class MllmTrainConfig(RunConfig):
     keep_last: int = 2
     """Checkpoints kept."""
     llama_dir: str | None = None
-    """Local HF Llama folder (weights + sentencepiece tokenizer); stage pretrain."""
+    """Local HF Llama-architecture folder (Llama-2/3, Mistral: weights + tokenizer); stage pretrain. The depth
+    head follows its head layout, the image markers its tokenizer (mllm/modeling/base.py)."""
     tokenizer: str | None = None
     """UniTok checkpoint (our folder or the official .pth) for the codebook and projection; pretrain."""
     tokenizer_attn_mode: Literal["full", "causal"] = "full"
@@ -124,11 +125,16 @@ class MllmTrainConfig(RunConfig):
                 raise ValueError("--stage finetune needs --init-from (the pretrain export folder)")
             if out.llama_dir is None or out.tokenizer is None:
                 raise ValueError("--stage pretrain needs --llama-dir and --tokenizer (or --init-from)")
-        for p in (out.llama_dir, out.init_from):
-            if p is not None and not (Path(p) / "config.json").is_file():
-                raise FileNotFoundError(f"no config.json in {p}")
+        from runtime.weights import fetch_hint
+
+        if out.llama_dir is not None and not (Path(out.llama_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in --llama-dir {out.llama_dir}; for Llama-2-7B, "
+                                    f"{fetch_hint('llama-2-7b')}")
+        if out.init_from is not None and not (Path(out.init_from) / "config.json").is_file():
+            raise FileNotFoundError(f"no config.json in --init-from {out.init_from} (expected an export folder)")
         if out.tokenizer is not None and not Path(out.tokenizer).exists():
-            raise FileNotFoundError(f"tokenizer checkpoint not found: {out.tokenizer}")
+            raise FileNotFoundError(f"tokenizer checkpoint not found: {out.tokenizer}; for the released one, "
+                                    f"{fetch_hint('unitok-tokenizer')}")
         if not Path(out.recipe).is_file():
             raise FileNotFoundError(f"recipe not found: {out.recipe}")
         return out
@@ -155,23 +161,17 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
     zero3 = ds["zero_optimization"].get("stage", 0) == 3
     src = Path(cfg.init_from or cfg.llama_dir)
     text_tok = AutoTokenizer.from_pretrained(src)
-    if text_tok.pad_token_id is None:
-        text_tok.pad_token = text_tok.unk_token  # pad = unk = 0, as released
+    if text_tok.pad_token_id is None:  # pad = unk = 0 as released; Llama-3 has no unk: its eos (masked anyway)
+        text_tok.pad_token = text_tok.unk_token or text_tok.eos_token
     tok_model = None
     if cfg.init_from:
         config = UniMLLMConfig.from_pretrained(src)
     else:
-        from transformers import LlamaConfig
-
+        from mllm.modeling.base import config_from_base
         from unitok import load_tokenizer
 
         tok_model = load_tokenizer(cfg.tokenizer, attn_mode=cfg.tokenizer_attn_mode)
-        base = {k: v for k, v in LlamaConfig.from_pretrained(src).to_dict().items()
-                if k in LlamaConfig.__dataclass_fields__}
-        q = tok_model.cfg.quantizer
-        config = UniMLLMConfig(**{**base, "num_codebooks": q.num_codebooks, "codebook_size": q.codebook_size,
-                                  "code_dim": q.code_dim, "embed_width": tok_model.cfg.encoder.width,
-                                  "embed_num_heads": tok_model.cfg.projection_heads, **cfg.mllm})
+        config = config_from_base(src, tok_model, text_tok, max_len=cfg.max_len, **cfg.mllm)
     if config.pad_token_id is None:
         config.pad_token_id = text_tok.pad_token_id
     config._attn_implementation = default_attn_implementation()
@@ -188,6 +188,8 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
     state = None
     if get_rank() == 0 or not zero3:
         state = read_safetensors(src)
+        if config.tie_word_embeddings:  # tied bases (Llama-3.2 1B/3B) save no lm_head: fill it, not re-init it
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
         if tok_model is not None:  # frozen codebooks + causal projection from the tokenizer
             state.update({f"model.multi_embedder.quantizer.{k}": v
                           for k, v in tok_model.quantizer.state_dict().items()})
@@ -441,7 +443,8 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
                                                lr_scheduler=o.schedule(opt, cfg.total_steps))
     loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            micro_batch_size=cfg.micro_batch, max_len=cfg.max_len, pack=cfg.pack,
-                           pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers)
+                           pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers,
+                           boi_id=model.config.boi_token_id, eoi_id=model.config.eoi_token_id)
     return MllmTask(cfg, engine, loader, info)
 
 

@@ -3,13 +3,14 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from unitok.models.projection import KVCache
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import mllm  # noqa: F401  (registers the model type)
-from mllm import IMAGE_TOKEN_INDEX as IMG, UniMLLMForCausalLM
+from mllm import IMAGE_TOKEN_INDEX as IMG, UniMLLMConfig, UniMLLMForCausalLM
 from mllm.data.collate import Sample, collate
 from mllm.generate import (SamplingConfig, answer, cfg_mix, generate_images, reference_answer,
                            reference_generate_images, sample_logits)
@@ -69,6 +70,82 @@ def test_depth_head_teacher_forced_equals_step_by_step(model):
         assert torch.allclose(step, tf[:, i], atol=1e-5)
         if i < 3:
             x = head.embed_code(i, codes[:, i])
+
+
+def _depth_runs(head, h, codes):
+    """Teacher-forced logits and the step-by-step (cached) logits of a depth head, plus its caches."""
+    tf = head(h, codes)
+    cache, x, steps = head.new_cache(), head.start_input(h), []
+    for i in range(codes.shape[1]):
+        steps.append(head.step(x, i, cache))
+        if i < codes.shape[1] - 1:
+            x = head.embed_code(i, codes[:, i])
+    return tf, torch.stack(steps, 1), cache
+
+
+def test_gqa_depth_head_equals_mha_with_repeated_kv_weights():
+    """Grouped-query depth head (2 kv heads for 4 query heads) = a multi-head one whose k/v weights are the
+    GQA weights repeated per group (query head h reads kv head h // 2), teacher-forced and cached."""
+    from mllm.modeling.depth_head import DepthHead
+
+    torch.manual_seed(0)
+    gqa = DepthHead(tiny_config(depth_num_key_value_heads=2)).eval()
+    mha = DepthHead(tiny_config()).eval()
+    assert mha.layers[0].self_attn.num_kv_heads == 4  # None = depth_num_heads, the released layout
+    old = {k: v for k, v in tiny_config().to_dict().items() if k != "depth_num_key_value_heads"}
+    assert UniMLLMConfig.from_dict(old).depth_num_key_value_heads == 4  # config.json files written before GQA
+    state = gqa.state_dict()
+    for k in [k for k in state if k.endswith(("k_proj.weight", "v_proj.weight"))]:
+        assert state[k].shape == (2 * 16, 64)
+        state[k] = state[k].view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+    mha.load_state_dict(state)
+    h, codes = torch.randn(3, 64), torch.randint(0, 64, (3, 4))
+    tf_g, st_g, cache = _depth_runs(gqa, h, codes)
+    tf_m, st_m, _ = _depth_runs(mha, h, codes)
+    assert cache[0].k.shape == (3, 2, 4, 16)  # the cache holds the kv heads only
+    assert torch.allclose(tf_g, tf_m, atol=1e-5) and torch.allclose(st_g, st_m, atol=1e-5)
+    assert torch.allclose(st_g, tf_g, atol=1e-5)
+    with pytest.raises(StrictDataclassClassValidationError, match="divisible by depth_num_key_value_heads"):
+        tiny_config(depth_num_key_value_heads=3)  # transformers' strict validation wraps the ValueError
+
+
+def _attention_before_gqa(self, x, start, cache):
+    """DepthAttention.forward as it was before grouped-query attention (multi-head only), verbatim."""
+    from mllm.modeling.depth_head import rope
+
+    B, S, D = x.shape
+    pos = torch.arange(start, start + S, device=x.device)
+    q, k, v = (p(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+               for p in (self.q_proj, self.k_proj, self.v_proj))
+    q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+    if cache is not None:
+        k, v = cache.extend(k, v)
+    if S == 1:
+        a = F.scaled_dot_product_attention(q, k, v)
+    elif k.shape[2] == S:
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - S)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.o_proj(a.transpose(1, 2).reshape(B, S, D))
+
+
+def test_mha_depth_head_is_bit_identical_to_the_code_before_gqa(model, monkeypatch):
+    """kv heads == heads (the released layout) computes exactly what the multi-head-only code did."""
+    from mllm.modeling.depth_head import DepthAttention
+
+    h, codes = torch.randn(3, 64), torch.randint(0, 64, (3, 4))
+    attn, x = model.ar_head.layers[0].self_attn, torch.randn(3, 5, 64)
+
+    def runs(forward):  # the head (teacher-forced, cached steps), then one attention over every branch:
+        cache = KVCache()  # causal prefix, a masked chunk after a cache, one cached step
+        chunks = [forward(attn, x[:, a:b], a, cache) for a, b in ((0, 2), (2, 4), (4, 5))]
+        return [*_depth_runs(model.ar_head, h, codes)[:2], *chunks]
+
+    now = runs(DepthAttention.forward)
+    monkeypatch.setattr(DepthAttention, "forward", _attention_before_gqa)
+    before = runs(_attention_before_gqa)
+    assert all(torch.equal(a, b) for a, b in zip(now, before))
 
 
 def test_collate_expands_images_and_masks_labels():

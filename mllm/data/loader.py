@@ -180,7 +180,8 @@ class MixtureLoader:
     """Mix, template and pack a recipe's sources into `collate()` batches (see the module docstring).
 
     Iterating yields batch dicts (`collate` output). Each new `iter()` continues from the current
-    state (after the last batch handed out), so `state_dict()` can be saved at any step.
+    state (after the last batch handed out), so `state_dict()` can be saved at any step. `boi_id` /
+    `eoi_id` are the model config's image markers (default: the release's 3/4).
     """
 
     def __init__(self, recipe: Recipe | str | os.PathLike, tokenizer, *, rank: int = 0, world_size: int = 1,

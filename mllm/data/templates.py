@@ -26,11 +26,14 @@ How turn boundaries are tokenised (and why masks are exact token by token):
   with the tokenizer's legacy flag). Generation prompts (`chat_prompt`) render the same string up
   to "ASSISTANT:", so their ids are a prefix of the training ids.
 
-boi (3) and eoi (4) are appended as ids; for a Llama tokenizer they are the byte pieces <0x00>/<0x01>,
-so `t2i_prompt_ids` equals tokenising `prompt + suffix + "\\x00"` as the release does.
+boi and eoi are appended as ids, chosen per text tokenizer by `image_marker_ids` and recorded in the
+model config: for a Llama-2 (or Mistral) sentencepiece tokenizer the byte pieces <0x00>/<0x01> (3/4,
+the release's), so `t2i_prompt_ids` equals tokenising `prompt + suffix + "\\x00"` as the release does;
+for a Llama-3 tokenizer, whose ids 3/4 are ordinary text, its first two reserved special tokens.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -43,8 +46,10 @@ IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 T2I_SUFFIX = " Generate an image based on this description."
 NULL_PROMPT = "<unconditional>"
-BOI_TOKEN_ID = 3  # Llama byte piece <0x00>, UniMLLMConfig.boi_token_id
-EOI_TOKEN_ID = 4  # <0x01>, UniMLLMConfig.eoi_token_id
+BOI_TOKEN_ID = 3  # the release's boi: Llama-2 byte piece <0x00>, UniMLLMConfig.boi_token_id's default
+EOI_TOKEN_ID = 4  # <0x01>, UniMLLMConfig.eoi_token_id's default
+BYTE_MARKERS = ("<0x00>", "<0x01>")  # sentencepiece byte-fallback pieces (Llama-2, Mistral)
+RESERVED_MARKER = re.compile(r"<\|reserved_special_token_(\d+)\|>")  # Llama-3's reserved special tokens
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
@@ -62,7 +67,7 @@ class ConversationTemplate:
     sep: str
     """Separator after the system prompt and after user turns."""
     sep2: str
-    """Separator after assistant turns (rendered "</s>" becomes the eos id)."""
+    """Separator after assistant turns; "</s>" stands for the text tokenizer's eos token (its id when encoded)."""
 
 
 VICUNA_V1 = ConversationTemplate(
@@ -88,6 +93,22 @@ def special_ids(tokenizer) -> tuple[int, int]:
     if bos is None or eos is None:
         raise ValueError("the tokenizer needs bos and eos tokens (a Llama sentencepiece tokenizer has ids 1 and 2)")
     return bos, eos
+
+
+def image_marker_ids(tokenizer) -> tuple[int, int]:
+    """(boi, eoi) ids for a HF text tokenizer: the byte pieces <0x00>/<0x01> when "\\x00\\x01" encodes to
+    them (Llama-2, Mistral: 3/4, as released), else the two lowest-numbered <|reserved_special_token_N|>
+    (Llama-3: N = 0, 1); ValueError naming the tokenizer otherwise."""
+    vocab = tokenizer.get_vocab()
+    pieces = [vocab.get(t) for t in BYTE_MARKERS]
+    if None not in pieces and encode(tokenizer, "\x00\x01")[-2:] == pieces:
+        return pieces[0], pieces[1]
+    reserved = sorted((int(m.group(1)), i) for t, i in vocab.items() if (m := RESERVED_MARKER.fullmatch(t)))
+    if len(reserved) >= 2:
+        return reserved[0][1], reserved[1][1]
+    raise ValueError(f"no image marker tokens in the text tokenizer {tokenizer.name_or_path or '(unnamed)'}: looked "
+                     f"for the sentencepiece byte pieces {' / '.join(BYTE_MARKERS)} (Llama-2, Mistral) and for two "
+                     "<|reserved_special_token_N|> tokens (Llama-3)")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -227,11 +248,13 @@ def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: 
     return turns
 
 
-def render(template: ConversationTemplate,
-           turns: Sequence[tuple[str, str | None]]) -> tuple[str, list[tuple[int, int]]]:
+def render(template: ConversationTemplate, turns: Sequence[tuple[str, str | None]],
+           eos: str | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render turns to one string; returns (text, supervised character spans).
 
-    A final assistant turn with text None renders as "ASSISTANT:" (the generation prompt).
+    A final assistant turn with text None renders as "ASSISTANT:" (the generation prompt). `eos`: the
+    text tokenizer's eos token, which ends assistant turns in place of the template's "</s>" (Llama-2's
+    eos; Llama-3 ends with "<|end_of_text|>", where "</s>" would be plain text).
     """
     if template.name == "plain":
         # LLaVA plain: the user turn is reduced to its image, the answer follows, then sep.
@@ -243,6 +266,7 @@ def render(template: ConversationTemplate,
         text = head + turns[1][1] + template.sep
         return text, [(len(head), len(text))]
     user, assistant = template.roles
+    sep2 = eos if eos and template.sep2 == "</s>" else template.sep2
     text = template.system + template.sep
     spans = []
     for role, msg in turns:
@@ -254,7 +278,7 @@ def render(template: ConversationTemplate,
             text += f"{name}: {msg}{template.sep}"
         else:
             start = len(text) + len(name) + 1  # right after "ASSISTANT:"; the space goes with the reply
-            text += f"{name}: {msg}{template.sep2}"
+            text += f"{name}: {msg}{sep2}"
             spans.append((start, len(text)))
     return text, spans
 
@@ -269,7 +293,7 @@ def conversation_sample(tokenizer, conversations: Sequence[dict[str, Any]], imag
         turns = turns[:-1]
     if not turns:
         raise ValueError("conversation has no assistant answer")
-    text, spans = render(tpl, turns)
+    text, spans = render(tpl, turns, tokenizer.eos_token)
     ids, flags = encode_spans(tokenizer, text, spans)
     ids = [bos] + ids
     labels = [IGNORE_INDEX] + [t if f else IGNORE_INDEX for t, f in zip(ids[1:], flags)]

@@ -33,12 +33,17 @@ class UniMLLMConfig(LlamaConfig):
     """Depth-head width; None = hidden_size (the release). Another width adds an input projection."""
     depth_num_heads: int | None = None
     """Depth-head attention heads; None = num_attention_heads."""
+    depth_num_key_value_heads: int | None = None
+    """Depth-head key/value heads (grouped-query attention when fewer than depth_num_heads); None =
+    depth_num_heads (plain multi-head, as released). A model built on a base checkpoint follows the base's
+    layout (mllm.modeling.base)."""
     depth_intermediate_size: int | None = None
     """Depth-head MLP width; None = intermediate_size."""
     boi_token_id: int = 3
-    """Image-start token (Llama byte token <0x00>, as released)."""
+    """Image-start token: the release's Llama-2 byte piece <0x00>; a model built from a base checkpoint
+    records its text tokenizer's (`mllm.data.templates.image_marker_ids`)."""
     eoi_token_id: int = 4
-    """Image-end token (<0x01>)."""
+    """Image-end token (<0x01> as released; see boi_token_id)."""
     z_loss_weight: float = 5e-5
     """Weight of mean(max image logit^2), the release's z-loss variant."""
     image_size: int | None = None
@@ -51,6 +56,8 @@ class UniMLLMConfig(LlamaConfig):
             self.depth_hidden_size = self.hidden_size
         if self.depth_num_heads is None:
             self.depth_num_heads = self.num_attention_heads
+        if self.depth_num_key_value_heads is None:
+            self.depth_num_key_value_heads = self.depth_num_heads
         if self.depth_intermediate_size is None:
             self.depth_intermediate_size = self.intermediate_size
         super().__post_init__(**kwargs)
@@ -59,7 +66,8 @@ class UniMLLMConfig(LlamaConfig):
         """Checked by transformers' strict dataclass validation."""
         super().validate_architecture()
         for name in ("num_codebooks", "codebook_size", "code_dim", "embed_width", "embed_num_heads",
-                     "depth_num_layers", "depth_hidden_size", "depth_num_heads", "depth_intermediate_size"):
+                     "depth_num_layers", "depth_hidden_size", "depth_num_heads", "depth_num_key_value_heads",
+                     "depth_intermediate_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.image_size is not None and (self.image_size <= 0 or self.image_size % 16):
@@ -68,6 +76,9 @@ class UniMLLMConfig(LlamaConfig):
             raise ValueError("embed_width must be divisible by embed_num_heads")
         if self.depth_hidden_size % self.depth_num_heads:
             raise ValueError("depth_hidden_size must be divisible by depth_num_heads")
+        if self.depth_num_heads % self.depth_num_key_value_heads:
+            raise ValueError(f"depth_num_heads ({self.depth_num_heads}) must be divisible by depth_num_key_value_heads "
+                             f"({self.depth_num_key_value_heads})")
         if (self.depth_hidden_size // self.depth_num_heads) % 2:
             raise ValueError("depth-head head_dim must be even (RoPE)")
 

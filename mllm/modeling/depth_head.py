@@ -5,7 +5,7 @@ the LLM's final hidden state at the position before p. Output: logits (K, V); st
 Llama-style layers (RMSNorm, RoPE over depth positions 0..K-1, SwiGLU), written here rather than
 borrowed from transformers because HF's decoder-layer contract changes between releases
 (REFERENCE.md 8.8); parameter names match LlamaDecoderLayer so released `ar_head.*` weights load.
-Shapes: B rows (positions), S depth steps <= K, Hd width, V codebook_size.
+Shapes: B rows (positions), S depth steps <= K, Hd width, V codebook_size, H / Hkv query / key-value heads.
 """
 from __future__ import annotations
 
@@ -44,31 +44,34 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
 
 
 class DepthAttention(nn.Module):
-    """Causal self-attention over depth steps, with an optional KV cache."""
+    """Causal self-attention over depth steps, grouped-query when num_kv_heads < num_heads (query head
+    h reads kv head h // (num_heads / num_kv_heads), as in Llama), with an optional KV cache of the kv heads."""
 
-    def __init__(self, dim: int, num_heads: int, theta: float):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, theta: float):
         super().__init__()
-        self.num_heads, self.head_dim, self.theta = num_heads, dim // num_heads, theta
+        self.num_heads, self.num_kv_heads, self.head_dim, self.theta = num_heads, num_kv_heads, dim // num_heads, theta
         self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
         B, S, D = x.shape
         pos = torch.arange(start, start + S, device=x.device)
-        q, k, v = (p(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k, v = (p(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+                for p in (self.k_proj, self.v_proj))
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
         if cache is not None:
             k, v = cache.extend(k, v)
+        gqa = self.num_kv_heads != self.num_heads  # False: exactly the plain multi-head call
         if S == 1:
-            a = F.scaled_dot_product_attention(q, k, v)  # one new step attends to all cached steps
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new step attends to all cached steps
         elif k.shape[2] == S:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - S)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(a.transpose(1, 2).reshape(B, S, D))
 
 
@@ -88,9 +91,9 @@ class DepthMLP(nn.Module):
 class DepthLayer(nn.Module):
     """Pre-norm decoder layer with LlamaDecoderLayer parameter names."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, eps: float, theta: float):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, hidden: int, eps: float, theta: float):
         super().__init__()
-        self.self_attn = DepthAttention(dim, num_heads, theta)
+        self.self_attn = DepthAttention(dim, num_heads, num_kv_heads, theta)
         self.mlp = DepthMLP(dim, hidden)
         self.input_layernorm = DepthRMSNorm(dim, eps)
         self.post_attention_layernorm = DepthRMSNorm(dim, eps)
@@ -106,11 +109,14 @@ class DepthHead(nn.Module):
     def __init__(self, config: UniMLLMConfig):
         super().__init__()
         Hd = config.depth_hidden_size
+        # Plain RoPE with the base's theta over depth positions 0..K-1 only: the head is trained from
+        # scratch, so the base's long-context scaling (e.g. Llama-3's "llama3" rope type) does not apply.
         theta = float((config.rope_parameters or {}).get("rope_theta", 10000.0))
         self.num_codebooks = config.num_codebooks
         self.in_proj = nn.Linear(config.hidden_size, Hd) if Hd != config.hidden_size else None
         self.layers = nn.ModuleList(
-            DepthLayer(Hd, config.depth_num_heads, config.depth_intermediate_size, config.rms_norm_eps, theta)
+            DepthLayer(Hd, config.depth_num_heads, config.depth_num_key_value_heads, config.depth_intermediate_size,
+                       config.rms_norm_eps, theta)
             for _ in range(config.depth_num_layers))
         self.norm = DepthRMSNorm(Hd, config.rms_norm_eps)
         self.linear_head = nn.Linear(Hd, config.codebook_size)

@@ -172,31 +172,24 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
 
     # ---- weights ---------------------------------------------------------------------------
     @classmethod
-    def from_llama(cls, llama_dir, tokenizer=None, torch_dtype=torch.float32, attn_implementation=None,
-                   **mllm_fields) -> "UniMLLMForCausalLM":
-        """Start stage 1: a local HF Llama folder (any size) + optionally a UniTok for the embedder.
+    def from_llama(cls, llama_dir, tokenizer=None, text_tokenizer=None, torch_dtype=torch.float32,
+                   attn_implementation=None, **mllm_fields) -> "UniMLLMForCausalLM":
+        """Start stage 1: a local HF Llama-architecture folder (Llama-2/3, Mistral; any size) + optionally
+        a UniTok for the embedder.
 
-        The embedder shapes follow the tokenizer when one is given; other `mllm_fields` (for example
-        depth_num_layers) override config defaults. The depth head and projector start random.
+        The config comes from `mllm.modeling.base.config_from_base`: embedder shapes from the UniTok,
+        the depth head in the base's head layout, image markers from `text_tokenizer` (default: the
+        folder's); `mllm_fields` (for example depth_num_layers) override. The depth head and projector
+        start random.
         """
-        from pathlib import Path
+        from transformers import AutoModelForCausalLM
 
-        from transformers import LlamaConfig
+        from mllm.modeling.base import config_from_base
 
-        llama_dir = Path(llama_dir)
-        if not (llama_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no Llama config.json in {llama_dir} (expected a local HF Llama folder)")
-        base = LlamaConfig.from_pretrained(llama_dir).to_dict()
-        base = {k: v for k, v in base.items() if k in LlamaConfig.__dataclass_fields__ or k == "rope_parameters"}
-        if tokenizer is not None:
-            q = tokenizer.cfg.quantizer
-            mllm_fields = {"num_codebooks": q.num_codebooks, "codebook_size": q.codebook_size,
-                           "code_dim": q.code_dim, "embed_width": tokenizer.cfg.encoder.width,
-                           "embed_num_heads": tokenizer.cfg.projection_heads, **mllm_fields}
-        config = UniMLLMConfig(**{**base, **mllm_fields})
+        config = config_from_base(llama_dir, tokenizer, text_tokenizer, **mllm_fields)
         config._attn_implementation = attn_implementation or default_attn_implementation()
         model = cls(config)
-        llama = LlamaForCausalLM.from_pretrained(llama_dir, torch_dtype=torch.float32)
+        llama = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
         result = model.load_state_dict(llama.state_dict(), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"unexpected Llama keys: {result.unexpected_keys[:8]}")

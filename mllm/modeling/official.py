@@ -21,6 +21,7 @@ from tyro.conf import Positional, arg
 
 from mllm.modeling.configuration import UniMLLMConfig
 from mllm.modeling.modeling import UniMLLMForCausalLM
+from runtime.weights import fetch_hint
 from runtime.cli import parse
 
 # Llama fields carried over from the official config.json; everything else there is Mini-Gemini residue.
@@ -57,7 +58,7 @@ def read_official_state(folder: Path) -> dict[str, torch.Tensor]:
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}")
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}; {fetch_hint('unitok-mllm')}")
     state = {}
     for f in files:
         if not (folder / f).is_file():
@@ -81,7 +82,7 @@ def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     folder = Path(folder)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"official MLLM config not found: {cfg_file}")
+        raise FileNotFoundError(f"official MLLM config not found: {cfg_file}; {fetch_hint('unitok-mllm')}")
     config = config_from_official(json.loads(cfg_file.read_text()))
     state = read_official_state(folder)
     with torch.device("meta"):
