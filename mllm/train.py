@@ -408,6 +408,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     from mllm.data.preflight import preflight
     from mllm.data.recipe import load_recipe
     from runtime.distributed import barrier, is_main_process
+    from runtime.compile import compile_blocks, refuse_with_zero3
     from runtime.ds_config import load_ds_config
 
     # Data problems fail here, before the model is built: rank 0 checks first (and writes the
@@ -424,6 +425,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=o.grad_clip, precision=cfg.precision)
     log.info("precision: " + ("bf16 weights, fp32 master copies" if ds["bf16"]["enabled"] else "fp32"))
+    refuse_with_zero3(cfg.compile, ds)
     model, text_tok = build_model(cfg, ds, log)
     model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -432,6 +434,15 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
              f"ZeRO-{ds['zero_optimization'].get('stage', 0)}, world {info.world_size}, "
              f"global batch {ds['train_batch_size']} rows of {cfg.max_len}")
     log_partition(model, info, log)
+    if cfg.compile:  # packed rows are all max_len long: static LLM layers; the depth head's batch varies
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        from mllm.modeling.depth_head import DepthLayer
+
+        llm = (LlamaDecoderLayer,)
+        n = compile_blocks(model, static=llm if cfg.pack else (), dynamic=(DepthLayer,) + (() if cfg.pack else llm),
+                           backend=cfg.compile)
+        log.info(f"compile: {n} blocks ({cfg.compile})")
     if "offload_optimizer" in ds["zero_optimization"]:  # DeepSpeed's CPU Adam builds the optimizer itself
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                       "weight_decay": o.weight_decay}}

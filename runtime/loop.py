@@ -72,6 +72,9 @@ class RunConfig:
     """On a non-finite loss: skip that micro batch on all ranks, or stop the run (exit code 3)."""
     export: bool = True
     """Write run_dir/export at the end."""
+    compile: str | None = None
+    """torch.compile backend for every repeated block (runtime/compile.py): inductor, or aot_eager to
+    debug; the first steps pay the compile time. None: eager."""
     dist_timeout_min: float = 30.0
     """Minutes a collective waits for a missing rank before the run fails (the process-group timeout).
     A rank that dies is noticed at once (its connections close) and stops the job; a node that drops off
@@ -198,6 +201,7 @@ def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> di
 
 def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
+    from runtime.compile import graph_counts
     from runtime.distributed import barrier, is_main_process
     from runtime.log import MetricSink, Progress, format_line, memory_gb
     from runtime.run import append_metrics, kill_self, truncate_metrics
@@ -268,6 +272,8 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> d
         record["grad_norm"] = float(norm) if norm is not None else 0.0
         record["lr"] = float(main_engine.get_lr()[0])
         task.after_step(step, record, batch, out)
+        if cfg.compile:
+            record.update(graph_counts())
         record["data_hash"] = "".join(hashes)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
             sps, tps, eta = progress.rates(step)

@@ -125,12 +125,18 @@ def test_clip_init_maps_visual_trunk_and_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_launch_works_too(tmp_path, shards):
+def test_torchrun_launch_works_too_and_compiled(tmp_path, shards):
+    """torchrun instead of deepspeed, with --compile (aot_eager: the graphs without inductor's C++ builds):
+    no graph break, and no graph compiled after the first step (the GAN joins at step 2 of 4)."""
     from runtime.launch import torchrun_module
 
     run = tmp_path / "run"
-    torchrun_module("unitok.train", _args(run, shards, "--total-steps", "2", "--save-every", "2", "--no-export"))
-    assert [m["step"] for m in _metrics(run)] == [1, 2] and (run / "latest").read_text() == "step-00000002"
+    torchrun_module("unitok.train", _args(run, shards, "--total-steps", "4", "--save-every", "4", "--no-export",
+                                          "--compile", "aot_eager"))
+    m = _metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3, 4] and (run / "latest").read_text() == "step-00000004"
+    assert "compile: 7 blocks (aot_eager)" in (run / "log.txt").read_text()
+    assert all(r["graph_breaks"] == 0 for r in m) and len({r["compiled_graphs"] for r in m}) == 1, m
 
 
 @pytest.mark.slow

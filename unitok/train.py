@@ -352,11 +352,12 @@ def build(cfg: TrainConfig, info, log):
     """Model, discriminator, losses and the two DeepSpeed engines."""
     import deepspeed
 
+    from runtime.compile import compile_blocks, refuse_with_zero3
     from runtime.ds_config import load_ds_config, resolve_precision
     from runtime.optim import lambda_scheduler, param_groups, warmup_cosine
     from unitok.losses import ContrastiveLoss, DiffAug, PerceptualLoss
     from unitok.models.discriminator import DinoDiscriminator
-    from unitok.models.unitok import UniTok
+    from unitok.models.unitok import BLOCK_TYPES, UniTok
 
     model = UniTok(cfg.model)
     if cfg.clip_init:
@@ -370,6 +371,9 @@ def build(cfg: TrainConfig, info, log):
                               else "fp32"))
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.data.local_batch_size, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=cfg.optim.grad_clip, precision=precision)
+    refuse_with_zero3(cfg.compile, ds)
+    if cfg.compile:
+        log.info(f"compile: {compile_blocks(model, static=BLOCK_TYPES, backend=cfg.compile)} blocks ({cfg.compile})")
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=o.schedule(opt, cfg.total_steps),

@@ -19,17 +19,22 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
 from torch.utils.checkpoint import checkpoint
 
 from unitok.config import DOWNSAMPLE, UniTokConfig
-from unitok.models.decoder import ViTaminDecoder
-from unitok.models.encoder import ViTaminEncoder
+from unitok.models.decoder import InvMbConvLNBlock, ViTaminDecoder
+from unitok.models.encoder import MbConvLNBlock, ViTaminEncoder
+from unitok.models.layers import Block
 from unitok.models.projection import build_projection
 from unitok.models.quantizer import build_quantizer
 from unitok.models.text import build_text_tower
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FORMAT_VERSION = 1
+BLOCK_TYPES = (MbConvLNBlock, Block, InvMbConvLNBlock, ResidualAttentionBlock)
+"""The repeated blocks `--compile` compiles (runtime/compile.py): encoder conv stages and ViT blocks,
+decoder ViT blocks and conv stages, text-tower blocks (open_clip's)."""
 
 
 def fp32_region(device: torch.device):
