@@ -392,3 +392,20 @@ def test_official_mllm_folder_loads_through_the_engine(assets, engine, tmp_path,
     with pytest.raises(FileNotFoundError, match="--text-tokenizer"):
         MLLMEngine.load(EngineConfig(model=str(tmp_path), tokenizer=str(assets["tok"]), official_mllm=True,
                                      device="cpu"))
+
+
+def test_bf16_weights_answer_and_generate(assets):
+    """--dtype bf16: the MLLM runs in bf16 on CPU too, the image tokenizer stays fp32 (its quantizer path
+    requires it); answering and text-to-image both work from the same export."""
+    from mllm.engine import ChatSession, EngineConfig, ImageGenConfig, MLLMEngine
+
+    eng = MLLMEngine.load(EngineConfig(model=str(assets["export"]), tokenizer=str(assets["tok"]), device="cpu",
+                                       image_size=32, dtype="bf16"))
+    assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in eng.image_tokenizer.parameters()} == {torch.float32}
+    session = ChatSession(eng)
+    session.attach_codes(eng.encode_images([Image.new("RGB", (40, 24), (255, 0, 0))]))
+    reply = session.answer(session.prepare("What is shown?", max_new_tokens=4))
+    assert 1 <= reply.num_tokens <= 4
+    images = eng.generate(["a red square"], ImageGenConfig(cfg_scale=2.0), torch.Generator().manual_seed(0))
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8

@@ -93,3 +93,17 @@ def test_missing_and_truncated_checkpoints(debug_model, tmp_path):
     (tmp_path / "tok" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_tokenizer(tmp_path / "tok")
+
+
+def test_a_bf16_checkpoint_loads_in_fp32_and_encodes(tmp_path):
+    """A tokenizer saved with bf16 weights (a cast export) loads in fp32, as the quantizer path needs, and
+    encodes exactly as the same weights cast to fp32 by hand; extraction and chat load it this way."""
+    from unitok import UniTok, load_tokenizer, preset
+
+    torch.manual_seed(0)
+    model = UniTok(preset("debug")).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    loaded = load_tokenizer(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.float().eval().encode(x))
