@@ -1,6 +1,7 @@
 """Shapes per module, projection semantics, and the fp32 guard."""
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from unitok.models.projection import KVCache
 
@@ -125,15 +126,24 @@ def test_quantizer_path_runs_in_fp32_under_autocast(debug_model, images):
     assert codes_bf16.dtype == torch.int64
 
 
-def test_grad_checkpointing_gives_same_gradients(images):
+def test_grad_checkpointing_gives_same_gradients(images, monkeypatch):
+    import unitok.models.encoder as encoder
+
     torch.manual_seed(0)
     a = UniTok(preset("debug")).train()
     b = UniTok(preset("debug", ["--grad-checkpointing"])).train()
     b.load_state_dict(a.state_dict())
+    trunk_calls = []
+    monkeypatch.setattr(encoder, "checkpoint", lambda f, *x, **kw: trunk_calls.append(f) or checkpoint(f, *x, **kw))
     grads = []
     for m in (a, b):
         torch.manual_seed(1)
         out = m(images)
         (out["img_rec"].square().mean() + out["vq_loss"]).backward()
-        grads.append(m.encoder.blocks[0].mlp.w0.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        grads.append([p.grad.clone() for p in (m.encoder.blocks[0].mlp.w0.weight,
+                                                m.encoder.patch_embed.backbone.stem.conv1.weight)])
+    # the conv trunk too: the stem and both MBConv stages are checkpointed (as in the release)
+    backbone = b.encoder.patch_embed.backbone
+    assert trunk_calls == [backbone.stem, *backbone.stages]
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-6)

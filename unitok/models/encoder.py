@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from unitok.config import EncoderConfig
 from unitok.models.layers import (Block, LayerNorm2d, drop_path_rates, init_conv_fan_out,
@@ -92,12 +93,15 @@ class ConvTrunk(nn.Module):
             in_chs = width
         self.stages = nn.ModuleList(stages)
         self.pool = StridedConv(cfg.stage_widths[-1], cfg.width)
+        self.grad_checkpointing = False  # set by ViTaminEncoder
         init_conv_fan_out(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
+        # with checkpointing, the stem and each MBConv stage keep only their input (as the release does):
+        # their activations at 1/2 and 1/4 resolution are the largest of the encoder
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for part in (self.stem, *self.stages):
+            x = checkpoint(part, x, use_reentrant=False) if ckpt else part(x)
         return self.pool(x)
 
 
@@ -119,6 +123,7 @@ class ViTaminEncoder(nn.Module):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = HybridEmbed(cfg)
+        self.patch_embed.backbone.grad_checkpointing = grad_checkpointing
         self.register_buffer("pos_embed", torch.zeros(1, 1, cfg.width))  # frozen zeros, see module doc
         dpr = drop_path_rates(cfg.drop_path, cfg.num_layers)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.mlp_ratio, dpr[i])
