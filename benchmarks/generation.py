@@ -7,7 +7,7 @@ Answering (`mllm.generate.answer`) runs beside transformers' own `LlamaForCausal
 same Llama weights and prompts (greedy, KV cache, the same number of new tokens), each timed after a
 warm-up call; the table says whether the tokens are the same.
 
-    python benchmarks/generation.py [--grid 16] [--presets debug small]
+    python benchmarks/generation.py [--grid 16] [--presets debug small] [--device cuda --dtype bf16]
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,8 +54,11 @@ def llama_of(model: UniMLLMForCausalLM) -> LlamaForCausalLM:
 
 
 def timeit(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - t
 
 
@@ -70,19 +74,26 @@ class Options:
     """Prompts per generate / answer call."""
     answer_tokens: int = 64
     """Answer tokens to generate."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the models run."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights and activations (bf16 may make the cached and naive loops' codes differ)."""
 
     def __post_init__(self):
         unknown = [n for n in self.presets if n not in PRESETS]
         if unknown:
             raise ValueError(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no GPU is visible")
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(Options, argv, prog="python benchmarks/generation.py", description=__doc__)
     greedy = SamplingConfig(temperature=0)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     rows = []
     for name in a.presets:
-        model = build(name)
+        model = build(name).to(a.device, dtype)
         prompts = [[1] + list(range(10, 30 + i)) + [3] for i in range(a.batch)]
         null = [1, 40, 41, 3]
         grid = (a.grid, a.grid)
@@ -95,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         ours = lambda: answer(model, qs, max_new_tokens=a.answer_tokens, stop_ids=set())  # noqa: E731
         ours()
         toks, t_ans = timeit(ours)
-        hf = llama_of(model)
-        ids = torch.tensor([q.input_ids for q in qs])
+        hf = llama_of(model).to(a.device, dtype)
+        ids = torch.tensor([q.input_ids for q in qs], device=a.device)
         theirs = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,  # noqa: E731
                                      max_new_tokens=a.answer_tokens, min_new_tokens=a.answer_tokens)
         theirs()
@@ -104,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         n = sum(len(r) for r in toks)
         rows.append((name, L / t_fast, L / t_slow, t_slow / t_fast, torch.equal(fast, slow), n / t_ans,
                      ref[:, ids.shape[1]:].numel() / t_hf, ref[:, ids.shape[1]:].tolist() == toks))
-    print(f"# machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    dev = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"# machine: {platform.machine()}, {dev}, torch {torch.__version__}, {a.dtype}; "
           f"batch {a.batch}, {a.grid}x{a.grid} positions, CFG 3.0 (2x rows), greedy")
     print("| preset | cached positions/s | naive positions/s | speed-up | identical codes | answer tokens/s | "
           "transformers generate tokens/s | same tokens |")

@@ -6,10 +6,13 @@ the trainer's own log lines: "model-state MB" per rank (parameters + fp32 master
 rank holds) and tokens/s (non-pad positions). On a GPU the trainer also prints MFU.
 
     python benchmarks/mllm_train.py [--out runs/bench_mllm] [--hidden 256] [--layers 4] [--steps 6]
+    python benchmarks/mllm_train.py --hidden 2048 --layers 16 --heads 16 --ranks 1 --max-len 2048   # 1B-class, GPU
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,15 @@ class BenchConfig:
     """Tiny Llama width."""
     layers: int = 4
     """Tiny Llama layers."""
+    heads: int = 4
+    """Llama attention heads (head width = hidden / heads; flash-attn needs at most 256)."""
+    micro_batch: int = 4
+    """Rows per rank per step."""
+    max_len: int = 256
+    """Positions per (packed) row."""
+    tokenizer_steps: int = 40
+    """Training steps of the debug tokenizer whose codes feed the MLLM; 0 = an untrained one (its quality does
+    not matter to the speed, and it saves a launch)."""
     steps: int = 6
     """Training steps per world size."""
     ranks: tuple[int, ...] = (1, 2)
@@ -38,16 +50,65 @@ class BenchConfig:
     """DeepSpeed config name."""
 
 
+def resize_llama(folder: Path, hidden: int, layers: int, heads: int, max_len: int) -> None:
+    """Rewrite the demo's random Llama in `folder` when its width, depth, heads or positions differ from those
+    asked for (the demo writes 4 heads and 1024 positions, and keeps an existing folder whatever its size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(folder)
+    positions = max(1024, max_len)
+    if (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == (
+            hidden, layers, heads, positions):
+        return
+    if hidden % heads:
+        raise ValueError(f"--hidden {hidden} is not divisible by --heads {heads}")
+    cfg.hidden_size, cfg.num_hidden_layers, cfg.max_position_embeddings = hidden, layers, positions
+    cfg.num_attention_heads = cfg.num_key_value_heads = heads
+    cfg.intermediate_size = hidden * 8 // 3 // 8 * 8
+    cfg.head_dim = hidden // heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+def untrained_tokenizer(export: Path) -> None:
+    """A randomly initialised debug-preset tokenizer in `export` (where there is none yet)."""
+    from unitok import UniTok, preset
+
+    if not (export / "model.safetensors").is_file():
+        torch.manual_seed(0)
+        UniTok(preset("debug")).save_pretrained(export)
+
+
+def extract_codes(out: Path) -> None:
+    """The training codes that data_recipes/demo.yaml reads: one process without a launcher (the demo's
+    held-out codes are not needed)."""
+    data = out / "data"
+    if (data / "codes" / "manifest.json").is_file():
+        return
+    n_shards = len(list((data / "images").glob("*.tar")))
+    log = out / "logs" / "extract.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        subprocess.run([sys.executable, "-m", "unitok.extract", "--tokenizer", str(out / "tokenizer" / "export"),
+                        "--input", str(data / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+                        "--output", str(data / "codes"), "--size", "32"], check=True, stdout=f,
+                       stderr=subprocess.STDOUT, cwd=demo.ROOT)
+
+
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
     a = tyro.cli(BenchConfig, args=argv, description=__doc__)
     out = Path(a.out)
-    sizes = demo.DemoSizes(**{**vars(demo.QUICK), "hidden": a.hidden, "layers": a.layers})
+    sizes = demo.DemoSizes(**{**vars(demo.QUICK), "hidden": a.hidden, "layers": a.layers,
+                              "tokenizer_steps": a.tokenizer_steps})
     demo.step_data(out, sizes)
-    demo.step_text_model(out, sizes)
+    demo.step_text_model(out, dataclasses.replace(sizes, hidden=64, layers=1))  # the text tokenizer; resized below
+    resize_llama(out / "llama", a.hidden, a.layers, a.heads, a.max_len)
+    if a.tokenizer_steps == 0:
+        untrained_tokenizer(out / "tokenizer" / "export")
     demo.step_tokenizer(out, sizes, 1)
-    demo.step_codes(out, 1)
+    extract_codes(out)
     rows = []
     for n in a.ranks:
         run = out / f"run_{a.ds_config}_{n}"
@@ -56,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         demo._deepspeed("mllm.train", [
             "--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer", str(out / "tokenizer" / "export"),
             "--recipe", str(demo.ROOT / "data_recipes/demo.yaml"), "--data-root", str(out / "data"),
-            "--run-dir", str(run), "--micro-batch", "4", "--grad-accum", "1", "--max-len", "256",
+            "--run-dir", str(run), "--micro-batch", str(a.micro_batch), "--grad-accum", "1",
+            "--max-len", str(a.max_len),
             "--num-workers", "0", "--total-steps", str(a.steps), "--save-every", str(a.steps), "--log-every", "1",
             "--resume", "none", "--no-export", "--ds-config", a.ds_config], n, log)
         text = log.read_text()
@@ -66,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((n, max(mem), sum(tps) / max(1, len(tps)), mfu[-1] if mfu else "-"))
     base = rows[0][1]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)"
-    print(f"# {dev}; tiny Llama {a.layers} x {a.hidden}, {a.ds_config}, micro batch 4 x 256 positions, {a.steps} steps")
+    print(f"# {dev}; Llama {a.layers} x {a.hidden} ({a.heads} heads), {a.ds_config}, micro batch {a.micro_batch} x "
+          f"{a.max_len} positions, {a.steps} steps")
     print("| ranks | model-state MB per rank | vs 1 rank | tokens/s (all ranks) | MFU % |")
     print("|---|---|---|---|---|")
     for n, m, t, f in rows:
