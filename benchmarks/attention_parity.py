@@ -24,19 +24,14 @@ from typing import Literal
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.generation import PRESETS as GEN_PRESETS  # noqa: E402
 from mllm import UniMLLMConfig, UniMLLMForCausalLM  # noqa: E402
 from runtime.cli import parse  # noqa: E402
 
 TOLERANCE = {"bf16": 2e-2, "fp32": 1e-4}
-# Llama shapes with realistic head widths (flash-attn needs a head width <= 256)
-PRESETS = {
-    "debug": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_codebooks=4, codebook_size=64, code_dim=4, embed_width=32, embed_num_heads=2,
-                  depth_num_layers=1),
-    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=16,
-                  num_attention_heads=8, num_codebooks=8, codebook_size=4096, code_dim=8, embed_width=256,
-                  embed_num_heads=4, depth_num_layers=1),
-}
+# generation.py's shapes (realistic head widths: flash-attn needs <= 256), with one depth layer: only the
+# LLM's attention is compared
+PRESETS = {name: {**shape, "depth_num_layers": 1} for name, shape in GEN_PRESETS.items()}
 
 
 @dataclass
