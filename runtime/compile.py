@@ -2,9 +2,9 @@
 
 Compiling the blocks rather than the whole model (as torchtitan does per TransformerBlock) keeps
 everything data-dependent outside the graphs: the tokenizer's quantizer and losses, the MLLM's image
-scatter and loss selection, DeepSpeed's ZeRO-3 gather hooks (which DeepSpeed marks
-`torch.compiler.disable`) and activation checkpointing around each block. Blocks of one class share
-their code, so each distinct input shape is one graph, compiled once.
+scatter and loss selection, and activation checkpointing around each block. Blocks of one class share
+their code, so each distinct input shape is one graph, compiled once. ZeRO-3 is refused
+(`refuse_with_zero3`): its parameter hooks sit on every submodule inside a block.
 
 Shapes: `static` blocks (every call has one of a few fixed shapes: the tokenizer at a fixed image
 size, the LLM's packed rows of max_len) compile with dynamic=False, one graph per shape; `dynamic`
@@ -34,8 +34,7 @@ def compile_blocks(model: nn.Module, static: tuple[type, ...] = (), dynamic: tup
     n = 0
     for m in model.modules():
         if isinstance(m, dynamic + static):
-            # the forward only: module hooks (ZeRO-3's parameter gathering, which DeepSpeed keeps out of
-            # graphs) stay outside the compiled region instead of breaking it at every call
+            # the forward only: the block's own module hooks stay outside the compiled region
             m.forward = torch.compile(m.forward, backend=backend, dynamic=isinstance(m, dynamic))
             n += 1
     if n == 0:
