@@ -407,8 +407,8 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     from mllm.data.loader import MixtureLoader
     from mllm.data.preflight import preflight
     from mllm.data.recipe import load_recipe
-    from runtime.distributed import barrier, is_main_process
     from runtime.compile import compile_blocks, refuse_with_zero3
+    from runtime.distributed import barrier, is_main_process
     from runtime.ds_config import load_ds_config
 
     # Data problems fail here, before the model is built: rank 0 checks first (and writes the
