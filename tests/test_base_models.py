@@ -175,6 +175,9 @@ def test_conversation_turns_end_with_the_tokenizers_eos(tmp_path, llama3_dir):
         supervised = [t for t in sample.labels if t != T.IGNORE_INDEX]
         assert supervised[-1] == tok.eos_token_id and sample.input_ids.count(tok.eos_token_id) == 1
         assert "</s>" not in tok.decode(sample.input_ids, skip_special_tokens=True)
+        # a chat prompt's earlier turns end the same way as training's
+        prompt = T.chat_prompt(tok, [conv[0]["value"], conv[1]["value"], "And then?"])
+        assert prompt.input_ids.count(tok.eos_token_id) == 1
 
 
 def test_other_architectures_are_refused(tmp_path):

@@ -249,7 +249,7 @@ def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: 
 
 
 def render(template: ConversationTemplate, turns: Sequence[tuple[str, str | None]],
-           eos: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+           eos: str | None) -> tuple[str, list[tuple[int, int]]]:
     """Render turns to one string; returns (text, supervised character spans).
 
     A final assistant turn with text None renders as "ASSISTANT:" (the generation prompt). `eos`: the
@@ -316,7 +316,7 @@ def chat_prompt(tokenizer, turns: Sequence[str | dict[str, Any]], images: Sequen
     norm = normalize_conversation(conv, len(images))
     if norm[-1][0] != "user":
         raise ValueError("the last turn of a chat prompt must be the user's")
-    text, _ = render(tpl, list(norm) + [("assistant", None)])
+    text, _ = render(tpl, list(norm) + [("assistant", None)], tokenizer.eos_token)
     ids, _ = encode_spans(tokenizer, text)
     ids = [bos] + ids
     return Sample(ids, [IGNORE_INDEX] * len(ids), [_codes(c) for c in images], [False] * len(images))
