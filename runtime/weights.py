@@ -249,23 +249,34 @@ def _write_record(dest: Path, rec: dict) -> None:
     os.replace(tmp, path)
 
 
+def _file_record(path: Path, with_blob_id: bool) -> dict:
+    """What the verification record keeps of a file: sha256, size and, for a small non-LFS Hub file, its
+    git blob id."""
+    rec = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    if with_blob_id:
+        rec["git_blob_id"] = git_blob_id(path)
+    return rec
+
+
+def _matches(rec: dict, sha256: str | None, blob_id: str | None) -> bool:
+    """Whether a file record has the expected checksums (None: not checked)."""
+    return (sha256 is None or rec.get("sha256") == sha256) and (blob_id is None or rec.get("git_blob_id") == blob_id)
+
+
 def _already_verified(target: Path, rec_files: dict, rel: str, sha256: str | None, blob_id: str | None,
                       recheck: bool, log: Callable[[str], None]) -> bool:
     """Whether `target` holds the expected bytes; updates `rec_files[rel]` when it had to hash it."""
     if not target.is_file():
         return False
-    size = target.stat().st_size
-    rec = rec_files.get(rel) or {}
-    if (not recheck and rec.get("size") == size and (sha256 is None or rec.get("sha256") == sha256)
-            and (blob_id is None or rec.get("git_blob_id") == blob_id)):
+    cached = rec_files.get(rel) or {}
+    if not recheck and cached.get("size") == target.stat().st_size and _matches(cached, sha256, blob_id):
         return True
-    got = sha256_file(target)
-    got_blob = git_blob_id(target) if blob_id is not None else None
-    if (sha256 is None or got == sha256) and (blob_id is None or got_blob == blob_id):
-        rec_files[rel] = {"sha256": got, "size": size, **({"git_blob_id": got_blob} if got_blob else {})}
+    got = _file_record(target, blob_id is not None)
+    if _matches(got, sha256, blob_id):
+        rec_files[rel] = got
         return True
     want = f"sha256 {sha256}" if sha256 is not None else f"git blob {blob_id}"
-    log(f"  {target} is there but does not match (expected {want}, got sha256 {got}); downloading it again")
+    log(f"  {target} is there but does not match (expected {want}, got sha256 {got['sha256']}); downloading it again")
     rec_files.pop(rel, None)
     return False
 
@@ -463,17 +474,16 @@ def _fetch_hub(e: Entry, to: Path, recheck: bool, log: Callable[[str], None]) ->
         url = f"{hub_endpoint()}/{e.repo}/resolve/{commit}/{f.name}"
         log(f"  downloading {url}")
         staged = _hub_download(e, f.name, commit, staging)
-        got = sha256_file(staged)
-        got_blob = git_blob_id(staged) if f.blob_id is not None else None
-        if (f.sha256 is not None and got != f.sha256) or (f.blob_id is not None and got_blob != f.blob_id):
+        got = _file_record(staged, f.blob_id is not None)
+        if not _matches(got, f.sha256, f.blob_id):
             staged.unlink()
-            kind, want, have = ("sha256", f.sha256, got) if f.sha256 else ("git blob", f.blob_id, got_blob)
+            kind, want, have = (("sha256", f.sha256, got["sha256"]) if f.sha256 else
+                                ("git blob", f.blob_id, got["git_blob_id"]))
             raise WeightsError(f"checksum mismatch for {f.name} from {url}: expected {kind} {want}, got {have}; "
                                "the download was deleted")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)
-        rec["files"][rel] = {"sha256": got, "size": target.stat().st_size,
-                             **({"git_blob_id": got_blob} if got_blob else {})}
+        rec["files"][rel] = got
         # written after every file, so a folder interrupted half-way keeps what was verified
         _write_record(dest, {"entry": e.name, "source": f"{e.repo}@{commit}", "files": rec["files"]})
     _write_record(dest, {"entry": e.name, "source": f"{e.repo}@{commit}", "files": rec["files"]})
