@@ -36,6 +36,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from runtime.cli import parse  # noqa: E402
+from runtime.launch import job_env  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
 
@@ -216,11 +217,9 @@ def header(cpu: bool, out: Path) -> list[str]:
     """Machine, software and where the logs are."""
     import torch
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        sha = "unknown"
+    from runtime.checkpoint import git_sha
+
+    sha = git_sha()[:7]
     if importlib.util.find_spec("flash_attn") is not None:
         import flash_attn
 
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**job_env(cpu=cpu), "PYTHONUNBUFFERED": "1"}
     if cpu:
         # One thread per process: the CPU mode checks that every step runs, not speed, and on a shared 2-core
         # machine torch's default threads oversubscribe it (spinning OpenMP threads made steps 10-100x slower).
