@@ -1,6 +1,6 @@
 """Tokenizer ablation grid: the paper's Tables 6-8, Fig. 3 and the causal/full projection switch.
 
-    python -m experiments.ablate --grid cpu --base-preset debug --seeds 0 1 2 --out-dir runs/ablate
+    python -m experiments.ablate --grid cpu --base-preset debug --out-dir runs/ablate     (seeds 0-4)
     python -m experiments.ablate --grid paper --base-preset large --launcher deepspeed --ngpu 8 \
         --data.shards '/data/{00000000..00140146}.tar' --eval-images IMAGENET_VAL --zeroshot-dir IMAGENET_VAL \
         --classnames imagenet --inception-weights external/weights-inception-2015-12-05-6726825d.pth \
@@ -23,11 +23,12 @@ Each (cell, seed) is trained by `unitok.train` in a subprocess (no launcher: sin
 private process group; `--launcher deepspeed`: `deepspeed --num_gpus NGPU --module unitok.train`)
 and evaluated by `unitok.evaluate` (in this process without a launcher, through the launcher
 otherwise): PSNR/SSIM/codebook usage on `--eval-images` at 1x and 2x, rFID/IS with
-`--inception-weights`, zero-shot top-1/top-5 on `--zeroshot-dir`. Arguments this CLI does not know
-(`--data.shards ...`, `--loss.lpips-weights ...`) are passed to every training run, before the cell's
-own switch, so they cannot undo it; --preset, --run-dir, --seed, --total-steps and --resume are set
-per run and refused there. Every cell's arguments are checked by unitok.train's parser
-before anything runs.
+`--inception-weights`, zero-shot top-1/top-5 on `--zeroshot-dir` and a linear probe's top-1 on the
+frozen image features of `--probe-dir` (default: the zero-shot folder; unitok.evaluate.linear_probe).
+Arguments this CLI does not know (`--data.shards ...`, `--loss.lpips-weights ...`) are passed to
+every training run, before the cell's own switch, so they cannot undo it; --preset, --run-dir,
+--seed, --total-steps and --resume are set per run and refused there. Every cell's arguments are
+checked by unitok.train's parser before anything runs.
 
 Without `--data.shards`, synthetic data is written under OUT_DIR/data (experiments.synthetic, the
 demo's shapes world): training shards, a held-out eval folder and a zero-shot ImageFolder, all
@@ -36,27 +37,37 @@ evaluation sees native pixels. The zero-shot classes are whole scenes, "<colour>
 <background> background" (6 x 3 x 3 = 54 classes, chance 1.9 % top-1): a caption names the
 background colour too, so a class "red circle" is ambiguous to the tiny text tower (with the
 earlier 8-colour world, a first try with 24 such classes scored below chance, 2.6 % vs 4.2 %,
-where the scene classes gave 14.9 % for the same model).
+where the scene classes gave 14.9 % for the same model). The zero-shot folder holds 24 images per
+class so that the linear probe, which uses the same folder, trains on 12 and tests on 12 of each.
+
+Claims (experiments/ablate_grid.py `paper_claims`, tested by experiments/ablate_stats.py): each of
+the paper's findings is a one-sided comparison of two cells on one metric, e.g. Table 8's "8
+sub-codebooks beat 4" is mcq-8x32 > base on psnr (rFID), zero-shot and probe top-1. Over the seeds,
+results.md's second table gives both sides' mean +- std, the difference with its 95 % CI, a one-sided
+Welch p and a verdict: reproduced, contradicted or not resolved at this scale (and after Holm).
 
 Layout (resumable: a (cell, seed) is finished when its result.json exists; a half-trained one
 resumes with `--resume auto`; a result written with different arguments is an error, not reused):
     OUT_DIR/cells/<cell>/seed<k>/{train/, train.log, eval_1x/, eval_2x/, result.json}
-    OUT_DIR/results.{json,md,png}   statistics over seeds, table and plot (experiments/ablate_report.py)
+    OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py)
 
-CPU grid budget (`--grid cpu`: debug preset, 32 px, batch 32, 500 steps, 8192 synthetic samples,
-no GAN and no LPIPS, which need pretrained weights). 9 cells x 3 seeds = 27 runs; 40 min = 2400 s
-allows ~89 s per run. One-cell timing on the 2-core machine (cell `base`, seed 0; `rq-4x64` took the
-same): ~4 s process start and model build + ~0.1 s per step (~50 s for 500 steps) + ~1 s of
-checkpoints and export + ~4 s of evaluation (128 images at 32 and 64 px; timed on the earlier
-world's 672 zero-shot images and 168 classes x 80 prompts, where this one has 648 images and
-54 x 80 prompts) = ~59 s per run -> 27 x 59 s = ~27 min, + ~10 s of start and data generation. The remaining third is margin for other load, and the rate is load-sensitive: two more
-timings of the same cell, with other jobs saturating both cores now and then, took 152 s and 164 s
-(~2.7x, ~70 min for the grid); on a busy machine use `--steps 200`.
+CPU grid budget (`--grid cpu`: debug preset, 32 px, batch 32, 1000 steps, 8192 synthetic samples,
+no GAN and no LPIPS, which need pretrained weights). 9 cells x 5 seeds = 45 runs (issue 16 asks for
+>= 5 seeds; the claim tests need >= 2 a side); the target is at most 60 min on the 2-core machine.
+`--jobs 2` runs two cells at once with one torch thread each: these tiny models use a second thread
+poorly (one run: 427 samples/s with 2 threads, 345 with 1), so two one-thread runs train 1.6x the
+samples/s of one two-thread run. Measured (`--jobs 2`, idle machine, 2026-12-02): ~120 s per run
+(~107 s training, 13 s evaluation at 32 and 64 px with zero-shot and probe), two at a time -> 45 runs
+in 2768 s (46 min).
+Why 1000 steps: the earlier grid (500 steps, 3 seeds, the former 168-class world) had zero-shot top-1
+at 4-15 % (chance 0.6 %), with spreads too wide to order cells; at 1000 steps on the 54-class world
+the base cell reaches 45-50 % zero-shot (chance 1.9 %) and ~60 % probe top-1. 500 steps on this world
+was not measured. Other jobs on the machine slow every run several-fold.
 
 The paper grid (`--grid paper`, not run here) uses the released preset with Table 8 at N = 16384
 (1x16384, 2x8192, 4x4096, 8x2048, as in the paper) and needs real data, LPIPS and DINO weights.
 The paper does not state its ablation schedule: the default of 10,000 steps is an assumption,
-set `--steps`.
+set `--steps`; the 5 default seeds make it 45 training runs, set `--seeds`.
 """
 from __future__ import annotations
 
@@ -73,13 +84,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from experiments.ablate_grid import Cell, Grid, load_grid
-from experiments.ablate_report import markdown_table, write_outputs
+from experiments.ablate_report import claims_table, markdown_table, write_outputs
 from runtime.launch import deepspeed_cmd, free_port, run_logged
 
 RECON_KEYS = ("psnr", "ssim", "mean_usage_pct", "mean_perplexity", "rfid", "is")
-ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5")
+ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5", "probe_top1")  # understanding: zero-shot and linear probe
+COUNT_KEYS = ("zeroshot_classes", "probe_classes")
 SYNTH_SHARDS, SYNTH_PER_SHARD = 16, 512          # 8192 training samples
-SYNTH_EVAL_IMAGES, SYNTH_ZS_PER_CLASS = 128, 12  # held-out reconstruction images; zero-shot images per class
+SYNTH_EVAL_IMAGES, SYNTH_ZS_PER_CLASS = 128, 24  # reconstruction images; zero-shot (and probe) images per class
 RESERVED = ("--preset", "--run-dir", "--seed", "--total-steps", "--resume")  # one value per (cell, seed)
 
 
@@ -91,8 +103,8 @@ class AblateConfig:
     """cpu, paper, or a YAML/JSON grid file (experiments/ablate_grid.py)."""
     base_preset: str | None = None
     """Model preset of every cell; None: the grid's (cpu: debug, paper: large)."""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Training seeds; every cell is trained once per seed."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Training seeds; every cell is trained once per seed (the claim tests need >= 2)."""
     steps: int | None = None
     """Optimizer steps per run; None: the grid's."""
     cells: tuple[str, ...] = ()
@@ -109,17 +121,26 @@ class AblateConfig:
     """Reconstruction eval folder; None: synthetic images."""
     zeroshot_dir: str | None = None
     """Zero-shot ImageFolder; None: the synthetic scene classes."""
+    probe_dir: str | None = None
+    """Linear-probe ImageFolder (>= 2 images per class); None: the zero-shot folder."""
     classnames: Literal["folders", "imagenet"] = "folders"
     """Zero-shot class names: the folder names, or ImageNet's for an ImageNet val folder."""
     inception_weights: str | None = None
     """Local Inception weights for rFID/IS (not computed without)."""
     eval_batch_size: int = 64
     """Evaluation batch size."""
+    jobs: int = 1
+    """Runs at once (launcher none): each run's training and evaluation get cpu_count // jobs torch threads.
+    Tiny models use one core poorly: on 2 cores, 2 one-thread runs train 1.6x the samples/s of one two-thread run."""
     dry_run: bool = False
     """Validate and print the training commands only."""
 
     def __post_init__(self):
         self.seeds, self.cells = tuple(self.seeds), tuple(self.cells)
+        if self.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.jobs > 1 and self.launcher != "none":
+            raise ValueError("--jobs > 1 needs --launcher none (a launched run takes every GPU it is given)")
         if self.steps is not None and self.steps <= 0:
             raise ValueError("--steps must be positive")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -183,6 +204,7 @@ class Plan:
     user_args: list[str]
     eval_images: str | None
     zeroshot_dir: str | None
+    probe_dir: str | None
     classnames: str
     inception_weights: str | None
     eval_batch_size: int
@@ -190,6 +212,16 @@ class Plan:
     ngpu: int
     launcher_args: list[str]
     train_size: int = 0
+    jobs: int = 1
+
+    def env(self) -> dict[str, str] | None:
+        """The environment of a run's jobs: None (job_env's default) for one run at a time; with --jobs N,
+        cpu_count // N torch threads each, so that N runs share the cores instead of oversubscribing them."""
+        if self.jobs == 1:
+            return None
+        from runtime.launch import job_env
+
+        return {**job_env(), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
 
     def train_argv(self, cell: Cell, seed: int) -> list[str]:
         """grid args < user args < the cell's switch (tyro: the last occurrence wins)."""
@@ -204,6 +236,8 @@ class Plan:
         if scale == 1:
             if self.zeroshot_dir:
                 argv += ["--zeroshot-dir", self.zeroshot_dir, "--classnames", self.classnames]
+            if self.probe_dir:
+                argv += ["--probe-dir", self.probe_dir]
             if self.inception_weights:
                 argv += ["--inception-weights", self.inception_weights]
         return argv
@@ -214,7 +248,8 @@ class Plan:
             return a.replace(str(self.out_dir), "$OUT") if isinstance(a, str) else a
         return {"train_argv": [rel(a) for a in self.train_argv(cell, seed)],
                 "eval": {"scales": list(self.grid.eval_scales), "images": rel(self.eval_images),
-                         "zeroshot_dir": rel(self.zeroshot_dir), "classnames": self.classnames,
+                         "zeroshot_dir": rel(self.zeroshot_dir), "probe_dir": rel(self.probe_dir),
+                         "classnames": self.classnames,
                          "inception_weights": self.inception_weights, "train_size": self.train_size}}
 
 
@@ -242,12 +277,12 @@ def _trained(run_dir: Path, total_steps: int) -> bool:
 
 
 def evaluate_cell(plan: Plan, export: Path, cell_dir: Path) -> dict[str, Any]:
-    """unitok.evaluate at every scale -> flat metrics (`psnr`, `psnr@2x`, `zeroshot_top1`, ...)."""
+    """unitok.evaluate at every scale -> flat metrics (`psnr`, `psnr@2x`, `zeroshot_top1`, `probe_top1`, ...)."""
     metrics: dict[str, Any] = {}
     for s in plan.grid.eval_scales:
         out = cell_dir / f"eval_{s}x"
         argv = plan.eval_argv(export, out, s)
-        if plan.launcher == "none":
+        if plan.launcher == "none" and plan.jobs == 1:  # in this process (saves a process start per scale)
             from unitok.evaluate import parse_args, run
 
             with open(cell_dir / "eval.log", "a") as f, contextlib.redirect_stdout(f):
@@ -255,10 +290,10 @@ def evaluate_cell(plan: Plan, export: Path, cell_dir: Path) -> dict[str, Any]:
                 m = run(parse_args(argv))
         else:
             cmd, port = _job(plan, "unitok.evaluate", argv)
-            run_logged(cmd, port, cell_dir / "eval.log", what=f"evaluation of {export}")
+            run_logged(cmd, port, cell_dir / "eval.log", what=f"evaluation of {export}", env=plan.env())
             m = json.loads((out / "metrics.json").read_text())
         suffix = "" if s == 1 else f"@{s}x"
-        for k in (*RECON_KEYS, *ZEROSHOT_KEYS, "zeroshot_classes"):
+        for k in (*RECON_KEYS, *ZEROSHOT_KEYS, *COUNT_KEYS):
             if k in m and (s == 1 or k in ("psnr", "ssim")):
                 metrics[k + suffix] = m[k]
     return metrics
@@ -280,7 +315,8 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
     t0 = time.time()
     if not _trained(run_dir, plan.steps):
         cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
-        run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}")
+        run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}",
+                   env=plan.env())
         if not (run_dir / "export" / "model.safetensors").is_file():
             raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
                                f"see {cell_dir / 'train.log'}")
@@ -299,6 +335,11 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
 
 
 # ---- entry -----------------------------------------------------------------------------------
+def metric_keys(grid: Grid) -> set[str]:
+    """The per-seed metric keys `evaluate_cell` can give (psnr and ssim also at every other scale, `psnr@2x`)."""
+    return {*RECON_KEYS, *ZEROSHOT_KEYS, *(f"{k}@{s}x" for k in ("psnr", "ssim") for s in grid.eval_scales if s != 1)}
+
+
 def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
     """Resolve the grid, the data and every cell's arguments; validate them all before any training."""
     grid = load_grid(args.grid, args.base_preset)
@@ -306,11 +347,16 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
         unknown = [c for c in args.cells if c not in {x.name for x in grid.cells}]
         if unknown:
             raise ValueError(f"--cells {unknown} not in grid {grid.name!r}: {[c.name for c in grid.cells]}")
-        grid.cells = [c for c in grid.cells if c.name in args.cells]
+        grid.keep_cells(set(args.cells))
+    known = metric_keys(grid)
+    for c in grid.claims:
+        if c.metric not in known:
+            raise ValueError(f"--grid {args.grid}: claim {c.name!r}: metric {c.metric!r} is not a result of this "
+                             f"grid; choose from {sorted(known)}")
     if user_args and not user_args[0].startswith("--"):
         raise ValueError(f"unexpected argument {user_args[0]!r}: unitok.train overrides start with '--'")
     out_dir = Path(args.out_dir).resolve()
-    for p in (args.eval_images, args.zeroshot_dir):
+    for p in (args.eval_images, args.zeroshot_dir, args.probe_dir):
         if p and not Path(p).is_dir():
             raise ValueError(f"folder not found: {p}")
     if args.inception_weights:
@@ -322,9 +368,9 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
         return str(Path(p).resolve()) if p else None
 
     plan = Plan(grid, out_dir, args.steps or grid.steps, list(args.seeds), list(user_args),
-                absolute(args.eval_images), absolute(args.zeroshot_dir), args.classnames,
+                absolute(args.eval_images), absolute(args.zeroshot_dir), absolute(args.probe_dir), args.classnames,
                 absolute(args.inception_weights), args.eval_batch_size, args.launcher, args.ngpu,
-                shlex.split(args.launcher_args))
+                shlex.split(args.launcher_args), jobs=args.jobs)
     for where, args_ in [("grid train_args", grid.train_args), ("arguments", user_args),
                          *[(f"cell {c.name!r}", c.args) for c in grid.cells]]:
         flags = {a.split("=")[0].replace("_", "-") for a in args_}
@@ -350,6 +396,7 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
         from runtime.distributed import warn_once
 
         warn_once("no --zeroshot-dir: zero-shot accuracy is not measured")
+    plan.probe_dir = plan.probe_dir or plan.zeroshot_dir
     for cell in grid.cells:
         cfg = check_train_args(plan.train_argv(cell, plan.seeds[0]), f"cell {cell.name!r}")
         if cfg.data.img_size != plan.train_size:
@@ -375,21 +422,38 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
             cmd, _ = _job(plan, "unitok.train", plan.train_argv(c, s))
             log.info(f"[dry run] {c.name} seed {s}: {shlex.join(cmd)}")
         return {}
-    results = []
+    done: dict[int, dict[str, Any]] = {}
     t_start = time.time()
-    for i, (cell, seed) in enumerate(todo, 1):
+
+    def one(i: int) -> None:
+        cell, seed = todo[i]
         t = time.time()
         result, ran = run_cell(plan, cell, seed)
-        results.append(result)
         m = result["metrics"]
-        shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1") if k in m)
+        shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1", "probe_top1") if k in m)
         how = (f"done in {time.time() - t:.0f} s (train {m['train_seconds']:.0f} s, eval {m['eval_seconds']:.0f} s)"
                if ran else "finished before, skipped")
-        log.info(f"[{i}/{len(todo)}] {cell.name} seed {seed}: {how} | {shown}")
-        write_outputs(plan, results)
-    summary = write_outputs(plan, results)
+        with lock:
+            done[i] = result
+            log.info(f"[{len(done)}/{len(todo)}] {cell.name} seed {seed}: {how} | {shown}")
+            write_outputs(plan, [done[j] for j in sorted(done)])
+
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too); the first failure stops new runs,
+    # the ones already started finish, and it is raised
+    with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
+        futures = [pool.submit(one, i) for i in range(len(todo))]
+        for f in futures:
+            if f.exception() is not None:
+                for g in futures:
+                    g.cancel()
+                raise f.exception()
+    summary = write_outputs(plan, [done[j] for j in sorted(done)])
     log.info(f"grid done in {time.time() - t_start:.0f} s -> {plan.out_dir / 'results.md'}\n"
-             + markdown_table(summary))
+             + markdown_table(summary) + "\n" + claims_table(summary))
     return summary
 
 

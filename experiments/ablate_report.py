@@ -1,8 +1,10 @@
-"""The ablation grid's results: per-cell statistics over seeds, the markdown table and the plot.
+"""The ablation grid's results: per-cell statistics over seeds, the claim tests, the markdown tables and the plot.
 
-    OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds
-    OUT_DIR/results.md     one markdown table, mean +- std
-    OUT_DIR/results.png    reconstruction (PSNR at 1x and 2x, rFID) and zero-shot top-1 per cell
+    OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds; `claims`: one record per
+                           claim of the grid (experiments/ablate_stats.py)
+    OUT_DIR/results.md     the cell table (mean +- std) and the claim table (difference, CI95, p, verdict)
+    OUT_DIR/results.png    reconstruction (PSNR at 1x and 2x, rFID) and understanding (zero-shot and
+                           linear-probe top-1) per cell
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
                         "min": float(a.min()), "max": float(a.max()), "values": vals}
         cells.append({"name": cell.name, "group": cell.group, "note": cell.note, "args": cell.args,
                       "report": list(cell.report), "seeds": [r["seed"] for r in rs], "metrics": stats})
+    from experiments.ablate_stats import evaluate_claims
+
     return {"grid": plan.grid.name, "base_preset": plan.grid.base_preset, "steps": plan.steps, "seeds": plan.seeds,
-            "train_size": plan.train_size, "eval_scales": list(plan.grid.eval_scales), "cells": cells}
+            "train_size": plan.train_size, "eval_scales": list(plan.grid.eval_scales), "cells": cells,
+            "claims": evaluate_claims(plan.grid.claims, cells)}
 
 
 def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -46,7 +51,8 @@ def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
     cols = [("psnr", f"PSNR {S}px", "recon")]
     cols += [(f"psnr@{s}x", f"PSNR {S * s}px ({s}x)", "recon") for s in summary["eval_scales"] if s != 1]
     cols += [("ssim", "SSIM", "recon"), ("rfid", "rFID", "recon"), ("mean_usage_pct", "usage %", "recon"),
-             ("zeroshot_top1", "zero-shot top-1 %", "zeroshot"), ("zeroshot_top5", "top-5 %", "zeroshot")]
+             ("zeroshot_top1", "zero-shot top-1 %", "zeroshot"), ("zeroshot_top5", "top-5 %", "zeroshot"),
+             ("probe_top1", "probe top-1 %", "zeroshot")]
     have = {k for c in summary["cells"] for k in c["metrics"]}
     return [c for c in cols if c[0] in have]
 
@@ -74,14 +80,65 @@ def markdown_table(summary: dict[str, Any]) -> str:
             row.append(_fmt(c["metrics"].get(key)) if group in c["report"] else "-")
         row += [str(len(c["seeds"])), c["note"] or " ".join(c["args"]) or "-"]
         lines.append("| " + " | ".join(row) + " |")
-    zs = [c["metrics"]["zeroshot_classes"]["mean"] for c in summary["cells"] if "zeroshot_classes" in c["metrics"]]
-    if zs:
-        lines += ["", f"Zero-shot chance level: {100 / zs[0]:.1f} % top-1 ({int(zs[0])} classes)."]
+    for key, what in (("zeroshot_classes", "Zero-shot"), ("probe_classes", "Linear-probe")):
+        n = [c["metrics"][key]["mean"] for c in summary["cells"] if key in c["metrics"]]
+        if n:
+            lines += ["", f"{what} chance level: {100 / n[0]:.1f} % top-1 ({int(n[0])} classes)."]
+    return "\n".join(lines) + "\n"
+
+
+def _side(s: dict[str, Any]) -> str:
+    if s["n"] == 0:
+        return f"{s['cell']}: -"
+    spread = f" {PM} {s['std']:.2f}" if s["std"] is not None else ""
+    return f"{s['cell']}: {s['mean']:.2f}{spread} (n {s['n']})"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def claims_table(summary: dict[str, Any]) -> str:
+    """The claim table: per claim both sides, the difference with its CI95, p and the verdicts."""
+    from experiments.ablate_stats import ALPHA
+
+    claims = summary.get("claims", [])
+    if not claims:
+        return ""
+    shown = [c for c in claims if c["verdict"] != "not measured"]
+    tested = sum(c["p"] is not None for c in claims)
+    head = ["claim", "source", "metric", "paper's better side", "other side", "difference [95 % CI]", "p",
+            "verdict", "after Holm"]
+    lines = ["## The paper's claims", "",
+             "Difference = the paper's better side minus the other (for lower-better metrics such as rFID, the "
+             "other minus the better), so > 0 is the paper's direction; 95 % Welch-Satterthwaite CI. "
+             f"p: one-sided Welch t-test in the paper's direction. Verdict: reproduced if p < {ALPHA}, "
+             f"contradicted if the opposite one-sided test has p < {ALPHA}, else not resolved at this scale "
+             "(fewer than 2 seeds on a side: no test). Both sides constant over seeds: an exact difference "
+             "(p 0 or 1; equal values: 0.5). "
+             f"{tested} claims were tested: with no real effect anywhere, about {tested * ALPHA:.1f} false "
+             f"'reproduced' and as many false 'contradicted' are expected by chance at {ALPHA}; 'after Holm' "
+             f"is the verdict on Holm-adjusted p over all {2 * tested} one-sided tests (family-wise error "
+             f"{ALPHA}).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in shown:
+        diff = "-" if c["diff"] is None else f"{c['diff']:+.2f}"
+        if c["ci95"] is not None:
+            diff += f" [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+        lines.append("| " + " | ".join([
+            c["name"], c["source"], f"{c['metric']} ({c['direction']} better)", _side(c["better"]),
+            _side(c["other"]), diff, _p(c["p"]), c["verdict"], c["verdict_holm"]]) + " |")
+    statements = dict.fromkeys((c["name"].split("/")[0], c["statement"]) for c in shown)  # once per claim
+    lines += ["", "What each claim says (the paper's numbers):", ""] + [f"- `{n}`: {st}" for n, st in statements]
+    missing = [c["name"] for c in claims if c["verdict"] == "not measured"]
+    if missing:
+        lines += ["", f"Not measured in this grid (a cell ran without the metric; rFID needs "
+                      f"--inception-weights): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> bool:
-    """Bar charts (mean, std error bars) of reconstruction and zero-shot accuracy per cell -> PNG."""
+    """Bar charts (mean, std error bars) of reconstruction and understanding accuracy per cell -> PNG."""
     try:
         import matplotlib
     except ImportError:
@@ -106,7 +163,10 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
                [(k, h) for k, h, g in _columns(summary) if k.startswith("psnr")])]
     if any("rfid" in c["metrics"] for c in cells):
         panels.append(("recon", "rFID, lower is better", [("rfid", "rFID")]))
-    panels.append(("zeroshot", "zero-shot top-1 (%), higher is better", [("zeroshot_top1", "top-1")]))
+    understanding = [("zeroshot_top1", "zero-shot top-1")]
+    if any("probe_top1" in c["metrics"] for c in cells):
+        understanding.append(("probe_top1", "linear-probe top-1"))
+    panels.append(("zeroshot", "understanding top-1 (%), higher is better", understanding))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(cells) + 2.2), sharey=True,
                              layout="constrained")
     colors = itertools.count()  # one colour per series across panels, for the shared legend
@@ -139,6 +199,6 @@ def write_outputs(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
     """results.json, results.md, results.png under out_dir."""
     summary = summarize(plan, results)
     (plan.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    (plan.out_dir / "results.md").write_text(markdown_table(summary))
+    (plan.out_dir / "results.md").write_text(markdown_table(summary) + "\n" + claims_table(summary))
     plot(summary, plan.out_dir / "results.png")
     return summary

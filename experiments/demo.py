@@ -165,6 +165,42 @@ def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> None:
                out / "logs" / "stage2.log")
 
 
+def _labelled_grid(rows: list[tuple[list, str, bool | None]], path: Path, scale: int = 3) -> None:
+    """One PNG a person can judge at a glance: per row, images (PIL or (H, W, 3) uint8, enlarged `scale`x
+    with nearest neighbours) then a caption; a verdict True/False colours the caption green/red."""
+    from PIL import Image, ImageDraw
+
+    tiles = [[(im if isinstance(im, Image.Image) else Image.fromarray(im)).convert("RGB") for im in ims]
+             for ims, _, _ in rows]
+    side = max(t.size[0] for ts in tiles for t in ts) * scale
+    pad, text_w = 4, 430
+    width = pad + max(len(ts) for ts in tiles) * (side + pad) + text_w
+    sheet = Image.new("RGB", (width, pad + len(rows) * (side + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (ts, (_, text, ok)) in enumerate(zip(tiles, rows)):
+        y = pad + r * (side + pad)
+        for c, t in enumerate(ts):
+            sheet.paste(t.resize((side, side), Image.NEAREST), (pad + c * (side + pad), y))
+        colour = (0, 0, 0) if ok is None else ((0, 120, 0) if ok else (190, 0, 0))
+        draw.multiline_text((pad + len(ts) * (side + pad) + 6, y + side // 2 - 14), text, fill=colour, spacing=4)
+    sheet.save(path)
+
+
+def _templates(rep: Path, factor: str) -> Path:
+    """Zero-shot prompts in the world's own caption phrasing, the other two attributes marginalised out
+    (every colour/background, or shape/background, once): CLIP's ImageNet prompts ('a photo of a {}') are
+    phrasings the demo's text tower never saw."""
+    from experiments.synthetic import BACKGROUNDS, FOREGROUNDS, SHAPES
+
+    if factor == "shape":
+        lines = [f"a {c} {{}} on a {b} background" for c in FOREGROUNDS for b in BACKGROUNDS]
+    else:
+        lines = [f"a {{}} {s} on a {b} background" for s in SHAPES for b in BACKGROUNDS]
+    path = rep / f"templates_{factor}.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _eval_items(out: Path) -> list[dict]:
     return json.loads((out / "data" / "eval" / "questions.json").read_text())
 
@@ -239,11 +275,26 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
             img.save(target / f"{i:04d}.png")
     tok_dir = str(out / "tokenizer" / "export")
     tok_eval(["--tokenizer", tok_dir, "--images", str(flat), "--size", "32", "--out", str(rep / "tok_recon")])
-    tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(by_shape), "--size", "32", "--out", str(rep / "zs1")])
-    tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(by_color), "--size", "32", "--out", str(rep / "zs2")])
+    for d, factor, o in ((by_shape, "shape", "zs1"), (by_color, "color", "zs2")):
+        tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(d), "--size", "32", "--out", str(rep / o),
+                  "--templates", str(_templates(rep, factor))])
     recon = json.loads((rep / "tok_recon" / "metrics.json").read_text())
     zs_shape = json.loads((rep / "zs1" / "metrics.json").read_text())["zeroshot_top1"]
     zs_color = json.loads((rep / "zs2" / "metrics.json").read_text())["zeroshot_top1"]
+    # the checker, validated: on the held-out renders themselves (its own accuracy) and on the tokenizer's
+    # reconstructions of them (what any generated image can reach at best: generation decodes the same codes)
+    recons = [Image.open(rep / "tok_recon" / "recon" / f"{i:06d}.png").convert("RGB") for i in range(len(items))]
+
+    def judged_right(img, it) -> bool:
+        got = classify_image(img)
+        return got["shape"] == it["shape"] and got["color"] == it["color"]
+
+    checker_renders = 100.0 * sum(judged_right(images[it["image"]], it) for it in items) / len(items)
+    checker_recons = 100.0 * sum(judged_right(r, it) for r, it in zip(recons, items)) / len(items)
+    _labelled_grid([([images[it["image"]], r], f"{it['color']} {it['shape']} on {it['background']}\n"
+                     f"checker on the reconstruction: {classify_image(r)['color']} {classify_image(r)['shape']}",
+                     judged_right(r, it)) for it, r in list(zip(items, recons))[:12]],
+                   rep / "reconstruction_grid.png")
     # MLLM: VQA on held-out questions, through the engine the chat and the evaluation use (greedy)
     model = AutoModelForCausalLM.from_pretrained(out / "stage2" / "export").eval()
     engine = MLLMEngine(model, AutoTokenizer.from_pretrained(out / "stage2" / "export"), load_tokenizer(tok_dir),
@@ -274,9 +325,13 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
         color_match += got["color"] == c
         gen_rows.append({"prompt": f"a {c} {s} on a {b} background", "judged": got, "match": ok})
     (rep / "generation.json").write_text(json.dumps(gen_rows, indent=1))
+    _labelled_grid([([arr], f"prompt: {r['prompt']}\nchecker: {r['judged']['color']} {r['judged']['shape']} on "
+                            f"{r['judged']['background']} -> {'match' if r['match'] else 'no match'}", r["match"])
+                    for arr, r in zip(pix, gen_rows)], rep / "generation_grid.png")
     report = {"recon_psnr": recon["psnr"], "recon_ssim": recon["ssim"], "codebook_usage_pct": recon["mean_usage_pct"],
               "zeroshot_shape_top1": zs_shape, "zeroshot_color_top1": zs_color, "vqa_accuracy": vqa,
-              "generation_match": 100.0 * match / len(combos),
+              "generation_match": 100.0 * match / len(combos), "checker_on_renders": checker_renders,
+              "checker_on_reconstructions": checker_recons,
               "generation_color_match": 100.0 * color_match / len(combos), "sizes": asdict(sizes)}
     (rep / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -287,7 +342,7 @@ def format_report(r: dict) -> str:
               "generation_color_match": 16.7}
     lines = ["| metric | value | chance |", "|---|---|---|"]
     for k in ("recon_psnr", "codebook_usage_pct", "zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy",
-              "generation_match", "generation_color_match"):
+              "generation_match", "generation_color_match", "checker_on_renders", "checker_on_reconstructions"):
         lines.append(f"| {k} | {r[k]:.2f} | {chance.get(k, '-')} |")
     return "\n".join(lines)
 

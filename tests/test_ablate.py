@@ -3,6 +3,7 @@ cells, results files; grid validation."""
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from experiments import ablate, ablate_grid
@@ -33,12 +34,12 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
     with pytest.raises(RuntimeError, match="training of cell base seed 0 failed"):
         ablate.run(*ablate.parse_args(_args(out, grid, "--debug.kill-at-step", "2")))
     assert (out / "cells" / "base" / "seed0" / "train" / "latest").read_text() == "step-00000002"
-    summary = ablate.run(*ablate.parse_args(_args(out, grid)))
+    summary = ablate.run(*ablate.parse_args(_args(out, grid, "--jobs", "2")))  # resumes one, trains the other beside it
     assert "resumed from" in (out / "cells" / "base" / "seed0" / "train.log").read_text()
     steps = [json.loads(x)["step"] for x in (out / "cells" / "base" / "seed0" / "train" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3]
 
-    # every cell: trained, exported, evaluated at 32 px and 64 px (2x), zero-shot on the synthetic folder
+    # every cell: trained, exported, evaluated at 32 px and 64 px (2x), zero-shot and probe on the synthetic folder
     assert [c["name"] for c in summary["cells"]] == ["base", "recon-only"]
     for c in summary["cells"]:
         m = c["metrics"]
@@ -47,11 +48,12 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
         run_dir = out / "cells" / c["name"] / "seed0" / "train"
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert m["train_loss"]["values"] == [last["loss"]] and seed0["train_loss"] == last["loss"]
-        for k in ("psnr", "psnr@2x", "ssim", "mean_usage_pct", "zeroshot_top1", "zeroshot_top5"):
+        for k in ("psnr", "psnr@2x", "ssim", "mean_usage_pct", "zeroshot_top1", "zeroshot_top5", "probe_top1"):
             assert m[k]["values"] == [seed0[k]] and m[k]["mean"] == seed0[k], (c["name"], k)
         evaluated = json.loads((out / "cells" / c["name"] / "seed0" / "eval_1x" / "metrics.json").read_text())
         assert seed0["psnr"] == evaluated["psnr"] and 0 < seed0["psnr"] < 60 and 0 < seed0["psnr@2x"] < 60
         assert m["zeroshot_classes"]["mean"] == 54 and c["seeds"] == [0]  # the synthetic world's scenes
+        assert m["probe_classes"]["mean"] == 54 and 0 <= seed0["probe_top1"] <= 100
         assert (run_dir / "export" / "model.safetensors").is_file()
         assert (run_dir / "latest").read_text() == "step-00000003"
     cfg = json.loads((out / "cells" / "recon-only" / "seed0" / "train" / "config.json").read_text())["config"]
@@ -62,8 +64,17 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
     assert on_disk == json.loads(json.dumps(summary))
     table = (out / "results.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| recon-only "))
-    assert row.split("|")[-4].strip() == "-"  # the zero-shot top-5 column
+    assert row.split("|")[-5].strip() == row.split("|")[-4].strip() == "-"  # the zero-shot top-5 and probe columns
     assert "PSNR 64px (2x)" in table and "| base | reference |" in table
+    # the claims of these two cells (Table 6, joint vs recon-only): one seed tests nothing; no rFID was measured
+    claims = {c["name"]: c for c in summary["claims"]}
+    assert set(claims) == {"table6-joint-vs-recon-only/psnr", "table6-joint-vs-recon-only/rfid"}
+    psnr = claims["table6-joint-vs-recon-only/psnr"]
+    assert psnr["verdict"] == "not resolved (needs >= 2 seeds)" and psnr["p"] is None
+    assert psnr["better"]["values"] == summary["cells"][0]["metrics"]["psnr"]["values"]
+    assert claims["table6-joint-vs-recon-only/rfid"]["verdict"] == "not measured"
+    claim_rows = table.split("## The paper's claims")[1].splitlines()
+    assert sum("| Table 6 | psnr" in r and "not resolved (needs >= 2 seeds)" in r for r in claim_rows) == 1
     try:
         import matplotlib  # noqa: F401
         assert (out / "results.png").stat().st_size > 1000
@@ -145,3 +156,144 @@ def test_builtin_grids_one_switch_per_cell(tmp_path):
     for cell, line in zip(paper.cells, planned):
         assert f"] {cell.name} seed 0: " in line and "deepspeed --num_gpus" in line and "--module unitok.train" in line
         assert all(a in line for a in cell.args), (cell.name, cell.args)
+
+
+# ---- claims: statistics, verdicts, derivation -----------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on the constant side
+def test_welch_matches_scipy_ttest_and_its_interval():
+    """Difference, Welch df, CI95 and both one-sided p-values against scipy's own Welch test."""
+    from scipy import stats
+
+    from experiments.ablate_stats import welch
+
+    rng = np.random.default_rng(0)
+    for na, nb, sa, sb, shift in [(5, 5, 1.0, 1.0, 0.8), (3, 7, 0.2, 2.0, -0.5), (2, 2, 1.0, 0.1, 3.0),
+                                  (5, 4, 0.0, 1.0, 1.0)]:  # the last: one side constant, Welch still defined
+        a = shift + sa * rng.standard_normal(na) if sa else np.full(na, shift)
+        b = sb * rng.standard_normal(nb)
+        w = welch(list(a), list(b))
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        assert w["diff"] == pytest.approx(a.mean() - b.mean())
+        assert w["t"] == pytest.approx(ref.statistic) and w["df"] == pytest.approx(ref.df)
+        assert w["ci95"] == pytest.approx(list(ref.confidence_interval(0.95)))
+        assert w["p_greater"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False, alternative="greater").pvalue)
+        assert w["p_less"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False, alternative="less").pvalue)
+        va, vb = a.var(ddof=1) / na, b.var(ddof=1) / nb  # Welch-Satterthwaite by hand
+        assert w["df"] == pytest.approx((va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)))
+
+
+def test_holm_against_hand_computed_values():
+    from experiments.ablate_stats import holm
+
+    # sorted 0.01, 0.03, 0.04, 0.5 (m = 4): 4 x 0.01, 3 x 0.03, max(0.09, 2 x 0.04), max(0.09, 0.5)
+    assert holm([0.04, 0.5, 0.01, 0.03]) == pytest.approx([0.09, 0.5, 0.04, 0.09])
+    assert holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])  # capped monotone, never above 1
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+
+
+def _cells(values: dict[str, dict[str, list[float]]]) -> list[dict]:
+    return [{"name": n, "metrics": {k: {"values": v} for k, v in m.items()}} for n, m in values.items()]
+
+
+def test_claim_verdict_rules():
+    from experiments.ablate_grid import Claim
+    from experiments.ablate_stats import (CONTRADICTED, FEW_SEEDS, NOT_MEASURED, REPRODUCED, UNRESOLVED,
+                                          evaluate_claims)
+
+    def run(a, b, direction="higher", metric="m"):
+        cells = _cells({"A": {metric: a} if a is not None else {}, "B": {metric: b}})
+        return evaluate_claims([Claim("c", "src", "A beats B", "A", "B", metric, direction)], cells)[0]
+
+    r = run([10.0, 10.5, 11.0, 10.2, 10.8], [8.0, 8.4, 7.9, 8.3, 8.1])
+    assert r["verdict"] == REPRODUCED and r["p"] < 0.05 and r["diff"] > 0 and r["ci95"][0] > 0
+    assert r["better"]["mean"] == pytest.approx(10.5) and r["better"]["std"] == pytest.approx(np.std(
+        [10.0, 10.5, 11.0, 10.2, 10.8], ddof=1)) and r["other"]["n"] == 5
+    r = run([8.0, 8.4, 7.9, 8.3, 8.1], [10.0, 10.5, 11.0, 10.2, 10.8])
+    assert r["verdict"] == CONTRADICTED and r["p_opposite"] < 0.05 and r["diff"] < 0
+    assert run([1.0, 2.0, 3.0], [1.5, 2.5, 2.0])["verdict"] == UNRESOLVED
+    # lower-is-better (rFID): the lower side wins, and the difference is signed so > 0 is the paper's way
+    r = run([1.0, 1.1, 0.9], [2.0, 2.2, 1.9], direction="lower", metric="rfid")
+    assert r["verdict"] == REPRODUCED and r["diff"] == pytest.approx(2.0333333 - 1.0)
+    # both sides constant: no NaN; equal values resolve nothing, different ones are an exact difference
+    r = run([100.0, 100.0], [100.0, 100.0, 100.0])
+    assert r["verdict"] == UNRESOLVED and r["p"] == r["p_opposite"] == 0.5 and r["ci95"] == [0.0, 0.0]
+    r = run([100.0, 100.0], [90.0, 90.0])
+    assert r["verdict"] == REPRODUCED and (r["p"], r["p_opposite"]) == (0.0, 1.0) and r["ci95"] == [10.0, 10.0]
+    assert run([90.0, 90.0], [100.0, 100.0])["verdict"] == CONTRADICTED
+    # one seed on a side: no test; a cell that ran without the metric: not measured
+    r = run([10.0], [8.0, 8.1])
+    assert r["verdict"] == FEW_SEEDS and r["p"] is None and r["ci95"] is None and r["diff"] == pytest.approx(1.95)
+    assert run(None, [8.0, 8.1])["verdict"] == NOT_MEASURED
+
+
+def test_holm_verdicts_are_never_bolder_than_the_raw_ones():
+    from experiments.ablate_grid import Claim
+    from experiments.ablate_stats import REPRODUCED, UNRESOLVED, evaluate_claims
+
+    rng = np.random.default_rng(1)
+    cells = {f"c{i}": {"m": list(rng.normal(0, 1, 5))} for i in range(12)}
+    cells["strong"] = {"m": list(rng.normal(5, 1, 5))}
+    claims = [Claim(f"k{i}", "s", "x", "strong" if i == 0 else f"c{i}", f"c{i + 1}", "m") for i in range(11)]
+    out = evaluate_claims(claims, _cells(cells))
+    assert out[0]["verdict"] == out[0]["verdict_holm"] == REPRODUCED
+    for r in out:
+        assert r["p_holm"] >= r["p"] and r["p_opposite_holm"] >= r["p_opposite"]
+        assert r["verdict_holm"] in (r["verdict"], UNRESOLVED)
+
+
+def test_cpu_grid_claims_cover_the_paper_and_name_its_cells():
+    grid = ablate_grid.load_grid("cpu", "debug")
+    cells = {c.name for c in grid.cells}
+    pairs = {(c.better, c.other, c.metric): c for c in grid.claims}
+    assert len(pairs) == len(grid.claims) == len({c.name for c in grid.claims})
+    for c in grid.claims:
+        assert {c.better, c.other} <= cells and c.metric in ablate.metric_keys(grid)
+        assert c.direction == ("lower" if c.metric == "rfid" else "higher")
+    expected = [("base", "recon-only", "psnr"), ("base", "recon-only", "rfid"),
+                ("base", "contrastive-only", "zeroshot_top1"), ("base", "rq-4x64", "psnr"),
+                ("base", "rq-4x64", "zeroshot_top1"), ("base", "rq-4x64", "probe_top1"),
+                ("mcq-8x32", "base", "psnr"), ("base", "mcq-2x128", "psnr"), ("mcq-2x128", "single-1x256", "psnr"),
+                ("mcq-8x32", "base", "zeroshot_top1"), ("mcq-2x128", "single-1x256", "probe_top1"),
+                ("base", "single-1x256", "mean_usage_pct"), ("base", "linear-proj", "zeroshot_top1"),
+                ("base", "causal-proj", "probe_top1")]
+    assert [e for e in expected if e not in pairs] == []
+    assert {c.source for c in grid.claims} >= {"Table 6", "Table 7", "Table 8", "Fig. 3", "issue #5"}
+    # --cells keeps only the claims whose two cells remain
+    grid.keep_cells({"base", "recon-only", "linear-proj"})
+    assert {(c.better, c.other) for c in grid.claims} == {("base", "recon-only"), ("base", "linear-proj")}
+
+
+def test_yaml_grid_gets_the_paper_claims_of_its_cells_and_its_own(tmp_path):
+    grid = ablate_grid.load_grid(str(_write_grid(tmp_path / "g.yaml", [
+        {"name": "base", "args": []}, {"name": "recon-only", "args": ["--loss.clip", "0"]},
+        {"name": "wide", "args": ["--model.quantizer.codebook-size", "128"]}],
+        claims=[{"name": "wide-recon", "source": "mine", "statement": "wider codebooks reconstruct better",
+                 "better": "wide", "other": "base", "metric": "psnr@2x"}])), None)
+    assert [(c.better, c.other, c.metric) for c in grid.claims] == [
+        ("base", "recon-only", "psnr"), ("base", "recon-only", "rfid"), ("wide", "base", "psnr@2x")]
+    assert grid.claims[-1].direction == "higher"
+
+
+@pytest.mark.parametrize("claims,match", [
+    ({"name": "x"}, "'claims' must be a list"),
+    (["x"], "claim #0 must be a mapping"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "base", "other": "b", "metric": "psnr", "dir": 1}],
+     "claim 'x': unknown keys \\['dir'\\]"),
+    ([{"name": "x", "source": "s", "better": "base", "other": "b", "metric": "psnr"}],
+     "missing keys \\['statement'\\]"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "base", "other": "b", "metric": "psnr",
+       "direction": "up"}], "direction must be 'higher' or 'lower'"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "base", "other": "nope", "metric": "psnr"}],
+     "claim 'x' names cells \\['nope'\\]"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "b", "other": "b", "metric": "psnr"}], "with itself"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "base", "other": "b", "metric": "psnr"}] * 2,
+     "duplicate claim names"),
+    ([{"name": "x", "source": "s", "statement": "t", "better": "base", "other": "b", "metric": "psnr@3x"}],
+     "claim 'x': metric 'psnr@3x' is not a result of this grid"),
+])
+def test_bad_claim_is_a_clear_error_naming_the_file(tmp_path, claims, match):
+    grid = _write_grid(tmp_path / "bad.yaml", [{"name": "base", "args": []}, {"name": "b", "args": []}], claims=claims)
+    with pytest.raises(ValueError, match=match) as e:
+        ablate.run(*ablate.parse_args(_args(tmp_path / "out", grid, "--dry-run")))
+    assert str(grid) in str(e.value)
+    assert not (tmp_path / "out" / "cells").exists()

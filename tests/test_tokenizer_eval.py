@@ -1,4 +1,4 @@
-"""`unitok.evaluate` on a tiny folder with a tiny random Inception."""
+"""`unitok.evaluate` on a tiny folder with a tiny random Inception; the linear probe on frozen features."""
 import json
 from unittest import mock
 
@@ -37,7 +37,7 @@ def _folder(root, n=6, size=40, seed=0):
 
 
 @pytest.mark.parametrize("argv,message", [
-    ([], "give --images and/or --zeroshot-dir"),
+    ([], "give --images, --zeroshot-dir and/or --probe-dir"),
     (["--zeroshot-dir", "zs", "--inception-weights", "w.pth"], "--inception-weights does not apply without --images"),
     (["--images", "ref", "--classnames", "imagenet"], "--classnames does not apply without --zeroshot-dir"),
 ])
@@ -65,32 +65,30 @@ def test_reconstruction_metrics_and_fid(tmp_path, random_inception):
     assert m["rfid"] >= 0 and m["is"] > 0
 
 
-def test_zero_shot_on_image_folder(tmp_path):
+def test_zero_shot_on_image_folder(tmp_path, capsys):
     """The CLI's accuracies equal an independent per-image computation (7 classes, so top-5 < 100 is
-    possible): class weights = renormalised mean of the normalised template embeddings (open_clip's rule)."""
+    possible): class weights = renormalised mean of the normalised template embeddings (open_clip's rule),
+    with OpenAI's ImageNet templates by default and with the lines of a --templates file."""
     import open_clip
     import torch.nn.functional as F
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     from unitok import load_tokenizer
-    from unitok.evaluate import load_val_image
+    from unitok.evaluate import load_val_image, parse_args
 
     torch.manual_seed(0)
     UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
     classes = ["blue_square", "green_star", "orange_cross", "pink_ring", "purple_heart", "red_circle", "white_moon"]
     for i, cls in enumerate(classes):
         _folder(tmp_path / "zs" / cls, n=2, size=32, seed=i)
-    main(["--tokenizer", str(tmp_path / "tok"), "--zeroshot-dir", str(tmp_path / "zs"), "--size", "32",
-          "--out", str(tmp_path / "o"), "--batch-size", "3"])
-    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    assert m["zeroshot_images"] == 14 and m["zeroshot_classes"] == 7
-
     model = load_tokenizer(tmp_path / "tok").eval()
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.cfg.text.context_length)
-    with torch.no_grad():
+
+    @torch.no_grad()
+    def independent(templates):
         w = []
         for c in classes:
-            e = model.encode_text(tok([t(c.replace("_", " ")) for t in OPENAI_IMAGENET_TEMPLATES]), normalize=True)
+            e = model.encode_text(tok([t(c.replace("_", " ")) for t in templates]), normalize=True)
             w.append(F.normalize(e.mean(0), dim=0))
         w = torch.stack(w, 1)  # (D, 7)
         top1 = top5 = 0
@@ -100,7 +98,32 @@ def test_zero_shot_on_image_folder(tmp_path):
                 order = s.argsort(descending=True).tolist()
                 top1 += order[0] == label
                 top5 += label in order[:5]
-    assert m["zeroshot_top1"] == pytest.approx(100 * top1 / 14) and m["zeroshot_top5"] == pytest.approx(100 * top5 / 14)
+        return 100 * top1 / 14, 100 * top5 / 14
+
+    custom = ["a drawing of a {} on white", "{}, small", "the {} in the middle"]
+    (tmp_path / "templates.txt").write_text("\n".join(custom) + "\n\n")  # blank lines are skipped
+    for name, extra, templates in (("o", [], OPENAI_IMAGENET_TEMPLATES),
+                                   ("o2", ["--templates", str(tmp_path / "templates.txt")],
+                                    [lambda c, t=t: t.format(c) for t in custom])):
+        from open_clip import zero_shot_classifier as zsc
+
+        with mock.patch.object(zsc, "build_zero_shot_classifier", wraps=zsc.build_zero_shot_classifier) as built:
+            main(["--tokenizer", str(tmp_path / "tok"), "--zeroshot-dir", str(tmp_path / "zs"), "--size", "32",
+                  "--out", str(tmp_path / name), "--batch-size", "3", *extra])
+        used = built.call_args.args[3]  # the templates the classifier was built from
+        assert [t("X") if callable(t) else t.format("X") for t in used] == [t("X") for t in templates]
+        m = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert m["zeroshot_images"] == 14 and m["zeroshot_classes"] == 7
+        top1, top5 = independent(templates)
+        assert m["zeroshot_top1"] == pytest.approx(top1) and m["zeroshot_top5"] == pytest.approx(top5)
+
+    # a templates file without exactly one {} per line, or a missing one, is refused before the model loads
+    (tmp_path / "bad.txt").write_text("a photo of a {}\na photo\n")
+    for spec, msg in ((tmp_path / "bad.txt", "exactly one '{}' for the class name; bad: 'a photo'"),
+                      (tmp_path / "nope.txt", "no such file")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--tokenizer", "t", "--zeroshot-dir", "zs", "--templates", str(spec)])
+        assert e.value.code == 2 and msg in " ".join(capsys.readouterr().err.replace("│", "").split())
 
 
 class NotATensor:
@@ -122,3 +145,83 @@ def test_metric_helpers(tmp_path):
     torch.save({"x": NotATensor()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="refusing"):
         check_local_weights(tmp_path / "evil.pth")
+
+
+def test_probe_split_alternates_within_each_class():
+    from unitok.evaluate import probe_split
+
+    train, test = probe_split([0, 0, 0, 1, 1, 0, 2])  # class 0 at 0, 1, 2, 5; class 1 at 3, 4; class 2 at 6
+    assert (train, test) == ([0, 2, 3, 6], [1, 4, 5])
+
+
+def test_linear_probe_fits_separable_features_and_not_random_labels():
+    """Gaussian clusters (5 classes, 16-d, L2-normalised like encode_image) are learned; labels that carry no
+    information about the features are not (chance is 20 %)."""
+    import torch.nn.functional as F
+
+    from unitok.evaluate import linear_probe_top1, probe_split
+
+    g = torch.Generator().manual_seed(0)
+    C, per, D = 5, 20, 16
+    y = torch.arange(C).repeat_interleave(per)
+    centres = torch.randn(C, D, generator=g)
+    x = F.normalize(centres[y] + 0.3 * torch.randn(C * per, D, generator=g), dim=1)
+    tr, te = probe_split(y.tolist())
+    assert linear_probe_top1(x[tr], y[tr], x[te], y[te], C) >= 95.0
+    noise = F.normalize(torch.randn(C * per, D, generator=g), dim=1)
+    assert linear_probe_top1(noise[tr], y[tr], noise[te], y[te], C) <= 45.0
+
+
+def _colour_folder(root, per_class=4, seed=0):
+    rng = np.random.default_rng(seed)
+    for name, rgb in [("red", (220, 30, 30)), ("green", (30, 200, 40)), ("blue", (30, 40, 220))]:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a = np.clip(np.array(rgb) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / name / f"{i}.png")
+    return root
+
+
+def _main_metrics(tmp_path, argv, name):
+    main(["--tokenizer", str(tmp_path / "tok"), "--size", "32", "--out", str(tmp_path / name), *argv])
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_linear_probe_on_image_folder(tmp_path):
+    """The CLI's probe equals an independent pass (per-image encode_image, the split rule, the fit); colour
+    classes are separable even for a random tokenizer, so it is far above chance (33 %); ranks' shares of
+    the features add up to the whole."""
+    from unitok import load_tokenizer
+    from unitok.evaluate import image_features, linear_probe_top1, load_val_image, probe_split
+
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
+    folder = _colour_folder(tmp_path / "probe")
+    main(["--tokenizer", str(tmp_path / "tok"), "--probe-dir", str(folder), "--size", "32",
+          "--out", str(tmp_path / "o"), "--batch-size", "5"])
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (m["probe_classes"], m["probe_train_images"], m["probe_test_images"]) == (3, 6, 6)
+    assert m["probe_top1"] >= 90.0
+
+    model = load_tokenizer(tmp_path / "tok").eval()
+    paths = [p for c in ("blue", "green", "red") for p in sorted((folder / c).iterdir())]  # ImageFolder's order
+    y = torch.arange(3).repeat_interleave(4)
+    with torch.no_grad():
+        x = torch.cat([model.encode_image(load_val_image(p, 32)[None], normalize=True) for p in paths])
+    tr, te = probe_split(y.tolist())
+    assert m["probe_top1"] == pytest.approx(linear_probe_top1(x[tr], y[tr], x[te], y[te], 3))
+    shares = [image_features(model, paths, 32, batch_size=2, rank=r, world=2) for r in (0, 1)]
+    assert torch.allclose(shares[0] + shares[1], x, atol=1e-5) and not shares[0][1::2].any()
+
+    # with the zero-shot folder as probe folder one encoding pass feeds both; the numbers do not change
+    both = _main_metrics(tmp_path, ["--zeroshot-dir", str(folder), "--probe-dir", str(folder)], "both")
+    alone = _main_metrics(tmp_path, ["--zeroshot-dir", str(folder)], "zs")
+    assert both["probe_top1"] == m["probe_top1"] and both["zeroshot_top1"] == alone["zeroshot_top1"]
+    assert both["zeroshot_top5"] == alone["zeroshot_top5"]
+
+    for p in (folder / "red").iterdir():
+        if p.name != "0.png":
+            p.unlink()
+    with pytest.raises(ValueError, match="class 'red' has 1 image"):
+        main(["--tokenizer", str(tmp_path / "tok"), "--probe-dir", str(folder), "--size", "32",
+              "--out", str(tmp_path / "o2")])

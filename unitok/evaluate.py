@@ -1,7 +1,8 @@
-"""Tokenizer evaluation: reconstruction (rFID, IS, PSNR, SSIM), codebook usage, zero-shot accuracy.
+"""Tokenizer evaluation: reconstruction (rFID, IS, PSNR, SSIM), codebook usage, zero-shot accuracy, linear probe.
 
     python -m unitok.evaluate --tokenizer CKPT --images REF_DIR [--inception-weights FILE]
-        [--zeroshot-dir IMAGEFOLDER [--classnames imagenet|folders]] [--size 256] [--out OUT_DIR]
+        [--zeroshot-dir IMAGEFOLDER [--classnames imagenet|folders]] [--probe-dir IMAGEFOLDER]
+        [--size 256] [--out OUT_DIR]
     (--inception-weights goes with --images, --classnames with --zeroshot-dir; python -m unitok.evaluate --help)
 
 - Reconstruction: each image of REF_DIR goes through Resize + CenterCrop(size), encode, decode; the
@@ -13,8 +14,12 @@
 - Codebook: per-codebook usage (% of entries hit) and perplexity exp(H(code histogram)).
 - Zero-shot: open_clip's zero-shot classifier (class names x templates, averaged and renormalised
   text embeddings) against `encode_image` (the quantized path); top-1 and top-5.
+- Linear probe: a multinomial logistic regression on the frozen, L2-normalised `encode_image`
+  features (the zero-shot path's), fitted on one half of each class and scored on the other
+  (`probe_split`); top-1. A second read of understanding that does not go through the text tower.
 
-Multi-rank: images are split across ranks; counts are all-reduced; only rank 0 writes JSON.
+Multi-rank: images are split across ranks; counts (and the probe's features) are all-reduced; only
+rank 0 writes JSON.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class TokenizerEvalConfig:
-    """One tokenizer evaluation: reconstruction metrics on --images and/or zero-shot on --zeroshot-dir."""
+    """One tokenizer evaluation: reconstruction on --images, zero-shot on --zeroshot-dir, a probe on --probe-dir."""
 
     tokenizer: str
     """Checkpoint folder or official unitok_tokenizer.pth."""
@@ -49,6 +54,12 @@ class TokenizerEvalConfig:
     """ImageFolder for zero-shot classification."""
     classnames: Literal["imagenet", "folders"] = "folders"
     """Zero-shot class names: ImageNet's (1000 class folders) or the folder names (with --zeroshot-dir)."""
+    templates: str = "imagenet"
+    """Zero-shot prompt templates: `imagenet` (OpenAI's 80 ImageNet prompts) or a text file with one template
+    per line, `{}` marking the class name (a dataset's own phrasings, as CLIP evaluations use per dataset)."""
+    probe_dir: str | None = None
+    """ImageFolder for a linear probe on the frozen image features (may be the zero-shot folder); every class
+    needs >= 2 images: even positions (sorted) train the probe, odd ones test it."""
     size: int = 256
     """Image side (Resize + CenterCrop)."""
     batch_size: int = 16
@@ -59,12 +70,14 @@ class TokenizerEvalConfig:
     """Passed by the deepspeed launcher; the rank is read from the environment (LOCAL_RANK)."""
 
     def __post_init__(self):
-        if not self.images and not self.zeroshot_dir:
-            raise ValueError("give --images and/or --zeroshot-dir")
+        if not self.images and not self.zeroshot_dir and not self.probe_dir:
+            raise ValueError("give --images, --zeroshot-dir and/or --probe-dir")
         if not self.images:
             refuse_changed(self, ["inception_weights"], "without --images (rFID/IS compare reconstructions)")
         if not self.zeroshot_dir:
-            refuse_changed(self, ["classnames"], "without --zeroshot-dir")
+            refuse_changed(self, ["classnames", "templates"], "without --zeroshot-dir")
+        elif self.templates != "imagenet":
+            read_templates(self.templates)  # a bad file fails here, before the model loads
         if self.size <= 0 or self.batch_size < 1:
             raise ValueError("--size and --batch-size must be positive")
 
@@ -166,12 +179,44 @@ def evaluate_reconstruction(model, images: list[Path], size: int, out_dir: Path,
 
 
 @torch.no_grad()
+def image_features(model, paths: list[Path], size: int, batch_size: int = 32, rank: int = 0,
+                   world: int = 1) -> torch.Tensor:
+    """L2-normalised `encode_image` features (N, E) float32 on CPU; this rank fills rows rank::world, the
+    others stay zero, so a sum over ranks (all-reduce) gives every rank all N rows."""
+    feats = torch.zeros(len(paths), model.cfg.embed_dim)
+    idx = list(range(len(paths)))[rank::world]
+    for i in range(0, len(idx), batch_size):
+        rows = idx[i:i + batch_size]
+        x = torch.stack([load_val_image(paths[j], size) for j in rows]).to(model.device)
+        feats[rows] = model.encode_image(x, normalize=True).float().cpu()
+    return feats
+
+
+def read_templates(spec: str) -> list[str]:
+    """`imagenet` -> OpenAI's ImageNet prompts; else the non-empty lines of the file SPEC, each with one `{}`."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    if spec == "imagenet":
+        return list(OPENAI_IMAGENET_TEMPLATES)
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--templates {spec}: no such file (use 'imagenet' or a file of templates)")
+    lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+    bad = [x for x in lines if x.count("{}") != 1]
+    if not lines or bad:
+        raise ValueError(f"--templates {spec}: every line needs exactly one '{{}}' for the class name"
+                         + (f"; bad: {bad[0]!r}" if bad else "; the file is empty"))
+    return lines
+
+
+@torch.no_grad()
 def zero_shot(model, folder: Path, classnames: str, size: int, batch_size: int = 32, rank: int = 0,
-              world: int = 1) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy on an ImageFolder (summed counts for this rank)."""
+              world: int = 1, features: torch.Tensor | None = None, templates: str = "imagenet") -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy on an ImageFolder (summed counts for this rank); `features`: the
+    folder's `image_features` when the probe has them already (at least this rank's rows filled)."""
     import open_clip
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(folder))
@@ -182,29 +227,110 @@ def zero_shot(model, folder: Path, classnames: str, size: int, batch_size: int =
     else:
         names = [c.replace("_", " ") for c in ds.classes]
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.cfg.text.context_length)
-    weights = build_zero_shot_classifier(model, tok, names, OPENAI_IMAGENET_TEMPLATES, 10, model.device)
+    weights = build_zero_shot_classifier(model, tok, names, read_templates(templates), 10, model.device)
+    if features is None:
+        features = image_features(model, [Path(p) for p, _ in ds.samples], size, batch_size, rank, world)
     top1 = top5 = n = 0
     idx = list(range(len(ds)))[rank::world]
     for i in range(0, len(idx), batch_size):
-        items = [ds.samples[j] for j in idx[i:i + batch_size]]
-        x = torch.stack([load_val_image(Path(p), size) for p, _ in items]).to(model.device)
-        y = torch.tensor([t for _, t in items], device=model.device)
-        logits = 100.0 * model.encode_image(x, normalize=True) @ weights
+        rows = idx[i:i + batch_size]
+        y = torch.tensor([ds.targets[j] for j in rows], device=model.device)
+        logits = 100.0 * features[rows].to(model.device) @ weights
         k = min(5, logits.shape[1])
         pred = logits.topk(k, dim=1).indices
         top1 += int((pred[:, 0] == y).sum())
         top5 += int((pred == y[:, None]).any(1).sum())
-        n += len(items)
+        n += len(rows)
     return {"top1_correct": top1, "top5_correct": top5, "n": n, "num_classes": len(names)}
 
 
+# The probe: fixed settings, so every cell of an ablation is read the same way.
+PROBE_MAX_ITERS = 100
+"""L-BFGS iterations at most (full batch; it stops earlier once the gradient vanishes)."""
+PROBE_L2 = 1e-3
+"""Weight of the L2 penalty sum(W**2) next to the mean cross-entropy (the bias is not penalised)."""
+
+
+def probe_split(targets: list[int]) -> tuple[list[int], list[int]]:
+    """Train and test indices: within each class, in the given (ImageFolder: sorted path) order, images
+    alternate train, test, train, ... so both halves span the class; an odd count gives train one more."""
+    seen: dict[int, int] = {}
+    train, test = [], []
+    for i, t in enumerate(targets):
+        (train if seen.get(t, 0) % 2 == 0 else test).append(i)
+        seen[t] = seen.get(t, 0) + 1
+    return train, test
+
+
+def linear_probe_top1(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                      num_classes: int, max_iters: int = PROBE_MAX_ITERS, l2: float = PROBE_L2) -> float:
+    """Fit a multinomial logistic regression on (N, E) features and return the test top-1 in percent.
+
+    Full-batch L-BFGS in torch (sklearn is neither installed nor a dependency). Features are standardised
+    with the train half's per-dimension mean and std first, so one penalty suits any embedding width and
+    scale (L2-normalised features have entries ~ 1/sqrt(E)).
+    """
+    mu, sd = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
+    xtr, xte = (x_train - mu) / sd, (x_test - mu) / sd
+    lin = torch.nn.Linear(x_train.shape[1], num_classes).to(x_train.device, x_train.dtype)
+    torch.nn.init.zeros_(lin.weight)  # deterministic start: the convex problem has one optimum anyway
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iters, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xtr), y_train) + l2 * lin.weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(100.0 * (lin(xte).argmax(1) == y_test).float().mean())
+
+
+def folder_features(model, folder: Path, size: int, batch_size: int = 32, rank: int = 0,
+                    world: int = 1) -> torch.Tensor:
+    """`image_features` (N, E) of an ImageFolder in its sample order, all rows on every rank."""
+    from torchvision.datasets import ImageFolder
+
+    paths = [Path(p) for p, _ in ImageFolder(str(folder)).samples]
+    return _reduce(image_features(model, paths, size, batch_size, rank, world))
+
+
+def linear_probe(model, folder: Path, size: int, batch_size: int = 32, rank: int = 0, world: int = 1,
+                 features: torch.Tensor | None = None) -> dict:
+    """Linear-probe top-1 on an ImageFolder split by `probe_split`; every rank fits the same probe.
+    `features`: the folder's `folder_features` if the caller has them already."""
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder))
+    per_class = np.bincount(ds.targets, minlength=len(ds.classes))
+    if per_class.min() < 2:
+        raise ValueError(f"--probe-dir {folder}: class {ds.classes[int(per_class.argmin())]!r} has "
+                         f"{per_class.min()} image(s); the probe needs >= 2 per class (one to train, one to test)")
+    if features is None:
+        features = folder_features(model, folder, size, batch_size, rank, world)
+    feats = features.to(model.device)  # the fit is full batch: on the GPU where there is one (ImageNet: 25k x 1000)
+    y = torch.tensor(ds.targets, device=model.device)
+    train, test = probe_split(ds.targets)
+    top1 = linear_probe_top1(feats[train], y[train], feats[test], y[test], len(ds.classes))
+    return {"probe_top1": top1, "probe_classes": len(ds.classes), "probe_train_images": len(train),
+            "probe_test_images": len(test)}
+
+
 def _reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks in place (through the GPU under NCCL, which has no CPU tensors)."""
     from runtime.distributed import get_world_size
 
     if get_world_size() > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(x)
+        y = x.cuda() if dist.get_backend() == "nccl" else x
+        dist.all_reduce(y)
+        if y is not x:
+            x.copy_(y.cpu())
     return x
 
 
@@ -235,11 +361,17 @@ def run(args: TokenizerEvalConfig) -> dict:
         barrier()
         if args.inception_weights and is_main_process():
             metrics.update(fid_is(out / "recon", out / "reference", Path(args.inception_weights)))
+    shared = None  # one encoding pass feeds both reads when the probe uses the zero-shot folder
+    if args.zeroshot_dir and args.probe_dir and Path(args.zeroshot_dir).resolve() == Path(args.probe_dir).resolve():
+        shared = folder_features(model, Path(args.probe_dir), args.size, args.batch_size, rank, world)
     if args.zeroshot_dir:
-        z = zero_shot(model, Path(args.zeroshot_dir), args.classnames, args.size, args.batch_size, rank, world)
+        z = zero_shot(model, Path(args.zeroshot_dir), args.classnames, args.size, args.batch_size, rank, world,
+                      shared, args.templates)
         c = _reduce(torch.tensor([z["top1_correct"], z["top5_correct"], z["n"]], dtype=torch.float64))
         metrics.update(zeroshot_top1=float(100 * c[0] / c[2]), zeroshot_top5=float(100 * c[1] / c[2]),
                        zeroshot_images=int(c[2]), zeroshot_classes=z["num_classes"])
+    if args.probe_dir:
+        metrics.update(linear_probe(model, Path(args.probe_dir), args.size, args.batch_size, rank, world, shared))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
