@@ -186,6 +186,11 @@ def _labelled_grid(rows: list[tuple[list, str, bool | None]], path: Path, scale:
     sheet.save(path)
 
 
+def _matches(judged: dict[str, str], shape: str, color: str) -> bool:
+    """The checker's reading agrees with the scene on colour and shape (the demo's match rule)."""
+    return judged["shape"] == shape and judged["color"] == color
+
+
 def _templates(rep: Path, factor: str) -> Path:
     """Zero-shot prompts in the world's own caption phrasing, the other two attributes marginalised out
     (every colour/background, or shape/background, once): CLIP's ImageNet prompts ('a photo of a {}') are
@@ -284,16 +289,14 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     # the checker, validated: on the held-out renders themselves (its own accuracy) and on the tokenizer's
     # reconstructions of them (what any generated image can reach at best: generation decodes the same codes)
     recons = [Image.open(rep / "tok_recon" / "recon" / f"{i:06d}.png").convert("RGB") for i in range(len(items))]
-
-    def judged_right(img, it) -> bool:
-        got = classify_image(img)
-        return got["shape"] == it["shape"] and got["color"] == it["color"]
-
-    checker_renders = 100.0 * sum(judged_right(images[it["image"]], it) for it in items) / len(items)
-    checker_recons = 100.0 * sum(judged_right(r, it) for r, it in zip(recons, items)) / len(items)
+    on_renders = [_matches(classify_image(images[it["image"]]), it["shape"], it["color"]) for it in items]
+    read = [classify_image(r) for r in recons]
+    on_recons = [_matches(g, it["shape"], it["color"]) for g, it in zip(read, items)]
+    checker_renders = 100.0 * sum(on_renders) / len(items)
+    checker_recons = 100.0 * sum(on_recons) / len(items)
     _labelled_grid([([images[it["image"]], r], f"{it['color']} {it['shape']} on {it['background']}\n"
-                     f"checker on the reconstruction: {classify_image(r)['color']} {classify_image(r)['shape']}",
-                     judged_right(r, it)) for it, r in list(zip(items, recons))[:12]],
+                     f"checker on the reconstruction: {g['color']} {g['shape']}", ok)
+                    for it, r, g, ok in list(zip(items, recons, read, on_recons))[:12]],
                    rep / "reconstruction_grid.png")
     # MLLM: VQA on held-out questions, through the engine the chat and the evaluation use (greedy)
     model = AutoModelForCausalLM.from_pretrained(out / "stage2" / "export").eval()
@@ -320,7 +323,7 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     for i, ((s, c, b), arr) in enumerate(zip(combos, pix)):
         Image.fromarray(arr).resize((128, 128), Image.NEAREST).save(rep / f"generated_{i:02d}_{c}_{s}.png")
         got = classify_image(arr)
-        ok = got["shape"] == s and got["color"] == c
+        ok = _matches(got, s, c)
         match += ok
         color_match += got["color"] == c
         gen_rows.append({"prompt": f"a {c} {s} on a {b} background", "judged": got, "match": ok})
