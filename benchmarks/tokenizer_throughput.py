@@ -371,7 +371,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 job = Job(name, row, dev, precision, a.res, a.batch, a.iters, a.grad_checkpointing, a.drop_path,
                           not a.no_optimizer_step, a.gan_backbone, codec=row == a.rows[0], compile=a.compile)
                 rows.append(best_of([run_fresh(job) for _ in range(a.runs)]))
-    print(f"# machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    # the vector ISA torch dispatches to (AVX2, AVX512...): hosts of one machine class differ in it, and the
+    # figures with it, so compare only runs with the same header
+    print(f"# machine: {platform.machine()} {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else "")
           + f"; median of {a.iters} after a warm-up, best of {a.runs} run(s); memory: {rows[0]['memory']}"
           + f"; {'compiled blocks (' + a.compile + ')' if a.compile else 'eager'}")

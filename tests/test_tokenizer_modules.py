@@ -147,3 +147,50 @@ def test_grad_checkpointing_gives_same_gradients(images, monkeypatch):
     assert trunk_calls == [backbone.stem, *backbone.stages]
     for g0, g1 in zip(*grads):
         assert torch.allclose(g0, g1, atol=1e-6)
+
+
+def _nearest_then_conv(up, x):
+    """The release's form of Upsample2d: nearest x2, then the 3x3 conv."""
+    return up.conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 8, 4, 4), (2, 16, 1, 3)])
+def test_upsample_as_one_transposed_conv_equals_nearest_then_conv(shape):
+    from unitok.models.decoder import Upsample2d
+
+    torch.manual_seed(0)
+    up = Upsample2d(shape[1], 5).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for fn in (up, lambda t: _nearest_then_conv(up, t)):
+        up.zero_grad()
+        x.grad = None
+        y = fn(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append(y)
+        grads.append([x.grad.clone(), up.conv.weight.grad.clone(), up.conv.bias.grad.clone()])
+    assert outs[0].shape == (shape[0], 5, 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for g0, g1 in zip(*grads):  # input, weight and bias gradients
+        torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-12)
+    assert [k for k, _ in up.state_dict().items()] == ["conv.weight", "conv.bias"]  # checkpoint layout kept
+
+
+def test_decoder_with_fast_upsampling_equals_the_direct_form(monkeypatch, images):
+    from unitok.models.decoder import Upsample2d
+
+    torch.manual_seed(0)
+    cfg = preset("debug")
+    dec = ViTaminDecoder(cfg.decoder, cfg.encoder).eval()
+    tokens = torch.randn(2, 6, cfg.encoder.width)
+    with torch.no_grad():
+        fast = dec(tokens, (2, 3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast_bf16 = dec(tokens, (2, 3)).float()
+        monkeypatch.setattr(Upsample2d, "forward", _nearest_then_conv)
+        direct = dec(tokens, (2, 3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            direct_bf16 = dec(tokens, (2, 3)).float()
+    torch.testing.assert_close(fast, direct, rtol=1e-5, atol=1e-5)  # fp32 rounding only
+    # under bf16 autocast the two forms differ by no more than bf16 rounding itself moves the direct form
+    assert (fast_bf16 - direct_bf16).abs().max() <= 3 * (direct_bf16 - direct).abs().max()
