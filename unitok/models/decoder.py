@@ -32,7 +32,7 @@ class Upsample2d(nn.Module):
     has this rewrite; the parameter stays the 3x3 `conv` (the released checkpoint layout), the derivation is
     differentiable, and the result equals the direct form up to float rounding
     (tests/test_tokenizer_modules.py). Measured on the `base` decoder's largest layers (2 CPU threads,
-    forward + backward): 1.6-1.8x faster; benchmarks/README.md has the figures.
+    forward + backward): 1.3-1.8x faster; benchmarks/README.md has the figures.
     """
 
     def __init__(self, in_chs: int, out_chs: int):
