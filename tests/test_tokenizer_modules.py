@@ -7,7 +7,7 @@ from unitok.models.projection import KVCache
 
 from unitok import UniTok, preset
 from unitok.config import EncoderConfig
-from unitok.models.decoder import ViTaminDecoder
+from unitok.models.decoder import Upsample2d, ViTaminDecoder
 from unitok.models.encoder import ViTaminEncoder
 from unitok.models.projection import AttnProjection, build_projection
 
@@ -156,8 +156,6 @@ def _nearest_then_conv(up, x):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 8, 4, 4), (2, 16, 1, 3)])
 def test_upsample_as_one_transposed_conv_equals_nearest_then_conv(shape):
-    from unitok.models.decoder import Upsample2d
-
     torch.manual_seed(0)
     up = Upsample2d(shape[1], 5).double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -176,9 +174,7 @@ def test_upsample_as_one_transposed_conv_equals_nearest_then_conv(shape):
     assert [k for k, _ in up.state_dict().items()] == ["conv.weight", "conv.bias"]  # checkpoint layout kept
 
 
-def test_decoder_with_fast_upsampling_equals_the_direct_form(monkeypatch, images):
-    from unitok.models.decoder import Upsample2d
-
+def test_decoder_with_fast_upsampling_equals_the_direct_form(monkeypatch):
     torch.manual_seed(0)
     cfg = preset("debug")
     dec = ViTaminDecoder(cfg.decoder, cfg.encoder).eval()
