@@ -248,11 +248,23 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.task == "tokenizer":
         print("error: put --task tokenizer first; the remaining arguments go to unitok.evaluate", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
+    from runtime.distributed import end_job
+
+    caller_group = dist.is_initialized()  # an in-process caller's group is theirs to keep
     try:
         metrics = run(cfg)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        # tear down the group run_benchmark's dist_info created, on every rank, before the interpreter exits:
+        # a rank that left with a live gloo group once died at exit ("terminate called without an active
+        # exception") after its work was gathered. No barrier: after the gather, rank 0's scoring and writing
+        # need no collective, and may outlast the group's timeout (generation FID).
+        if not caller_group:
+            end_job()
     if metrics is not None:
         print(markdown_table(cfg.task, metrics))
     return 0
