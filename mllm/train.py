@@ -181,7 +181,11 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
         # in load_into, where each module's parameters are gathered).
         from transformers import initialization as hf_init
 
-        with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+        # No `dtype=`: the config's bf16 section decides. DeepSpeed 0.19's zero.Init reads an explicit dtype
+        # as `dtype or fp16 if accelerator.is_fp16_supported() else bf16 ...`, which on a CPU without oneDNN
+        # fp16 (AVX2 hosts) makes every parameter bf16 even when fp32 is asked for: bf16 math on reference
+        # kernels, 5-6x slower steps.
+        with hf_init.no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds):
             model = UniMLLMForCausalLM(config)
     else:
         model = UniMLLMForCausalLM(config)
@@ -201,6 +205,10 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
         log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})")
     if not zero3:
         model.to(dtype)
+    got = {p.dtype for p in model.parameters()}
+    if got != {dtype}:
+        raise RuntimeError(f"the model holds parameters of {sorted(map(str, got))}, not the {dtype} that "
+                           f"the precision setting asks for")
     set_trainable(model, cfg.trainable)
     use_ckpt = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else torch.cuda.is_available()
     if use_ckpt:
