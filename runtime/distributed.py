@@ -54,6 +54,7 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
         backend, device = "gloo", torch.device("cpu")
         warn_once("no GPU: using the gloo backend and fp32 on CPU")
     if not dist.is_initialized():
+        _import_group_default_modules()
         # Expose what torch's env:// rendezvous needs when SLURM/MPI launched us, or when we run alone
         # (DeepSpeed engines need a process group even with one rank: a private one on loopback).
         os.environ.setdefault("RANK", str(rank))
@@ -69,6 +70,22 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     seed_everything(seed + rank)
     return DistInfo(rank, world, local, device, backend)
+
+
+def _import_group_default_modules() -> None:
+    """Import, before the default process group exists, the modules whose functions take
+    `group=GroupMember.WORLD` as a default argument.
+
+    Such a default is evaluated once, at import: imported after `init_process_group`, it holds the live
+    group for the life of the process (torch.distributed.nn.functional, which torch._dynamo imports, has
+    ten such functions; DeepSpeed's TorchBackend.barrier and monitored_barrier two). Then
+    `destroy_process_group` cannot free the group: its gloo threads run on until the interpreter's
+    finalisation destroys it, where a rank once died with "terminate called without an active exception"
+    after its work was done (the two-node evaluation test, under load). Imported first, the defaults
+    hold None (tests/test_distributed.py checks that the threads are gone after `end_job`).
+    """
+    import deepspeed.comm.torch  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def _skip_shm_allreduce_op() -> None:
@@ -97,12 +114,14 @@ def job_barrier(world: int, timeout_min: float) -> None:
     tensors, and works on CPU and GPU nodes alike."""
     if world > 1:
         if not dist.is_initialized():
+            _import_group_default_modules()
             dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
         dist.barrier()
 
 
 def end_job() -> None:
-    """Tear down the group a job_barrier created (call after the last barrier)."""
+    """Tear down the process group (a job_barrier's or init_distributed's) before the interpreter exits:
+    its threads stop here, not in the interpreter's finalisation (call after the last collective)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

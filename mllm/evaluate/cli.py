@@ -259,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        # tear down the group run_benchmark's dist_info created, on every rank, before the interpreter exits:
-        # a rank that left with a live gloo group once died at exit ("terminate called without an active
-        # exception") after its work was gathered. No barrier: after the gather, rank 0's scoring and writing
-        # need no collective, and may outlast the group's timeout (generation FID).
+        # tear down the group run_benchmark's dist_info created, on every rank, so that its threads stop here
+        # and not in the interpreter's finalisation, where a rank once died after its work was gathered
+        # ("terminate called without an active exception"; runtime.distributed._import_group_default_modules).
+        # No barrier: after the gather, rank 0's scoring and writing need no collective, and may outlast the
+        # group's timeout (generation FID).
         if not caller_group:
             end_job()
     if metrics is not None:

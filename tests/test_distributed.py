@@ -1,0 +1,43 @@
+"""runtime.distributed on two real gloo ranks (plain processes on loopback)."""
+import subprocess
+import sys
+
+import pytest
+
+from runtime.launch import ROOT, ds_env, free_port
+
+# One rank: join the group, do what an evaluation rank does (gather, import torch._dynamo as transformers
+# does), end the job, then name the threads still alive.
+RANK_SCRIPT = """
+import gc, os, sys
+import torch.distributed as dist
+from runtime.distributed import end_job, init_distributed, job_barrier
+{start}
+import torch._dynamo  # imports torch.distributed.nn.functional, whose defaults are group.WORLD
+parts = [None, None]
+dist.all_gather_object(parts, dist.get_rank())
+assert parts == [0, 1], parts
+end_job()
+gc.collect()
+print("threads:", sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+@pytest.mark.parametrize("start", ["init_distributed()", "job_barrier(2, 1)"])
+def test_end_job_stops_the_groups_threads(start):
+    """After end_job no gloo thread is left to be torn down in the interpreter's finalisation (where a rank
+    once died: 'terminate called without an active exception'). Fails when deepspeed.comm.torch or
+    torch.distributed.nn.functional is first imported after the group exists."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = ds_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2",
+                          "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT.format(start=start)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        threads = [line for line in out.splitlines() if line.startswith("threads:")]
+        assert threads and "gloo" not in threads[0], out[-3000:]
