@@ -23,6 +23,7 @@ print("threads:", sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for 
 """
 
 
+@pytest.mark.slow  # multi-process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
 @pytest.mark.parametrize("start", ["init_distributed()", "job_barrier(2, 1)"])
 def test_end_job_stops_the_groups_threads(start):
