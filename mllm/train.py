@@ -481,11 +481,8 @@ def _start_image_size(cfg: MllmTrainConfig) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from runtime.distributed import end_job
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(parse_config(argv))
-    end_job()  # the group's threads stop here, not in the interpreter's finalisation (runtime.distributed)
 
 
 if __name__ == "__main__":

@@ -180,14 +180,23 @@ def _batches(loader) -> Iterator[Any]:
 
 
 def run(cfg: RunConfig, build) -> dict[str, Any]:
-    """A whole run: start-up (process group, logging, config.json), `build(cfg, info, log) -> Task`, `fit`."""
+    """A whole run: start-up (process group, logging, config.json), `build(cfg, info, log) -> Task`, `fit`,
+    then the teardown of the process group it created (its threads stop here, not in the interpreter's
+    finalisation: runtime.distributed); a caller's group is theirs to keep."""
     import dataclasses
 
+    import torch.distributed as dist
+
+    from runtime.distributed import end_job
     from runtime.run import start_run
 
+    caller_group = dist.is_initialized()
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
-    return fit(cfg, build(cfg, info, log), info, log, resolved)
+    last = fit(cfg, build(cfg, info, log), info, log, resolved)  # ends with a barrier on every rank
+    if not caller_group:
+        end_job()
+    return last
 
 
 def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:

@@ -415,11 +415,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from runtime.distributed import end_job
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(parse_config(argv))
-    end_job()  # the group's threads stop here, not in the interpreter's finalisation (runtime.distributed)
 
 
 if __name__ == "__main__":
