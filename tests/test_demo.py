@@ -8,13 +8,14 @@ import pytest
 
 from runtime.launch import ROOT, ds_env
 
-# Floors from a measured --quick run (2026-12-02): PSNR 12.2 dB (an untrained tokenizer reconstructs the
-# shapes at about 6-8 dB), codebook usage 31 %, and each stage's training loss, mean of the last 3 steps
-# over the first 3: tokenizer 0.52, MLLM stage 1 0.84, stage 2 0.95 (a stage that does not learn stays
-# near 1). The quick run is too short for the MLLM's held-out metrics to leave chance level, so they have
-# no floor here (the full demo's figures are in README.md); the resumed run must reproduce the report.
-PSNR_FLOOR, USAGE_FLOOR = 11.0, 20.0
-LOSS_RATIO_CEILING = {"tokenizer": 0.7, "stage1": 0.92, "stage2": 0.98}
+# Floors from a measured --quick run (2026-12-03, the tokenizer on 1 rank): PSNR 12.6 dB (an untrained
+# tokenizer reconstructs the shapes at about 6-8 dB), codebook usage 41 %, and each stage's training loss,
+# mean of the last 3 steps over the first 3: tokenizer 0.47, MLLM stage 1 0.84, stage 2 0.94 (a stage that
+# does not learn stays near 1). The quick run is too short for the MLLM's held-out metrics to leave chance
+# level, so they have no floor here (the full demo's figures are in README.md); the resumed run must
+# reproduce the report.
+PSNR_FLOOR, USAGE_FLOOR = 11.0, 30.0
+LOSS_RATIO_CEILING = {"tokenizer": 0.6, "stage1": 0.92, "stage2": 0.98}
 
 pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 

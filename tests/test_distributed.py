@@ -42,3 +42,28 @@ def test_end_job_stops_the_groups_threads(start):
         assert p.returncode == 0, out[-3000:]
         threads = [line for line in out.splitlines() if line.startswith("threads:")]
         assert threads and "gloo" not in threads[0], out[-3000:]
+
+
+@pytest.mark.parametrize("local_size,omp", [("2", None), ("1", None), ("2", "2")])
+def test_cpu_ranks_share_the_cores(monkeypatch, local_size, omp):
+    """Several local ranks launched without OMP_NUM_THREADS (the deepspeed launcher's default) each get
+    cores // ranks threads instead of one per core each; one rank, or an explicit OMP_NUM_THREADS, is kept."""
+    import os
+
+    import torch
+
+    from runtime.distributed import share_cpu_cores
+
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cores)
+        monkeypatch.setenv("LOCAL_SIZE", local_size)
+        if omp is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        expected = max(1, cores // 2) if (local_size, omp) == ("2", None) else cores
+        assert share_cpu_cores() == expected == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

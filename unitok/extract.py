@@ -39,7 +39,7 @@ import torch
 from tyro.conf import UseAppendAction
 
 from runtime.cli import parse, refuse_changed
-from runtime.distributed import end_job, job_barrier
+from runtime.distributed import end_job, job_barrier, share_cpu_cores
 # re-exported: older code imports the preprocessing from here
 from unitok.image_io import MAX_PIXELS, PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input  # noqa: F401
 from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, READERS, SKIP_REASONS, InputShard,
@@ -278,6 +278,8 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     device = cfg.device
     if device == "auto":
         device = f"cuda:{local % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        share_cpu_cores()
     model = load_tokenizer(cfg.tokenizer, device=device)
     size = int(cfg.size or model.cfg.img_size)
     if size % DOWNSAMPLE:
