@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     resize_llama(out / "llama", a.hidden, a.layers, a.heads, a.max_len)
     if a.tokenizer_steps == 0:
         untrained_tokenizer(out / "tokenizer" / "export")
-    demo.step_tokenizer(out, sizes, 1)
+    demo.step_tokenizer(out, sizes)  # QUICK: 1 rank
     extract_codes(out)
     rows = []
     for n in a.ranks:
