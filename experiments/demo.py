@@ -296,8 +296,8 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
     tok_eval(["--tokenizer", tok_dir, "--images", str(flat), "--size", str(sizes.image_size), "--out",
               str(rep / "tok_recon")])
     for d, factor, o in ((by_shape, "shape", "zs1"), (by_color, "color", "zs2")):
-        tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(d), "--size", str(sizes.image_size), "--out", str(rep / o),
-                  "--templates", str(_templates(rep, factor))])
+        tok_eval(["--tokenizer", tok_dir, "--zeroshot-dir", str(d), "--size", str(sizes.image_size), "--out",
+                  str(rep / o), "--templates", str(_templates(rep, factor))])
     recon = json.loads((rep / "tok_recon" / "metrics.json").read_text())
     zs_shape = json.loads((rep / "zs1" / "metrics.json").read_text())["zeroshot_top1"]
     zs_color = json.loads((rep / "zs2" / "metrics.json").read_text())["zeroshot_top1"]

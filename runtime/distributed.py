@@ -84,9 +84,13 @@ def share_cpu_cores() -> int:
     OMP_NUM_THREADS is the user's choice and is kept."""
     local = _env_int("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
     if "OMP_NUM_THREADS" not in os.environ and local > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), cores // local)))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), local_cores() // local)))
     return torch.get_num_threads()
+
+
+def local_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _import_group_default_modules() -> None:

@@ -48,15 +48,13 @@ def test_end_job_stops_the_groups_threads(start):
 def test_cpu_ranks_share_the_cores(monkeypatch, local_size, omp):
     """Several local ranks launched without OMP_NUM_THREADS (the deepspeed launcher's default) each get
     cores // ranks threads instead of one per core each; one rank, or an explicit OMP_NUM_THREADS, is kept."""
-    import os
-
     import torch
 
-    from runtime.distributed import share_cpu_cores
+    from runtime.distributed import local_cores, share_cpu_cores
 
     before = torch.get_num_threads()
     try:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = local_cores()
         torch.set_num_threads(cores)
         monkeypatch.setenv("LOCAL_SIZE", local_size)
         if omp is None:
