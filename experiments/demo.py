@@ -9,7 +9,7 @@ Steps (each is skipped when its output already exists, so a second run resumes o
   2. text tok.   a tiny sentencepiece Llama tokenizer trained on the demo text + a random tiny Llama
   3. tokenizer   unitok.train (debug preset, wider convolutions, 64 px) through the deepspeed launcher
                  (1 rank: the tiny model trains faster on one rank with both cores) -> export
-  4. codes       unitok.extract on 2 ranks (training shards and the held-out shard)
+  4. codes       unitok.extract on 2 ranks (the training shards)
   5. stage 1     mllm.train --stage pretrain (ZeRO-3, 2 ranks, data_recipes/demo.yaml) -> export
   6. stage 2     mllm.train --stage finetune from the stage-1 export (demo_finetune.yaml) -> export
   7. chat        mllm.chat one-shot: a question about a held-out image, an image from a held-out prompt
@@ -17,7 +17,7 @@ Steps (each is skipped when its output already exists, so a second run resumes o
                  questions, and the fraction of generated images whose colour and shape match the
                  prompt (experiments.synthetic.classify_image); PNGs under OUT/report/
 
-On 2 CPU cores the default sizes take about 14 minutes; --quick is the reduced version the tests run.
+On 2 CPU cores the default sizes take about 14-15 minutes; --quick is the reduced version the tests run.
 """
 from __future__ import annotations
 
@@ -41,10 +41,15 @@ class DemoSizes:
 
     num_images: int = 768
     """Training images."""
+    num_eval: int = 240
+    """Held-out images (reconstruction, zero-shot, one VQA question each). 48 left a standard error of about
+    7 points on each accuracy: on a 288-image set the stop-24 tokenizer read 62 % of shapes zero-shot, where
+    its 48-image figure had been 73."""
     image_size: int = 64
     """Image side in pixels (the tokenizer sees (side / 16)^2 positions per image)."""
-    tokenizer_steps: int = 600
-    """Tokenizer optimizer steps."""
+    tokenizer_steps: int = 760
+    """Tokenizer optimizer steps. Steps are what moved shape most (600 -> 1000 steps: zero-shot shape 62 -> 71 %
+    on 288 held-out images); stage 1 gave up 60 steps to pay for 160 of them."""
     tokenizer_batch: int = 32
     """Tokenizer micro batch per rank."""
     tokenizer_ranks: int = 1
@@ -53,7 +58,7 @@ class DemoSizes:
     core each at about 140."""
     tokenizer_model: tuple[str, ...] = ("--model.encoder.stem-width", "32", "--model.encoder.stage-widths", "32", "64")
     """`--model.*` overrides of the debug preset for the demo's tokenizer."""
-    stage1_steps: int = 240
+    stage1_steps: int = 180
     """MLLM stage-1 steps."""
     stage2_steps: int = 240
     """MLLM stage-2 steps."""
@@ -63,12 +68,13 @@ class DemoSizes:
     """Tiny Llama width."""
     layers: int = 4
     """Tiny Llama layers."""
-    num_generate: int = 48
+    num_generate: int = 96
     """Images generated for the prompt-match check (the grid PNG shows the first 12)."""
 
 
-QUICK = DemoSizes(num_images=192, image_size=32, tokenizer_model=(), tokenizer_steps=40, tokenizer_batch=16,
-                  stage1_steps=12, stage2_steps=12, mllm_batch=4, hidden=64, layers=2, num_generate=3)
+QUICK = DemoSizes(num_images=192, num_eval=48, image_size=32, tokenizer_model=(), tokenizer_steps=40,
+                  tokenizer_batch=16, stage1_steps=12, stage2_steps=12, mllm_batch=4, hidden=64, layers=2,
+                  num_generate=3)
 
 
 def _log(msg: str) -> None:
@@ -95,7 +101,7 @@ def step_data(out: Path, sizes: DemoSizes) -> None:
         return _log("data: exists")
     # data_recipes/demo*.yaml name 6 shards
     write_demo_data(out / "data", DemoDataConfig(num_images=sizes.num_images, images_per_shard=sizes.num_images // 6,
-                                                 image_size=sizes.image_size))
+                                                 num_eval_images=sizes.num_eval, image_size=sizes.image_size))
     _log(f"data: wrote {sizes.num_images} training images, held-out set, text and instructions")
 
 
@@ -133,21 +139,23 @@ def step_tokenizer(out: Path, sizes: DemoSizes) -> None:
         "--data.local-batch-size", str(sizes.tokenizer_batch), "--data.num-workers", "0",
         "--total-steps", str(sizes.tokenizer_steps), "--save-every", str(max(10, sizes.tokenizer_steps // 3)),
         "--log-every", str(max(1, sizes.tokenizer_steps // 10)), "--optim.lr", "1e-3",
-        "--gan.random-backbone", "--gan.backbone", "debug", "--gan.start-frac", "0.85", "--loss.lpips", "0",
+        # the GAN (random DINOv2 trunk) changed nothing measurable at this scale: it runs for the last 5 %, so
+        # that the loss stays wired, not longer
+        "--gan.random-backbone", "--gan.backbone", "debug", "--gan.start-frac", "0.95", "--loss.lpips", "0",
         "--resume", "auto"], ranks, out / "logs" / "tokenizer.log")
 
 
 def step_codes(out: Path, sizes: DemoSizes, ranks: int) -> None:
     data = out / "data"
     n_shards = len(list((data / "images").glob("*.tar")))
-    for name, src in (("codes", f"images/{{00000..{n_shards - 1:05d}}}.tar"), ("eval_codes", "eval/00000.tar")):
-        if (data / name / "manifest.json").is_file():
-            _log(f"{name}: exist")
-            continue
-        _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input", str(data / src),
-                                      "--output", str(data / name), "--size", str(sizes.image_size)], ranks,
-                   out / "logs" / "extract.log")
-        _log(f"{name}: extracted")
+    if (data / "codes" / "manifest.json").is_file():
+        return _log("codes: exist")
+    # the held-out images are not extracted: the report encodes them through the engine, as the chat does
+    _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input",
+                                  str(data / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+                                  "--output", str(data / "codes"), "--size", str(sizes.image_size)], ranks,
+               out / "logs" / "extract.log")
+    _log("codes: extracted")
 
 
 def _mllm_common(out: Path, sizes: DemoSizes, run: str, steps: int) -> list[str]:
