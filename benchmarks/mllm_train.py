@@ -79,20 +79,17 @@ def untrained_tokenizer(export: Path) -> None:
         UniTok(preset("debug")).save_pretrained(export)
 
 
-def extract_codes(out: Path) -> None:
-    """The training codes that data_recipes/demo.yaml reads: one process without a launcher (the demo's
-    held-out codes are not needed)."""
+def extract_codes(out: Path, size: int) -> None:
+    """The training codes that data_recipes/demo.yaml reads: one process without a launcher."""
     data = out / "data"
     if (data / "codes" / "manifest.json").is_file():
         return
-    n_shards = len(list((data / "images").glob("*.tar")))
     log = out / "logs" / "extract.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         subprocess.run([sys.executable, "-m", "unitok.extract", "--tokenizer", str(out / "tokenizer" / "export"),
-                        "--input", str(data / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
-                        "--output", str(data / "codes"), "--size", "32"], check=True, stdout=f,
-                       stderr=subprocess.STDOUT, cwd=demo.ROOT)
+                        "--input", demo.image_shards(out), "--output", str(data / "codes"), "--size", str(size)],
+                       check=True, stdout=f, stderr=subprocess.STDOUT, cwd=demo.ROOT)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.tokenizer_steps == 0:
         untrained_tokenizer(out / "tokenizer" / "export")
     demo.step_tokenizer(out, sizes)  # QUICK: 1 rank
-    extract_codes(out)
+    extract_codes(out, sizes.image_size)
     rows = []
     for n in a.ranks:
         run = out / f"run_{a.ds_config}_{n}"

@@ -93,6 +93,11 @@ def _deepspeed(module: str, args: list[str], ranks: int, log_file: Path) -> None
                cwd=ROOT)
 
 
+def image_shards(out: Path) -> str:
+    """The training shards' brace pattern, as the data step's manifest names it."""
+    return str(out / "data" / json.loads((out / "data" / "manifest.json").read_text())["image_shards"])
+
+
 # ---- steps --------------------------------------------------------------------------------------
 def step_data(out: Path, sizes: DemoSizes) -> None:
     from experiments.synthetic import DemoDataConfig, write_demo_data
@@ -131,11 +136,10 @@ def step_tokenizer(out: Path, sizes: DemoSizes) -> None:
         return _log("tokenizer: exported")
     ranks = sizes.tokenizer_ranks
     _log(f"tokenizer: training {sizes.tokenizer_steps} steps on {ranks} rank{'s' * (ranks > 1)}")
-    n_shards = len(list((out / "data" / "images").glob("*.tar")))
     _deepspeed("unitok.train", [
         "--preset", "debug", "--run-dir", str(out / "tokenizer"), *sizes.tokenizer_model,
         "--model.img-size", str(sizes.image_size), "--data.img-size", str(sizes.image_size),
-        "--data.shards", str(out / "data" / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+        "--data.shards", image_shards(out),
         "--data.local-batch-size", str(sizes.tokenizer_batch), "--data.num-workers", "0",
         "--total-steps", str(sizes.tokenizer_steps), "--save-every", str(max(10, sizes.tokenizer_steps // 3)),
         "--log-every", str(max(1, sizes.tokenizer_steps // 10)), "--optim.lr", "1e-3",
@@ -147,12 +151,10 @@ def step_tokenizer(out: Path, sizes: DemoSizes) -> None:
 
 def step_codes(out: Path, sizes: DemoSizes, ranks: int) -> None:
     data = out / "data"
-    n_shards = len(list((data / "images").glob("*.tar")))
     if (data / "codes" / "manifest.json").is_file():
         return _log("codes: exist")
     # the held-out images are not extracted: the report encodes them through the engine, as the chat does
-    _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input",
-                                  str(data / "images" / f"{{00000..{n_shards - 1:05d}}}.tar"),
+    _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input", image_shards(out),
                                   "--output", str(data / "codes"), "--size", str(sizes.image_size)], ranks,
                out / "logs" / "extract.log")
     _log("codes: extracted")
