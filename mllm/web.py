@@ -8,7 +8,8 @@
 Two tabs:
   Chat      upload an image (optional), type a question; answers stream in; the conversation is
             multi-turn per browser session (history trimmed to the context window, with the same
-            notices as the terminal); "New conversation" resets it.
+            notices as the terminal); "New conversation" resets it. Ask is greyed out while an answer
+            streams; the question box can be filled meanwhile.
   Generate  prompt + sliders for cfg scale, temperature, top-k, top-p, seed and number of images;
             the images are shown and also written as PNGs under --out-dir. The seed box seeds each
             click, so a seed reproduces its images.
@@ -172,11 +173,21 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
                         reset_btn = gr.Button("New conversation", elem_id="reset-btn")
                     chat_status = gr.Markdown(elem_id="chat-status")
             def ask(image_path, text, messages, state):
+                # The question box and the upload are cleared once, when the question is accepted, not
+                # on every streamed delta (that erased a follow-up typed while the answer streamed).
+                # Ask stays greyed out until the answer ends: gradio drops a click on a pending event
+                # without a word, so a live button would swallow the follow-up.
+                cleared = False
                 for msgs, st, status, accepted in h.ask(image_path, text, messages, state):
-                    yield (msgs, st, status) + ((None, "") if accepted else (gr.skip(), gr.skip()))
+                    boxes = (None, "", gr.Button(interactive=False)) if accepted and not cleared else \
+                        (gr.skip(), gr.skip(), gr.skip())
+                    cleared = cleared or accepted
+                    yield (msgs, st, status) + boxes
 
-            ask_btn.click(ask, [image, question, chatbot, session], [chatbot, session, chat_status, image, question],
-                          api_name="ask", concurrency_id="model", concurrency_limit=1)
+            ask_btn.click(ask, [image, question, chatbot, session],
+                          [chatbot, session, chat_status, image, question, ask_btn],
+                          api_name="ask", concurrency_id="model", concurrency_limit=1
+                          ).then(lambda: gr.Button(interactive=True), None, ask_btn, queue=False)
             reset_btn.click(h.reset, session, [chatbot, session, chat_status, image], api_name="reset")
         with gr.Tab("Generate", elem_id="tab-generate"):
             with gr.Row():
