@@ -25,6 +25,26 @@ def test_encoder_decoder_shapes_square_and_non_square():
         dec(tok, (3, 3))
 
 
+def test_decoder_widths_mirror_the_encoder_unless_set(tmp_path):
+    """`decoder.stage_widths` None keeps the release's layout (the encoder's widths); set, it sizes only the
+    upsampler's convolutions, and the export keeps it."""
+    import dataclasses
+
+    cfg = preset("debug")
+    mirrored = ViTaminDecoder(cfg.decoder, cfg.encoder)
+    assert mirrored.up_conv1.conv.weight.shape[0] == cfg.encoder.stage_widths[1]
+    assert mirrored.up_conv4.conv1.conv.weight.shape[1] == cfg.encoder.stage_widths[0]
+    narrow = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, stage_widths=(4, 12)))
+    model = UniTok(narrow)
+    assert model.decoder.up_conv1.conv.weight.shape[0] == 12 and model.decoder.up_conv4.conv1.conv.weight.shape[1] == 4
+    assert model.encoder.patch_embed.backbone.stages[1][0].conv3_1x1.weight.shape[0] == cfg.encoder.stage_widths[1]
+    assert model(torch.rand(2, 3, 32, 32) * 2 - 1)["img_rec"].shape == (2, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    assert UniTok.from_pretrained(tmp_path).cfg.decoder.stage_widths == (4, 12)
+    with pytest.raises(ValueError, match="decoder.stage_widths"):
+        dataclasses.replace(cfg.decoder, stage_widths=(8,))
+
+
 def test_encoder_stage_shapes():
     cfg = EncoderConfig(stem_width=8, stage_widths=(8, 16), stage_depths=(1, 2), width=32, num_layers=1, num_heads=2)
     trunk = ViTaminEncoder(cfg).patch_embed.backbone

@@ -54,7 +54,7 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """ViT blocks then the inverse-MBConv upsampler; widths mirror the encoder."""
+    """ViT blocks then the inverse-MBConv upsampler; its widths mirror the encoder's unless set."""
 
     num_layers: int = 31
     """Number of ViT blocks."""
@@ -62,12 +62,19 @@ class DecoderConfig:
     """Attention heads per ViT block."""
     up_depths: tuple[int, int] = (4, 2)
     """Inverse-MBConv blocks in the two upsampling stages."""
+    stage_widths: tuple[int, int] | None = None
+    """Channel widths of the two upsampling stages (fine, coarse), as `encoder.stage_widths`; None mirrors the
+    encoder, as the release does."""
     drop_path: float = 0.1
     """Stochastic depth rate of the last block."""
 
     def __post_init__(self):
         self.up_depths = tuple(self.up_depths)
         _positive(self, "num_layers", "num_heads")
+        if self.stage_widths is not None:
+            self.stage_widths = tuple(self.stage_widths)
+            if len(self.stage_widths) != 2 or min(self.stage_widths) <= 0:
+                raise ValueError("decoder.stage_widths needs 2 positive entries (or None to mirror the encoder)")
         if len(self.up_depths) != 2 or min(self.up_depths) <= 0:
             raise ValueError("decoder.up_depths needs 2 positive entries")
         if not 0.0 <= self.drop_path < 1.0:

@@ -92,7 +92,7 @@ class ViTaminDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, enc: EncoderConfig, grad_checkpointing: bool = False):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
-        width, (c0, c1) = enc.width, enc.stage_widths
+        width, (c0, c1) = enc.width, cfg.stage_widths or enc.stage_widths
         dpr = drop_path_rates(cfg.drop_path, cfg.num_layers)
         self.blocks = nn.ModuleList(Block(width, cfg.num_heads, enc.mlp_ratio, dpr[i])
                                     for i in range(cfg.num_layers))
