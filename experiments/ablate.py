@@ -130,7 +130,7 @@ class AblateConfig:
     eval_batch_size: int = 64
     """Evaluation batch size."""
     jobs: int = 1
-    """Runs at once (launcher none): each run's training and evaluation get cpu_count // jobs torch threads.
+    """Runs at once (launcher none): each run's training and evaluation get (usable cores) // jobs torch threads.
     Tiny models use one core poorly: on 2 cores, 2 one-thread runs train 1.6x the samples/s of one two-thread run."""
     dry_run: bool = False
     """Validate and print the training commands only."""
@@ -216,12 +216,13 @@ class Plan:
 
     def env(self) -> dict[str, str] | None:
         """The environment of a run's jobs: None (job_env's default) for one run at a time; with --jobs N,
-        cpu_count // N torch threads each, so that N runs share the cores instead of oversubscribing them."""
+        (usable cores) // N torch threads each, so that N runs share the cores instead of oversubscribing them."""
         if self.jobs == 1:
             return None
+        from runtime.distributed import local_cores
         from runtime.launch import job_env
 
-        return {**job_env(), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.jobs))}
+        return {**job_env(), "OMP_NUM_THREADS": str(max(1, local_cores() // self.jobs))}
 
     def train_argv(self, cell: Cell, seed: int) -> list[str]:
         """grid args < user args < the cell's switch (tyro: the last occurrence wins)."""
