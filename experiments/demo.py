@@ -44,7 +44,7 @@ class DemoSizes:
     """Training images."""
     num_eval: int = 240
     """Held-out images (reconstruction, zero-shot, one VQA question each). 48 left a standard error of about
-    7 points on each accuracy: on a 288-image set the stop-24 tokenizer read 62 % of shapes zero-shot, where
+    7 points on each accuracy: on a 288-image set the 2026-12-02 demo tokenizer read 62 % of shapes zero-shot, where
     its 48-image figure had been 73."""
     image_size: int = 64
     """Image side in pixels (the tokenizer sees (side / 16)^2 positions per image)."""
