@@ -15,6 +15,7 @@ Writers:
         and the zero-shot ImageFolder root/zeroshot/<colour>_<shape>_on_a_<background>_background/ (54 classes)
     write_demo_data(out, DemoDataConfig)                    the demo dataset, the CLI above:
         images/{00000..}.tar   training shards (as write_shards)
+        tokenizer_images/{00000..}.tar  with num_tokenizer_images > 0: more shards, for the tokenizer only
         eval/00000.tar         held-out images, same format (paths under shapes_eval/)
         eval/questions.json    held-out VQA items [{id, image, question, answer, kind, shape, color, background}]
         text/{00000..}.jsonl   plain text documents {"text": ...}
@@ -210,6 +211,9 @@ class DemoDataConfig:
     """Images per tar shard."""
     num_eval_images: int = 48
     """Held-out images for VQA / generation checks."""
+    num_tokenizer_images: int = 0
+    """Images for tokenizer training only, under tokenizer_images/ (0: none, the tokenizer trains on images/).
+    They come from their own random stream, so every other file does not depend on this number."""
     image_size: int = 32
     """Square image side in pixels (32 = the debug tokenizer's resolution)."""
     num_text: int = 256
@@ -223,6 +227,8 @@ class DemoDataConfig:
         for k in ("num_images", "images_per_shard", "num_eval_images", "num_text", "text_per_file"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k} must be positive")
+        if self.num_tokenizer_images < 0:
+            raise ValueError(f"num_tokenizer_images must be >= 0, got {self.num_tokenizer_images}")
         if self.image_size < 16:
             raise ValueError("image_size must be >= 16")
 
@@ -305,7 +311,14 @@ def write_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig | None = Non
     (out / "instructions").mkdir(parents=True, exist_ok=True)
     conv = _conversations(train, rng)
     (out / "instructions" / "train.json").write_text(json.dumps(conv, indent=1))
+    tok_shards = f"images/{{00000..{len(shards) - 1:05d}}}.tar"
+    if cfg.num_tokenizer_images:
+        trng = random.Random(f"{cfg.seed}-tokenizer")
+        n = len(_write_image_shards(out / "tokenizer_images", _items(cfg.num_tokenizer_images, "tokenizer", trng),
+                                    cfg.images_per_shard, cfg.image_size, trng))
+        tok_shards = f"tokenizer_images/{{00000..{n - 1:05d}}}.tar"
     manifest = {"config": asdict(cfg), "image_shards": f"images/{{00000..{len(shards) - 1:05d}}}.tar",
+                "tokenizer_shards": tok_shards,
                 "text_files": f"text/{{00000..{n_text - 1:05d}}}.jsonl", "num_images": len(train),
                 "num_eval_images": len(held), "num_text": len(docs), "num_conversations": len(conv)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

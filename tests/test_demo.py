@@ -8,9 +8,9 @@ import pytest
 
 from runtime.launch import ROOT, ds_env
 
-# Floors from a measured --quick run (2026-12-03, the tokenizer on 1 rank): PSNR 12.6 dB (an untrained
-# tokenizer reconstructs the shapes at about 6-8 dB), codebook usage 41 %, and each stage's training loss,
-# mean of the last 3 steps over the first 3: tokenizer 0.47, MLLM stage 1 0.84, stage 2 0.94 (a stage that
+# Floors from a measured --quick run (2026-12-04, the tokenizer on 1 rank and its own 384 images): PSNR 13.0 dB
+# (an untrained tokenizer reconstructs the shapes at about 6-8 dB), codebook usage 36 %, and each stage's training
+# loss, mean of the last 3 steps over the first 3: tokenizer 0.45, MLLM stage 1 0.84, stage 2 0.94 (a stage that
 # does not learn stays near 1). The quick run is too short for the MLLM's held-out metrics to leave chance
 # level, so they have no floor here (the full demo's figures are in README.md); the resumed run must
 # reproduce the report.

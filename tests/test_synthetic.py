@@ -6,6 +6,7 @@ import random
 import tarfile
 
 import numpy as np
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -102,3 +103,23 @@ def test_demo_data_is_deterministic_and_consistent(tmp_path):
                 assert a["value"] == f"A {meta['shape']}."
             if q["value"].endswith("What color is the shape?"):
                 assert a["value"].lower() == meta["color"] + "."
+
+
+def test_tokenizer_images_are_a_separate_draw_that_leaves_the_rest_unchanged(tmp_path):
+    base = dict(num_images=12, images_per_shard=5, num_eval_images=4, num_text=6, text_per_file=3, seed=1)
+    plain = write_demo_data(tmp_path / "plain", DemoDataConfig(**base))
+    m = write_demo_data(tmp_path / "tok", DemoDataConfig(**base, num_tokenizer_images=11))
+    assert plain["tokenizer_shards"] == plain["image_shards"] == "images/{00000..00002}.tar"
+    assert m["tokenizer_shards"] == "tokenizer_images/{00000..00002}.tar"
+    # every file the MLLM and the report read is byte-identical with or without the tokenizer's images
+    for f in (tmp_path / "plain").rglob("*"):
+        if f.is_file() and f.name != "manifest.json":
+            assert (tmp_path / "tok" / f.relative_to(tmp_path / "plain")).read_bytes() == f.read_bytes(), f
+    samples = list(wds.WebDataset(str(tmp_path / "tok" / m["tokenizer_shards"]), shardshuffle=False))
+    assert len(samples) == 11 and all(s["__key__"].startswith("tokenizer") for s in samples)
+    for s in samples:
+        _assert_matches_pixels(json.loads(s["json"]), s["png"], s["txt"].decode())
+    mllm_keys = {s["__key__"] for s in wds.WebDataset(str(tmp_path / "tok" / m["image_shards"]), shardshuffle=False)}
+    assert mllm_keys.isdisjoint(s["__key__"] for s in samples)
+    with pytest.raises(ValueError, match="num_tokenizer_images"):
+        DemoDataConfig(num_tokenizer_images=-1)
