@@ -83,9 +83,9 @@ class DemoSizes:
     """Images generated for the prompt-match check (the grid PNG shows the first 12)."""
 
 
-QUICK = DemoSizes(num_images=192, tokenizer_images=384, num_eval=48, image_size=32, tokenizer_model=(), tokenizer_steps=40,
-                  tokenizer_batch=16, stage1_steps=12, stage2_steps=12, mllm_batch=4, hidden=64, layers=2,
-                  num_generate=3)
+QUICK = DemoSizes(num_images=192, tokenizer_images=384, num_eval=48, image_size=32, tokenizer_model=(),
+                  tokenizer_steps=40, tokenizer_batch=16, stage1_steps=12, stage2_steps=12, mllm_batch=4, hidden=64,
+                  layers=2, num_generate=3)
 
 
 def _log(msg: str) -> None:

@@ -311,14 +311,13 @@ def write_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig | None = Non
     (out / "instructions").mkdir(parents=True, exist_ok=True)
     conv = _conversations(train, rng)
     (out / "instructions" / "train.json").write_text(json.dumps(conv, indent=1))
-    tok_shards = f"images/{{00000..{len(shards) - 1:05d}}}.tar"
+    image_shards = tok_shards = f"images/{{00000..{len(shards) - 1:05d}}}.tar"
     if cfg.num_tokenizer_images:
         trng = random.Random(f"{cfg.seed}-tokenizer")
         n = len(_write_image_shards(out / "tokenizer_images", _items(cfg.num_tokenizer_images, "tokenizer", trng),
                                     cfg.images_per_shard, cfg.image_size, trng))
         tok_shards = f"tokenizer_images/{{00000..{n - 1:05d}}}.tar"
-    manifest = {"config": asdict(cfg), "image_shards": f"images/{{00000..{len(shards) - 1:05d}}}.tar",
-                "tokenizer_shards": tok_shards,
+    manifest = {"config": asdict(cfg), "image_shards": image_shards, "tokenizer_shards": tok_shards,
                 "text_files": f"text/{{00000..{n_text - 1:05d}}}.jsonl", "num_images": len(train),
                 "num_eval_images": len(held), "num_text": len(docs), "num_conversations": len(conv)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
