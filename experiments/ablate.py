@@ -152,8 +152,10 @@ class AblateConfig:
 # ---- data ------------------------------------------------------------------------------------
 def synthetic_paths(out_dir: Path) -> dict[str, str]:
     """Where `prepare_synthetic` puts the training shards (a brace pattern) and the eval folders."""
+    from experiments.synthetic import numbered_pattern
+
     root = out_dir / "data"
-    return {"shards": str(root / "shards" / f"{{00000..{SYNTH_SHARDS - 1:05d}}}.tar"),
+    return {"shards": str(root / "shards" / numbered_pattern(SYNTH_SHARDS)),
             "eval_images": str(root / "eval"), "zeroshot_dir": str(root / "zeroshot")}
 
 

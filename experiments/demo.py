@@ -107,7 +107,11 @@ def _deepspeed(module: str, args: list[str], ranks: int, log_file: Path) -> None
 def image_shards(out: Path, key: str = "image_shards") -> str:
     """The MLLM's training shards' brace pattern, as the data step's manifest names it (`key="tokenizer_shards"`:
     the tokenizer's)."""
-    return str(out / "data" / json.loads((out / "data" / "manifest.json").read_text())[key])
+    manifest = out / "data" / "manifest.json"
+    patterns = json.loads(manifest.read_text())
+    if key not in patterns:  # a data folder written before the demo gave the tokenizer its own images
+        raise RuntimeError(f"{manifest} names no {key}: its data predates this demo; rerun with --fresh")
+    return str(out / "data" / patterns[key])
 
 
 # ---- steps --------------------------------------------------------------------------------------

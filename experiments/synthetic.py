@@ -145,6 +145,11 @@ def _items(n: int, prefix: str, rng: random.Random) -> list[dict]:
     return items
 
 
+def numbered_pattern(n: int, ext: str = "tar") -> str:
+    """The brace pattern of files `00000.ext` .. `{n-1:05d}.ext`, as webdataset and the recipes expand it."""
+    return f"{{00000..{n - 1:05d}}}.{ext}"
+
+
 def _write_image_shards(out: Path, items: list[dict], per_shard: int, size: int, rng: random.Random) -> list[Path]:
     import webdataset as wds
 
@@ -311,14 +316,14 @@ def write_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig | None = Non
     (out / "instructions").mkdir(parents=True, exist_ok=True)
     conv = _conversations(train, rng)
     (out / "instructions" / "train.json").write_text(json.dumps(conv, indent=1))
-    image_shards = tok_shards = f"images/{{00000..{len(shards) - 1:05d}}}.tar"
+    image_shards = tok_shards = f"images/{numbered_pattern(len(shards))}"
     if cfg.num_tokenizer_images:
         trng = random.Random(f"{cfg.seed}-tokenizer")
         n = len(_write_image_shards(out / "tokenizer_images", _items(cfg.num_tokenizer_images, "tokenizer", trng),
                                     cfg.images_per_shard, cfg.image_size, trng))
-        tok_shards = f"tokenizer_images/{{00000..{n - 1:05d}}}.tar"
+        tok_shards = f"tokenizer_images/{numbered_pattern(n)}"
     manifest = {"config": asdict(cfg), "image_shards": image_shards, "tokenizer_shards": tok_shards,
-                "text_files": f"text/{{00000..{n_text - 1:05d}}}.jsonl", "num_images": len(train),
+                "text_files": f"text/{numbered_pattern(n_text, 'jsonl')}", "num_images": len(train),
                 "num_eval_images": len(held), "num_text": len(docs), "num_conversations": len(conv)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

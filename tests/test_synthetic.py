@@ -123,3 +123,13 @@ def test_tokenizer_images_are_a_separate_draw_that_leaves_the_rest_unchanged(tmp
     assert mllm_keys.isdisjoint(s["__key__"] for s in samples)
     with pytest.raises(ValueError, match="num_tokenizer_images"):
         DemoDataConfig(num_tokenizer_images=-1)
+    # the demo reads both patterns from the manifest, and says what to do with a data folder that predates the key
+    from experiments.demo import image_shards
+
+    (tmp_path / "tok").rename(tmp_path / "data")
+    assert image_shards(tmp_path, "tokenizer_shards") == str(tmp_path / "data" / m["tokenizer_shards"])
+    assert image_shards(tmp_path) == str(tmp_path / "data" / m["image_shards"])
+    old = {k: v for k, v in m.items() if k != "tokenizer_shards"}
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(RuntimeError, match="manifest.json names no tokenizer_shards.*--fresh"):
+        image_shards(tmp_path, "tokenizer_shards")
