@@ -4,7 +4,7 @@
     one-shot (for scripts; prints only the answer / the PNG paths on stdout, exit 0):
         --ask "question" [--image PATH ...]        --generate "prompt"
     A flag that does not apply to the chosen mode is an error: the image-generation flags (--cfg-scale,
-    --temperature, --top-k, --top-p, --num-images, --out-dir) with --ask, the answer flags
+    --temperature, --top-k, --top-p, --num-images, --candidates, --out-dir) with --ask, the answer flags
     (--answer-temperature, --max-new-tokens) and --image with --generate.
 
 Commands in the session:
@@ -37,7 +37,8 @@ from mllm.engine import ChatSession, EngineConfig, GenerationStopped, InputError
 from runtime.cli import parse, refuse_changed
 
 # session fields that only image generation reads, and those that only answers read
-GENERATION_FIELDS = ("gen.cfg_scale", "gen.temperature", "gen.top_k", "gen.top_p", "gen.num_images", "out_dir")
+GENERATION_FIELDS = ("gen.cfg_scale", "gen.temperature", "gen.top_k", "gen.top_p", "gen.num_images", "gen.candidates",
+                     "out_dir")
 ANSWER_FIELDS = ("answer_temperature", "max_new_tokens")
 
 HELP = """commands:

@@ -21,7 +21,8 @@ What runs (REFERENCE.md 6.6-6.10):
     boi_token_id: the release's 3, or the marker recorded for another base's tokenizer), classifier-free
     guidance against the "<unconditional>" prompt (cfg_scale), sampling with temperature/top-k/top-p
     (defaults = the release's GenAI/MJHQ scripts: cfg 7, T 1, no top-k/top-p), codes decoded by the
-    tokenizer (its full-attention projection).
+    tokenizer (its full-attention projection); with candidates > 1, the UniTok's own text-image score
+    keeps the best of that many samples per image.
 A session seeds its sampling generator once, when it starts: sampled answers and images continue one
 random stream (two sampled answers to the same question differ; a new session replays the stream).
 This module holds no terminal or gradio code; `mllm.evaluate` and `experiments.demo` use `MLLMEngine` alone.
@@ -119,10 +120,16 @@ class ImageGenConfig:
     """Nucleus filter (1 = off)."""
     num_images: int = 1
     """Images per prompt."""
+    candidates: int = 1
+    """Samples drawn for each image; the one the UniTok ranks first is kept: its own text-image score (the
+    decoded image, encoded again, against the prompt's text features), as DALL-E ranks samples with CLIP.
+    1 = no ranking (the release's scripts)."""
 
     def __post_init__(self):
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         self.sampling()  # validates temperature / top_k / top_p
@@ -371,7 +378,8 @@ class MLLMEngine:
         `on_position(t, L)` is called after each of the L positions; a set `stop` raises GenerationStopped.
         """
         ids = [self.t2i_prompt(p) for p in prompts]
-        ids = [i for i in ids for _ in range(gen.num_images)]
+        per_prompt = gen.num_images * gen.candidates
+        ids = [i for i in ids for _ in range(per_prompt)]
         L = self.grid[0] * self.grid[1]
 
         def _pos(t: int) -> None:
@@ -386,7 +394,26 @@ class MLLMEngine:
                                 cfg_scale=gen.cfg_scale, sampling=gen.sampling(), generator=generator,
                                 pad_id=self.pad_id, on_position=_pos)  # (N, K, h, w)
         pix = self.image_tokenizer.decode(codes.to(self.image_tokenizer.device))  # (N, 3, S, S) in [-1, 1]
+        if gen.candidates > 1:
+            pix = self.best_candidates(pix, [p for p in prompts for _ in range(gen.num_images)], gen.candidates)
         return ((pix.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def text_image_scores(self, pix: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """The UniTok's cosine similarity of images (N, 3, S, S) in [-1, 1] to N texts: (N,) float32."""
+        from unitok.data import get_tokenizer
+
+        tk = self.image_tokenizer
+        tokens = get_tokenizer(context_length=tk.cfg.text.context_length)(texts).to(tk.device)
+        feats = torch.cat([tk.encode_image(pix[i:i + 64].to(tk.device)) for i in range(0, len(pix), 64)])
+        return (feats.float() * tk.encode_text(tokens).float()).sum(-1).cpu()
+
+    def best_candidates(self, pix: torch.Tensor, texts: list[str], n: int) -> torch.Tensor:
+        """Images (len(texts) * n, 3, S, S), n consecutive candidates per text -> (len(texts), 3, S, S): per
+        text the candidate with the highest `text_image_scores` (the first one on a tie)."""
+        scores = self.text_image_scores(pix, [t for t in texts for _ in range(n)]).view(len(texts), n)
+        best = scores.argmax(1) + torch.arange(len(texts)) * n
+        return pix[best.to(pix.device)]
 
     @staticmethod
     def save_pngs(images: np.ndarray, out_dir: str | Path, prompt: str) -> list[Path]:

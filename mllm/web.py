@@ -2,7 +2,7 @@
 
     python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860] [options]
         (python -m mllm.web --help: the loading flags of mllm.chat, the session flags, whose image
-         settings --cfg-scale --temperature --top-k --top-p --num-images --seed are the sliders'
+         settings --cfg-scale --temperature --top-k --top-p --num-images --candidates --seed are the sliders'
          initial values)
 
 Two tabs:
@@ -10,7 +10,8 @@ Two tabs:
             multi-turn per browser session (history trimmed to the context window, with the same
             notices as the terminal); "New conversation" resets it. Ask is greyed out while an answer
             streams; the question box can be filled meanwhile.
-  Generate  prompt + sliders for cfg scale, temperature, top-k, top-p, seed and number of images;
+  Generate  prompt + sliders for cfg scale, temperature, top-k, top-p, seed, number of images and
+            candidates per image (the UniTok's text-image score keeps the best);
             the images are shown and also written as PNGs under --out-dir. The seed box seeds each
             click, so a seed reproduces its images.
 A browser session is one `mllm.engine.ChatSession` (a gr.State), exactly as a terminal session: its
@@ -135,14 +136,14 @@ class WebHandlers:
         return [], state, "[conversation reset]", None
 
     def generate(self, prompt: str, cfg_scale: float, temperature: float, top_k: float, top_p: float, seed: float,
-                 num_images: float, state: ChatSession | None = None):
+                 num_images: float, candidates: float, state: ChatSession | None = None):
         """-> (gallery items [(PIL image, caption)], status, session)."""
         from PIL import Image
 
         session = self.session(state)
         try:
             gen = ImageGenConfig(cfg_scale=float(cfg_scale), temperature=float(temperature), top_k=int(top_k),
-                                 top_p=float(top_p), num_images=int(num_images))
+                                 top_p=float(top_p), num_images=int(num_images), candidates=int(candidates))
             generator = torch.Generator(device=self.engine.device).manual_seed(int(seed))
             images, paths = session.generate(prompt or "", gen, generator)
         except (InputError, ValueError) as e:
@@ -204,11 +205,13 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
                     seed = gr.Number(value=cfg.session.seed, precision=0, label="Seed", elem_id="seed")
                     num = gr.Slider(1, cfg.max_num_images, value=min(g.num_images, cfg.max_num_images), step=1,
                                     label="Number of images", elem_id="num-images")
+                    cands = gr.Slider(1, 16, value=g.candidates, step=1, elem_id="candidates",
+                                      label="Candidates per image (the tokenizer keeps its best match)")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                 with gr.Column(scale=2):
                     gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", format="png")
                     gen_status = gr.Markdown(elem_id="gen-status")
-            gen_btn.click(h.generate, [prompt, cfg_scale, temperature, top_k, top_p, seed, num, session],
+            gen_btn.click(h.generate, [prompt, cfg_scale, temperature, top_k, top_p, seed, num, cands, session],
                           [gallery, gen_status, session], api_name="generate", concurrency_id="model",
                           concurrency_limit=1)
     return app

@@ -203,6 +203,7 @@ def test_one_shot_bad_input_exits_1(assets, capsys):
 @pytest.mark.parametrize("mode,flags,message", [
     (["--ask", "q"], ["--temperature", "0"], "--temperature does not apply to --ask"),
     (["--ask", "q"], ["--out-dir", "x", "--num-images", "2"], "--num-images, --out-dir do not apply to --ask"),
+    (["--ask", "q"], ["--candidates", "4"], "--candidates does not apply to --ask"),
     (["--generate", "p"], ["--max-new-tokens", "9"], "--max-new-tokens does not apply to --generate"),
     (["--generate", "p"], ["--answer-temperature", "0.5"], "--answer-temperature does not apply to --generate"),
     (["--generate", "p"], ["--image", "a.png"], "--image goes with --ask or an interactive session"),
@@ -303,6 +304,35 @@ def test_preprocess_pads_with_release_color_and_encodes(engine):
     assert torch.allclose(x[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))  # red centre
     codes = engine.encode_images([img, Image.new("RGB", (16, 64), (0, 0, 255))])
     assert [tuple(c.shape) for c in codes] == [(4, 2, 2), (4, 2, 2)] and codes[0].device.type == "cpu"
+
+
+def test_candidates_keep_the_sample_the_tokenizer_scores_highest(engine, monkeypatch):
+    """--candidates N: the same samples as N times the images (same seed), and per image the candidate with
+    the highest UniTok text-image score against its own prompt is kept."""
+    from mllm.engine import ImageGenConfig
+
+    prompts, n = ["a red square", "a blue circle"], 3
+    every = engine.generate(prompts, ImageGenConfig(cfg_scale=2.0, num_images=2 * n), torch.Generator().manual_seed(1))
+    seen = {}
+    score = engine.text_image_scores
+
+    def recording(pix, texts):
+        seen["pix"], seen["texts"], seen["scores"] = pix, texts, score(pix, texts)
+        return seen["scores"]
+
+    monkeypatch.setattr(engine, "text_image_scores", recording)
+    kept = engine.generate(prompts, ImageGenConfig(cfg_scale=2.0, num_images=2, candidates=n),
+                           torch.Generator().manual_seed(1))
+    assert kept.shape == (4, 32, 32, 3) and kept.dtype == np.uint8
+    assert seen["texts"] == [p for p in prompts for _ in range(2 * n)]  # each candidate scored against its prompt
+    scored = ((seen["pix"].float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(scored, every)  # the candidates are the plain samples
+    best = seen["scores"].view(4, n).argmax(1)
+    assert len(set(seen["scores"].tolist())) == 4 * n and best.tolist() != [0] * 4  # not always the first
+    for i, b in enumerate(best.tolist()):
+        np.testing.assert_array_equal(kept[i], every[i * n + b])
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        ImageGenConfig(candidates=0)
 
 
 def test_stream_decoder_matches_full_decode(engine):

@@ -27,7 +27,8 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads((out / "report" / "report.json").read_text())
     assert rep["recon_psnr"] >= PSNR_FLOOR and rep["codebook_usage_pct"] >= USAGE_FLOOR
-    assert {"zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match"} <= set(rep)
+    assert {"zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match",
+            "generation_match_one_sample"} <= set(rep)
     for d in ("tokenizer/export", "stage1/export", "stage2/export"):
         assert (out / d / "config.json").is_file()
     for stage, ceiling in LOSS_RATIO_CEILING.items():

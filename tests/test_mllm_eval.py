@@ -293,6 +293,7 @@ _FID = ["--task", "fid", *_M, "--prompts", "meta.json", "--images", "mjhq", "--i
 @pytest.mark.parametrize("argv,message", [
     ([*_POPE, "--annotations", "a.json"], "--annotations does not apply to --task pope"),
     ([*_POPE, "--seed", "1", "--cfg-scale", "2"], "--seed, --cfg-scale do not apply to --task pope"),
+    ([*_POPE, "--candidates", "4"], "--candidates does not apply to --task pope"),
     ([*_POPE, "--predictions", "p.jsonl"], "--model, --tokenizer, --images do not apply to --task pope with "
                                            "--predictions"),
     (["--task", "mme", "--images", "MME", "--predictions", "p.jsonl", "--batch-size", "2"],
@@ -326,6 +327,7 @@ def test_task_defaults_and_shared_batch_flags():
     ge = ["--task", "geneval-export", *_M, "--prompts", "meta.jsonl"]
     assert parse_args(ge).gen.num_images == 4 and parse_args([*ge, "--num-images", "1"]).gen.num_images == 1
     assert parse_args(["--task", "genai-export", *_M, "--prompts", "p.txt"]).gen.num_images == 1
+    assert parse_args([*_FID, "--candidates", "4"]).gen.candidates == 4  # ranked samples go with every image task
     pope = parse_args([*_POPE, "--prompt-suffix", "\\nShort answer."])
     assert pope.prompt_suffix == "\nShort answer." and pope.inference.batch_size == 8
     assert parse_args(["--task", "pope", "--questions", "q", "--predictions", "p"]).engine is None

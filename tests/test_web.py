@@ -101,13 +101,15 @@ def test_web_generate_reproduces_its_seed_and_reports_bad_input(engine, tmp_path
     from mllm.web import WebHandlers
 
     h = WebHandlers(engine, SessionConfig(out_dir=str(tmp_path)))
-    items, status, session = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, None)
-    again, _, same = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, session)
+    items, status, session = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, 1, None)
+    again, _, same = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 1, 1, session)
     assert same is session and status.startswith("saved 1 image(s): ") and len(list(tmp_path.glob("*.png"))) == 2
     assert isinstance(items[0][0], PILImage.Image) and items[0][0].size == (32, 32)
     assert np.array_equal(np.asarray(items[0][0]), np.asarray(again[0][0]))  # the seed box decides the images
-    assert h.generate("  ", 3.0, 1.0, 0, 1.0, 5, 1, session)[1].startswith("error: empty prompt")
-    assert h.generate("a cat", 3.0, 1.0, 0, 1.0, 5, 0, session)[1] == "error: num_images must be >= 1, got 0"
+    assert h.generate("  ", 3.0, 1.0, 0, 1.0, 5, 1, 1, session)[1].startswith("error: empty prompt")
+    assert h.generate("a cat", 3.0, 1.0, 0, 1.0, 5, 0, 1, session)[1] == "error: num_images must be >= 1, got 0"
+    items, status, _ = h.generate("a red circle", 3.0, 1.0, 0, 1.0, 5, 2, 3, session)  # the slider's candidates
+    assert len(items) == 2 and status.startswith("saved 2 image(s): ")
 
 
 # ---- the served app in a browser ---------------------------------------------------------------------------

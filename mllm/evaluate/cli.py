@@ -42,7 +42,7 @@ _MODEL = ("model", "tokenizer", *(f"loading.{f.name}" for f in dataclasses.field
 _ANSWERS = ("prompt_suffix", "inference.batch_size", "inference.max_new_tokens", "inference.limit",
             "inference.log_every")
 _IMAGES = ("inference.batch_size", "inference.limit", "seed", "gen.cfg_scale", "gen.temperature", "gen.top_k",
-           "gen.top_p", "gen.num_images")
+           "gen.top_p", "gen.num_images", "gen.candidates")
 _ALL = tuple(dict.fromkeys((*_MODEL, *_FILES, "predictions", *_ANSWERS, *_IMAGES)))  # in flag order, once
 
 
