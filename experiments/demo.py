@@ -83,8 +83,8 @@ class DemoSizes:
     """MLLM stage-2 steps."""
     mllm_batch: int = 4
     """MLLM rows per rank per step. Half the rows for twice the steps (the same samples, 1.3x the time: 6.5 against
-    5.3 min of stages) generated better on one tokenizer (2026-12-04, 864 prompts, the best of 4): MLLM seeds 0 / 1
-    72 / 66 % against 70 / 44 for 8 rows x 180 + 240 steps; one sample 67 / 61 against 59 / 39 (README.md)."""
+    5.3 min of stages) generated better on one tokenizer (2026-12-04, 864 prompts, the best of 4): MLLM seeds
+    0 / 1 / 2 72 / 66 / 69 % against 70 / 44 for 8 rows x 180 + 240 steps; one sample 67 / 61 / 66 against 59 / 39."""
     hidden: int = 192
     """Tiny Llama width."""
     layers: int = 4
