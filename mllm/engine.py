@@ -405,8 +405,7 @@ class MLLMEngine:
 
         tk = self.image_tokenizer
         tokens = get_tokenizer(context_length=tk.cfg.text.context_length)(texts).to(tk.device)
-        feats = torch.cat([tk.encode_image(pix[i:i + 64].to(tk.device)) for i in range(0, len(pix), 64)])
-        return (feats.float() * tk.encode_text(tokens).float()).sum(-1).cpu()
+        return (tk.encode_image(pix.to(tk.device)).float() * tk.encode_text(tokens).float()).sum(-1).cpu()
 
     def best_candidates(self, pix: torch.Tensor, texts: list[str], n: int) -> torch.Tensor:
         """Images (len(texts) * n, 3, S, S), n consecutive candidates per text -> (len(texts), 3, S, S): per

@@ -310,6 +310,7 @@ def test_candidates_keep_the_sample_the_tokenizer_scores_highest(engine, monkeyp
     """--candidates N: the same samples as N times the images (same seed), and per image the candidate with
     the highest UniTok text-image score against its own prompt is kept."""
     from mllm.engine import ImageGenConfig
+    from unitok.evaluate import to_uint8
 
     prompts, n = ["a red square", "a blue circle"], 3
     every = engine.generate(prompts, ImageGenConfig(cfg_scale=2.0, num_images=2 * n), torch.Generator().manual_seed(1))
@@ -325,8 +326,7 @@ def test_candidates_keep_the_sample_the_tokenizer_scores_highest(engine, monkeyp
                            torch.Generator().manual_seed(1))
     assert kept.shape == (4, 32, 32, 3) and kept.dtype == np.uint8
     assert seen["texts"] == [p for p in prompts for _ in range(2 * n)]  # each candidate scored against its prompt
-    scored = ((seen["pix"].float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(scored, every)  # the candidates are the plain samples
+    np.testing.assert_array_equal(np.stack([to_uint8(x) for x in seen["pix"]]), every)  # the plain samples
     best = seen["scores"].view(4, n).argmax(1)
     assert len(set(seen["scores"].tolist())) == 4 * n and best.tolist() != [0] * 4  # not always the first
     for i, b in enumerate(best.tolist()):
