@@ -194,7 +194,7 @@ def build_task(job: Job, device: torch.device):
     o = cfg.optim
     opt = None
     if full or job.optimizer_step:
-        opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+        opt = o.adamw(param_groups(model, o.weight_decay))
     engine = LocalEngine(model, opt, device, o.grad_clip)
     disc_engine = perceptual = None
     if full:
@@ -202,7 +202,7 @@ def build_task(job: Job, device: torch.device):
 
         g = cfg.gan
         disc = DinoDiscriminator(None, random_backbone=True, backbone=g.backbone).to(device).train()
-        d_opt = torch.optim.AdamW(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas, eps=o.eps)
+        d_opt = o.adamw(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas)
         disc_engine = LocalEngine(disc, d_opt, device, o.grad_clip)
         perceptual = PerceptualLoss(None, random_backbone=True).to(device)
     return TokenizerTask(cfg, engine, disc_engine, perceptual, ContrastiveLoss(), DiffAug()), cfg

@@ -56,9 +56,13 @@ no GAN and no LPIPS, which need pretrained weights). 9 cells x 5 seeds = 45 runs
 >= 5 seeds; the claim tests need >= 2 a side); the target is at most 60 min on the 2-core machine.
 `--jobs 2` runs two cells at once with one torch thread each: these tiny models use a second thread
 poorly (one run: 427 samples/s with 2 threads, 345 with 1), so two one-thread runs train 1.6x the
-samples/s of one two-thread run. Measured (`--jobs 2`, idle machine, 2026-12-02): ~120 s per run
-(~107 s training, 13 s evaluation at 32 and 64 px with zero-shot and probe), two at a time -> 45 runs
-in 2768 s (46 min).
+samples/s of one two-thread run. Three things keep a run short: the fused AdamW kernel (`--optim.fused`:
+the debug tokenizer's 49408 x 32 text embedding is 93 % of its parameters, and the default AdamW loop over
+it took a third of a training step), the contrastive-only cell not running the decoder and the
+recon-only cell not running the text tower (unitok.train skips a part no loss reads), and one evaluation
+process per run for both scales. Measured (`--jobs 2`, idle AVX-512 host): ~120 s per run before them
+(~107 s training, 13 s evaluation; 45 runs in 46 min, 2026-12-02), ~85 s after (77-82 s training, 7-8 s
+evaluation; see benchmarks/README.md for the whole grid's time).
 Why 1000 steps: the earlier grid (500 steps, 3 seeds, the former 168-class world) had zero-shot top-1
 at 4-15 % (chance 0.6 %), with spreads too wide to order cells; at 1000 steps on the 54-class world
 the base cell reaches 45-50 % zero-shot (chance 1.9 %) and ~60 % probe top-1. 500 steps on this world
@@ -279,22 +283,32 @@ def _trained(run_dir: Path, total_steps: int) -> bool:
     return done and exported
 
 
+# every scale's evaluation in one subprocess (--jobs > 1): its imports (torch, open_clip: ~4.5 s on the CPU
+# machine) are paid once per run instead of once per scale
+_EVAL_ALL = "import json, sys\nfrom unitok.evaluate import main\nfor argv in json.loads(sys.argv[1]):\n    main(argv)"
+
+
 def evaluate_cell(plan: Plan, export: Path, cell_dir: Path) -> dict[str, Any]:
     """unitok.evaluate at every scale -> flat metrics (`psnr`, `psnr@2x`, `zeroshot_top1`, `probe_top1`, ...)."""
-    metrics: dict[str, Any] = {}
-    for s in plan.grid.eval_scales:
-        out = cell_dir / f"eval_{s}x"
-        argv = plan.eval_argv(export, out, s)
-        if plan.launcher == "none" and plan.jobs == 1:  # in this process (saves a process start per scale)
-            from unitok.evaluate import parse_args, run
-
-            with open(cell_dir / "eval.log", "a") as f, contextlib.redirect_stdout(f):
-                f.write(f"$ python -m unitok.evaluate {shlex.join(argv)}\n")
-                m = run(parse_args(argv))
-        else:
+    outs = {s: cell_dir / f"eval_{s}x" for s in plan.grid.eval_scales}
+    argvs = [plan.eval_argv(export, out, s) for s, out in outs.items()]
+    log, what = cell_dir / "eval.log", f"evaluation of {export}"
+    if plan.launcher != "none":  # one launch per scale
+        for argv in argvs:
             cmd, port = _job(plan, "unitok.evaluate", argv)
-            run_logged(cmd, port, cell_dir / "eval.log", what=f"evaluation of {export}", env=plan.env())
-            m = json.loads((out / "metrics.json").read_text())
+            run_logged(cmd, port, log, what=what, env=plan.env())
+    elif plan.jobs > 1:  # a process of its own, with the run's share of the cores
+        run_logged([sys.executable, "-c", _EVAL_ALL, json.dumps(argvs)], free_port(), log, what=what, env=plan.env())
+    else:  # in this process
+        from unitok.evaluate import main
+
+        with open(log, "a") as f, contextlib.redirect_stdout(f):
+            for argv in argvs:
+                f.write(f"$ python -m unitok.evaluate {shlex.join(argv)}\n")
+                main(argv)
+    metrics: dict[str, Any] = {}
+    for s, out in outs.items():
+        m = json.loads((out / "metrics.json").read_text())
         suffix = "" if s == 1 else f"@{s}x"
         for k in (*RECON_KEYS, *ZEROSHOT_KEYS, *COUNT_KEYS):
             if k in m and (s == 1 or k in ("psnr", "ssim")):

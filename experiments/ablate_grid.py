@@ -237,8 +237,9 @@ def cpu_grid(base_preset: str) -> Grid:
     note = f"MCQ {K}x{V}, attention projection (full), recon + contrastive"
     cells = _common_cells(K, V, K * V, q.latent_dim, note)
     return Grid("cpu", cells, base_preset=base_preset, steps=CPU_STEPS,
+                # fused AdamW: the debug tokenizer's optimizer step is a quarter of its training step on CPU
                 train_args=["--data.local-batch-size", "32", "--data.num-workers", "0", "--gan.no-enabled",
-                            "--loss.lpips", "0", "--log-every", "25", "--keep-last", "1"],
+                            "--loss.lpips", "0", "--log-every", "25", "--keep-last", "1", "--optim.fused"],
                 claims=present_claims(paper_claims(K, V, K * V), cells))
 
 

@@ -452,12 +452,16 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
                            backend=cfg.compile)
         log.info(f"compile: {n} blocks ({cfg.compile})")
     if "offload_optimizer" in ds["zero_optimization"]:  # DeepSpeed's CPU Adam builds the optimizer itself
+        if o.fused:
+            raise ValueError("--optim.fused does not apply with ZeRO optimizer offload: DeepSpeed builds its own "
+                             "CPU Adam there (already one vectorised pass)")
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
                                                       "weight_decay": o.weight_decay}}
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
                                                lr_scheduler=lambda opt: o.schedule(opt, cfg.total_steps))
     else:
-        opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt = o.adamw(params)
+        log.info("optimizer: " + o.summary())
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds,
                                                lr_scheduler=o.schedule(opt, cfg.total_steps))
     loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,

@@ -93,9 +93,10 @@ def test_two_nodes_survive_a_node_kill_then_resume_on_one_node_and_on_one_rank(t
 
 def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
     """bf16 on CPU (DeepSpeed's bf16 section: bf16 weights, fp32 master copies), the NaN guard under
-    ZeRO-3, a kill -9 in the middle of a save, and a resume that replays the lost steps exactly."""
+    ZeRO-3, a kill -9 in the middle of a save, and a resume that replays the lost steps exactly; with the
+    fused AdamW kernel (--optim.fused) over ZeRO-3's fp32 partitions."""
     run = tmp_path / "run"
-    bf16 = ("--precision", "bf16", "--no-export")
+    bf16 = ("--precision", "bf16", "--no-export", "--optim.fused")
     p = deepspeed_module("mllm.train", _stage1(assets, run, *bf16, "--debug.kill-at-step", "4",
                                                "--debug.kill-during-save", "--debug.nan-at-step", "2"), check=False)
     assert p.returncode != 0
@@ -103,6 +104,7 @@ def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
     # the NaN guard: step 2's first micro batch is dropped on both ranks and training goes on
     log = (run / "log.txt").read_text()
     assert "precision: bf16 weights, fp32 master copies" in log
+    assert "optimizer: AdamW (fused kernel)" in log
     assert "step 1: non-finite loss on some rank (here: {'loss': nan})" in log, log[-2000:]
     # bf16 weights next to fp32 master copies: this rank's parameters take half the master's bytes
     params, master = map(float, re.search(r"model-state MB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())

@@ -57,17 +57,20 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
 
 @pytest.mark.slow
 def test_bf16_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, shards):
-    """--precision bf16 on CPU (a bf16 autocast forward over fp32 weights), kill -9 in a save, exact replay."""
+    """--precision bf16 on CPU (a bf16 autocast forward over fp32 weights), kill -9 in a save, exact replay;
+    with the fused AdamW kernel (--optim.fused) under ZeRO-2's flat fp32 partitions, GAN optimizer included."""
     run = tmp_path / "run"
-    p = deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16", "--debug.kill-at-step", "6",
-                                               "--debug.kill-during-save"), check=False)
+    p = deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16", "--optim.fused",
+                                               "--debug.kill-at-step", "6", "--debug.kill-during-save"), check=False)
     assert p.returncode != 0
     assert "--precision bf16 on CPU: running bf16 for testing" in p.stdout + p.stderr
-    assert "precision: bf16 autocast forward, fp32 weights and quantizer" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "precision: bf16 autocast forward, fp32 weights and quantizer" in log
+    assert "optimizer: AdamW (fused kernel), peak lr 0.0005" in log
     assert (run / "latest").read_text() == "step-00000003"
     assert not (run / "step-00000006").exists()
     before = _metrics(run)
-    deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16"))  # resumes from step 3 and finishes
+    deepspeed_module("unitok.train", _args(run, shards, "--precision", "bf16", "--optim.fused"))  # from step 3 on
     after = _metrics(run)
     assert [m["step"] for m in before] == [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
     assert before == after  # every logged float, the batch hashes and the codebook usage
@@ -96,6 +99,73 @@ def test_adaptive_weight_matches_autograd_at_the_last_layer():
     ours = task.adaptive_weight(nll, g, rec)
     ref = adaptive_weight(nll, g, model.decoder.last_layer_weight())
     assert torch.allclose(ours, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss", [{"l1": 0.0, "l2": 0.0}, {"clip": 0.0}], ids=["contrastive-only", "recon-only"])
+def test_a_part_no_loss_reads_is_not_run_and_the_rest_gets_the_same_gradients(loss):
+    """Contrastive-only training skips the decoder, reconstruction-only the text tower (the ablation grid's
+    Table 6 cells): every other parameter's gradient equals the one of the full forward, where the skipped
+    part's loss weighs 0, and the skipped part gets none."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from unitok import UniTok, preset
+    from unitok.data import DataConfig
+    from unitok.losses import ContrastiveLoss
+    from unitok.train import LossConfig, TokenizerTask, TrainConfig
+
+    torch.manual_seed(0)
+    model = UniTok(preset("debug")).train()
+    engine = SimpleNamespace(module=model, device=torch.device("cpu"), global_rank=0)
+    cfg = TrainConfig(preset="debug", model=preset("debug"), data=DataConfig(img_size=32, context_length=16),
+                      loss=dataclasses.replace(LossConfig(), lpips=0.0, **loss))
+    task = TokenizerTask(cfg, engine, None, None, ContrastiveLoss(), None)
+    skipped = "decoder." if "l1" in loss else "text_encoder."
+    assert task.decodes == (skipped != "decoder.") and task.uses_text == (skipped != "text_encoder.")
+    batch = {"images": torch.rand(4, 3, 32, 32) * 2 - 1, "texts": torch.randint(1, 1000, (4, 16))}
+
+    def grads(**run_all):
+        model.zero_grad(set_to_none=True)
+        for k, v in run_all.items():
+            setattr(task, k, v)
+        out = task.generator_losses(batch, 0)
+        out["loss"].backward()
+        return out, {n: p.grad for n, p in model.named_parameters()}
+
+    out, lean = grads()
+    assert (out["rec"] is None) == (skipped == "decoder.") and ("clip" in out) == (skipped != "text_encoder.")
+    _, full = grads(decodes=True, uses_text=True)
+    assert any(n.startswith(skipped) for n in full)
+    assert all(lean[n] is None for n in full if n.startswith(skipped))
+    for n, g in full.items():
+        if lean[n] is None:  # the skipped part (and, without text, the contrastive head): no loss reads it
+            assert g is None or not g.any(), n
+        else:
+            assert torch.equal(lean[n], g), n
+    assert sum(g is not None for g in lean.values()) > len(lean) // 3
+
+
+def test_fused_adamw_is_the_flagged_kernel_and_follows_the_default_one():
+    """--optim.fused builds torch's fused AdamW; over 20 steps it stays within float rounding of the default."""
+    from runtime.optim import OptimConfig, param_groups
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    data = [(torch.randn(8, 16), torch.randn(8, 4)) for _ in range(20)]
+    runs = {}
+    for fused in (False, True):
+        model = torch.nn.Sequential(*[type(m)(*m.normalized_shape) if isinstance(m, torch.nn.LayerNorm) else
+                                      torch.nn.Linear(m.in_features, m.out_features) for m in net])
+        model.load_state_dict(net.state_dict())
+        opt = OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused).adamw(param_groups(model, 0.1))
+        assert bool(opt.defaults.get("fused")) == fused
+        for x, y in data:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        runs[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(runs[False], torch.cat([p.detach().flatten() for p in net.parameters()]))
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-6)
 
 
 def test_clip_init_maps_visual_trunk_and_text(tmp_path):

@@ -102,9 +102,11 @@ class TrainConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     """Generator loss weights."""
     num_decode: int = 0
-    """Images per micro batch that are decoded for the pixel losses (0 = all; the release decodes all)."""
+    """Images per micro batch that are decoded for the pixel losses (0 = all; the release decodes all). With no
+    pixel loss and no GAN on (contrastive-only training) none is decoded; with --loss.clip 0 the text tower is
+    not run."""
     image_every: int = 0
-    """Steps between PNG grids of originals and reconstructions (0 = only at the end)."""
+    """Steps between PNG grids of originals and reconstructions (0 = only at the end; none without decoding)."""
     clip_init: str | None = None
     """Local open_clip checkpoint whose visual trunk and text tower initialise the model (the paper's
     CLIP-init variant); random init when unset."""
@@ -166,6 +168,13 @@ class TokenizerTask(Task):
         from runtime.ds_config import resolve_precision
 
         self.bf16 = resolve_precision(cfg.precision) == "bf16"
+        # A part whose output no loss reads is not run: the decoder when no pixel loss and no GAN is on
+        # (contrastive-only training), the text tower when the contrastive weight is 0 (reconstruction only).
+        # The encoder's gradients are the same either way (those losses contributed exact zeros to them); the
+        # skipped part gets no gradient, so it stays as initialised up to weight decay, and unused.
+        c = cfg.loss
+        self.decodes = c.l1 > 0 or c.l2 > 0 or (c.lpips > 0 and perceptual is not None) or disc_engine is not None
+        self.uses_text = c.clip > 0
         self._last_conv_input: torch.Tensor | None = None
         # The GAN's randomness (DiffAug, discriminator crops) has its own generator, saved with each
         # checkpoint: library code (e.g. a DataLoader iterator) also draws from the global RNG, and a
@@ -214,22 +223,27 @@ class TokenizerTask(Task):
 
         c = self.cfg.loss
         images, texts = batch["images"], batch["texts"]
-        n = self.cfg.num_decode or images.shape[0]
+        n = (self.cfg.num_decode or images.shape[0]) if self.decodes else 0
         # The module is called directly, not through `engine(...)`: DeepSpeed 0.19 hooks the engine's
         # forward outputs and runs its gradient-reduction epilogue on ANY backward through them,
         # including the side gradients of the adaptive GAN weight. engine.backward() below still
         # drives the real backward and reduction.
         with self.autocast():
-            out = self.model(images, texts, n)
+            out = self.model(images, texts if self.uses_text else None, n)
         target, rec = images[:n], out["img_rec"]
-        terms = reconstruction_loss(rec, target, c.l1, c.l2)
-        nll = terms.pop("rec")
+        terms, nll = {}, 0.0
+        if rec is not None:
+            terms = reconstruction_loss(rec, target, c.l1, c.l2)
+            nll = terms.pop("rec")
         if c.lpips > 0 and self.perceptual is not None:
             terms["lpips"] = self.perceptual(rec, target)
             nll = nll + c.lpips * terms["lpips"]
         terms["vq"] = out["vq_loss"]
-        terms["clip"] = self.contrastive(out["clip_image_features"], out["clip_text_features"], out["logit_scale"])
-        total = nll + c.vq * terms["vq"] + c.clip * terms["clip"]
+        total = nll + c.vq * terms["vq"]
+        if self.uses_text:
+            terms["clip"] = self.contrastive(out["clip_image_features"], out["clip_text_features"],
+                                             out["logit_scale"])
+            total = total + c.clip * terms["clip"]
         if self.cfg.model.quantizer.entropy_weight > 0:
             terms["entropy"] = out["entropy_loss"]
             total = total + self.cfg.model.quantizer.entropy_weight * terms["entropy"]
@@ -246,7 +260,8 @@ class TokenizerTask(Task):
         terms["loss"] = total
         terms["usage"] = out["codebook_usage"].mean()
         terms["logit_scale"] = out["logit_scale"].detach()
-        return {**terms, "rec": rec.detach(), "codebook_usage": out["codebook_usage"].detach()}
+        return {**terms, "rec": None if rec is None else rec.detach(),
+                "codebook_usage": out["codebook_usage"].detach()}
 
     def discriminator_losses(self, batch: dict[str, torch.Tensor], rec: torch.Tensor, step: int):
         """hinge + bCR on real and (detached) reconstructed images, after the GAN start; else {}."""
@@ -295,7 +310,7 @@ class TokenizerTask(Task):
         self.model.clamp_logit_scale()
         record["usage_per_codebook"] = [round(float(u), 3) for u in out["codebook_usage"]]
         self._last = (batch["images"], out["rec"])
-        if self.cfg.image_every and step % self.cfg.image_every == 0 and is_main_process():
+        if self.cfg.image_every and step % self.cfg.image_every == 0 and self.decodes and is_main_process():
             save_grid(Path(self.cfg.run_dir) / "images" / f"{step_name(step)}.png", *self._last)
 
     def on_log(self, step, record, tokens_per_s):
@@ -312,7 +327,7 @@ class TokenizerTask(Task):
 
         if not is_main_process():
             return
-        if trained:
+        if trained and self.decodes:
             save_grid(run_dir / "images" / "final.png", *self._last)
         if self.cfg.export:
             self.model.save_pretrained(run_dir / "export")
@@ -375,7 +390,8 @@ def build(cfg: TrainConfig, info, log):
     if cfg.compile:
         log.info(f"compile: {compile_blocks(model, static=BLOCK_TYPES, backend=cfg.compile)} blocks ({cfg.compile})")
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    opt = o.adamw(param_groups(model, o.weight_decay))
+    log.info("optimizer: " + o.summary())
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=o.schedule(opt, cfg.total_steps),
                                            config=ds)
     disc_engine = None
@@ -383,7 +399,7 @@ def build(cfg: TrainConfig, info, log):
         g = cfg.gan
         disc = DinoDiscriminator(g.dino_weights, random_backbone=g.random_backbone, backbone=g.backbone)
         disc.backbone.to(info.device)
-        d_opt = torch.optim.AdamW(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas, eps=o.eps)
+        d_opt = o.adamw(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas)
         start = int(g.start_frac * cfg.total_steps)
         d_total, d_warm = max(1, cfg.total_steps - start), int(g.warmup_frac * cfg.total_steps)
         d_sched = lambda_scheduler(d_opt, lambda s: warmup_cosine(s, d_total, d_warm, o.end_ratio))
