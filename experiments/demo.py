@@ -407,7 +407,8 @@ def step_report(out: Path, sizes: DemoSizes) -> dict:
               "generation_match": 100.0 * match / len(combos),
               "generation_match_one_sample": 100.0 * single_match / len(combos), "checker_on_renders": checker_renders,
               "checker_on_reconstructions": checker_recons,
-              "generation_color_match": 100.0 * color_match / len(combos), "sizes": asdict(sizes)}
+              "generation_color_match": 100.0 * color_match / len(combos), "sizes": asdict(sizes),
+              "generation": GENERATION}
     (rep / "report.json").write_text(json.dumps(report, indent=1))
     return report
 

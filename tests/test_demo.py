@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from experiments.demo import GENERATION
 from runtime.launch import ROOT, ds_env
 
 # Floors from a measured --quick run (2026-12-04, the tokenizer on 1 rank and its own 384 images): PSNR 13.0 dB
@@ -29,6 +30,7 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert rep["recon_psnr"] >= PSNR_FLOOR and rep["codebook_usage_pct"] >= USAGE_FLOOR
     assert {"zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match",
             "generation_match_one_sample"} <= set(rep)
+    assert rep["generation"] == GENERATION  # the report says how its images were drawn
     for d in ("tokenizer/export", "stage1/export", "stage2/export"):
         assert (out / d / "config.json").is_file()
     for stage, ceiling in LOSS_RATIO_CEILING.items():
