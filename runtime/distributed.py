@@ -68,6 +68,11 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
 
     if backend == "gloo":
         _skip_shm_allreduce_op()
+    # DeepSpeed 0.19's ZeRO-3 gathers and reduce-scatters through the two collectives torch 2.14 deprecates
+    # for `all_gather_single` / `reduce_scatter_single` (the same calls underneath): a FutureWarning per rank
+    # at every checkpoint that the user cannot act on. Only those two messages are hidden.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", FutureWarning)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     seed_everything(seed + rank)
     return DistInfo(rank, world, local, device, backend)
