@@ -17,8 +17,9 @@ Steps (each is skipped when its output already exists, so a second run resumes o
                  questions, and the fraction of generated images whose colour and shape match the
                  prompt (experiments.synthetic.classify_image); PNGs under OUT/report/
 
-On 2 CPU cores the default sizes take about 13-19 minutes (13.4 on an AVX-512 host; AVX2 hosts run 1.1-1.5x
-slower); --quick is the reduced version the tests run.
+On 2 CPU cores the default sizes take about 13-19 minutes (13.9 on an AVX-512 host; AVX2 hosts ran an older
+configuration 1.1-1.5x slower); --quick is the reduced version the tests run. OUT/timing.json keeps each step's
+seconds and the host it ran on (a resumed run keeps those of the steps it skips).
 """
 from __future__ import annotations
 
@@ -115,6 +116,28 @@ def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _skipped(msg: str) -> bool:
+    """Log that a step's output exists -> False: the step is skipped and keeps the time the run that did it took."""
+    _log(msg)
+    return False
+
+
+def host() -> str:
+    """What a step ran on, for its time: the CPU model, the vector ISA torch dispatches to and the cores (hosts
+    of the project's one machine class differ in ISA and speed), or the GPU."""
+    import platform
+
+    from runtime.distributed import local_cores
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+    info = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in (info.read_text().splitlines() if info.is_file() else [])
+             if ln.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {local_cores()} cores"
+
+
 def _echo(line: str) -> None:
     """A job's output line on the console, without the launchers' warnings and info lines."""
     if "WARNING" not in line and "warn" not in line and "[INFO]" not in line:
@@ -138,11 +161,12 @@ def image_shards(out: Path, key: str = "image_shards") -> str:
 
 
 # ---- steps --------------------------------------------------------------------------------------
-def step_data(out: Path, sizes: DemoSizes) -> None:
+# A step whose output exists returns False (`_skipped`); run() times the others.
+def step_data(out: Path, sizes: DemoSizes) -> bool | None:
     from experiments.synthetic import DemoDataConfig, write_demo_data
 
     if (out / "data" / "manifest.json").is_file():
-        return _log("data: exists")
+        return _skipped("data: exists")
     # data_recipes/demo*.yaml name 6 shards
     write_demo_data(out / "data", DemoDataConfig(num_images=sizes.num_images, images_per_shard=sizes.num_images // 6,
                                                  num_eval_images=sizes.num_eval, image_size=sizes.image_size,
@@ -151,13 +175,13 @@ def step_data(out: Path, sizes: DemoSizes) -> None:
          "set, text and instructions")
 
 
-def step_text_model(out: Path, sizes: DemoSizes) -> None:
+def step_text_model(out: Path, sizes: DemoSizes) -> bool | None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mllm.data.tiny_tokenizer import make_llama_tokenizer
 
     if (out / "llama" / "model.safetensors").is_file():
-        return _log("text tokenizer + tiny Llama: exist")
+        return _skipped("text tokenizer + tiny Llama: exist")
     data = out / "data"
     corpus = [json.loads(line)["text"] for f in sorted((data / "text").glob("*.jsonl"))
               for line in f.read_text().splitlines()]
@@ -172,9 +196,9 @@ def step_text_model(out: Path, sizes: DemoSizes) -> None:
     _log(f"text tokenizer (1024 pieces) + random tiny Llama ({sizes.layers} x {sizes.hidden})")
 
 
-def step_tokenizer(out: Path, sizes: DemoSizes) -> None:
+def step_tokenizer(out: Path, sizes: DemoSizes) -> bool | None:
     if (out / "tokenizer" / "export" / "model.safetensors").is_file():
-        return _log("tokenizer: exported")
+        return _skipped("tokenizer: exported")
     ranks = sizes.tokenizer_ranks
     _log(f"tokenizer: training {sizes.tokenizer_steps} steps on {ranks} rank{'s' * (ranks > 1)}")
     _deepspeed("unitok.train", [
@@ -191,10 +215,10 @@ def step_tokenizer(out: Path, sizes: DemoSizes) -> None:
         "--resume", "auto"], ranks, out / "logs" / "tokenizer.log")
 
 
-def step_codes(out: Path, sizes: DemoSizes, ranks: int) -> None:
+def step_codes(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
     data = out / "data"
     if (data / "codes" / "manifest.json").is_file():
-        return _log("codes: exist")
+        return _skipped("codes: exist")
     # the held-out images are not extracted: the report encodes them through the engine, as the chat does
     _deepspeed("unitok.extract", ["--tokenizer", str(out / "tokenizer" / "export"), "--input", image_shards(out),
                                   "--output", str(data / "codes"), "--size", str(sizes.image_size)], ranks,
@@ -208,9 +232,9 @@ def _mllm_common(out: Path, sizes: DemoSizes, run: str, steps: int) -> list[str]
             "--save-every", str(max(5, steps // 2)), "--log-every", str(max(1, steps // 10)), "--resume", "auto"]
 
 
-def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> None:
+def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
     if (out / "stage1" / "export" / "config.json").is_file():
-        return _log("stage 1: exported")
+        return _skipped("stage 1: exported")
     _log(f"MLLM stage 1 (pretrain): {sizes.stage1_steps} steps, ZeRO-3 on {ranks} ranks")
     _deepspeed("mllm.train", ["--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer",
                               str(out / "tokenizer" / "export"), "--recipe", str(ROOT / "data_recipes/demo.yaml"),
@@ -219,9 +243,9 @@ def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> None:
                out / "logs" / "stage1.log")
 
 
-def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> None:
+def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
     if (out / "stage2" / "export" / "config.json").is_file():
-        return _log("stage 2: exported")
+        return _skipped("stage 2: exported")
     _log(f"MLLM stage 2 (finetune): {sizes.stage2_steps} steps from the stage-1 export")
     _deepspeed("mllm.train", ["--stage", "finetune", "--init-from", str(out / "stage1" / "export"), "--recipe",
                               str(ROOT / "data_recipes/demo_finetune.yaml"), "--optim.lr", "1e-3",
@@ -290,12 +314,12 @@ def _eval_images(out: Path) -> dict[str, "object"]:
     return imgs
 
 
-def step_chat(out: Path, sizes: DemoSizes) -> dict[str, str]:
-    """The chat script's one-shot modes on a held-out image and a held-out prompt -> report/chat.json."""
+def step_chat(out: Path, sizes: DemoSizes) -> dict[str, str] | bool:
+    """The chat script's one-shot modes on a held-out image and a held-out prompt -> report/chat.json (its
+    content; False when an earlier run's is newer than the model)."""
     rep, model = out / "report", out / "stage2" / "export" / "model.safetensors"
     if (rep / "chat.json").is_file() and (rep / "chat.json").stat().st_mtime > model.stat().st_mtime:
-        _log("chat: done (report/chat.json)")
-        return json.loads((rep / "chat.json").read_text())
+        return _skipped("chat: done (report/chat.json)")
     rep.mkdir(parents=True, exist_ok=True)
     item = _eval_items(out)[0]
     img_path = rep / "held_out_question.png"
@@ -424,23 +448,50 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_timing(t: dict, names: list[str]) -> str:
+    """timing.json as one line per step, and the whole pipeline's time (the steps' sum, resumed runs included);
+    a step done by a run that kept no times is named."""
+    lines = [f"{name}: {v['seconds']:.0f} s ({v['host']})" for name, v in t["steps"].items()]
+    untimed = [n for n in names if n not in t["steps"]]
+    total = f"pipeline: {t['total_seconds'] / 60:.1f} min"
+    return "\n".join(["time per step (the run that did it):", *lines,
+                      total + (f" without {', '.join(untimed)} (done before timing.json)" if untimed else "")])
+
+
 def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True) -> dict:
     """Run every step (skipping finished ones) and return the report."""
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    step_data(out, sizes)
-    step_text_model(out, sizes)
-    step_tokenizer(out, sizes)
-    step_codes(out, sizes, ranks)
-    step_stage1(out, sizes, ranks)
-    step_stage2(out, sizes, ranks)
+    timing = out / "timing.json"
+    times = json.loads(timing.read_text())["steps"] if timing.is_file() else {}
+    names: list[str] = []
+
+    def timed(name: str, step, *args):
+        """Run one step; one that did work (did not return False) records its seconds and host in timing.json, so
+        a resumed run keeps the times of the steps an earlier run did."""
+        names.append(name)
+        start = time.time()
+        result = step(*args)
+        if result is not False:
+            times[name] = {"seconds": round(time.time() - start, 1), "host": host()}
+            total = round(sum(t["seconds"] for t in times.values()), 1)
+            timing.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
+        return result
+
+    timed("data", step_data, out, sizes)
+    timed("text model", step_text_model, out, sizes)
+    timed("tokenizer", step_tokenizer, out, sizes)
+    timed("codes", step_codes, out, sizes, ranks)
+    timed("stage 1", step_stage1, out, sizes, ranks)
+    timed("stage 2", step_stage2, out, sizes, ranks)
     if chat:
-        step_chat(out, sizes)
-    report = step_report(out, sizes)
+        timed("chat", step_chat, out, sizes)
+    report = timed("report", step_report, out, sizes)
     _log(f"done in {time.time() - t0:.0f} s; PNGs and report.json under {out / 'report'}")
     print(format_report(report), flush=True)
+    print(format_timing(json.loads(timing.read_text()), names), flush=True)
     return report
 
 

@@ -48,9 +48,17 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
         assert h == 4 + rows * (96 + 4) and w == 4 + tiles * (96 + 4) + 430, (name, w, h)
     assert list((out / "report" / "chat").glob("*.png"))  # the chat script's /gen one-shot wrote an image
     assert json.loads((out / "report" / "chat.json").read_text())["expected"]
+    timing = json.loads((out / "timing.json").read_text())  # every step's seconds and host, and the sum
+    steps = ["data", "text model", "tokenizer", "codes", "stage 1", "stage 2", "chat", "report"]
+    assert list(timing["steps"]) == steps and all(t["seconds"] >= 0 and t["host"] for t in timing["steps"].values())
+    assert all(timing["steps"][k]["seconds"] > 1 for k in ("tokenizer", "stage 1", "stage 2"))
+    assert timing["total_seconds"] == pytest.approx(sum(t["seconds"] for t in timing["steps"].values()), abs=0.1)
+    assert "pipeline: " in p.stdout and "tokenizer: " in p.stdout
     # a second run skips every finished step and reproduces the report
     p2 = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=600)
     assert p2.returncode == 0, p2.stdout[-3000:]
     assert "tokenizer: exported" in p2.stdout and "stage 2: exported" in p2.stdout and "chat: done" in p2.stdout
     rep2 = json.loads((out / "report" / "report.json").read_text())
     assert rep2 == rep  # deterministic: the resumed run recomputes the same report
+    timing2 = json.loads((out / "timing.json").read_text())  # the skipped steps keep the first run's times
+    assert {k: timing2["steps"][k] for k in steps[:-1]} == {k: timing["steps"][k] for k in steps[:-1]}
