@@ -343,8 +343,10 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][-1]
     metrics.update(train_loss=last["loss"], train_clip=last.get("clip"), train_seconds=round(t1 - t0, 2),
                    eval_seconds=round(t2 - t1, 2))
+    from runtime.distributed import describe_host
+
     result = {"cell": cell.name, "group": cell.group, "seed": seed, "args": cell.args, "report": list(cell.report),
-              "metrics": metrics, "fingerprint": fp}
+              "metrics": metrics, "fingerprint": fp, "host": describe_host()}  # where its seconds were measured
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, result_path)  # the marker of a finished cell appears whole or not at all
@@ -469,7 +471,9 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
                     g.cancel()
                 raise f.exception()
     summary = write_outputs(plan, [done[j] for j in sorted(done)])
-    log.info(f"grid done in {time.time() - t_start:.0f} s -> {plan.out_dir / 'results.md'}\n"
+    from runtime.distributed import describe_host
+
+    log.info(f"grid done in {time.time() - t_start:.0f} s on {describe_host()} -> {plan.out_dir / 'results.md'}\n"
              + markdown_table(summary) + "\n" + claims_table(summary))
     return summary
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.distributed import describe_host
 from runtime.launch import ROOT, deepspeed_cmd, free_port, job_env, run_logged
 
 
@@ -120,22 +121,6 @@ def _skipped(msg: str) -> bool:
     """Log that a step's output exists -> False: the step is skipped and keeps the time the run that did it took."""
     _log(msg)
     return False
-
-
-def host() -> str:
-    """What a step ran on, for its time: the CPU model, the vector ISA torch dispatches to and the cores (hosts
-    of the project's one machine class differ in ISA and speed), or the GPU."""
-    import platform
-
-    from runtime.distributed import local_cores
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    info = Path("/proc/cpuinfo")
-    names = [ln.split(":", 1)[1].strip() for ln in (info.read_text().splitlines() if info.is_file() else [])
-             if ln.startswith("model name")]
-    cpu = names[0] if names else platform.processor() or platform.machine()
-    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {local_cores()} cores"
 
 
 def _echo(line: str) -> None:
@@ -475,7 +460,7 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
         start = time.time()
         result = step(*args)
         if result is not False:
-            times[name] = {"seconds": round(time.time() - start, 1), "host": host()}
+            times[name] = {"seconds": round(time.time() - start, 1), "host": describe_host()}
             total = round(sum(t["seconds"] for t in times.values()), 1)
             timing.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
         return result

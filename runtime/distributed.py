@@ -98,6 +98,20 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def describe_host() -> str:
+    """What a timed job ran on: the GPU model and count, or the CPU model, the vector ISA torch dispatches to
+    and the cores this process may use (the project's CPU hosts of one class differ in ISA and speed)."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+    info = "/proc/cpuinfo"
+    lines = open(info).read().splitlines() if os.path.isfile(info) else []
+    names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    return f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {local_cores()} cores"
+
+
 def _import_group_default_modules() -> None:
     """Import, before the default process group exists, the modules whose functions take
     `group=GroupMember.WORLD` as a default argument.

@@ -44,7 +44,9 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
     for c in summary["cells"]:
         m = c["metrics"]
         # the summary carries each seed's own evaluation and the trainer's last loss, unchanged
-        seed0 = json.loads((out / "cells" / c["name"] / "seed0" / "result.json").read_text())["metrics"]
+        result = json.loads((out / "cells" / c["name"] / "seed0" / "result.json").read_text())
+        seed0 = result["metrics"]
+        assert result["host"] and seed0["train_seconds"] > 0  # a run's time says what it ran on
         run_dir = out / "cells" / c["name"] / "seed0" / "train"
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert m["train_loss"]["values"] == [last["loss"]] and seed0["train_loss"] == last["loss"]
