@@ -12,6 +12,9 @@ both stages (in the spirit of torchtitan's Trainer and litgpt's fit):
   grad norm, lr, a hash of the batches), the log line every `log_every` steps, the metric sink;
 - checkpoints every `save_every` steps and at the end (runtime/checkpoint.py's contract: each engine
   under its tag, then per-rank state `{data, rng, world_size, task}` and `trainer_state.json`);
+- stop signals (runtime/run.py's STOP_SIGNALS: SIGTERM, SIGUSR1; one rank's is enough): the step in
+  progress finishes, every rank saves a checkpoint at it, and the run exits with 128 + the signal (143 for
+  SIGTERM), so that `--resume auto` continues from that step;
 - resume (`--resume auto` continues exactly: engines, data position, RNG, task state);
 - fault injection for the reliability tests (`--debug.*`), and the task's end-of-run hook (export).
 
@@ -86,6 +89,14 @@ class RunConfig:
         for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every", "dist_timeout_min"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+class Interrupted(Exception):
+    """A stop signal reached some rank: every rank saved at `step`; `fit` exits with 128 + `signum`."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(signum, step)
+        self.signum, self.step = signum, step
 
 
 class StopRun(RuntimeError):
@@ -193,7 +204,12 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     caller_group = dist.is_initialized()
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
-    last = fit(cfg, build(cfg, info, log), info, log, resolved)  # ends with a barrier on every rank
+    try:
+        last = fit(cfg, build(cfg, info, log), info, log, resolved)  # ends with a barrier on every rank
+    except SystemExit:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
+        if not caller_group:
+            end_job()
+        raise
     if not caller_group:
         end_job()
     return last
@@ -201,14 +217,25 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
 
 def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) to `cfg.total_steps`; returns the last step's record."""
+    from runtime.run import StopSignals
+
+    signals = StopSignals()
     try:
-        return _fit(cfg, task, info, log, run_config)
+        return _fit(cfg, task, info, log, run_config, signals)
     except StopRun as e:
         log.error(f"{e}; stopping, the last good checkpoint is kept")
         sys.exit(3)
+    except Interrupted as e:
+        import signal
+
+        log.warning(f"{signal.Signals(e.signum).name}: stopped after step {e.step}, its checkpoint is saved; "
+                    f"exit code {128 + e.signum} (--resume auto continues from it)")
+        sys.exit(128 + e.signum)
+    finally:
+        signals.restore()
 
 
-def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
+def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], signals) -> dict[str, Any]:
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
     from runtime.compile import graph_counts
     from runtime.distributed import barrier, is_main_process
@@ -294,8 +321,15 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> d
             sink.log({**shown, "samples_per_s": sps, **({"tokens_per_s": tps} if tokens else {}), **extra}, step)
         if is_main_process():
             append_metrics(metrics_file, record)
-        if step % cfg.save_every == 0 or step == cfg.total_steps:
+        saved = step % cfg.save_every == 0 or step == cfg.total_steps
+        if saved:
             save(step)
+        stop = signals.agreed(info.device)
+        if stop and step < cfg.total_steps:
+            if not saved:
+                save(step)
+            barrier()
+            raise Interrupted(stop, step)
         if step == kill.kill_at_step:
             kill_self()
         last = record

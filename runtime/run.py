@@ -1,9 +1,10 @@
-"""Run-folder bookkeeping shared by both trainers: start-up, the per-step metrics file, test kills."""
+"""Run-folder bookkeeping shared by both trainers: start-up, the per-step metrics file, stop signals, test kills."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,47 @@ def truncate_metrics(path: Path, step: int) -> None:
 def kill_self() -> None:
     """A real kill -9 (no cleanup, no flush), for crash-recovery tests."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""What asks a run to stop: SIGTERM (a scheduler at the time limit or on preemption, `scancel`, the deepspeed
+launcher passing on its own SIGTERM or Ctrl-C) and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` early warning)."""
+
+
+class StopSignals:
+    """Catches STOP_SIGNALS on the main thread so that the loop can save before exiting: a signal is remembered
+    (`received`) and the run stops at the end of its step. Repeats change nothing: a scheduler signals every
+    process of the job and deepspeed's launcher then signals its ranks again, so a second SIGTERM is no
+    request to hurry; a rank that cannot finish is killed by the launcher (30 s) or the scheduler. Ctrl-C
+    (SIGINT) is not caught. `restore()` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+
+    def agreed(self, device) -> int:
+        """The signal any rank received (0: none), on every rank (a collective: all ranks must call it, which
+        makes one rank's signal enough: deepspeed's launcher signals its ranks one after another)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.received)], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: workers ignore STOP_SIGNALS, which schedulers and the deepspeed launcher
+    send to the whole process tree; the rank finishes its step with them and they end with it."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

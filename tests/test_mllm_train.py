@@ -118,3 +118,36 @@ def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
     for x, y in zip(before, after):
         assert x["data_hash"] == y["data_hash"] and x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]
     assert (run / "latest").read_text() == "step-00000004" and not list(run.glob(".tmp-*"))
+
+
+def test_sigusr1_to_one_rank_stops_both_at_a_saved_step(tmp_path, assets):
+    """SLURM's early warning (`--signal=USR1@SECONDS`) reaching only rank 1 of a ZeRO-3 run: the ranks agree at
+    the end of the step, both save its (partitioned) checkpoint and exit 138, which the launcher reports; the
+    run then resumes from that step."""
+    import time
+
+    import psutil
+
+    from runtime.launch import deepspeed_cmd, free_port, leaked_shm
+
+    run, port = tmp_path / "run", free_port()
+    args = _stage1(assets, run, "--total-steps", "30", "--save-every", "100", "--no-export")
+    job = subprocess.Popen(deepspeed_cmd("mllm.train", args, 2, port), cwd=ROOT, env=ds_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 2):
+        assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.1)
+    ranks = [k for k in psutil.Process(job.pid).children(recursive=True) if "--local_rank=1" in " ".join(k.cmdline())]
+    assert len(ranks) == 1, [k.cmdline() for k in ranks]
+    os.kill(ranks[0].pid, signal.SIGUSR1)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode != 0 and not leaked_shm(port)
+    assert "exits with return code = 138" in out, out[-3000:]
+    stopped = len(_metrics(run))
+    assert 2 <= stopped < 30 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
+    assert f"SIGUSR1: stopped after step {stopped}, its checkpoint is saved; exit code 138" in (
+        run / "log.txt").read_text()
+    deepspeed_module("mllm.train", args)
+    assert f"resumed from {run / f'step-{stopped:08d}'} at step {stopped}" in (run / "log.txt").read_text()
+    assert [m["step"] for m in _metrics(run)] == list(range(1, 31))

@@ -108,3 +108,30 @@ def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):
     assert peak_flops(cfg, "NVIDIA GeForce RTX 9999") is None  # unknown: no guessed MFU ...
     assert any("RTX 9999" in str(w.message) and "--peak-tflops" in str(w.message) for w in recwarn)  # ... said once
     assert peak_flops(MllmTrainConfig(peak_tflops=100.0), "NVIDIA GeForce RTX 9999") == 100e12
+
+
+def test_stop_signals_are_remembered_not_fatal_and_restored():
+    """In-process: SIGTERM and SIGUSR1 are caught while a run trains (the first one is kept, repeats change
+    nothing), `agreed` reads it without a process group, `restore` puts the previous handlers back, and the
+    data workers' init ignores both."""
+    import os
+    import signal
+
+    from runtime.run import STOP_SIGNALS, StopSignals, ignore_stop_signals
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signals = StopSignals()
+    try:
+        assert signals.agreed("cpu") == 0
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the handler
+        assert signals.received == signal.SIGUSR1 and signals.agreed("cpu") == signal.SIGUSR1
+    finally:
+        signals.restore()
+    assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)

@@ -56,6 +56,45 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, shards):
+    """SIGTERM to every process of the job, as a scheduler at its time limit (or preemption) sends it: the
+    launcher passes it on too, the data workers ignore it, the ranks finish the step they are in, save a
+    checkpoint at it (no periodic one is due) and exit 143; `--resume auto` then continues exactly."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from runtime.launch import ROOT, deepspeed_cmd, ds_env, free_port, leaked_shm
+
+    def args(run_dir):
+        return _args(run_dir, shards, "--gan.no-enabled", "--loss.lpips", "0", "--data.num-workers", "1",
+                     "--total-steps", "40", "--save-every", "100")
+
+    full = tmp_path / "full"
+    deepspeed_module("unitok.train", args(full))
+    run, port = tmp_path / "run", free_port()
+    job = subprocess.Popen(deepspeed_cmd("unitok.train", args(run), 2, port), cwd=ROOT, env=ds_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= 3):
+        assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGTERM)
+    out = job.communicate(timeout=120)[0]
+    assert job.returncode != 0 and not leaked_shm(port)
+    stopped = len(_metrics(run))
+    assert 3 <= stopped < 40 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
+    assert f"SIGTERM: stopped after step {stopped}, its checkpoint is saved; exit code 143" in (
+        run / "log.txt").read_text()
+    deepspeed_module("unitok.train", args(run))
+    a, b = _metrics(full), _metrics(run)
+    assert [m["step"] for m in b] == list(range(1, 41))
+    for x, y in zip(a, b):
+        assert x["data_hash"] == y["data_hash"] and abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"]))
+
+
+@pytest.mark.slow
 def test_bf16_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, shards):
     """--precision bf16 on CPU (a bf16 autocast forward over fp32 weights), kill -9 in a save, exact replay;
     with the fused AdamW kernel (--optim.fused) under ZeRO-2's flat fp32 partitions, GAN optimizer included."""
