@@ -44,7 +44,7 @@ def kill_self() -> None:
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """What asks a run to stop: SIGTERM (a scheduler at the time limit or on preemption, `scancel`, the deepspeed
-launcher passing on its own SIGTERM or Ctrl-C) and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` early warning)."""
+launcher passing on a SIGTERM it received) and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` early warning)."""
 
 
 class StopSignals:
