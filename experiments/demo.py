@@ -462,7 +462,9 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
         if result is not False:
             times[name] = {"seconds": round(time.time() - start, 1), "host": describe_host()}
             total = round(sum(t["seconds"] for t in times.values()), 1)
-            timing.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
+            tmp = timing.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
+            tmp.replace(timing)  # whole or not at all: a resumed run reads it
         return result
 
     timed("data", step_data, out, sizes)

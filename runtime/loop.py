@@ -14,7 +14,8 @@ both stages (in the spirit of torchtitan's Trainer and litgpt's fit):
   under its tag, then per-rank state `{data, rng, world_size, task}` and `trainer_state.json`);
 - stop signals (runtime/run.py's STOP_SIGNALS: SIGTERM, SIGUSR1; one rank's is enough): the step in
   progress finishes, every rank saves a checkpoint at it, and the run exits with 128 + the signal (143 for
-  SIGTERM), so that `--resume auto` continues from that step;
+  SIGTERM), so that `--resume auto` continues from that step (in the last step the signal is ignored: the
+  run completes);
 - resume (`--resume auto` continues exactly: engines, data position, RNG, task state);
 - fault injection for the reliability tests (`--debug.*`), and the task's end-of-run hook (export).
 
@@ -220,8 +221,9 @@ def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> di
     from runtime.run import StopSignals
 
     signals = StopSignals()
+    batches = _batches(task.loader)  # lazy: _fit restores the loader's position before the first batch
     try:
-        return _fit(cfg, task, info, log, run_config, signals)
+        return _fit(cfg, task, info, log, run_config, signals, batches)
     except StopRun as e:
         log.error(f"{e}; stopping, the last good checkpoint is kept")
         sys.exit(3)
@@ -232,10 +234,11 @@ def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> di
                     f"exit code {128 + e.signum} (--resume auto continues from it)")
         sys.exit(128 + e.signum)
     finally:
+        batches.close()  # on an error too: ends the loader's workers, which Python's exit would wait for
         signals.restore()
 
 
-def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], signals) -> dict[str, Any]:
+def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], signals, batches) -> dict[str, Any]:
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
     from runtime.compile import graph_counts
     from runtime.distributed import barrier, is_main_process
@@ -274,7 +277,6 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
                    {"step": at, "config": run_config, "git_sha": git_sha()})
         log.info(f"saved {step_name(at)}")
 
-    batches = _batches(task.loader)
     last: dict[str, Any] = {}
     bad_in_row = 0
     while step < cfg.total_steps:
@@ -329,6 +331,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             if not saved:
                 save(step)
             barrier()
+            sink.close()
             raise Interrupted(stop, step)
         if step == kill.kill_at_step:
             kill_self()

@@ -79,8 +79,24 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: workers ignore STOP_SIGNALS, which schedulers and the deepspeed launcher
-    send to the whole process tree; the rank finishes its step with them and they end with it."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def worker_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a worker ends on a STOP_SIGNAL only when its rank sends it (torch's worker
+    shutdown and Python's exit do, and wait for the worker); sent by anyone else (a scheduler or the deepspeed
+    launcher signals the whole process tree) it is ignored, so that the rank can finish its step: torch raises
+    in the rank, mid-step, when a worker dies. The worker blocks the signals and a thread reads each one's
+    sender (Linux: sigwaitinfo); elsewhere the worker ignores them and ends when its rank closes the loader or
+    dies (torch's watchdog)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        return
+    rank = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit the mask
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_pid == rank:
+                os._exit(128 + info.si_signo)
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()

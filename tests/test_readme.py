@@ -17,7 +17,7 @@ def shell_scripts() -> dict[str, str]:
     (`--module M`, `python -m M` or `benchmarks/X.py`)."""
     out = {}
     for script in sorted([*(ROOT / "launch").glob("*.sh"), *(ROOT / "benchmarks").glob("*.sh")]):
-        m = re.search(r"(?:--module|python -m) ([\w.]+)|(benchmarks/\w+\.py)", script.read_text())
+        m = re.search(r"(?:--module|(?<![\w-])-m) ([\w.]+)|(benchmarks/\w+\.py)", script.read_text())
         if m:
             out[str(script.relative_to(ROOT))] = m.group(1) or m.group(2)
     return out
@@ -47,8 +47,9 @@ def module_of(command: str, modules: set[str], scripts: dict[str, str]) -> tuple
 
 
 MODULES = {"unitok.train", "unitok.extract", "unitok.evaluate", "unitok.convert", "mllm.train", "mllm.export",
-           "mllm.chat", "mllm.web", "mllm.evaluate", "mllm.data.pack_images", "mllm.modeling.official",
-           "runtime.weights", "experiments.demo", "experiments.ablate"}
+           "mllm.chat", "mllm.web", "mllm.evaluate", "mllm.data.pack_images", "mllm.data.sources",
+           "mllm.modeling.official", "runtime.weights", "experiments.demo", "experiments.ablate",
+           "experiments.synthetic"}
 BENCHMARKS = {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")}
 ENTRY = {"mllm.evaluate": "mllm.evaluate.cli"}  # a package run by its __main__, which calls this main
 PASSES_ON = {"experiments.ablate": "unitok.train"}  # flags it does not know go to every training run
@@ -83,6 +84,14 @@ def help_flags(module: str, pre: list[str], capsys, monkeypatch) -> set[str]:
     return _HELP[key]
 
 
+def test_every_module_the_readmes_run_is_checked():
+    """A `python -m` of this project's packages in a README is one the test above checks (a renamed or
+    removed module fails here, not silently)."""
+    quoted = {m for readme in READMES for line in readme_commands((ROOT / readme).read_text())
+              for m in re.findall(r"(?<![\w-])-m ((?:unitok|mllm|runtime|experiments)\.[\w.]+)", line)}
+    assert quoted and quoted <= MODULES, sorted(quoted - MODULES)
+
+
 def test_the_readme_quotes_commands():
     """The extraction sees the READMEs' commands (so the test below has something to check), and the shell
     scripts' modules are read from the scripts."""
@@ -97,8 +106,8 @@ def test_the_readme_quotes_commands():
 @pytest.mark.parametrize("module,words,line", COMMANDS, ids=[f"{i}-{m}" for i, (m, _, _) in enumerate(COMMANDS)])
 def test_readme_flags_exist(module, words, line, capsys, monkeypatch):
     pre = []
-    if words and not words[0].startswith("-") and module == "runtime.weights":
-        pre = words[:1]  # subcommand: fetch / list
+    if words and not words[0].startswith("-") and module in ("runtime.weights", "mllm.data.sources"):
+        pre = words[:1]  # subcommand: fetch / list, split-json
     if "--task" in words:  # mllm.evaluate: each task has its own flags
         pre = ["--task", words[words.index("--task") + 1]]
     flags = [w.split("=")[0] for w in words if re.fullmatch(r"--[a-z][\w.-]*(=.*)?", w)]

@@ -112,12 +112,11 @@ def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):
 
 def test_stop_signals_are_remembered_not_fatal_and_restored():
     """In-process: SIGTERM and SIGUSR1 are caught while a run trains (the first one is kept, repeats change
-    nothing), `agreed` reads it without a process group, `restore` puts the previous handlers back, and the
-    data workers' init ignores both."""
+    nothing), `agreed` reads it without a process group, and `restore` puts the previous handlers back."""
     import os
     import signal
 
-    from runtime.run import STOP_SIGNALS, StopSignals, ignore_stop_signals
+    from runtime.run import STOP_SIGNALS, StopSignals
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     signals = StopSignals()
@@ -129,9 +128,40 @@ def test_stop_signals_are_remembered_not_fatal_and_restored():
     finally:
         signals.restore()
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
-    try:
-        ignore_stop_signals(0)
-        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
+
+
+WORKER_SCRIPT = """
+import os, subprocess, sys, time, torch
+from runtime.run import worker_stop_signals
+
+class Count(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+def batches(loader):
+    while True:
+        yield from loader
+
+it = batches(torch.utils.data.DataLoader(Count(), batch_size=None, num_workers=1, worker_init_fn=worker_stop_signals))
+next(it)
+worker = [int(p) for p in os.listdir("/proc") if p.isdigit() and open(f"/proc/{p}/stat").read().split()[3] == str(os.getpid())]
+assert len(worker) == 1, worker
+subprocess.run(["kill", "-TERM", str(worker[0])], check=True)  # sent by another process: a scheduler, a launcher
+time.sleep(1)
+print("worker alive after an outside SIGTERM:", os.path.exists(f"/proc/{worker[0]}"), next(it), flush=True)
+raise RuntimeError("a crash with the loader still open")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; sigwaitinfo is Linux's")
+def test_data_workers_ignore_outside_stop_signals_and_still_end_with_a_crashed_rank():
+    """A loader worker survives a SIGTERM from another process (the rank finishes its step with it) and still
+    ends when its rank exits after an uncaught error: Python's exit signals it and waits for it, which hung
+    forever while workers ignored the signal whatever its sender."""
+    p = subprocess.run([sys.executable, "-c", WORKER_SCRIPT], cwd=ROOT, env=ds_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert "worker alive after an outside SIGTERM: True 1" in p.stdout, p.stdout + p.stderr[-2000:]
+    assert p.returncode == 1 and "a crash with the loader still open" in p.stderr

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from runtime.run import ignore_stop_signals
+from runtime.run import worker_stop_signals
 
 IMAGE_KEYS = ("jpg", "png", "jpeg", "webp", "gif", "bmp", "tif", "tiff")
 SKIP_KINDS = ("read_errors", "decode_errors", "missing_image", "missing_text")
@@ -425,7 +425,7 @@ class ImageTextLoader:
                               worker_offset=(self._last_worker + 1) % W)
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
-                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
+                            persistent_workers=False, worker_init_fn=worker_stop_signals)
         for item in loader:
             meta = item.pop("meta")
             w = int(meta["worker"])

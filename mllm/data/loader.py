@@ -35,7 +35,7 @@ from mllm.data import templates as T
 from mllm.data.collate import Sample, collate
 from mllm.data.recipe import Recipe, load_recipe
 from mllm.data.sources import MAX_EXAMPLES, Position, Source, build_source, hash_uniform, structured_stats
-from runtime.run import ignore_stop_signals
+from runtime.run import worker_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class MixtureLoader:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used before forking
         ds = _WorkerDataset(self, self._consumed % self.num_workers, dict(self._snapshots))
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                         worker_init_fn=ignore_stop_signals)
+                                         worker_init_fn=worker_stop_signals)
         for logical, batch, snap in dl:
             self._record(int(logical), snap, batch)
             yield batch
