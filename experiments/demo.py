@@ -452,6 +452,7 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
     timing = out / "timing.json"
     times = json.loads(timing.read_text())["steps"] if timing.is_file() else {}
     names: list[str] = []
+    host = describe_host()  # every step of this invocation runs here
 
     def timed(name: str, step, *args):
         """Run one step; one that did work (did not return False) records its seconds and host in timing.json, so
@@ -460,7 +461,7 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
         start = time.time()
         result = step(*args)
         if result is not False:
-            times[name] = {"seconds": round(time.time() - start, 1), "host": describe_host()}
+            times[name] = {"seconds": round(time.time() - start, 1), "host": host}
             total = round(sum(t["seconds"] for t in times.values()), 1)
             tmp = timing.with_suffix(".tmp")
             tmp.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
