@@ -94,6 +94,80 @@ def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, s
         assert x["data_hash"] == y["data_hash"] and abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"]))
 
 
+STAND_IN_SRUN = """#!{python}
+# srun as slurmstepd (proctrack/cgroup, SignalChildrenProcesses=no) treats one node's task: it signals only
+# the task's own process, and once that process exits it kills whatever is left of the task.
+import ctypes, os, subprocess, sys
+import psutil
+args = sys.argv[1:]
+while args[0].startswith("--"):
+    args.pop(0)
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the task stay our descendants
+task = subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": "0"}})
+open(os.environ["TASK_PID_FILE"], "w").write(str(task.pid))
+rc = task.wait()
+left = psutil.Process().children(recursive=True)
+for p in left:
+    p.kill()
+print(f"stand-in srun: task exited {{rc}}, killed {{len(left)}} processes left behind", flush=True)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.slow
+def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks(tmp_path, shards):
+    """launch/slurm.sbatch under a stand-in srun that behaves like SLURM's default: scancel's SIGTERM reaches
+    only the node's task (launch/slurm_node.sh) and the rest of the task is killed once it exits. The
+    task passes the signal on, the 2 ranks save the step they are in and exit before it does; the job,
+    resubmitted, resumes and stops the same way on the --signal=USR1 warning before the time limit.
+    (Before slurm_node.sh, the deepspeed launcher was the task and died of the SIGTERM: nothing was saved.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from runtime.launch import ROOT, ds_env, free_port
+
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "srun").write_text(STAND_IN_SRUN.format(python=sys.executable))
+    (bins / "srun").chmod(0o755)
+    run, pid_file = tmp_path / "run", tmp_path / "task.pid"
+    env = {**ds_env(), "PATH": f"{bins}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path), "TASK_PID_FILE": str(pid_file), "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2"}
+    args = _args(run, shards, "--gan.no-enabled", "--loss.lpips", "0", "--data.num-workers", "1",
+                 "--total-steps", "200", "--save-every", "1000")
+
+    def submit_and_signal(sig: signal.Signals, after_steps: int) -> tuple[int, str]:
+        pid_file.unlink(missing_ok=True)
+        job = subprocess.Popen(["bash", "launch/slurm.sbatch", "launch/tokenizer.sh", *args], cwd=ROOT,
+                               env={**env, "MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.time() + 240
+        while not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= after_steps):
+            assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.kill(int(pid_file.read_text()), sig)  # the task only, as slurmstepd does
+        try:
+            out = job.communicate(timeout=120)[0]
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        stopped = len(_metrics(run))
+        assert f"task exited {job.returncode}, killed 0 processes left behind" in out, out[-3000:]  # all saved, ended
+        assert job.returncode != 0 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
+        assert f"{sig.name}: stopped after step {stopped}, its checkpoint is saved" in (run / "log.txt").read_text()
+        return stopped, out
+
+    first, _ = submit_and_signal(signal.SIGTERM, 3)  # scancel, preemption, the time limit itself
+    assert first < 200
+    second, out = submit_and_signal(signal.SIGUSR1, first + 3)  # --signal=USR1@600
+    assert f"step-{first:08d} at step {first}" in (run / "log.txt").read_text() and first + 3 <= second < 200
+    assert [m["step"] for m in _metrics(run)] == list(range(1, second + 1))
+
+
 @pytest.mark.slow
 def test_bf16_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, shards):
     """--precision bf16 on CPU (a bf16 autocast forward over fp32 weights), kill -9 in a save, exact replay;
