@@ -15,6 +15,7 @@ def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int, tim
     from runtime.distributed import init_distributed, is_main_process, rank_layout
     from runtime.log import setup_logging
 
+    default_stop_signals()
     info = init_distributed(seed, timeout_min)
     layout = rank_layout()
     log = setup_logging(run_dir)
@@ -77,6 +78,16 @@ class StopSignals:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def default_stop_signals() -> None:
+    """Give back their default action to STOP_SIGNALS this process inherited as ignored: launch/slurm_node.sh
+    runs the deepspeed launcher with them ignored (so that it outlives its ranks), and ignored signals
+    survive exec. A rank then reacts as anywhere else: ended at once before its first step, caught after."""
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) == signal.SIG_IGN:
+                signal.signal(s, signal.SIG_DFL)
 
 
 def worker_stop_signals(worker_id: int) -> None:

@@ -95,15 +95,18 @@ def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, s
 
 
 STAND_IN_SRUN = """#!{python}
-# srun as slurmstepd (proctrack/cgroup, SignalChildrenProcesses=no) treats one node's task: it signals only
-# the task's own process, and once that process exits it kills whatever is left of the task.
-import ctypes, os, subprocess, sys
+# srun, and slurmstepd (proctrack/cgroup, SignalChildrenProcesses=no), as they treat one node's task: a
+# signal (srun's, or SLURM's) reaches only the task's own process, and once that process exits whatever is
+# left of the task is killed.
+import ctypes, os, signal, subprocess, sys
 import psutil
 args = sys.argv[1:]
 while args[0].startswith("--"):
     args.pop(0)
 ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans of the task stay our descendants
 task = subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": "0"}})
+for s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(s, lambda signum, frame: task.send_signal(signum))
 open(os.environ["TASK_PID_FILE"], "w").write(str(task.pid))
 rc = task.wait()
 left = psutil.Process().children(recursive=True)
@@ -115,12 +118,13 @@ sys.exit(rc)
 
 
 @pytest.mark.slow
-def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks(tmp_path, shards):
-    """launch/slurm.sbatch under a stand-in srun that behaves like SLURM's default: scancel's SIGTERM reaches
-    only the node's task (launch/slurm_node.sh) and the rest of the task is killed once it exits. The
-    task passes the signal on, the 2 ranks save the step they are in and exit before it does; the job,
-    resubmitted, resumes and stops the same way on the --signal=USR1 warning before the time limit.
-    (Before slurm_node.sh, the deepspeed launcher was the task and died of the SIGTERM: nothing was saved.)"""
+def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks_and_requeues(tmp_path, shards):
+    """launch/slurm.sbatch under a stand-in srun that signals and kills like SLURM's default: scancel's SIGTERM
+    reaches only the node's task (launch/slurm_node.sh) and the rest of the task is killed once it exits.
+    The task passes the signal on, the 2 ranks save the step they are in and exit before it does. The job,
+    resubmitted, resumes; the time-limit warning (--signal=B:USR1@600, to the batch script) stops it the same
+    way through srun, and the script requeues the job. (Before slurm_node.sh, the deepspeed launcher was the
+    task and died of the SIGTERM: nothing was saved.)"""
     import os
     import signal
     import subprocess
@@ -132,15 +136,19 @@ def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks(tmp_path, shards):
     bins = tmp_path / "bin"
     bins.mkdir()
     (bins / "srun").write_text(STAND_IN_SRUN.format(python=sys.executable))
-    (bins / "srun").chmod(0o755)
-    run, pid_file = tmp_path / "run", tmp_path / "task.pid"
+    (bins / "scontrol").write_text('#!/bin/sh\ncase "$1" in requeue) echo "$*" >> "$REQUEUE_LOG";; '
+                                   'show) echo "$3";; esac\n')  # show hostnames localhost
+    for f in bins.iterdir():
+        f.chmod(0o755)
+    run, pid_file, requeued = tmp_path / "run", tmp_path / "task.pid", tmp_path / "requeued"
     env = {**ds_env(), "PATH": f"{bins}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "TMPDIR": str(tmp_path), "TASK_PID_FILE": str(pid_file), "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
-           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2"}
+           "TMPDIR": str(tmp_path), "TASK_PID_FILE": str(pid_file), "REQUEUE_LOG": str(requeued),
+           "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_SUBMIT_DIR": str(ROOT),
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2"}
     args = _args(run, shards, "--gan.no-enabled", "--loss.lpips", "0", "--data.num-workers", "1",
                  "--total-steps", "200", "--save-every", "1000")
 
-    def submit_and_signal(sig: signal.Signals, after_steps: int) -> tuple[int, str]:
+    def submit_and_signal(sig: signal.Signals, after_steps: int, to_batch_script: bool) -> str:
         pid_file.unlink(missing_ok=True)
         job = subprocess.Popen(["bash", "launch/slurm.sbatch", "launch/tokenizer.sh", *args], cwd=ROOT,
                                env={**env, "MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE,
@@ -149,23 +157,26 @@ def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks(tmp_path, shards):
         while not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= after_steps):
             assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
             time.sleep(0.1)
-        os.kill(int(pid_file.read_text()), sig)  # the task only, as slurmstepd does
+        os.kill(job.pid if to_batch_script else int(pid_file.read_text()), sig)
         try:
             out = job.communicate(timeout=120)[0]
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
         stopped = len(_metrics(run))
-        assert f"task exited {job.returncode}, killed 0 processes left behind" in out, out[-3000:]  # all saved, ended
+        assert "killed 0 processes left behind" in out, out[-3000:]  # every rank saved and ended by itself
         assert job.returncode != 0 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
         assert f"{sig.name}: stopped after step {stopped}, its checkpoint is saved" in (run / "log.txt").read_text()
-        return stopped, out
+        return out
 
-    first, _ = submit_and_signal(signal.SIGTERM, 3)  # scancel, preemption, the time limit itself
-    assert first < 200
-    second, out = submit_and_signal(signal.SIGUSR1, first + 3)  # --signal=USR1@600
+    submit_and_signal(signal.SIGTERM, 3, to_batch_script=False)  # scancel, preemption, the time limit itself
+    first = len(_metrics(run))
+    assert first < 200 and not requeued.exists()  # an scancel is no reason to come back
+    out = submit_and_signal(signal.SIGUSR1, first + 3, to_batch_script=True)
+    second = len(_metrics(run))
     assert f"step-{first:08d} at step {first}" in (run / "log.txt").read_text() and first + 3 <= second < 200
     assert [m["step"] for m in _metrics(run)] == list(range(1, second + 1))
+    assert requeued.read_text() == "requeue 7\n" and "requeueing job 7" in out
 
 
 @pytest.mark.slow
