@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -85,7 +86,9 @@ def slots_per_node(env: dict[str, str]) -> int:
 
 
 def write_hostfile(path: Path, hosts: list[str], slots: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomically; every node writes the same file, and where TMPDIR is shared, at once: a temporary name
+    per host and process (a shared one was renamed away under another node, which then failed)."""
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text("".join(f"{h} slots={slots}\n" for h in hosts))
     os.replace(tmp, path)
 

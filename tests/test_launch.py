@@ -119,6 +119,29 @@ def test_hostfile_from_slurm_without_and_with_scontrol(tmp_path):
     assert (tmp_path / "hostfile.77").read_text() == "x1 slots=8\nx2 slots=8\n"
 
 
+def _write_hostfile_many_times(path: str) -> None:
+    from runtime.slurm import write_hostfile
+
+    for _ in range(300):
+        write_hostfile(Path(path), ["n1", "n2"], 8)
+
+
+def test_nodes_writing_the_same_hostfile_at_once_all_succeed(tmp_path):
+    """Every node of a job writes $TMPDIR/hostfile.$SLURM_JOB_ID; where TMPDIR is shared they do it at once
+    (seen on a 2-node SLURM whose nodes share /tmp: one node's rename failed, and the job with it)."""
+    import multiprocessing
+
+    path = tmp_path / "hostfile.14"
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_write_hostfile_many_times, args=(str(path),)) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(60)
+    assert [w.exitcode for w in writers] == [0, 0, 0, 0]
+    assert path.read_text() == "n1 slots=8\nn2 slots=8\n" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_sbatch_example_starts_one_launcher_per_node(tmp_path):
     """launch/slurm.sbatch under a stand-in srun that runs its command once per node, as srun does with
     SLURM_NODEID set: each node gets the same hostfile, its NODE_RANK, node 0 as master and its slots."""
