@@ -15,7 +15,6 @@ def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int, tim
     from runtime.distributed import init_distributed, is_main_process, rank_layout
     from runtime.log import setup_logging
 
-    default_stop_signals()
     info = init_distributed(seed, timeout_min)
     layout = rank_layout()
     log = setup_logging(run_dir)
@@ -83,7 +82,9 @@ class StopSignals:
 def default_stop_signals() -> None:
     """Give back their default action to STOP_SIGNALS this process inherited as ignored: launch/slurm_node.sh
     runs the deepspeed launcher with them ignored (so that it outlives its ranks), and ignored signals
-    survive exec. A rank then reacts as anywhere else: ended at once before its first step, caught after."""
+    survive exec. A rank then reacts as anywhere else: a trainer ends at once before its first step and
+    saves after; extraction and packing end (a requeued job resumes them per shard). Called where a rank
+    starts: init_distributed, extraction, packing."""
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             if signal.getsignal(s) == signal.SIG_IGN:

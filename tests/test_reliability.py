@@ -132,18 +132,18 @@ def test_stop_signals_are_remembered_not_fatal_and_restored():
 
 def test_stop_signals_ignored_by_the_launcher_get_their_default_action_back_in_a_rank():
     """launch/slurm_node.sh starts the launcher with SIGTERM and SIGUSR1 ignored, which a rank inherits; once the
-    rank has started (default_stop_signals, in start_run) a SIGUSR1 ends it again, as it does anywhere else."""
+    rank has started (default_stop_signals, in init_distributed) a SIGUSR1 ends it again, as it does anywhere else."""
     import signal
     import subprocess
     import sys
 
-    from runtime.launch import ROOT
+    from runtime.launch import ROOT, ds_env
 
-    code = ("import os, signal; from runtime.run import default_stop_signals; "
-            "print(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, flush=True); default_stop_signals(); "
+    code = ("import os, signal; from runtime.distributed import init_distributed; "
+            "print(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, flush=True); init_distributed(); "
             "os.kill(os.getpid(), signal.SIGUSR1); print('still alive', flush=True)")
     p = subprocess.run(["bash", "-c", 'trap "" TERM USR1; exec "$@"', "bash", sys.executable, "-c", code], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+                       env=ds_env(), capture_output=True, text=True, timeout=120)
     assert p.stdout == "True\n" and p.returncode == -signal.SIGUSR1, (p.returncode, p.stdout, p.stderr[-2000:])
 
 
