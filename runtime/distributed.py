@@ -46,9 +46,6 @@ def launcher_env() -> tuple[int, int, int]:
 def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
     """Initialise the process group once (idempotent) and seed `seed + rank`; collectives (and the
     rendezvous) fail after `timeout_min` minutes without the missing rank."""
-    from runtime.run import default_stop_signals
-
-    default_stop_signals()
     rank, world, local = launcher_env()
     if torch.cuda.is_available():
         backend, device = "nccl", torch.device("cuda", local % torch.cuda.device_count())

@@ -79,18 +79,6 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def default_stop_signals() -> None:
-    """Give back their default action to STOP_SIGNALS this process inherited as ignored: launch/slurm_node.sh
-    runs the deepspeed launcher with them ignored (so that it outlives its ranks), and ignored signals
-    survive exec. A rank then reacts as anywhere else: a trainer ends at once before its first step and
-    saves after; extraction and packing end (a requeued job resumes them per shard). Called where a rank
-    starts: init_distributed, extraction, packing."""
-    if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
-            if signal.getsignal(s) == signal.SIG_IGN:
-                signal.signal(s, signal.SIG_DFL)
-
-
 def worker_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: a worker ends on a STOP_SIGNAL only when its rank sends it (torch's worker
     shutdown and Python's exit do, and wait for the worker); sent by anyone else (a scheduler or the deepspeed

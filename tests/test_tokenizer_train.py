@@ -109,10 +109,11 @@ for s in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(s, lambda signum, frame: task.send_signal(signum))
 open(os.environ["TASK_PID_FILE"], "w").write(str(task.pid))
 rc = task.wait()
-left = psutil.Process().children(recursive=True)
+left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+names = [" ".join(p.cmdline()[:3]) for p in left]
 for p in left:
     p.kill()
-print(f"stand-in srun: task exited {{rc}}, killed {{len(left)}} processes left behind", flush=True)
+print(f"stand-in srun: task exited {{rc}}, killed {{len(left)}} processes left behind {{names}}", flush=True)
 sys.exit(rc)
 """
 
@@ -148,15 +149,18 @@ def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks_and_requeues(tmp_p
     args = _args(run, shards, "--gan.no-enabled", "--loss.lpips", "0", "--data.num-workers", "1",
                  "--total-steps", "200", "--save-every", "1000")
 
-    def submit_and_signal(sig: signal.Signals, after_steps: int, to_batch_script: bool) -> str:
+    def log_text() -> str:
+        return (run / "log.txt").read_text() if (run / "log.txt").is_file() else ""
+
+    def submit_and_signal(sig: signal.Signals, ready, to_batch_script: bool) -> tuple[int, str]:
         pid_file.unlink(missing_ok=True)
         job = subprocess.Popen(["bash", "launch/slurm.sbatch", "launch/tokenizer.sh", *args], cwd=ROOT,
                                env={**env, "MASTER_PORT": str(free_port())}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.time() + 240
-        while not ((run / "metrics.jsonl").is_file() and len(_metrics(run)) >= after_steps):
+        while not ready():
             assert job.poll() is None and time.time() < deadline, job.communicate()[0][-3000:]
-            time.sleep(0.1)
+            time.sleep(0.05)
         os.kill(job.pid if to_batch_script else int(pid_file.read_text()), sig)
         try:
             out = job.communicate(timeout=120)[0]
@@ -166,17 +170,22 @@ def test_sbatch_passes_slurm_stop_signals_to_the_saving_ranks_and_requeues(tmp_p
         stopped = len(_metrics(run))
         assert "killed 0 processes left behind" in out, out[-3000:]  # every rank saved and ended by itself
         assert job.returncode != 0 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
-        assert f"{sig.name}: stopped after step {stopped}, its checkpoint is saved" in (run / "log.txt").read_text()
-        return out
+        assert f"{sig.name}: stopped after step {stopped}, its checkpoint is saved" in log_text()
+        return stopped, out
 
-    submit_and_signal(signal.SIGTERM, 3, to_batch_script=False)  # scancel, preemption, the time limit itself
-    first = len(_metrics(run))
+    def steps_done(n: int):
+        return lambda: (run / "metrics.jsonl").is_file() and len(_metrics(run)) >= n
+
+    # scancel, preemption, the time limit itself: SIGTERM to the task, after 3 steps
+    first, _ = submit_and_signal(signal.SIGTERM, steps_done(3), to_batch_script=False)
     assert first < 200 and not requeued.exists()  # an scancel is no reason to come back
-    out = submit_and_signal(signal.SIGUSR1, first + 3, to_batch_script=True)
-    second = len(_metrics(run))
-    assert f"step-{first:08d} at step {first}" in (run / "log.txt").read_text() and first + 3 <= second < 200
+    # the time-limit warning (to the batch script) while the resubmitted job's ranks still start up (it logged
+    # its layout, the loop's handler is not set yet): ignored there, caught when slurm_node.sh repeats it
+    starts = log_text().count("ranks: ")
+    second, out = submit_and_signal(signal.SIGUSR1, lambda: log_text().count("ranks: ") > starts, to_batch_script=True)
+    assert f"step-{first:08d} at step {first}" in log_text() and first < second < 200
     assert [m["step"] for m in _metrics(run)] == list(range(1, second + 1))
-    assert requeued.read_text() == "requeue 7\n" and "requeueing job 7" in out
+    assert "task exited 138" in out and requeued.read_text() == "requeue 7\n" and "requeueing job 7" in out
 
 
 @pytest.mark.slow

@@ -267,11 +267,9 @@ def write_manifest(cfg: ExtractConfig, shards: list[InputShard], header: dict[st
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract this rank's shards; returns {"done": [...], "skipped": [...], "manifest": ... (rank 0)}."""
-    from runtime.run import default_stop_signals
     from unitok import load_tokenizer
     from unitok.config import DOWNSAMPLE
 
-    default_stop_signals()
     rank, world, local = dist_env(cfg.local_rank)
     shards, ignored = plan_inputs(cfg)
     if ignored and rank == 0:

@@ -328,9 +328,7 @@ def next_steps(cfg: PackConfig, num_shards: int) -> str:
 def run(cfg: PackConfig) -> dict[str, Any]:
     """Pack this rank's shards; returns {"done", "skipped", "manifest" (rank 0)}."""
     from runtime.distributed import launcher_env
-    from runtime.run import default_stop_signals
 
-    default_stop_signals()
     rank, world, _ = launcher_env()
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
