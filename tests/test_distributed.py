@@ -48,7 +48,8 @@ def test_end_job_stops_the_groups_threads(start):
         threads = [line for line in out.splitlines() if line.startswith("threads:")]
         assert threads and "gloo" not in threads[0], out[-3000:]
         # torch 2.14 deprecates both and DeepSpeed's ZeRO-3 calls them: init_distributed hides that warning
-        assert start != "init_distributed()" or "is deprecated" not in out, out[-3000:]
+        # ("`torch.distributed.all_gather_into_tensor` is deprecated"; other packages' notices may show)
+        assert start != "init_distributed()" or "` is deprecated" not in out, out[-3000:]
 
 
 @pytest.mark.parametrize("local_size,omp", [("2", None), ("1", None), ("2", "2")])

@@ -1,4 +1,8 @@
 """The unified MLLM as a registered transformers model (`model_type = "unitok_mllm"`)."""
+from runtime.requirements import require
+
+require("torch", "transformers")  # before transformers is imported: it ignores a torch below 2.6
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX, UniMLLMConfig

@@ -50,6 +50,9 @@ class DepthAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, theta: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.theta = num_heads, num_kv_heads, dim // num_heads, theta
+        # a plain bool, fixed here: compiled with dynamic=True, torch 2.6/2.7 trace int attributes as symbols,
+        # and sdpa's enable_gqa refuses the symbolic bool their comparison makes (a graph break per layer)
+        self.gqa = num_kv_heads != num_heads  # False: exactly the plain multi-head call
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
@@ -64,14 +67,13 @@ class DepthAttention(nn.Module):
         q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
         if cache is not None:
             k, v = cache.extend(k, v)
-        gqa = self.num_kv_heads != self.num_heads  # False: exactly the plain multi-head call
         if S == 1:
-            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new step attends to all cached steps
+            a = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.gqa)  # one new step attends to all cached steps
         elif k.shape[2] == S:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         else:
             mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - S)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(a.transpose(1, 2).reshape(B, S, D))
 
 
