@@ -26,7 +26,7 @@ def declared() -> dict[str, Requirement]:
         lines = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     else:  # installed from a wheel: the metadata, less the extras
         lines = [r for r in md.requires(DIST) or [] if "extra ==" not in r]
-    return {Requirement(line).name: Requirement(line) for line in lines}
+    return {r.name: r for r in map(Requirement, lines)}
 
 
 def require(*names: str) -> None:

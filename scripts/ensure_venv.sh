@@ -20,12 +20,13 @@ new_enough() {  # $1: a Python interpreter -> whether it is at least $MIN_PY
 
 if [[ ! -x $VENV/bin/python ]]; then
     py=""
-    for c in ${PYTHON:-python3 python3.13 python3.12 python3.11}; do
+    candidates=${PYTHON:-python3 python3.13 python3.12 python3.11}
+    for c in $candidates; do
         if command -v "$c" >/dev/null 2>&1 && new_enough "$c"; then py=$c; break; fi
     done
     if [[ -z $py ]]; then
         echo "[setup] the project needs Python >= $MIN_PY (pyproject.toml; transformers 5.24 requires 3.11);" \
-             "missing or older: ${PYTHON:-python3 python3.13 python3.12 python3.11}. Install Python $MIN_PY or" \
+             "missing or older: $candidates. Install Python $MIN_PY or" \
              "newer, or set PYTHON=/path/to/python$MIN_PY" >&2
         exit 1
     fi
