@@ -1,6 +1,7 @@
 """The embedded end-to-end demo: the whole pipeline at toy scale on CPU, with the real code paths.
 
-    python -m experiments.demo --out runs/demo [--quick] [--fresh] [--no-chat]   (launch/demo.sh; `make demo`)
+    python -m experiments.demo --out runs/demo [--quick] [--fresh] [--no-chat] [--seed 0]
+    (launch/demo.sh and `make demo` run it)
 
 Steps (each is skipped when its output already exists, so a second run resumes or is a no-op;
 --fresh starts over):
@@ -112,6 +113,35 @@ QUICK = DemoSizes(num_images=192, tokenizer_images=384, num_eval=48, image_size=
                   tokenizer_steps=40, tokenizer_batch=16, tokenizer_decode=0, stage1_steps=12, stage2_steps=12,
                   mllm_batch=4, hidden=64, layers=2, num_generate=3)
 
+# What the quick run must reach (tests/test_demo.py). Each bound lies outside what trained runs reached (10 training
+# seeds on torch 2.14.1; on 2.9.1, 10 for the tokenizer and 4 for the MLLM stages) and inside what a step trained
+# at learning rate 1e-9 reads. The figures are in README.md ("The demo") and benchmarks/README.md, and
+# `python benchmarks/demo_floors.py` measures them. Each loss is bounded on its own: the total mixes them in
+# proportions that vary per batch.
+QUICK_FLOORS = {"recon_psnr": 11.0, "codebook_usage_pct": 15.0}
+"""report.json figures: each must be at least this."""
+QUICK_LOSS_CEILINGS = {("tokenizer", "l2"): 0.75, ("tokenizer", "clip"): 0.8, ("stage1", "text_loss"): 0.92,
+                       ("stage1", "image_loss"): 0.92, ("stage2", "text_loss"): 0.94}
+"""(run, loss) -> the most `loss_ratio` may read."""
+
+
+def loss_ratio(metrics: Path, key: str) -> float:
+    """A run's logged `key` over its last 3 logged steps relative to its first 3 (1: it did not learn)."""
+    values = [row[key] for row in map(json.loads, metrics.read_text().splitlines()) if key in row]
+    if len(values) < 6:
+        raise ValueError(f"{metrics}: {len(values)} logged steps with {key!r}, a loss ratio needs 6")
+    return sum(values[-3:]) / sum(values[:3])
+
+
+def quick_checks(out: Path) -> list[tuple[str, float, str, bool]]:
+    """The quick run's figures against QUICK_FLOORS and QUICK_LOSS_CEILINGS: (name, value, bound, passed) rows."""
+    report = json.loads((out / "report" / "report.json").read_text())
+    rows = [(k, report[k], f">= {v}", report[k] >= v) for k, v in QUICK_FLOORS.items()]
+    for (run_name, key), ceiling in QUICK_LOSS_CEILINGS.items():
+        r = loss_ratio(out / run_name / "metrics.jsonl", key)
+        rows.append((f"{run_name} {key} ratio", r, f"<= {ceiling}", r <= ceiling))
+    return rows
+
 
 def _log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -181,7 +211,7 @@ def step_text_model(out: Path, sizes: DemoSizes) -> bool | None:
     _log(f"text tokenizer (1024 pieces) + random tiny Llama ({sizes.layers} x {sizes.hidden})")
 
 
-def step_tokenizer(out: Path, sizes: DemoSizes) -> bool | None:
+def step_tokenizer(out: Path, sizes: DemoSizes, seed: int = 0) -> bool | None:
     if (out / "tokenizer" / "export" / "model.safetensors").is_file():
         return _skipped("tokenizer: exported")
     ranks = sizes.tokenizer_ranks
@@ -193,7 +223,7 @@ def step_tokenizer(out: Path, sizes: DemoSizes) -> bool | None:
         "--data.local-batch-size", str(sizes.tokenizer_batch), "--num-decode", str(sizes.tokenizer_decode),
         "--data.num-workers", "0",
         "--total-steps", str(sizes.tokenizer_steps), "--save-every", str(max(10, sizes.tokenizer_steps // 3)),
-        "--log-every", str(max(1, sizes.tokenizer_steps // 10)), "--optim.lr", "1e-3",
+        "--log-every", str(max(1, sizes.tokenizer_steps // 10)), "--optim.lr", "1e-3", "--seed", str(seed),
         # the GAN (random DINOv2 trunk) changed nothing measurable at this scale: it runs for the last 2 %, so
         # that the loss stays wired, not longer
         "--gan.random-backbone", "--gan.backbone", "debug", "--gan.start-frac", "0.98", "--loss.lpips", "0",
@@ -211,30 +241,31 @@ def step_codes(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
     _log("codes: extracted")
 
 
-def _mllm_common(out: Path, sizes: DemoSizes, run: str, steps: int) -> list[str]:
-    return ["--data-root", str(out / "data"), "--run-dir", str(out / run), "--micro-batch", str(sizes.mllm_batch),
-            "--grad-accum", "1", "--max-len", "256", "--num-workers", "0", "--total-steps", str(steps),
-            "--save-every", str(max(5, steps // 2)), "--log-every", str(max(1, steps // 10)), "--resume", "auto"]
+def _mllm_common(out: Path, sizes: DemoSizes, run: str, steps: int, seed: int) -> list[str]:
+    return ["--data-root", str(out / "data"), "--run-dir", str(out / run), "--seed", str(seed), "--micro-batch",
+            str(sizes.mllm_batch), "--grad-accum", "1", "--max-len", "256", "--num-workers", "0", "--total-steps",
+            str(steps), "--save-every", str(max(5, steps // 2)), "--log-every", str(max(1, steps // 10)),
+            "--resume", "auto"]
 
 
-def step_stage1(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
+def step_stage1(out: Path, sizes: DemoSizes, ranks: int, seed: int = 0) -> bool | None:
     if (out / "stage1" / "export" / "config.json").is_file():
         return _skipped("stage 1: exported")
     _log(f"MLLM stage 1 (pretrain): {sizes.stage1_steps} steps, ZeRO-3 on {ranks} ranks")
     _deepspeed("mllm.train", ["--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer",
                               str(out / "tokenizer" / "export"), "--recipe", str(ROOT / "data_recipes/demo.yaml"),
                               "--optim.lr", "2e-3", "--mllm", "depth_num_layers", "2",
-                              *_mllm_common(out, sizes, "stage1", sizes.stage1_steps)], ranks,
+                              *_mllm_common(out, sizes, "stage1", sizes.stage1_steps, seed)], ranks,
                out / "logs" / "stage1.log")
 
 
-def step_stage2(out: Path, sizes: DemoSizes, ranks: int) -> bool | None:
+def step_stage2(out: Path, sizes: DemoSizes, ranks: int, seed: int = 0) -> bool | None:
     if (out / "stage2" / "export" / "config.json").is_file():
         return _skipped("stage 2: exported")
     _log(f"MLLM stage 2 (finetune): {sizes.stage2_steps} steps from the stage-1 export")
     _deepspeed("mllm.train", ["--stage", "finetune", "--init-from", str(out / "stage1" / "export"), "--recipe",
                               str(ROOT / "data_recipes/demo_finetune.yaml"), "--optim.lr", "1e-3",
-                              *_mllm_common(out, sizes, "stage2", sizes.stage2_steps)], ranks,
+                              *_mllm_common(out, sizes, "stage2", sizes.stage2_steps, seed)], ranks,
                out / "logs" / "stage2.log")
 
 
@@ -443,8 +474,8 @@ def format_timing(t: dict, names: list[str]) -> str:
                       total + (f" without {', '.join(untimed)} (done before timing.json)" if untimed else "")])
 
 
-def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True) -> dict:
-    """Run every step (skipping finished ones) and return the report."""
+def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True, seed: int = 0) -> dict:
+    """Run every step (skipping finished ones) and return the report; `seed` seeds the three training steps."""
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,10 +501,10 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
 
     timed("data", step_data, out, sizes)
     timed("text model", step_text_model, out, sizes)
-    timed("tokenizer", step_tokenizer, out, sizes)
+    timed("tokenizer", step_tokenizer, out, sizes, seed)
     timed("codes", step_codes, out, sizes, ranks)
-    timed("stage 1", step_stage1, out, sizes, ranks)
-    timed("stage 2", step_stage2, out, sizes, ranks)
+    timed("stage 1", step_stage1, out, sizes, ranks, seed)
+    timed("stage 2", step_stage2, out, sizes, ranks, seed)
     if chat:
         timed("chat", step_chat, out, sizes)
     report = timed("report", step_report, out, sizes)
@@ -497,6 +528,9 @@ class DemoConfig:
     """Delete OUT first instead of resuming."""
     chat: bool = True
     """Run the chat step (--no-chat skips it)."""
+    seed: int = 0
+    """Seed of the tokenizer and both MLLM stages (each rank adds its rank). The data and the held-out sets stay
+    the same; a resumed run keeps the seed its finished steps were trained with."""
 
     def __post_init__(self):
         if self.ranks <= 0:
@@ -509,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = tyro.cli(DemoConfig, args=argv, description=__doc__)
     try:
-        run(Path(cfg.out), QUICK if cfg.quick else DemoSizes(), cfg.ranks, cfg.fresh, cfg.chat)
+        run(Path(cfg.out), QUICK if cfg.quick else DemoSizes(), cfg.ranks, cfg.fresh, cfg.chat, cfg.seed)
     except RuntimeError as e:
         raise SystemExit(f"experiments.demo: error: {e}") from None
 

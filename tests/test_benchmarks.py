@@ -133,6 +133,32 @@ def test_gpu_check_needs_a_gpu_or_cpu_mode(tmp_path, monkeypatch, capsys):
     assert "--cpu" in capsys.readouterr().err
 
 
+def test_demo_floors_freezes_only_the_named_steps(monkeypatch):
+    """--frozen STEP appends learning rate 1e-9 to that step's trainer command line, and to no other."""
+    from experiments import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "_deepspeed", lambda module, args, ranks, log: calls.append((module, args)))
+    df = load("demo_floors")
+    df.freeze(("stage2",))
+    for module, args in (("unitok.train", ["--optim.lr", "1e-3"]), ("unitok.extract", ["--size", "32"]),
+                         ("mllm.train", ["--stage", "pretrain", "--optim.lr", "2e-3"]),
+                         ("mllm.train", ["--stage", "finetune", "--optim.lr", "1e-3"])):
+        demo._deepspeed(module, args, 2, None)
+    assert [a[-2:] == ["--optim.lr", "1e-9"] for _, a in calls] == [False, False, False, True]
+    with pytest.raises(SystemExit):  # a step name that is not one is a usage error
+        df.main(["--frozen", "stage3"])
+
+
+def test_demo_floors_table_marks_failures():
+    df = load("demo_floors")
+    rows = {0: [("psnr", 12.5, ">= 11.0", True), ("l2 ratio", 0.5, "<= 0.75", True)],
+            1: [("psnr", 10.0, ">= 11.0", False), ("l2 ratio", 0.6, "<= 0.75", True)]}
+    lines = df.table(rows)
+    assert lines[2] == "| 0 | 12.500 | 0.500 |" and lines[3] == "| 1 | 10.000 FAIL | 0.600 |"
+    assert lines[4:] == ["| min | 10.000 | 0.500 |", "| max | 12.500 | 0.600 |", "| bound | >= 11.0 | <= 0.75 |"]
+
+
 @pytest.mark.slow
 def test_gpu_check_cpu_mode(tmp_path):
     """The whole script in its tiny CPU mode: every row has a value and none failed (~75 s on 2 busy cores)."""

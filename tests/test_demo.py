@@ -6,37 +6,26 @@ import sys
 
 import pytest
 
-from experiments.demo import GENERATION
+from experiments.demo import GENERATION, quick_checks
 from runtime.launch import ROOT, ds_env
 
-# Floors from a measured --quick run (2026-12-04, the tokenizer on 1 rank and its own 384 images): PSNR 13.0 dB
-# (an untrained tokenizer reconstructs the shapes at about 6-8 dB), codebook usage 36 %, and each stage's training
-# loss, mean of the last 3 steps over the first 3: tokenizer 0.45, MLLM stage 1 0.84, stage 2 0.94 (a stage that
-# does not learn stays near 1). The quick run is too short for the MLLM's held-out metrics to leave chance
-# level, so they have no floor here (the full demo's figures are in README.md); the resumed run must
-# reproduce the report.
-PSNR_FLOOR, USAGE_FLOOR = 11.0, 30.0
-LOSS_RATIO_CEILING = {"tokenizer": 0.6, "stage1": 0.92, "stage2": 0.98}
 
-pytestmark = pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
-
-
+@pytest.mark.slow  # multi-process launches (deselect with -m 'not slow')
 def test_quick_demo_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "experiments.demo", "--out", str(out), "--quick"]
     p = subprocess.run(cmd, cwd=ROOT, env=ds_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["recon_psnr"] >= PSNR_FLOOR and rep["codebook_usage_pct"] >= USAGE_FLOOR
+    failed = [row for row in quick_checks(out) if not row[3]]  # QUICK_FLOORS and QUICK_LOSS_CEILINGS
+    assert not failed, f"below the quick run's floors (name, value, bound): {[row[:3] for row in failed]}"
+    # the MLLM's held-out metrics stay near chance in a run this short, so they have no floor (the full demo's
+    # figures are in README.md); the resumed run below must reproduce them
     assert {"zeroshot_shape_top1", "zeroshot_color_top1", "vqa_accuracy", "generation_match",
             "generation_match_one_sample"} <= set(rep)
     assert rep["generation"] == GENERATION  # the report says how its images were drawn
     for d in ("tokenizer/export", "stage1/export", "stage2/export"):
         assert (out / d / "config.json").is_file()
-    for stage, ceiling in LOSS_RATIO_CEILING.items():
-        losses = [json.loads(line)["loss"] for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
-        ratio = sum(losses[-3:]) / sum(losses[:3])
-        assert ratio <= ceiling, f"{stage}: loss fell only to {ratio:.3f} of its start (ceiling {ceiling})"
     assert len(list((out / "report").glob("generated_*.png"))) == 3
     # the checker reads every held-out render right (its validation), and the two PNG grids hold one row per
     # generated image (3) and per shown reconstruction (12): 32 px tiles enlarged 3x, 4 px apart
@@ -62,3 +51,31 @@ def test_quick_demo_end_to_end_and_resume(tmp_path):
     assert rep2 == rep  # deterministic: the resumed run recomputes the same report
     timing2 = json.loads((out / "timing.json").read_text())  # the skipped steps keep the first run's times
     assert {k: timing2["steps"][k] for k in steps[:-1]} == {k: timing["steps"][k] for k in steps[:-1]}
+
+
+def _write_run(out, psnr=12.5, usage=35.0, stage2_text=(5.0, 4.3)):
+    """A finished quick run's files as the checks read them: report.json and each run's metrics.jsonl (6 steps,
+    every loss falling from its first value to its last linearly)."""
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "report.json").write_text(json.dumps({"recon_psnr": psnr, "codebook_usage_pct": usage}))
+    falls = {"tokenizer": {"l2": (0.7, 0.3), "clip": (4.8, 2.5)},
+             "stage1": {"text_loss": (6.0, 5.0), "image_loss": (4.0, 3.3)},
+             "stage2": {"text_loss": stage2_text, "image_loss": (3.1, 3.1)}}
+    for run, losses in falls.items():
+        (out / run).mkdir()
+        rows = [{"step": i + 1, **{k: a + (b - a) * i / 5 for k, (a, b) in losses.items()}} for i in range(6)]
+        (out / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_quick_checks_fail_on_a_stage_that_does_not_learn(tmp_path):
+    _write_run(tmp_path / "ok")
+    rows = quick_checks(tmp_path / "ok")
+    assert all(ok for *_, ok in rows) and len(rows) == 7
+    assert dict((name, value) for name, value, _, _ in rows)["stage2 text_loss ratio"] == pytest.approx(
+        (4.58 + 4.44 + 4.3) / (5.0 + 4.86 + 4.72))
+    _write_run(tmp_path / "frozen", usage=3.0, stage2_text=(5.0, 4.95))  # a collapsed codebook, a frozen stage 2
+    failed = [name for name, _, _, ok in quick_checks(tmp_path / "frozen") if not ok]
+    assert failed == ["codebook_usage_pct", "stage2 text_loss ratio"]
+    (tmp_path / "ok" / "stage2" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')  # no text_loss logged
+    with pytest.raises(ValueError, match=r"stage2/metrics.jsonl: 0 logged steps with 'text_loss'"):
+        quick_checks(tmp_path / "ok")
