@@ -101,11 +101,11 @@ def test_a_package_below_its_floor_is_named_with_the_fix(monkeypatch):
     require("torch")
 
 
-@pytest.mark.parametrize("version,ok", [("2.9.0a0+50eac811a6", True), ("2.14.1+cu128", True),
-                                        ("2.8.0a0+5228986c39", False), ("2.8.0", False)])
+@pytest.mark.parametrize("version,ok", [("2.8.0a0+5228986c39", True), ("2.14.1+cu128", True),
+                                        ("2.7.0a0+79aa17489c", False), ("2.7.1", False)])
 def test_torch_floor_admits_nvidia_container_builds(monkeypatch, version, ok):
     """NVIDIA's PyTorch containers ship torch as a pre-release of the next version plus a commit: the one
-    of 2.9 passes the floor (pip would otherwise replace the container's torch), the one of 2.8 does not."""
+    of 2.8 passes the floor (pip would otherwise replace the container's torch), the one of 2.7 does not."""
     import importlib.metadata as md
 
     real = md.version
@@ -113,7 +113,7 @@ def test_torch_floor_admits_nvidia_container_builds(monkeypatch, version, ok):
     if ok:
         require("torch")
     else:
-        with pytest.raises(ImportError, match=f"torch>=2.9.0a0 is required, {re.escape(version)} is installed"):
+        with pytest.raises(ImportError, match=f"torch>=2.8.0a0 is required, {re.escape(version)} is installed"):
             require("torch")
 
 
