@@ -126,8 +126,9 @@ QUICK_LOSS_CEILINGS = {("tokenizer", "l2"): 0.75, ("tokenizer", "clip"): 0.8, ("
 
 
 def loss_ratio(metrics: Path, key: str) -> float:
-    """A run's logged `key` over its last 3 logged steps relative to its first 3 (1: it did not learn)."""
-    values = [row[key] for row in map(json.loads, metrics.read_text().splitlines()) if key in row]
+    """A run's logged `key` over its last 3 logged steps relative to its first 3 (1: it did not learn). Steps
+    that logged it as null (no token of that kind on rank 0) are left out."""
+    values = [row[key] for row in map(json.loads, metrics.read_text().splitlines()) if row.get(key) is not None]
     if len(values) < 6:
         raise ValueError(f"{metrics}: {len(values)} logged steps with {key!r}, a loss ratio needs 6")
     return sum(values[-3:]) / sum(values[:3])

@@ -306,6 +306,7 @@ class MllmTask(Task):
     """The ZeRO-3 MLLM engine and the mixture loader, driven by runtime/loop.py."""
 
     project = "unitok-mllm"
+    weighted = {"text_loss": "text_tokens", "image_loss": "image_tokens"}
 
     def __init__(self, cfg: MllmTrainConfig, engine, loader, info):
         self.cfg, self.engine, self.loader, self.info = cfg, engine, loader, info
@@ -318,7 +319,8 @@ class MllmTask(Task):
         inputs = {k: (batch[k].to(self.info.device) if batch[k] is not None else None) for k in MODEL_KEYS}
         out = self.engine(**inputs)
         self.seq = batch["input_ids"].shape[1]
-        return {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss}
+        return {"loss": out.loss, "text_loss": out.text_loss, "image_loss": out.image_loss,
+                "text_tokens": out.num_text_tokens, "image_tokens": out.num_image_tokens}
 
     def backward(self, out, batch, step):
         self.engine.backward(out["loss"])

@@ -8,8 +8,9 @@ both stages (in the spirit of torchtitan's Trainer and litgpt's fit):
 - the NaN/inf guard: a non-finite loss on any rank drops that micro batch on every rank (no backward,
   no engine step, so DeepSpeed's accumulation counters stay aligned) and takes the next one;
   `--nan-policy stop`, or 20 bad micro batches in a row, ends the run with exit code 3;
-- the per-step record (`run_dir/metrics.jsonl`, rank 0: losses averaged over the micro batches,
-  grad norm, lr, a hash of the batches), the log line every `log_every` steps, the metric sink;
+- the per-step record (`run_dir/metrics.jsonl`, rank 0: losses averaged over the micro batches, a
+  task's per-token losses weighted by their token counts (`Task.weighted`), grad norm, lr, a hash of the
+  batches), the log line every `log_every` steps, the metric sink;
 - checkpoints every `save_every` steps and at the end (runtime/checkpoint.py's contract: each engine
   under its tag, then per-rank state `{data, rng, world_size, task}` and `trainer_state.json`);
 - stop signals (runtime/run.py's STOP_SIGNALS: SIGTERM, SIGUSR1; one rank's is enough): the step in
@@ -122,6 +123,24 @@ def scalars(out: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0)}
 
 
+def step_means(micro: list[dict[str, float]], weighted: dict[str, str]) -> dict[str, float | int | None]:
+    """One optimizer step's record from its micro batches' scalars: the plain mean of each term, except a
+    term named in `weighted` (term -> count key), which is averaged over its count (a micro batch with no
+    image tokens logs image_loss 0, and a plain mean would count that 0). A count is summed; a weighted term
+    whose counts sum to 0 is None (logged as null and left out of the log line and the sink)."""
+    counts = set(weighted.values())
+    out: dict[str, float | int | None] = {}
+    for k in dict.fromkeys(k for m in micro for k in m):
+        if k in counts:
+            out[k] = int(sum(m.get(k, 0) for m in micro))
+        elif k in weighted:
+            n = sum(m.get(weighted[k], 0) for m in micro)
+            out[k] = sum(m.get(k, 0.0) * m.get(weighted[k], 0) for m in micro) / n if n > 0 else None
+        else:
+            out[k] = sum(m.get(k, 0.0) for m in micro) / len(micro)
+    return out
+
+
 class Task:
     """What a stage gives the loop. Subclasses set `engines` (checkpoint tag -> DeepSpeed engine; the
     first is the main one: its lr and grad norm are logged) and `loader` (iterable, with
@@ -131,6 +150,9 @@ class Task:
     loader: Any
     project = "unitok"
     """Metric-sink project name."""
+    weighted: dict[str, str] = {}
+    """Per-token terms of `forward`'s output -> the count key (also in the output) that weights them in
+    the step's record (`step_means`)."""
 
     def forward(self, batch: Any, step: int) -> dict[str, Any]:
         """One micro batch: {"loss": objective, other 0-d tensors (logged), anything else (task-private)}."""
@@ -280,7 +302,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
     last: dict[str, Any] = {}
     bad_in_row = 0
     while step < cfg.total_steps:
-        sums: dict[str, float] = {}
+        micro_scalars: list[dict[str, float]] = []
         hashes, samples, tokens, micro = [], 0, 0, 0
         while micro < cfg.grad_accum:
             batch = next(batches)
@@ -297,15 +319,14 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
                 continue
             out.update(task.backward(out, batch, step))
             bad_in_row = 0
-            for k, v in scalars(out).items():
-                sums[k] = sums.get(k, 0.0) + v
+            micro_scalars.append(scalars(out))
             n, t = task.count(batch)
             samples, tokens = samples + n, tokens + t
             hashes.append(task.batch_hash(batch))
             micro += 1
         step += 1
         progress.update(samples * info.world_size, tokens * info.world_size)
-        record: dict[str, Any] = {"step": step, **{k: v / cfg.grad_accum for k, v in sums.items()}}
+        record: dict[str, Any] = {"step": step, **step_means(micro_scalars, task.weighted)}
         norm = main_engine.get_global_grad_norm()
         record["grad_norm"] = float(norm) if norm is not None else 0.0
         record["lr"] = float(main_engine.get_lr()[0])

@@ -76,6 +76,11 @@ def test_quick_checks_fail_on_a_stage_that_does_not_learn(tmp_path):
     _write_run(tmp_path / "frozen", usage=3.0, stage2_text=(5.0, 4.95))  # a collapsed codebook, a frozen stage 2
     failed = [name for name, _, _, ok in quick_checks(tmp_path / "frozen") if not ok]
     assert failed == ["codebook_usage_pct", "stage2 text_loss ratio"]
+    # a step without image tokens (image_loss null) is left out of the ratio
+    stage1 = tmp_path / "ok" / "stage1" / "metrics.jsonl"
+    ratio = dict((name, value) for name, value, _, _ in rows)["stage1 image_loss ratio"]
+    stage1.write_text(stage1.read_text() + '{"step": 7, "text_loss": 5.0, "image_loss": null}\n')
+    assert dict((name, value) for name, value, _, _ in quick_checks(tmp_path / "ok"))["stage1 image_loss ratio"] == ratio
     (tmp_path / "ok" / "stage2" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')  # no text_loss logged
     with pytest.raises(ValueError, match=r"stage2/metrics.jsonl: 0 logged steps with 'text_loss'"):
         quick_checks(tmp_path / "ok")

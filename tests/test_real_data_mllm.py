@@ -173,6 +173,10 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
     has_img = [_replay_batches(world, r, 12) for r in (0, 1)]
     assert [12 - sum(h) for h in has_img] == text_only  # the replay is the trainer's data stream
     assert any(h0 != h1 for h0, h1 in zip(*has_img))  # a text-only rank next to an image rank
+    # rank 0's record: a step whose one micro batch had no image logs image_loss null and 0 image tokens,
+    # not a 0 that would drag the image loss down
+    assert [m["image_loss"] is not None for m in a] == has_img[0] == [m["image_tokens"] > 0 for m in a]
+    assert all(m["text_tokens"] > 0 and m["text_loss"] > 0 for m in a)
     dclm = stats["sources"]["dclm"]
     assert dclm["skipped"]["empty_text"] > 0
     assert dclm["examples"]["empty_text"][0].startswith("shard_000000") and "'text' is null" in \
@@ -189,7 +193,11 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
     assert [m["step"] for m in b] == list(range(1, 13))
     for x, y in zip(a, b):
         assert x["data_hash"] == y["data_hash"]
+        assert (x["text_tokens"], x["image_tokens"]) == (y["text_tokens"], y["image_tokens"])
         for k in ("loss", "text_loss", "image_loss", "grad_norm"):
+            if x[k] is None or y[k] is None:
+                assert x[k] is y[k] is None, (x["step"], k, x[k], y[k])
+                continue
             assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
     assert json.loads((crash / "data_stats.json").read_text()) == stats
 

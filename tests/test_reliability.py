@@ -98,6 +98,26 @@ def test_nan_loss_is_skipped_and_reported(tmp_path):
     assert (run2 / "latest").read_text() == "step-00000001"
 
 
+def test_step_record_weights_per_token_losses_by_their_counts():
+    """A micro batch without image tokens logs image_loss 0 (mllm/modeling/modeling.py); the step's record must
+    average the image loss over the micro batches that had image tokens, weighted by how many."""
+    from runtime.loop import step_means
+
+    weighted = {"text_loss": "text_tokens", "image_loss": "image_tokens"}
+    micro = [{"loss": 6.0, "text_loss": 6.0, "image_loss": 0.0, "text_tokens": 30.0, "image_tokens": 0.0},
+             {"loss": 4.0, "text_loss": 5.0, "image_loss": 3.0, "text_tokens": 10.0, "image_tokens": 64.0},
+             {"loss": 3.5, "text_loss": 4.0, "image_loss": 3.5, "text_tokens": 0.0, "image_tokens": 32.0}]
+    rec = step_means(micro, weighted)
+    assert rec["loss"] == pytest.approx((6.0 + 4.0 + 3.5) / 3)  # the objective: a plain mean, as before
+    assert rec["image_loss"] == pytest.approx((3.0 * 64 + 3.5 * 32) / 96)  # not (0 + 3 + 3.5) / 3
+    assert rec["text_loss"] == pytest.approx((6.0 * 30 + 5.0 * 10) / 40)
+    assert (rec["text_tokens"], rec["image_tokens"]) == (40, 96) and isinstance(rec["image_tokens"], int)
+    assert list(rec) == list(micro[0])
+    text_only = step_means(micro[:1], weighted)  # no image token in the whole step: null, not 0
+    assert text_only["image_loss"] is None and text_only["text_loss"] == 6.0
+    assert step_means(micro, {}) == {k: pytest.approx(sum(m[k] for m in micro) / 3) for k in micro[0]}
+
+
 def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):
     from mllm.train import MllmTrainConfig, peak_flops
 
