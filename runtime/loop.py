@@ -303,11 +303,11 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
     bad_in_row = 0
     while step < cfg.total_steps:
         micro_scalars: list[dict[str, float]] = []
-        hashes, samples, tokens, micro = [], 0, 0, 0
-        while micro < cfg.grad_accum:
+        hashes, samples, tokens = [], 0, 0
+        while len(micro_scalars) < cfg.grad_accum:
             batch = next(batches)
             out = task.forward(batch, step)
-            if step + 1 == kill.nan_at_step and micro == 0 and bad_in_row == 0:
+            if step + 1 == kill.nan_at_step and not micro_scalars and bad_in_row == 0:
                 out["loss"] = out["loss"] * float("nan")
             if not finite_everywhere(out["loss"]):
                 bad = {k: v for k, v in scalars(out).items() if not math.isfinite(v)}
@@ -323,7 +323,6 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             n, t = task.count(batch)
             samples, tokens = samples + n, tokens + t
             hashes.append(task.batch_hash(batch))
-            micro += 1
         step += 1
         progress.update(samples * info.world_size, tokens * info.world_size)
         record: dict[str, Any] = {"step": step, **step_means(micro_scalars, task.weighted)}
