@@ -6,6 +6,7 @@ warning), initialises torch.distributed (and DeepSpeed's comm layer on top of it
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import warnings
@@ -64,6 +65,7 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+        atexit.register(end_job)
     import deepspeed
 
     if backend == "gloo":
@@ -156,14 +158,76 @@ def job_barrier(world: int, timeout_min: float) -> None:
         if not dist.is_initialized():
             _import_group_default_modules()
             dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
+            atexit.register(end_job)
         dist.barrier()
 
 
+GROUP_OUTLIVED = "gloo threads outlive the process group"
+"""In end_job's warning; the test launches (runtime.launch) fail on it."""
+
+
 def end_job() -> None:
-    """Tear down the process group (a job_barrier's or init_distributed's) before the interpreter exits:
-    its threads stop here, not in the interpreter's finalisation (call after the last collective)."""
-    if dist.is_initialized():
+    """Tear down the process groups (a job_barrier's or init_distributed's, DeepSpeed's) before the
+    interpreter exits, and free them: call after the last collective. The two register it to run at exit
+    as well, where it does nothing after an explicit call.
+
+    `destroy_process_group` unregisters a gloo group but its threads only stop when the last Python
+    reference to it goes. Anything left to the interpreter's finalisation can kill a rank after its work
+    is done: a gloo worker then drops a tensor, needs the GIL of an interpreter being torn down, and the
+    process aborts with "terminate called without an active exception" (pytorch/pytorch#190489; seen once
+    in CI on rank 1 of a ZeRO-3 MLLM run, after its export). DeepSpeed keeps such references in module
+    globals (below), so they are dropped here, and a warning names any gloo thread still alive.
+    """
+    if not dist.is_initialized():
+        return
+    import gc
+    import sys
+
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # also drops deepspeed.utils.groups' references (_WORLD_GROUP, ...)
+    else:
         dist.destroy_process_group()
+    _release_zero3_references()
+    gc.collect()  # engines, models and ZeRO-3 parameters (ds_process_group) live in reference cycles
+    left = gloo_threads()
+    if left:
+        warn_once(f"{len(left)} {GROUP_OUTLIVED} ({', '.join(sorted(set(left)))}): something still holds it, "
+                  "and the interpreter's exit may abort this process")
+
+
+def _release_zero3_references() -> None:
+    """Drop the references DeepSpeed's ZeRO-3 keeps in module globals for the life of the process: the
+    wrapped top module stays on `parameter_offload.FWD_MODULE_STACK` (pushed at set-up, never popped), and
+    `PartitionedParameterCoordinator.__params_to_release` is a class-level `lru_cache` keyed by the
+    coordinator and submodules. Both keep every ZeRO-3 parameter, whose `ds_process_group` is the group."""
+    import functools
+    import sys
+
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None:
+        offload.FWD_MODULE_STACK.clear()
+    coord = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    if coord is not None:
+        for fn in vars(coord.PartitionedParameterCoordinator).values():  # the cache sits under an nvtx wrapper
+            for inner in [fn, *(c.cell_contents for c in getattr(fn, "__closure__", None) or ())]:
+                if isinstance(inner, functools._lru_cache_wrapper):
+                    inner.cache_clear()
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (torch names them pt_gloo_* and gloo_*; Linux only)."""
+    task = "/proc/self/task"
+    if not os.path.isdir(task):
+        return []
+    names = []
+    for t in os.listdir(task):
+        try:
+            with open(f"{task}/{t}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n]
 
 
 def rank_layout() -> str:

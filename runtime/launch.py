@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from runtime.distributed import GROUP_OUTLIVED
 from runtime.distributed import _free_port as free_port  # a port for --master_port; public here
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +90,17 @@ def _sweep_shm(port: int) -> list[str]:
     return [f.name for f in leaked]
 
 
-def _raise_on_failure(what: str, returncode: int, output: Callable[[], str], leaked: list[str]) -> None:
+def _raise_on_failure(what: str, returncode: int, output: Callable[[], str], leaked: list[str],
+                      outlived: bool = False) -> None:
     if returncode != 0:
         also = f"; it also left {leaked} in /dev/shm (removed)" if leaked else ""
         raise RuntimeError(f"{what} failed with exit code {returncode}{also}\n{output()}")
     if leaked:
         raise RuntimeError(f"{what} left {leaked} in /dev/shm (removed now): DeepSpeed's CPU all-reduce "
                            "shared-memory op must not start (runtime.distributed._skip_shm_allreduce_op)")
+    if outlived:
+        raise RuntimeError(f"{what}: a rank's gloo threads outlived end_job (something still held its process "
+                           f"group; the exit may abort a rank: runtime.distributed.end_job)\n{output()}")
 
 
 def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, check: bool = True,
@@ -103,7 +108,8 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
     """Run a job from the checkout with its output captured (env: `ds_env()` by default).
 
     `check`: a non-zero exit raises RuntimeError with the output tails. A leaked /dev/shm workspace
-    of `port` always raises, after it is removed (also after a timeout).
+    of `port` always raises, after it is removed (also after a timeout), and so does a job that succeeded
+    with a rank whose process group outlived its end (`end_job`'s warning).
     """
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=ds_env() if env is None else env, capture_output=True, text=True,
@@ -111,7 +117,8 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
     finally:
         leaked = _sweep_shm(port)
     _raise_on_failure(shlex.join(cmd), p.returncode if check else 0,
-                      lambda: f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}", leaked)
+                      lambda: f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}", leaked,
+                      p.returncode == 0 and GROUP_OUTLIVED in p.stdout + p.stderr)
     return p
 
 
@@ -198,7 +205,8 @@ class NodeLaunch:
 
     def wait(self, timeout: float = 300) -> list[tuple[int, str]]:
         """(exit code, output) per node; on a timeout every process is killed and TimeoutExpired raised.
-        A leaked /dev/shm workspace raises after it is removed."""
+        A leaked /dev/shm workspace raises after it is removed, and so does an outlived process group on a node
+        that succeeded."""
         try:
             outs = [p.communicate(timeout=timeout)[0] for p in self.procs]
         except subprocess.TimeoutExpired:
@@ -206,7 +214,8 @@ class NodeLaunch:
             raise
         finally:
             leaked = _sweep_shm(self.port)
-        _raise_on_failure("multi-node launch", 0, lambda: "", leaked)
+        _raise_on_failure("multi-node launch", 0, lambda: "\n".join(out[-4000:] for out in outs), leaked,
+                          any(GROUP_OUTLIVED in out for p, out in zip(self.procs, outs) if p.returncode == 0))
         return [(p.returncode, out) for p, out in zip(self.procs, outs)]
 
     def kill(self) -> None:

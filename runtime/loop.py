@@ -227,15 +227,27 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     caller_group = dist.is_initialized()
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
+    task = build(cfg, info, log)
+    stopped = None
     try:
-        last = fit(cfg, build(cfg, info, log), info, log, resolved)  # ends with a barrier on every rank
-    except SystemExit:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
-        if not caller_group:
-            end_job()
-        raise
+        last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
+    except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
+        stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
+    _destroy_engines(task)
+    del task  # with no reference left here, end_job's collection frees the engines and then the group
     if not caller_group:
         end_job()
+    if stopped is not None:
+        raise SystemExit(*stopped)
     return last
+
+
+def _destroy_engines(task: Task) -> None:
+    """DeepSpeed's `destroy` removes the hooks its optimizers leave on autograd nodes: through them, C++
+    would keep every engine, ZeRO-3 parameter and process group alive to the interpreter's exit."""
+    for engine in task.engines.values():
+        engine.destroy()
+    task.engines = {}
 
 
 def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from mllm import UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample  # noqa: E402
 from mllm.generate import SamplingConfig, answer, generate_images  # noqa: E402
 from runtime.zero_load import load_into  # noqa: E402
-from runtime.distributed import init_distributed  # noqa: E402
+from runtime.distributed import end_job, init_distributed  # noqa: E402
 
 out = Path(sys.argv[-1])
 info = init_distributed(0)
@@ -42,3 +42,8 @@ ref_ans = answer(ref, q, max_new_tokens=6, stop_ids=stop)
 out.with_name(f"{out.name}.rank{info.rank}").write_text(json.dumps({
     "partitioned": partitioned, "codes_equal": bool(torch.equal(codes, ref_codes)), "answer": ans,
     "ref_answer": ref_ans}))
+# the engine and the partitioned model hold the process group: free them before the job ends, so that its
+# threads stop there and not in the interpreter's finalisation (runtime.distributed.end_job)
+engine.destroy()
+del engine, _, model
+end_job()

@@ -18,7 +18,7 @@ from mllm_tiny import tiny_config  # noqa: E402
 from mllm import UniMLLMForCausalLM  # noqa: E402
 from mllm.data.collate import Sample, collate  # noqa: E402
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX  # noqa: E402
-from runtime.distributed import init_distributed  # noqa: E402
+from runtime.distributed import end_job, init_distributed  # noqa: E402
 from runtime.zero_load import load_into  # noqa: E402
 
 out = Path(sys.argv[-1])
@@ -75,3 +75,8 @@ for step, kinds in enumerate(SCHEDULE):
                 "image_loss": float(loss_out.image_loss), "images": int(batch["image_codes"].shape[0])
                 if batch["image_codes"] is not None else 0})
 out.with_name(f"{out.name}.rank{rank}").write_text(json.dumps(log))
+# the engine and the partitioned model hold the process group: free them before the job ends, so that its
+# threads stop there and not in the interpreter's finalisation (runtime.distributed.end_job)
+engine.destroy()
+del engine, _, model, params, loss_out
+end_job()
