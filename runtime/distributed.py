@@ -65,7 +65,7 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
-        atexit.register(end_job)
+        atexit.register(_end_job_at_exit)
     import deepspeed
 
     if backend == "gloo":
@@ -158,7 +158,7 @@ def job_barrier(world: int, timeout_min: float) -> None:
         if not dist.is_initialized():
             _import_group_default_modules()
             dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
-            atexit.register(end_job)
+            atexit.register(_end_job_at_exit)
         dist.barrier()
 
 
@@ -168,8 +168,8 @@ GROUP_OUTLIVED = "gloo threads outlive the process group"
 
 def end_job() -> None:
     """Tear down the process groups (a job_barrier's or init_distributed's, DeepSpeed's) before the
-    interpreter exits, and free them: call after the last collective. The two register it to run at exit
-    as well, where it does nothing after an explicit call.
+    interpreter exits, and free them: call after the last collective. The two also register it to run at
+    exit (`_end_job_at_exit`), where it does nothing after an explicit call.
 
     `destroy_process_group` unregisters a gloo group but its threads only stop when the last Python
     reference to it goes. Anything left to the interpreter's finalisation can kill a rank after its work
@@ -194,6 +194,18 @@ def end_job() -> None:
     if left:
         warn_once(f"{len(left)} {GROUP_OUTLIVED} ({', '.join(sorted(set(left)))}): something still holds it, "
                   "and the interpreter's exit may abort this process")
+
+
+def _end_job_at_exit() -> None:
+    """end_job at the interpreter's exit, for a command that did not call it or crashed. The traceback of a
+    crash, already printed, is kept in sys.last_* and holds the frames (and the engines) of the failed call:
+    dropped first, so that the group is freed here and the rank exits with its error, not an abort."""
+    import sys
+
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+    end_job()
 
 
 def _release_zero3_references() -> None:

@@ -45,6 +45,8 @@ class DebugConfig:
     """With kill_at_step: SIGKILL in the middle of that step's checkpoint instead (before it is complete)."""
     nan_at_step: int = -1
     """Make the loss NaN on the first micro batch of this step (tests the NaN guard)."""
+    raise_at_step: int = -1
+    """Raise an error before the first micro batch of this step (tests a crashed run's teardown)."""
 
 
 @dataclass
@@ -233,7 +235,8 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
         last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
     except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
         stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
-    _destroy_engines(task)
+    finally:  # also on a crash, whose traceback keeps the task until the at-exit end_job lets it go
+        _destroy_engines(task)
     del task  # with no reference left here, end_job's collection frees the engines and then the group
     if not caller_group:
         end_job()
@@ -318,6 +321,8 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
         hashes, samples, tokens = [], 0, 0
         while len(micro_scalars) < cfg.grad_accum:
             batch = next(batches)
+            if step + 1 == kill.raise_at_step:
+                raise RuntimeError(f"--debug.raise-at-step {kill.raise_at_step}: the injected error")
             out = task.forward(batch, step)
             if step + 1 == kill.nan_at_step and not micro_scalars and bad_in_row == 0:
                 out["loss"] = out["loss"] * float("nan")

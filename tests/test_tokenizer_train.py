@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from experiments.synthetic import write_shards
+from runtime.distributed import GROUP_OUTLIVED
 from runtime.launch import deepspeed_module
 from unitok import load_tokenizer
 
@@ -83,6 +84,7 @@ def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, s
     os.killpg(job.pid, signal.SIGTERM)
     out = job.communicate(timeout=120)[0]
     assert job.returncode != 0 and not leaked_shm(port)
+    assert GROUP_OUTLIVED not in out and "terminate called" not in out, out[-3000:]  # the ranks' groups were freed
     stopped = len(_metrics(run))
     assert 3 <= stopped < 40 and (run / "latest").read_text() == f"step-{stopped:08d}", out[-3000:]
     assert f"SIGTERM: stopped after step {stopped}, its checkpoint is saved; exit code 143" in (
@@ -92,6 +94,18 @@ def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, s
     assert [m["step"] for m in b] == list(range(1, 41))
     for x, y in zip(a, b):
         assert x["data_hash"] == y["data_hash"] and abs(x["loss"] - y["loss"]) <= 1e-6 * max(1.0, abs(x["loss"]))
+
+
+@pytest.mark.slow
+def test_a_crashed_run_exits_with_its_error_and_frees_its_group(tmp_path, shards):
+    """An error in the middle of a 2-rank run: the ranks exit with it, and the at-exit end_job frees the
+    engines and the process group first (the printed traceback, which holds them, is dropped), so no gloo
+    thread is left for the interpreter's finalisation, where it can abort the rank instead."""
+    p = deepspeed_module("unitok.train", _args(tmp_path / "run", shards, "--gan.no-enabled", "--loss.lpips", "0",
+                                               "--debug.raise-at-step", "2"), check=False)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "RuntimeError: --debug.raise-at-step 2: the injected error" in out, out[-3000:]
+    assert GROUP_OUTLIVED not in out and "terminate called" not in out, out[-3000:]
 
 
 STAND_IN_SRUN = """#!{python}
