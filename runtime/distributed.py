@@ -7,8 +7,10 @@ warning), initialises torch.distributed (and DeepSpeed's comm layer on top of it
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import random
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -180,9 +182,6 @@ def end_job() -> None:
     """
     if not dist.is_initialized():
         return
-    import gc
-    import sys
-
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
         ds_comm.destroy_process_group()  # also drops deepspeed.utils.groups' references (_WORLD_GROUP, ...)
@@ -200,8 +199,6 @@ def _end_job_at_exit() -> None:
     """end_job at the interpreter's exit, for a command that did not call it or crashed. The traceback of a
     crash, already printed, is kept in sys.last_* and holds the frames (and the engines) of the failed call:
     dropped first, so that the group is freed here and the rank exits with its error, not an abort."""
-    import sys
-
     for name in ("last_exc", "last_type", "last_value", "last_traceback"):
         if hasattr(sys, name):
             setattr(sys, name, None)
@@ -214,7 +211,6 @@ def _release_zero3_references() -> None:
     `PartitionedParameterCoordinator.__params_to_release` is a class-level `lru_cache` keyed by the
     coordinator and submodules. Both keep every ZeRO-3 parameter, whose `ds_process_group` is the group."""
     import functools
-    import sys
 
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     if offload is not None:

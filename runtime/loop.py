@@ -250,7 +250,6 @@ def _destroy_engines(task: Task) -> None:
     would keep every engine, ZeRO-3 parameter and process group alive to the interpreter's exit."""
     for engine in task.engines.values():
         engine.destroy()
-    task.engines = {}
 
 
 def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> dict[str, Any]:
