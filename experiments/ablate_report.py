@@ -176,13 +176,18 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
             mean, std = series(key, group)
             ok = np.isfinite(mean)
             pos = y - 0.4 + h * (i + 0.5)
-            ax.barh(pos[ok], mean[ok], h, xerr=std[ok], label=label, capsize=2, color=f"C{next(colors)}")
+            ax.barh(pos[ok], mean[ok], h, xerr=std[ok], label=label if ok.any() else "_nolegend_", capsize=2,
+                    color=f"C{next(colors)}")
+            # x in axes coordinates: at data x = 0 the note lay outside a panel whose only artist is the chance
+            # line (a grid whose finished cells all skip zero-shot), and the layout collapsed the axes
             for p in pos[~ok] if i == 0 else []:
-                ax.text(0, p + 0.4 - h / 2, " not reported", va="center", fontsize=8, color="gray")
+                ax.text(0.01, p + 0.4 - h / 2, "not reported", va="center", fontsize=8, color="gray",
+                        transform=ax.get_yaxis_transform())
         if group == "zeroshot":
             ncls = [c["metrics"]["zeroshot_classes"]["mean"] for c in cells if "zeroshot_classes" in c["metrics"]]
             if ncls:
                 ax.axvline(100 / ncls[0], color="k", ls="--", lw=1, label="chance")
+        ax.set_xlim(left=0)  # every plotted metric is >= 0
         ax.set_title(title, fontsize=10)
     ax0 = np.atleast_1d(axes)[0]
     ax0.set_yticks(y, names)

@@ -1,6 +1,7 @@
 """`experiments.ablate`: a 2-cell grid end to end on CPU (single process): kill and resume, skipping finished
 cells, results files; grid validation."""
 import json
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -94,6 +95,35 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
     # a finished cell is never reused for different arguments
     with pytest.raises(ValueError, match="other arguments"):
         ablate.run(*ablate.parse_args(_args(out, grid, "--steps", "4")))
+
+
+def _stat(*values):
+    a = np.array(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+            "max": float(a.max()), "values": list(values)}
+
+
+@pytest.mark.parametrize("cells", [["recon-only"], ["recon-only", "base"]])
+def test_plot_of_cells_without_zero_shot_keeps_its_layout(tmp_path, cells):
+    """The grid writes its plot after every finished cell. When the finished cells all skip zero-shot (a
+    reconstruction-only cell that ended first), the understanding panel has only the chance line and the
+    'not reported' notes; the plot must still lay out (matplotlib warned that the axes collapsed to zero)."""
+    pytest.importorskip("matplotlib")
+    from experiments import ablate_report
+
+    understanding = {"zeroshot_top1": _stat(2.2, 2.9), "probe_top1": _stat(20.2, 21.0),
+                     "zeroshot_classes": _stat(54, 54)}
+    metrics = {"recon-only": {"psnr": _stat(9.4, 9.6), "psnr@2x": _stat(9.4, 9.5), **understanding},
+               "base": {"psnr": _stat(9.3, 9.5), "psnr@2x": _stat(9.4, 9.4), **understanding}}
+    summary = {"grid": "tiny", "base_preset": "debug", "steps": 3, "seeds": [0, 1], "train_size": 32,
+               "eval_scales": [1, 2], "claims": [],
+               "cells": [{"name": n, "report": ["recon"] if n == "recon-only" else ["recon", "zeroshot"],
+                          "metrics": metrics[n]} for n in cells]}
+    path = tmp_path / "results.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ablate_report.plot(summary, path)
+    assert path.stat().st_size > 1000
 
 
 @pytest.mark.parametrize("cells,top,match", [
