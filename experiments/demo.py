@@ -4,7 +4,7 @@
     (launch/demo.sh and `make demo` run it)
 
 Steps (each is skipped when its output already exists, so a second run resumes or is a no-op;
---fresh starts over):
+--fresh starts over; a folder made with other sizes, recorded in OUT/sizes.json, is refused):
   1. data        procedural coloured shapes (experiments.synthetic: webdataset shards, the tokenizer's own
                  larger set of shards, JSONL text, LLaVA JSON, held-out set)
   2. text tok.   a tiny sentencepiece Llama tokenizer trained on the demo text + a random tiny Llama
@@ -18,7 +18,7 @@ Steps (each is skipped when its output already exists, so a second run resumes o
                  questions, and the fraction of generated images whose colour and shape match the
                  prompt (experiments.synthetic.classify_image); PNGs under OUT/report/
 
-On 2 CPU cores the default sizes take about 13-19 minutes (13.9 on an AVX-512 host; AVX2 hosts ran an older
+On 2 CPU cores the default sizes take about 13-19 minutes (13.4-15.1 on AVX-512 hosts; AVX2 hosts ran an older
 configuration 1.1-1.5x slower); --quick is the reduced version the tests run. OUT/timing.json keeps each step's
 seconds and the host it ran on (a resumed run keeps those of the steps it skips).
 """
@@ -475,11 +475,29 @@ def format_timing(t: dict, names: list[str]) -> str:
                       total + (f" without {', '.join(untimed)} (done before timing.json)" if untimed else "")])
 
 
+def check_sizes(out: Path, sizes: DemoSizes) -> None:
+    """Refuse to resume a folder trained with other sizes (a --quick run, or an older DemoSizes): its finished
+    steps would be skipped and the report would mix them with the new ones. The sizes are read from
+    `sizes.json`, or from the report of a run made before that file existed; this run's sizes are then written."""
+    want = json.loads(json.dumps(asdict(sizes)))  # tuples as JSON lists, as read back
+    recorded, report = out / "sizes.json", out / "report" / "report.json"
+    source = recorded if recorded.is_file() else report if report.is_file() else None
+    if source is not None:
+        data = json.loads(source.read_text())
+        had = data if source == recorded else data.get("sizes")
+        if had is not None and had != want:
+            diff = ", ".join(f"{k}: {had.get(k)} -> {v}" for k, v in want.items() if had.get(k) != v)
+            raise RuntimeError(f"{out} was made with other demo sizes ({diff}; from {source}). Rerun with --fresh "
+                               "to start over there, or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(want, indent=1))
+
+
 def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True, seed: int = 0) -> dict:
     """Run every step (skipping finished ones) and return the report; `seed` seeds the three training steps."""
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    check_sizes(out, sizes)
     t0 = time.time()
     timing = out / "timing.json"
     times = json.loads(timing.read_text())["steps"] if timing.is_file() else {}

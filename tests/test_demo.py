@@ -3,6 +3,7 @@ meets floors set from measured runs, and a second run resumes instead of redoing
 import json
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -84,3 +85,33 @@ def test_quick_checks_fail_on_a_stage_that_does_not_learn(tmp_path):
     (tmp_path / "ok" / "stage2" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')  # no text_loss logged
     with pytest.raises(ValueError, match=r"stage2/metrics.jsonl: 0 logged steps with 'text_loss'"):
         quick_checks(tmp_path / "ok")
+
+
+def test_a_folder_of_other_sizes_is_not_resumed(tmp_path):
+    """`make demo` after a --quick run into the same folder (or after DemoSizes changed) would skip every finished
+    step and report on the old models: it stops before any step, naming the sizes that differ and --fresh."""
+    from dataclasses import asdict
+
+    from experiments import demo
+
+    out = tmp_path / "demo"
+    demo.check_sizes(out, demo.QUICK)  # a new folder: accepted and recorded
+    assert json.loads((out / "sizes.json").read_text())["tokenizer_steps"] == demo.QUICK.tokenizer_steps
+    demo.check_sizes(out, demo.QUICK)  # the same sizes resume
+    with pytest.raises(RuntimeError, match=r"tokenizer_steps: 40 -> 2400.*--fresh") as e:
+        demo.run(out, demo.DemoSizes())
+    assert "image_size: 32 -> 64" in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["sizes.json"]  # no step ran
+    # a run from before sizes.json: its report names the sizes it was trained with
+    old = tmp_path / "old"
+    (old / "report").mkdir(parents=True)
+    (old / "report" / "report.json").write_text(json.dumps({"sizes": asdict(demo.QUICK)}))
+    with pytest.raises(RuntimeError, match="report.json"):
+        demo.check_sizes(old, demo.DemoSizes())
+    demo.check_sizes(old, demo.QUICK)
+    assert (old / "sizes.json").is_file()
+    # --fresh deletes the folder first, so the new sizes start over
+    with mock.patch.object(demo, "step_data", side_effect=RuntimeError("first step reached")):
+        with pytest.raises(RuntimeError, match="first step reached"):
+            demo.run(out, demo.DemoSizes(), fresh=True)
+    assert json.loads((out / "sizes.json").read_text())["tokenizer_steps"] == 2400
