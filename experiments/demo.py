@@ -486,7 +486,8 @@ def check_sizes(out: Path, sizes: DemoSizes) -> None:
         data = json.loads(source.read_text())
         had = data if source == recorded else data.get("sizes")
         if had is not None and had != want:
-            diff = ", ".join(f"{k}: {had.get(k)} -> {v}" for k, v in want.items() if had.get(k) != v)
+            diff = ", ".join(f"{k}: {had.get(k)} -> {want.get(k)}" for k in dict.fromkeys([*want, *had])
+                             if had.get(k) != want.get(k))
             raise RuntimeError(f"{out} was made with other demo sizes ({diff}; from {source}). Rerun with --fresh "
                                "to start over there, or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
