@@ -20,10 +20,17 @@ PM = "\u00b1"  # the plus-minus sign of the markdown table
 
 
 # ---- summary ---------------------------------------------------------------------------------
-def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Group per cell: mean, std (sample, 0 for one seed), min, max and the values of each metric."""
+def metric_stats(vals: list[float]) -> dict[str, Any]:
+    """One metric over the seeds: mean, std (sample, 0 for one seed), min, max and the values."""
     import numpy as np
 
+    a = np.array(vals, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+            "max": float(a.max()), "values": vals}
+
+
+def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Group per cell: `metric_stats` of each metric."""
     cells = []
     for cell in plan.grid.cells:
         rs = [r for r in results if r["cell"] == cell.name]
@@ -32,10 +39,8 @@ def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
         keys = sorted({k for r in rs for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         stats = {}
         for k in keys:
-            vals = [float(r["metrics"][k]) for r in rs if isinstance(r["metrics"].get(k), (int, float))]
-            a = np.array(vals)
-            stats[k] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                        "min": float(a.min()), "max": float(a.max()), "values": vals}
+            stats[k] = metric_stats([float(r["metrics"][k]) for r in rs
+                                     if isinstance(r["metrics"].get(k), (int, float))])
         cells.append({"name": cell.name, "group": cell.group, "note": cell.note, "args": cell.args,
                       "report": list(cell.report), "seeds": [r["seed"] for r in rs], "metrics": stats})
     from experiments.ablate_stats import evaluate_claims

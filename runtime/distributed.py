@@ -7,6 +7,7 @@ warning), initialises torch.distributed (and DeepSpeed's comm layer on top of it
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import os
 import random
@@ -210,8 +211,6 @@ def _release_zero3_references() -> None:
     wrapped top module stays on `parameter_offload.FWD_MODULE_STACK` (pushed at set-up, never popped), and
     `PartitionedParameterCoordinator.__params_to_release` is a class-level `lru_cache` keyed by the
     coordinator and submodules. Both keep every ZeRO-3 parameter, whose `ds_process_group` is the group."""
-    import functools
-
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     if offload is not None:
         offload.FWD_MODULE_STACK.clear()

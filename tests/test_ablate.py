@@ -97,12 +97,6 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
         ablate.run(*ablate.parse_args(_args(out, grid, "--steps", "4")))
 
 
-def _stat(*values):
-    a = np.array(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
-            "max": float(a.max()), "values": list(values)}
-
-
 @pytest.mark.parametrize("cells", [["recon-only"], ["recon-only", "base"]])
 def test_plot_of_cells_without_zero_shot_keeps_its_layout(tmp_path, cells):
     """The grid writes its plot after every finished cell. When the finished cells all skip zero-shot (a
@@ -111,10 +105,11 @@ def test_plot_of_cells_without_zero_shot_keeps_its_layout(tmp_path, cells):
     pytest.importorskip("matplotlib")
     from experiments import ablate_report
 
-    understanding = {"zeroshot_top1": _stat(2.2, 2.9), "probe_top1": _stat(20.2, 21.0),
-                     "zeroshot_classes": _stat(54, 54)}
-    metrics = {"recon-only": {"psnr": _stat(9.4, 9.6), "psnr@2x": _stat(9.4, 9.5), **understanding},
-               "base": {"psnr": _stat(9.3, 9.5), "psnr@2x": _stat(9.4, 9.4), **understanding}}
+    stat = ablate_report.metric_stats
+    understanding = {"zeroshot_top1": stat([2.2, 2.9]), "probe_top1": stat([20.2, 21.0]),
+                     "zeroshot_classes": stat([54, 54])}
+    metrics = {"recon-only": {"psnr": stat([9.4, 9.6]), "psnr@2x": stat([9.4, 9.5]), **understanding},
+               "base": {"psnr": stat([9.3, 9.5]), "psnr@2x": stat([9.4, 9.4]), **understanding}}
     summary = {"grid": "tiny", "base_preset": "debug", "steps": 3, "seeds": [0, 1], "train_size": 32,
                "eval_scales": [1, 2], "claims": [],
                "cells": [{"name": n, "report": ["recon"] if n == "recon-only" else ["recon", "zeroshot"],
