@@ -380,14 +380,17 @@ class MllmTask(Task):
             return super().load_checkpoint(ckpt, rank_state, step, log)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from runtime.zero_load import load_into, require_parameters
+        from runtime.zero_load import load_into, refresh_master_weights, require_parameters
 
         log.warning(f"{ckpt} was written by {rank_state['world_size']} ranks, this run has "
                     f"{self.info.world_size}: loading the consolidated fp32 weights; optimizer moments and the "
                     "data stream restart")
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
         zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
+        # under ZeRO-3 load_into reads the state on rank 0 only: the other ranks do not build the whole model
+        fp32 = (get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
+                if self.info.rank == 0 or not zero3 else None)
         require_parameters(self.model, load_into(self.model, fp32, zero3), ckpt, log)
+        refresh_master_weights(self.engine)
         self.engine.lr_scheduler.last_epoch = step - 1
         self.engine.lr_scheduler.step()
         return False

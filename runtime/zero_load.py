@@ -70,6 +70,16 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zer
     return missing
 
 
+def refresh_master_weights(engine) -> None:
+    """After weights were copied into the parameters of an initialised engine (`load_into` past
+    `deepspeed.initialize`): DeepSpeed's ZeRO and bf16 optimizers keep fp32 master copies made at initialize,
+    and their next step writes those back over the parameters, undoing the load. Refresh them from the
+    parameters. A plain torch optimizer (no ZeRO, fp32) has none."""
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
+
+
 def require_parameters(model: torch.nn.Module, missing: list[str], source: str | Path, log=None) -> None:
     """ValueError if `load_into` left any parameter of `model` unfilled from `source` (a key mismatch
     would otherwise silently restart those weights from scratch); missing buffers are only logged."""

@@ -89,6 +89,16 @@ def test_two_nodes_survive_a_node_kill_then_resume_on_one_node_and_on_one_rank(t
     p = deepspeed_module("mllm.train", _stage1(assets, run, "--total-steps", "13", "--no-export"), num_ranks=1)
     assert "was written by 2 ranks, this run has 1" in p.stdout + p.stderr
     assert [m["step"] for m in _metrics(run)] == list(range(1, 14)) and (run / "latest").read_text() == "step-00000013"
+    # step 13 went on from step 12's weights: DeepSpeed's fp32 master copies, made at initialize from the stage's
+    # starting weights, were refreshed after the load (else its first step wrote them back over the loaded weights).
+    # The moments restarted, so that step moved each weight by at most its learning rate (no weight decay), which
+    # is below the peak (before the refresh, the step took them back 6.7 times the peak, to the starting weights).
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    w12, w13 = (get_fp32_state_dict_from_zero_checkpoint(str(run / f"step-000000{s}"), tag="mllm") for s in (12, 13))
+    moved = max((w13[k] - w12[k]).abs().max().item() for k in w12)
+    peak = max(m["lr"] for m in _metrics(run))
+    assert moved <= peak, (moved, peak)
 
 
 def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
