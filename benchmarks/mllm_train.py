@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         run = out / f"run_{a.ds_config}_{n}"
         log = out / "logs" / f"train_{n}.log"
         log.unlink(missing_ok=True)
+        shutil.rmtree(run, ignore_errors=True)  # a new run each time (--resume none refuses a folder with checkpoints)
         demo._deepspeed("mllm.train", [
             "--stage", "pretrain", "--llama-dir", str(out / "llama"), "--tokenizer", str(out / "tokenizer" / "export"),
             "--recipe", str(demo.ROOT / "data_recipes/demo.yaml"), "--data-root", str(out / "data"),

@@ -95,14 +95,25 @@ class CheckpointManager:
         return self.run_dir / step_name(steps[-1]) if steps else None
 
     def resolve(self, resume: str | None) -> Path | None:
-        """`auto` -> latest or None; a path -> that folder (error if missing); None/'none' -> None."""
+        """`auto` -> latest or None; a step folder, or a run folder (its latest) -> that checkpoint; None/'none' ->
+        None, refused when run_dir holds checkpoints (starting over there would mix two runs and drop the
+        earlier run's metrics)."""
         if resume in (None, "", "none"):
+            if steps := self.complete_steps():
+                raise FileExistsError(f"--resume none: {self.run_dir} holds checkpoints of an earlier run (up to "
+                                      f"{step_name(steps[-1])}); --resume auto continues it, and a new run needs "
+                                      "another --run-dir (or that folder deleted)")
             return None
         if resume == "auto":
             return self.latest()
         p = Path(resume)
         if not p.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        if not (p / "trainer_state.json").is_file() and (run_latest := CheckpointManager(p).latest()) is not None:
+            p = run_latest  # a run folder: its latest checkpoint
+        if not (p / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"--resume {resume}: {p} is not a checkpoint (no trainer_state.json) and holds "
+                                    "no step folders")
         return p
 
     # ---- saving ----------------------------------------------------------------------------
@@ -129,12 +140,15 @@ class CheckpointManager:
             ptr_tmp = self.run_dir / ".latest.tmp"
             ptr_tmp.write_text(final.name)
             os.replace(ptr_tmp, self.run_dir / "latest")
-            self._prune()
+            self._prune(step)
         barrier()
         return final
 
-    def _prune(self) -> None:
-        steps = self.complete_steps()
+    def _prune(self, saved: int) -> None:
+        """Keep the last `keep_last` steps up to the one just saved. Steps after it are those of a run resumed
+        from an earlier checkpoint (`--resume <step folder>`); they are replaced as this run reaches them, and
+        pruning them by number first would delete the step just saved."""
+        steps = [s for s in self.complete_steps() if s <= saved]
         for s in steps[:-self.keep_last]:
             shutil.rmtree(self.run_dir / step_name(s), ignore_errors=True)
         for p in self.run_dir.glob(".tmp-step-*"):  # leftovers of interrupted saves

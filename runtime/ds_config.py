@@ -25,15 +25,20 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load_ds_config(name_or_path: str, *, micro_batch: int, grad_accum: int, world_size: int,
-                   grad_clip: float | None, precision: str = "auto") -> dict[str, Any]:
-    """Read `ds_configs/<name>.json` (or a path), inject global = micro x accum x world, and precision."""
+def read_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """`ds_configs/<name>.json` (or a path) and its content, as written."""
     p = Path(name_or_path)
     if not p.suffix:
         p = DS_CONFIG_DIR / f"{name_or_path}.json"
     if not p.is_file():
         raise FileNotFoundError(f"DeepSpeed config not found: {p}")
-    cfg = json.loads(p.read_text())
+    return p, json.loads(p.read_text())
+
+
+def load_ds_config(name_or_path: str, *, micro_batch: int, grad_accum: int, world_size: int,
+                   grad_clip: float | None, precision: str = "auto") -> dict[str, Any]:
+    """Read `ds_configs/<name>.json` (or a path), inject global = micro x accum x world, and precision."""
+    p, cfg = read_ds_config(name_or_path)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in cfg:
             raise ValueError(f"{p} sets {key}: batch sizes are computed by the trainer, remove it")

@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,17 @@ def format_line(step: int, total: int, metrics: dict[str, float], samples_s: flo
     return " | ".join(parts)
 
 
+def wandb_run_id(run_dir: str | os.PathLike) -> str:
+    """The run folder's wandb id, made on its first start and kept in `run_dir/wandb_id` so that a resume continues
+    the same wandb run. Not the folder's name: names repeat (each ablation cell's `seed0/train`, every experiment's
+    `stage1`), and a run resuming another's wandb run has its steps dropped (they must increase)."""
+    path = Path(run_dir) / "wandb_id"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex[:16])
+    return path.read_text().strip()
+
+
 class MetricSink:
     """none | tensorboard | wandb; rank 0 only. Imports lazily."""
 
@@ -86,7 +98,7 @@ class MetricSink:
             import wandb
 
             self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, resume="allow",
-                                     id=Path(run_dir).name)
+                                     id=wandb_run_id(run_dir), name=Path(run_dir).name)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._tb is not None:

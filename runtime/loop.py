@@ -60,13 +60,14 @@ class RunConfig:
     grad_accum: int = 1
     """Micro batches per optimizer step."""
     ds_config: str = "zero2"
-    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path."""
+    """DeepSpeed config: a name in ds_configs/ (zero2, zero3, zero3_offload) or a path (the tokenizer: ZeRO 0-2)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU. An explicit bf16 runs bf16 on CPU too, for testing (one warning)."""
     seed: int = 0
     """Base seed (each rank uses seed + rank)."""
     resume: str = "auto"
-    """auto (latest complete checkpoint in run_dir, if any), none, or a checkpoint folder."""
+    """auto (latest complete checkpoint in run_dir, if any), none (a new run: refused where run_dir holds
+    checkpoints), or a checkpoint folder (a step folder, or a run folder: its latest)."""
     save_every: int = 500
     """Checkpoint every N steps (and at the end)."""
     keep_last: int = 3
@@ -200,6 +201,11 @@ class Task:
         if saved != get_world_size():
             raise ValueError(f"{ckpt} was written by {saved} ranks and this run has {get_world_size()}; "
                              "resume with the same number of ranks")
+        for tag in self.engines:  # DeepSpeed's own error for a missing tag is a bare AssertionError
+            if not (ckpt / tag).is_dir():
+                saved = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+                raise ValueError(f"{ckpt} holds no state of the {tag!r} engine (it has {saved}): the run that wrote it "
+                                 f"ran without it (the tokenizer's 'disc': --gan.no-enabled); resume with its settings")
         for tag, engine in self.engines.items():
             engine.load_checkpoint(str(ckpt), tag=tag)
         return True
@@ -223,10 +229,12 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
 
     import torch.distributed as dist
 
+    from runtime.checkpoint import CheckpointManager
     from runtime.distributed import end_job
     from runtime.run import start_run
 
     caller_group = dist.is_initialized()
+    CheckpointManager(cfg.run_dir, cfg.keep_last).resolve(cfg.resume)  # a bad --resume fails before anything starts
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
     task = build(cfg, info, log)
@@ -293,9 +301,13 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             set_rng_state(rank_state["rng"])
             task.load_state_dict(rank_state.get("task", rank_state))  # checkpoints before the shared loop: top level
         log.info(f"resumed from {resume_from} at step {step}")
+        if later := [s for s in ckpts.complete_steps() if s > step]:
+            log.warning(f"{run_dir} holds {len(later)} checkpoints after step {step} (up to {step_name(later[-1])}), "
+                        "of the run this one rewinds: each is replaced when this run reaches its step")
     metrics_file = run_dir / "metrics.jsonl"
     if is_main_process():
-        truncate_metrics(metrics_file, step)  # drop lines of steps that were lost with a crash
+        if unreadable := truncate_metrics(metrics_file, step):  # drop lines of steps that were lost with a crash
+            log.warning(f"{metrics_file}: dropped {unreadable} lines that do not parse (a write cut short)")
     sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project)
     progress = Progress(step, cfg.total_steps)
     main_engine = next(iter(task.engines.values()))

@@ -30,11 +30,25 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines of steps after `step` (written by a run that crashed before its next checkpoint)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop lines of steps after `step` (written by a run that crashed before its next checkpoint), and lines that
+    do not parse (a write cut short by a kill or a full disk); returns how many did not parse. The file is
+    replaced atomically."""
+    if not path.is_file():
+        return 0
+    keep, unreadable = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        if row is not None and row["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return unreadable
 
 
 def kill_self() -> None:

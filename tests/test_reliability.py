@@ -42,6 +42,13 @@ def test_tokenizer_trainer_config_errors_name_the_problem(tmp_path):
         parse_config(["--preset", "debug", "--data.context-length", "77", "--loss.lpips", "0", "--gan.no-enabled"])
     with pytest.raises(SystemExit):  # tyro: unknown flag
         parse_config(["--preset", "debug", "--no-such-flag", "1"])
+    ok = ["--preset", "debug", "--loss.lpips", "0", "--gan.no-enabled"]
+    with pytest.raises(ValueError, match=r"--ds-config zero3 \(.*zero3.json\) is ZeRO-3: the tokenizer trains with "
+                                         r"ZeRO 0-2"):  # it broke at the GAN's start or at the export
+        parse_config([*ok, "--ds-config", "zero3"])
+    with pytest.raises(FileNotFoundError, match="DeepSpeed config not found: .*nope.json"):
+        parse_config([*ok, "--ds-config", "nope"])
+    assert parse_config([*ok, "--ds-config", "zero2"]).ds_config == "zero2"
 
 
 def test_mllm_trainer_config_errors_name_the_problem(tmp_path, capsys):
@@ -203,3 +210,105 @@ def test_data_workers_ignore_outside_stop_signals_and_still_end_with_a_crashed_r
                        text=True, timeout=120)
     assert "worker alive after an outside SIGTERM: True 1" in p.stdout, p.stdout + p.stderr[-2000:]
     assert p.returncode == 1 and "a crash with the loader still open" in p.stderr
+
+
+def _fake_steps(ckpts, *steps):
+    """Finished step folders as a run leaves them (trainer_state.json; no engine state is needed here)."""
+    from runtime.checkpoint import step_name
+
+    for s in steps:
+        (ckpts.run_dir / step_name(s)).mkdir(parents=True)
+        (ckpts.run_dir / step_name(s) / "trainer_state.json").write_text(json.dumps({"step": s}))
+
+
+def test_checkpoints_of_a_rewound_run_keep_the_step_just_saved(tmp_path):
+    """A run resumed from an earlier step of its folder: pruning kept the highest step numbers, so the step just
+    saved was deleted and `latest` fell back to the rewound run's last step (resume and export then used it)."""
+    from runtime.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path / "run", keep_last=2)
+    _fake_steps(ckpts, 500, 1000, 1500, 2000)
+    assert ckpts.resolve(str(ckpts.run_dir / "step-00000500")) == ckpts.run_dir / "step-00000500"
+    for step in (600, 700, 800):
+        ckpts.save(step, lambda tmp: None, {}, {"step": step})
+        assert ckpts.latest() == ckpts.run_dir / f"step-{step:08d}" == ckpts.resolve("auto")
+    assert ckpts.complete_steps() == [700, 800, 1000, 1500, 2000]  # 1000-2000: replaced when the run gets there
+    ckpts.save(1000, lambda tmp: None, {}, {"step": 1000, "new": True})
+    assert ckpts.complete_steps() == [800, 1000, 1500, 2000]
+    assert json.loads((ckpts.resolve("auto") / "trainer_state.json").read_text()) == {"step": 1000, "new": True}
+
+
+def test_resume_flag_refuses_what_would_mix_runs_and_takes_a_run_folder(tmp_path):
+    from runtime.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path / "run")
+    assert ckpts.resolve("none") is None and ckpts.resolve("auto") is None  # a new folder
+    _fake_steps(ckpts, 2, 4)
+    with pytest.raises(FileExistsError, match=r"--resume none: .*run holds checkpoints of an earlier run \(up to "
+                                              r"step-00000004\); --resume auto continues it"):
+        ckpts.resolve("none")
+    assert ckpts.resolve(str(ckpts.run_dir)) == ckpts.run_dir / "step-00000004"  # a run folder: its latest
+    (ckpts.run_dir / "latest").write_text("step-00000002")
+    assert ckpts.resolve(str(ckpts.run_dir)) == ckpts.run_dir / "step-00000002"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--resume .*empty: .* is not a checkpoint \(no trainer_state.json\)"):
+        ckpts.resolve(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        ckpts.resolve(str(tmp_path / "missing"))
+
+
+def test_metrics_file_cut_short_by_a_full_disk_still_resumes(tmp_path):
+    """A half-written last line (a kill or a full disk during the append) made every later resume fail to parse
+    the file; it is dropped and counted, with the lines of steps after the checkpoint."""
+    from runtime.run import append_metrics, truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    for step in (1, 2, 3):
+        append_metrics(path, {"step": step, "loss": 1.0 / step})
+    with open(path, "a") as f:
+        f.write('{"step": 4, "lo')
+    assert truncate_metrics(path, 2) == 1
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    append_metrics(path, {"step": 3, "loss": 0.5})
+    assert truncate_metrics(path, 3) == 0 and len(path.read_text().splitlines()) == 3
+    assert truncate_metrics(tmp_path / "none.jsonl", 3) == 0
+
+
+def test_wandb_runs_of_folders_with_the_same_name_stay_apart(tmp_path, monkeypatch):
+    """The wandb id was the run folder's name: every ablation cell's `seed0/train` resumed one wandb run. Now each
+    folder gets its own id on its first start and keeps it (offline wandb, the real client)."""
+    from runtime.log import MetricSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    ids = []
+    for run_dir in (tmp_path / "a" / "train", tmp_path / "b" / "train", tmp_path / "a" / "train"):
+        sink = MetricSink("wandb", run_dir, {"seed": 0}, project="test")
+        sink.log({"loss": 1.0}, step=1)
+        ids.append(sink._wandb.id)
+        sink.close()
+    assert ids[0] != ids[1] and ids[2] == ids[0]
+    assert (tmp_path / "a" / "train" / "wandb_id").read_text() == ids[0]
+
+
+def test_resume_names_an_engine_the_checkpoint_lacks(tmp_path):
+    """A checkpoint of a run without the GAN resumed with it: DeepSpeed's own error was a bare AssertionError."""
+    from runtime.loop import Task
+
+    class Engine:
+        def __init__(self):
+            self.loaded = []
+
+        def load_checkpoint(self, folder, tag):
+            self.loaded.append(tag)
+
+    task = Task()
+    task.engines = {"tokenizer": Engine(), "disc": Engine()}
+    (tmp_path / "step-00000010" / "tokenizer").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"step-00000010 holds no state of the 'disc' engine \(it has \['tokenizer'\]\)"
+                                         r".*--gan.no-enabled"):
+        task.load_checkpoint(tmp_path / "step-00000010", {}, 10, None)
+    assert task.engines["tokenizer"].loaded == []  # nothing half-loaded
+    (tmp_path / "step-00000010" / "disc").mkdir()
+    assert task.load_checkpoint(tmp_path / "step-00000010", {}, 10, None) is True
+    assert [e.loaded for e in task.engines.values()] == [["tokenizer"], ["disc"]]

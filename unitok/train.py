@@ -131,7 +131,14 @@ class TrainConfig(RunConfig):
                              "or --gan.no-enabled")
         if self.optim.lr is None:
             raise ValueError("--optim.lr must be given")
+        from runtime.ds_config import read_ds_config
         from runtime.weights import fetch_hint
+
+        path, ds = read_ds_config(self.ds_config)
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError(f"--ds-config {self.ds_config} ({path}) is ZeRO-3: the tokenizer trains with ZeRO "
+                             "0-2 (zero2). ZeRO-3 partitions the parameters that its logit-scale clamp, the GAN's "
+                             "adaptive weight and the export read whole")
 
         for flag, path, entry in (("--loss.lpips-weights", self.loss.lpips_weights, "lpips-vgg16"),
                                   ("--gan.dino-weights", self.gan.dino_weights, "dinov2-vits14"),
