@@ -166,3 +166,33 @@ def test_real_image_modes_decode_like_extraction_and_warnings_name_shard_and_key
     rgba = batches[1]["images"][0]  # (3, 32, 32): 96x64 -> 48x32 -> centre crop from x = 8; x < 16 was transparent
     assert torch.equal(rgba[:, :, :12], torch.ones(3, 32, 12))  # white, not the photo under the alpha
     assert rgba[:, :, 20:].mean() < 0.5
+
+
+def test_val_transform_bounds_extreme_aspects_and_leaves_others_as_before(monkeypatch):
+    """A 200000x2 image would be resized to 3.2e6 x 32 before the crop: beyond 4:1 the long side is centre-cropped
+    first. Images up to 4:1 give exactly Resize + CenterCrop."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    rng = np.random.default_rng(0)
+    for hw in ((40, 160), (160, 40), (48, 80)):  # 4:1 exactly, 1:4, a photo
+        img = Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8))
+        before = TF.center_crop(TF.resize(img, 32, InterpolationMode.BICUBIC), [32, 32])
+        assert torch.equal(val_transform(img, 32), TF.to_tensor(before) * 2 - 1)
+    stripes = np.zeros((40, 400, 3), np.uint8)  # 10:1, red | green | blue: the crop still shows the green middle
+    stripes[:, :160], stripes[:, 160:240], stripes[:, 240:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    assert torch.equal(val_transform(Image.fromarray(stripes), 32), torch.tensor([-1.0, 1.0, -1.0])[:, None, None]
+                       .expand(3, 32, 32))
+    resize = Image.Image.resize
+
+    def bounded(self, size, *a, **k):
+        if size[0] * size[1] > 1_000_000:
+            raise MemoryError(f"a {size[0]}x{size[1]} image")
+        return resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+    for wh in ((200_000, 2), (2, 200_000)):
+        x = val_transform(Image.new("RGB", wh, (255, 0, 0)), 32)
+        assert x.shape == (3, 32, 32) and torch.equal(x[0], torch.ones(32, 32))

@@ -96,6 +96,66 @@ def test_understanding_mode_pads_to_square_with_grey():
     assert x.shape == (1, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
 
 
+def test_transparent_16bit_gray_is_scaled_before_the_transparent_value_goes_white():
+    """A 16-bit grayscale PNG with a tRNS value: scaled to 8 bits like one without, that value -> white."""
+    a = np.array([[0, 30000], [65535, 1000]], np.uint16)
+    out = {}
+    for kw in ({}, {"transparency": 1000}):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG", **kw)
+        out[bool(kw)] = np.asarray(load_image(buf.getvalue()))[..., 0].tolist()
+    assert out[False] == [[0, 117], [255, 4]] and out[True] == [[0, 117], [255, 255]]
+
+
+def _refuse_big_pil_images(monkeypatch, limit=1_000_000):
+    """PIL raises MemoryError before allocating a new or resized image of more than `limit` pixels."""
+    new, resize = Image.new, Image.Image.resize
+
+    def check(size):
+        if size[0] * size[1] > limit:
+            raise MemoryError(f"a {size[0]}x{size[1]} image")
+
+    def bounded_new(mode, size, *a, **k):
+        check(size)
+        return new(mode, size, *a, **k)
+
+    def bounded_resize(self, size, *a, **k):
+        check(size)
+        return resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image, "new", bounded_new)
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+
+
+def test_extreme_aspects_preprocess_in_bounded_memory_and_photos_as_before(monkeypatch):
+    """200000x2 would pad to a 4e10-pixel canvas (understanding) or resize to 3.2e6 x 32 (generation)."""
+    from unitok import image_io
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    before = {  # the pipelines as they were, for an image that needs no bounding
+        "understanding": np.asarray(image_io.pad_to_square(photo).resize((SIZE, SIZE), Image.BILINEAR)),
+        "generation": np.asarray(photo.resize((53, 32), Image.LANCZOS).crop((10, 0, 42, 32))),
+    }
+    _refuse_big_pil_images(monkeypatch)
+    for mode, expected in before.items():
+        assert np.array_equal(preprocess(photo, mode, SIZE), expected), mode
+    for wh in ((200_000, 2), (2, 200_000)):
+        img = Image.new("RGB", wh, (10, 200, 30))
+        assert (preprocess(img, "generation", SIZE) == (10, 200, 30)).all()
+        out = preprocess(img, "understanding", SIZE)
+        assert out.shape == (SIZE, SIZE, 3) and (out[0, 0] == PAD_COLOR).all() and (out[-1, -1] == PAD_COLOR).all()
+    # the shrink before padding barely moves a banner (the canvas limit lowered so the reference fits in memory)
+    monkeypatch.undo()
+    ramp = np.broadcast_to(np.linspace(0, 255, 1200)[None, :, None], (60, 1200, 3)).astype(np.uint8)
+    for banner in (Image.fromarray(ramp), Image.fromarray(ramp.transpose(1, 0, 2).copy())):
+        reference = np.asarray(image_io.pad_to_square(banner).resize((SIZE, SIZE), Image.BILINEAR)).astype(int)
+        with monkeypatch.context() as m:
+            m.setattr(image_io, "MAX_PIXELS", 100_000)
+            diff = np.abs(preprocess(banner, "understanding", SIZE).astype(int) - reference)
+        assert diff.mean() < 0.5 and diff.max() <= 8
+
+
 # ---- input planning -----------------------------------------------------------------------------------------
 def test_plan_inputs_globs_braces_side_files_and_name_clashes(tmp_path):
     from unitok.extract import ExtractConfig, plan_inputs
@@ -128,6 +188,22 @@ def test_plan_inputs_globs_braces_side_files_and_name_clashes(tmp_path):
         plan(str(tmp_path / "coyo/*.zip"))
     with pytest.raises(ValueError, match="cannot tell the input format"):
         plan(str(tmp_path / "coyo/00000_stats.json"))
+
+
+def test_files_layout_splits_names_at_the_last_dot(tmp_path):
+    """IMG_0001.edited.jpg is an image; cat.1.png and cat.2.png are two samples, each with its own caption;
+    names that clean to one key (a.b, a_b) stay two samples."""
+    from unitok.image_sources import READERS, InputShard, ShardStats
+
+    for name in ("IMG_0001.edited.jpg", "cat.1.png", "cat.2.png", "a.b.png", "a_b.png"):
+        (tmp_path / name).write_bytes(b"image bytes")
+    (tmp_path / "cat.1.txt").write_text("the first cat")
+    (tmp_path / "IMG_0001.edited.json").write_text('{"source": "phone"}')
+    shard = InputShard("files", str(tmp_path), "x.tar")
+    got = {r.key: (r.image.name, r.caption, r.meta, r.skip) for r in READERS["files"](shard, None, ShardStats(shard))}
+    assert got == {"IMG_0001_edited": ("IMG_0001.edited.jpg", None, {"source": "phone"}, None),
+                   "a_b": ("a.b.png", None, {}, None), "a_b_": ("a_b.png", None, {}, None),
+                   "cat_1": ("cat.1.png", b"the first cat", {}, None), "cat_2": ("cat.2.png", None, {}, None)}
 
 
 def test_command_line_refuses_flags_of_the_other_mode(capsys):

@@ -65,6 +65,38 @@ def test_reconstruction_metrics_and_fid(tmp_path, random_inception):
     assert m["rfid"] >= 0 and m["is"] > 0
 
 
+def test_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
+    """torch-fidelity reads whole folders, so recon/ and reference/ are emptied first: a second run with fewer
+    images leaves only its own PNGs, named by the image's index in the sorted folder on every rank."""
+    from unitok import load_tokenizer
+    from unitok.evaluate import evaluate_reconstruction, list_images, load_val_image, to_uint8
+
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
+    argv = ["--tokenizer", str(tmp_path / "tok"), "--size", "32", "--out", str(tmp_path / "o")]
+    main([*argv, "--images", str(_folder(tmp_path / "six"))])
+    two = _folder(tmp_path / "two", n=2, seed=1)
+    main([*argv, "--images", str(two)])
+    for sub in ("recon", "reference"):
+        assert sorted(p.name for p in (tmp_path / "o" / sub).iterdir()) == ["000000.png", "000001.png"]
+    ref = np.asarray(Image.open(tmp_path / "o" / "reference" / "000001.png"))
+    assert np.array_equal(ref, to_uint8(load_val_image(two / "1.png", 32)))
+    images = list_images(tmp_path / "six")
+    evaluate_reconstruction(load_tokenizer(tmp_path / "tok"), images, 32, tmp_path / "r1", 2, rank=1, world=2)
+    assert sorted(p.name for p in (tmp_path / "r1" / "recon").iterdir()) == ["000001.png", "000003.png", "000005.png"]
+
+
+def test_val_images_are_read_like_training_reads_them(tmp_path):
+    """Transparent pixels composite on white (unitok.image_io.load_image), not black as PIL's convert("RGB")."""
+    from unitok.evaluate import load_val_image
+
+    rgba = np.zeros((40, 48, 4), np.uint8)
+    rgba[:, 24:] = (0, 0, 0, 255)  # right half opaque black, left half transparent (black underneath)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    x = load_val_image(tmp_path / "rgba.png", 32)  # 48x40 -> 38x32, centre crop from x = 3
+    assert torch.equal(x[:, :, :10], torch.ones(3, 32, 10)) and torch.equal(x[:, :, 24:], -torch.ones(3, 32, 8))
+
+
 def test_zero_shot_on_image_folder(tmp_path, capsys):
     """The CLI's accuracies equal an independent per-image computation (7 classes, so top-5 < 100 is
     possible): class weights = renormalised mean of the normalised template embeddings (open_clip's rule),

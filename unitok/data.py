@@ -132,11 +132,14 @@ def train_transform(img, size: int, scale: tuple[float, float], rng: random.Rand
 
 
 def val_transform(img, size: int) -> torch.Tensor:
-    """PIL RGB -> Resize(size, bicubic) -> CenterCrop(size) -> (3, size, size) in [-1, 1]."""
+    """PIL RGB -> Resize(size, bicubic) -> CenterCrop(size) -> (3, size, size) in [-1, 1]; beyond 4:1 the long
+    side is centre-cropped to 4:1 first (`crop_to_aspect`), so a 200000x2 image is not resized to 3.2e6 x 32."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    img = TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC), [size, size])
+    from unitok.image_io import crop_to_aspect
+
+    img = TF.center_crop(TF.resize(crop_to_aspect(img), size, InterpolationMode.BICUBIC), [size, size])
     return TF.to_tensor(img) * 2 - 1
 
 

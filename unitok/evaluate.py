@@ -5,12 +5,12 @@
         [--size 256] [--out OUT_DIR]
     (--inception-weights goes with --images, --classnames with --zeroshot-dir; python -m unitok.evaluate --help)
 
-- Reconstruction: each image of REF_DIR goes through Resize + CenterCrop(size), encode, decode; the
-  reconstructions are written as PNGs under OUT_DIR/recon and compared with the centre crops
-  (written under OUT_DIR/reference) by PSNR and SSIM (scikit-image) and, with --inception-weights,
-  by rFID and IS from torch-fidelity's `inception-v3-compat` extractor (REFERENCE.md 5.1). The
-  weights file must be local; it is checked with `torch.load(weights_only=True)` first because
-  torch-fidelity itself unpickles it without that guard.
+- Reconstruction: each image of REF_DIR is read as training reads it (`load_image`, `val_transform`: Resize +
+  CenterCrop(size)), encoded and decoded; the reconstructions are written as PNGs under OUT_DIR/recon and
+  compared with the centre crops (written under OUT_DIR/reference; both folders are emptied first) by PSNR
+  and SSIM (scikit-image) and, with --inception-weights, by rFID and IS from torch-fidelity's
+  `inception-v3-compat` extractor (REFERENCE.md 5.1). The weights file must be local; it is checked with
+  `torch.load(weights_only=True)` first because torch-fidelity itself unpickles it without that guard.
 - Codebook: per-codebook usage (% of entries hit) and perplexity exp(H(code histogram)).
 - Zero-shot: open_clip's zero-shot classifier (class names x templates, averaged and renormalised
   text embeddings) against `encode_image` (the quantized path); top-1 and top-5.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -93,12 +94,12 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def load_val_image(path: Path, size: int) -> torch.Tensor:
-    """Resize (short side, bicubic) + CenterCrop -> (3, size, size) in [-1, 1]."""
-    from torchvision.transforms import functional as TF
+    """`load_image` (alpha on white, 16-bit scaled, as training reads it) + `val_transform` (Resize short side,
+    bicubic, + CenterCrop) -> (3, size, size) in [-1, 1]."""
+    from unitok.data import val_transform
+    from unitok.image_io import load_image
 
-    img = Image.open(path).convert("RGB")
-    img = TF.center_crop(TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC), size)
-    return TF.to_tensor(img) * 2 - 1
+    return val_transform(load_image(path), size)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -157,22 +158,22 @@ def evaluate_reconstruction(model, images: list[Path], size: int, out_dir: Path,
     device = model.device
     K, V = model.num_codebooks, model.codebook_size
     counts = torch.zeros(K, V, dtype=torch.float64)
-    mine = images[rank::world]
+    mine = list(enumerate(images))[rank::world]  # (global index, path): the index names the PNGs
     psnr_sum = ssim_sum = 0.0
     (out_dir / "recon").mkdir(parents=True, exist_ok=True)
     (out_dir / "reference").mkdir(parents=True, exist_ok=True)
     for i in range(0, len(mine), batch_size):
-        paths = mine[i:i + batch_size]
+        idx, paths = zip(*mine[i:i + batch_size])
         x = torch.stack([load_val_image(p, size) for p in paths]).to(device)
         codes = model.encode(x)
         rec = model.decode(codes)
         counts += torch.stack([torch.bincount(codes[:, k].flatten().cpu(), minlength=V) for k in range(K)]).double()
-        for p, a, b in zip(paths, x, rec):
+        for j, a, b in zip(idx, x, rec):
             ref8, rec8 = to_uint8(a), to_uint8(b)
             ps, ss = psnr_ssim(ref8, rec8)
             psnr_sum += ps
             ssim_sum += ss
-            name = f"{images.index(p):06d}.png"
+            name = f"{j:06d}.png"
             Image.fromarray(ref8).save(out_dir / "reference" / name)
             Image.fromarray(rec8).save(out_dir / "recon" / name)
     return {"n": len(mine), "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "counts": counts}
@@ -350,6 +351,10 @@ def run(args: TokenizerEvalConfig) -> dict:
     metrics: dict = {"tokenizer": str(args.tokenizer), "size": args.size}
     if args.images:
         images = list_images(Path(args.images))
+        if is_main_process():  # torch-fidelity reads whole folders: PNGs of an earlier run would be scored too
+            for sub in ("recon", "reference"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+        barrier()  # no rank writes a PNG before rank 0 has emptied them
         r = evaluate_reconstruction(model, images, args.size, out, args.batch_size, rank, world)
         sums = _reduce(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
         counts = _reduce(r["counts"])

@@ -5,6 +5,8 @@ read images through here, so one file gives the same pixels (and codes) everywhe
     preprocess(img, mode, size)       -> uint8 (size, size, 3)
         generation     resize the short side to `size` (Lanczos, as Liquid's extractor), centre crop
         understanding  pad to square with PAD_COLOR, resize to size x size (bilinear) (REFERENCE 6.10)
+        (beyond MAX_ASPECT, or a padded canvas over MAX_PIXELS, the image is first cropped / shrunk so that
+        memory stays bounded; other images take exactly the path above)
     to_model_input([pixels])          -> float (B, 3, size, size) in [-1, 1]
 
 Mode handling in `load_image` (the public crawls hold all of these):
@@ -28,6 +30,8 @@ from PIL import Image
 PAD_COLOR = (122, 116, 104)  # LLaVA's expand2square background (CLIP mean * 255)
 MAX_PIXELS = 40_000_000
 """Default limit on width x height: bigger files are refused before their pixels are decoded."""
+MAX_ASPECT = 4
+"""Short-side resizes (generation mode, the evaluation transform) keep at most this long:short ratio."""
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -41,14 +45,17 @@ class ImageTooLarge(ValueError):
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB (a new image): transparency composited on white, 16-bit scaled to 8."""
+    if img.mode.startswith("I"):  # "I" and "I;16*": 16-bit samples (PIL's own convert would clip at 255)
+        a = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        t = img.info.get("transparency")
+        if isinstance(t, int):  # a 16-bit tRNS names one raw value: those pixels composite to white
+            gray[a == t] = 255
+        return Image.fromarray(gray, "L").convert("RGB")
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode.startswith("I"):  # "I" and "I;16*": 16-bit samples (PIL's own convert would clip at 255)
-        a = np.asarray(img, dtype=np.float64)
-        gray = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
     if img.mode == "F":
         return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")
@@ -73,8 +80,24 @@ def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixe
 
 
 # ---- preprocessing --------------------------------------------------------------------------------------
+def crop_to_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Centre-crop the long side to at most `max_aspect` x the short side (`img` itself when within).
+
+    Short-side resizes call this first: a 200000x2 image would otherwise grow to 3.2e6 x 32 at size 32. The
+    final square crop lies far inside what is kept, so only the (already extreme) images it cuts move."""
+    w, h = img.size
+    if w > max_aspect * h:
+        nw = int(max_aspect * h)
+        return img.crop(((w - nw) // 2, 0, (w - nw) // 2 + nw, h))
+    if h > max_aspect * w:
+        nh = int(max_aspect * w)
+        return img.crop((0, (h - nh) // 2, w, (h - nh) // 2 + nh))
+    return img
+
+
 def pad_to_square(img: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
-    """Centre `img` on a square canvas of its longer side filled with `color` (LLaVA's expand2square)."""
+    """Centre `img` on a square canvas of its longer side filled with `color` (LLaVA's expand2square).
+    The canvas is max(w, h)^2 pixels: `preprocess` shrinks extreme aspects before calling this."""
     w, h = img.size
     if w == h:
         return img
@@ -87,14 +110,22 @@ def pad_to_square(img: Image.Image, color: tuple[int, int, int] = PAD_COLOR) -> 
 def preprocess(img: Image.Image, mode: str, size: int) -> np.ndarray:
     """RGB PIL image -> uint8 (size, size, 3) as the tokenizer sees it (see the module docstring)."""
     img = img if img.mode == "RGB" else to_rgb(img)
-    w, h = img.size
     if mode == "generation":
+        img = crop_to_aspect(img)
+        w, h = img.size
         s = size / min(w, h)
         nw, nh = max(size, round(w * s)), max(size, round(h * s))
         img = img.resize((nw, nh), Image.LANCZOS)
         left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))
     elif mode == "understanding":
+        side = max(img.size)
+        if side * side > MAX_PIXELS and side > 4 * size:
+            # the canvas of an extreme aspect dwarfs the image (20000x2000: 400 MP, 4,000,000x1: 1.6e13), so the
+            # long side goes to 4 * size first; only pixels at the image's edge move (by a few levels: the paste
+            # offset rounds in the smaller canvas). Canvases within MAX_PIXELS take the path below unchanged
+            s = 4 * size / side
+            img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
         img = pad_to_square(img).resize((size, size), Image.BILINEAR)
     else:
         raise ValueError(f"unknown mode {mode!r}: expected generation or understanding")

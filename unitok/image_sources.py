@@ -343,9 +343,16 @@ def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Ite
     groups: dict[str, dict[str, Path]] = {}
     for p in sorted(Path(shard.path).iterdir()):
         if p.is_file() and "." in p.name:
-            stem, ext = p.name.split(".", 1)
+            # the last dot: IMG_0001.edited.jpg is an image and cat.1.png / cat.2.png are two samples;
+            # a caption or metadata side file shares the image's stem (cat.1.txt)
+            stem, ext = p.name.rsplit(".", 1)
             groups.setdefault(stem, {})[ext.lower()] = p
+    used: set[str] = set()
     for stem, members in groups.items():
+        key = _clean_key(stem)
+        while key in used:  # "a.b" and "a_b" clean to the same key: a tar must not hold it twice
+            key += "_"
+        used.add(key)
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         caption = members["txt"].read_bytes() if "txt" in members else None
         meta: dict[str, Any] = {}
@@ -356,10 +363,9 @@ def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Ite
             except (ValueError, UnicodeDecodeError):
                 meta = {}
         if ext is None:
-            yield RawSample(_clean_key(stem), None, caption, meta, skip="no_image",
-                            detail=f"files {sorted(members)}")
+            yield RawSample(key, None, caption, meta, skip="no_image", detail=f"files {sorted(members)}")
         else:
-            yield RawSample(_clean_key(stem), members[ext], caption, meta)
+            yield RawSample(key, members[ext], caption, meta)
 
 
 def _read_jsonl(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
