@@ -12,15 +12,16 @@ import torch
 import webdataset as wds
 
 from mllm.data import templates as T
-from mllm.data.collate import Sample
+from mllm.data.collate import Sample, collate
 from mllm.data.loader import MixtureLoader, format_stats
 from mllm.data.recipe import Recipe, SourceConfig, load_recipe
-from mllm.data.sources import CodeIndex, InstructionSource, PairSource, T2ISource, TextSource
+from mllm.data.sources import CodeIndex, InstructionSource, PairSource, T2ISource, TextSource, split_json_list
 from mllm.modeling.configuration import IMAGE_TOKEN_INDEX
 from mllm.data.tiny_tokenizer import VOCAB_SIZE, load_llama_tokenizer, make_llama_tokenizer
 
 K, H, W = 4, 2, 2  # debug-tokenizer code grid: 4 codebooks, 32 px -> 2 x 2 positions
 SYSTEM = T.VICUNA_V1.system
+SURROGATE = "broken emoji \ud83d here"  # a lone surrogate: json.loads accepts its escape, UTF-8 has no form of it
 
 
 # ---- fixtures and writers --------------------------------------------------------------------------
@@ -189,6 +190,23 @@ def test_plain_template_and_conversation_errors(tok):
         T.chat_prompt(tok, ["q", "a"])
 
 
+def test_leading_system_turn_is_dropped(tok):
+    conv = [{"from": "human", "value": "<image>\nShape?"}, {"from": "gpt", "value": "A circle."}]
+    s = T.conversation_sample(tok, [{"from": "system", "value": "Be brief."}] + conv, [codes_for(0)])
+    ref = T.conversation_sample(tok, conv, [codes_for(0)])
+    assert (s.input_ids, s.labels) == (ref.input_ids, ref.labels)  # the template brings its own system prompt
+    with pytest.raises(ValueError, match="unknown conversation role 'system'"):  # only a leading one
+        T.conversation_sample(tok, conv[:1] + [{"from": "system", "value": "x"}] + conv[1:], [codes_for(0)])
+
+
+def test_invalid_unicode_is_a_value_error(tok):
+    # the fast tokenizer alone raises "TypeError: TextEncodeInput must be Union[...]"
+    with pytest.raises(ValueError, match="not valid Unicode.*'broken emoji '"):
+        T.text_samples(tok, SURROGATE)
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        T.conversation_sample(tok, [{"from": "human", "value": SURROGATE}, {"from": "gpt", "value": "ok"}])
+
+
 # ---- recipes -----------------------------------------------------------------------------------------
 def test_recipe_validation_and_missing_path(tmp_path):
     for i in range(3):
@@ -239,6 +257,69 @@ def test_text_reader_formats_and_counters(tok, tmp_path):
         except ImportError:
             with pytest.raises(ImportError, match=pkg):
                 TextSource(cfg("text", str(f)), [f], tok)
+
+
+def test_invalid_unicode_records_are_skipped(tok, tmp_path):
+    """A lone surrogate escape in scraped JSON skips its record as malformed (it stopped training)."""
+    t = write_jsonl(tmp_path / "t.jsonl", [{"text": "good doc"}, {"text": SURROGATE}, {"text": "another doc"}])
+    assert "\\ud83d" in t.read_text()
+    text = TextSource(cfg("text", str(t), shuffle=False), [t], tok, max_len=64)
+    assert [tok.decode(s.input_ids[1:-1]) for s, _ in text.stream(infinite=False)] == ["good doc", "another doc"]
+    st = text.stats()
+    assert st["skipped"]["malformed"] == 1 and st["examples"]["malformed"][0].startswith("t.jsonl:2")
+    good = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    bad = {"id": "b", "conversations": [{"from": "human", "value": SURROGATE}, {"from": "gpt", "value": "ok"}]}
+    j = tmp_path / "llava.json"
+    j.write_text(json.dumps([good, bad, good]))  # a LLaVA JSON list
+    inst = InstructionSource(cfg("instructions", str(j), shuffle=False), [j], tok, max_len=256)
+    assert len(list(inst.stream(infinite=False))) == 2 and inst.stats()["skipped"]["malformed"] == 1
+    assert "id=b" in inst.stats()["examples"]["malformed"][0]
+    # split-json copies the record as it is (it raised UnicodeEncodeError); the reader then skips it
+    (shard,) = split_json_list(j, tmp_path / "split")
+    assert [json.loads(line) for line in shard.read_text().splitlines()] == [good, bad, good]
+    again = InstructionSource(cfg("instructions", str(shard), shuffle=False), [shard], tok, max_len=256)
+    assert len(list(again.stream(infinite=False))) == 2 and again.stats()["skipped"]["malformed"] == 1
+    # a caption from the json member (caption_field), in both the caption and the text-to-image layout
+    items = [{"key": f"k{i}", "codes": codes_for(i), "txt": "plain", "json": {"recaption": SURROGATE}}
+             for i in range(2)]
+    shard = write_code_shard(tmp_path / "p/00000.tar", items + pair_items(2))
+    for ratio in (0.0, 1.0):
+        pairs = PairSource(cfg("pairs", str(shard), t2i_ratio=ratio, caption_dropout=0.0, caption_field="recaption",
+                               caption_field_prob=1.0), [shard], tok, max_len=64)
+        assert len(list(pairs.stream(infinite=False))) == 2 and pairs.stats()["skipped"]["malformed"] == 2
+
+
+def test_damaged_compressed_text_files_are_skipped(tok, tmp_path):
+    """A truncated or corrupt .jsonl.gz (or .zst / .parquet) ends its file, counted as corrupt with file and
+    line; the next file is read (the error stopped training, and a resume reached it again)."""
+    raw = "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(300)).encode()
+    cut = tmp_path / "a_cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(raw)[:-200])  # an interrupted download: EOFError
+    html = tmp_path / "b_html.jsonl.gz"
+    html.write_bytes(b"<html>404 Not Found</html>")  # an error page saved under the shard's name: BadGzipFile
+    files = [cut, html]
+    for ext, pkg in (("jsonl.zst", "zstandard"), ("parquet", "pyarrow")):
+        try:
+            __import__(pkg)
+        except ImportError:
+            continue
+        (tmp_path / f"c_html.{ext}").write_bytes(b"<html>404 Not Found</html>")
+        files.append(tmp_path / f"c_html.{ext}")
+    ok = write_jsonl(tmp_path / "d_ok.jsonl", [{"text": "last doc"}])
+    src = TextSource(cfg("text", "x", shuffle=False), files + [ok], tok, max_len=64)
+    texts = [tok.decode(s.input_ids[1:-1]) for s, _ in src.stream(infinite=False)]
+    st = src.stats()
+    assert 0 < len(texts) - 1 < 300 and texts[:2] == ["doc 0", "doc 1"] and texts[-1] == "last doc"
+    assert st["skipped"]["corrupt"] == len(files) and st["skipped"]["malformed"] == 0
+    assert st["examples"]["corrupt"][:2] == [f"{cut}:{len(texts)}: EOFError: Compressed file ended before the "
+                                             "end-of-stream marker was reached (rest of the file skipped)",
+                                             f"{html}:1: BadGzipFile: Not a gzipped file (b'<h') (rest of the file "
+                                             "skipped)"]
+    # a resume inside the damaged file reaches the damage again and goes on
+    resumed = TextSource(cfg("text", "x", shuffle=False), files + [ok], tok, max_len=64)
+    pos = next(p for i, (_, p) in enumerate(src.stream(infinite=False)) if i == 9)
+    rest = [tok.decode(s.input_ids[1:-1]) for s, _ in resumed.stream(pos, infinite=False)]
+    assert rest == texts[10:] and resumed.stats()["skipped"]["corrupt"] == len(files)
 
 
 def test_text_resume_mid_document_and_offsets(tok, tmp_path):
@@ -348,6 +429,25 @@ def test_rank_splits_are_disjoint(tok, tmp_path):
         assert all(keys)
 
 
+def test_whole_file_errors_count_once_over_splits(tok, tmp_path):
+    """With fewer files than splits every split reads each file; its damage is counted by one split only,
+    so the counters merged over ranks and workers say one damaged file, not one per reader."""
+    tar = write_code_shard(tmp_path / "p/00000.tar", pair_items(8))
+    tar.write_bytes(tar.read_bytes()[:-10240])  # lost its tail
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)).encode())[:-30])
+    listing = tmp_path / "broken.json"
+    listing.write_text('[{"id": "a", "conversations": [')
+    for cls, kind, f in ((PairSource, "pairs", tar), (TextSource, "text", gz),
+                         (InstructionSource, "instructions", listing)):
+        reason, n = "malformed" if kind == "instructions" else "corrupt", 0
+        for split in range(4):  # e.g. 2 ranks x 2 workers over one file
+            src = cls(cfg(kind, str(f)), [f], tok, max_len=64)
+            list(src.stream(split=split, num_splits=4, infinite=False))
+            n += src.stats()["skipped"][reason]
+        assert n == 1, kind
+
+
 # ---- mixture loader ---------------------------------------------------------------------------------------
 @pytest.fixture
 def mix_recipe(tmp_path):
@@ -415,6 +515,63 @@ def test_packing_rows_and_pad_ratio(tok, mix_recipe):
     for b in take(iter(padded), 20):
         assert b["input_ids"].shape[0] == 3 and int(b["num_samples"]) == 3
     assert packed.stats()["pad_ratio"] < padded.stats()["pad_ratio"]
+
+
+def test_packed_samples_are_not_targets_of_each_other(tok):
+    """The loss pairs position t with label t + 1: packed, a sample's first label would be the target of
+    the previous sample's last token. It is -100, so the packed targets are exactly the unpacked ones."""
+    windows = T.text_samples(tok, "The quick brown fox jumps over the lazy dog. " * 4, max_len=16)
+    chat = T.conversation_sample(tok, [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}])
+    samples = [windows[0], windows[1], chat, windows[2]]
+    assert windows[1].labels[0] != -100  # a mid-document token: the previous window must not predict it
+    packed = collate(samples, pack_to=256)
+    assert packed["input_ids"].shape[0] == 1
+    starts = np.cumsum([0] + [len(s.input_ids) for s in samples])[:-1].tolist()
+    assert packed["position_ids"][0, starts].tolist() == [0] * len(samples)
+    assert packed["labels"][0, starts].tolist() == [-100] * len(samples)
+    # targets of the shifted loss: (predicting position, label), packed vs each sample alone
+    pairs = [(t, int(lab)) for t, lab in enumerate(packed["labels"][0, 1:]) if lab != -100]
+    alone = [(start + t, lab) for s, start in zip(samples, starts) for t, lab in enumerate(s.labels[1:]) if lab != -100]
+    assert pairs == alone
+    # unpacked rows are unchanged: labels exactly as templated, first label included
+    padded = collate(samples)
+    for b, s in enumerate(samples):
+        assert padded["labels"][b, :len(s.labels)].tolist() == s.labels
+
+
+def test_resume_refuses_a_changed_file_list(tok, tmp_path, caplog):
+    """A Position indexes the file list: a glob that matches other files on resume is refused (it replayed
+    seen data and skipped unseen data silently); moving the whole data tree is fine."""
+    for f in range(3):
+        write_jsonl(tmp_path / f"data/dclm/{f:02d}.jsonl", [{"text": f"file {f} doc {i}"} for i in range(6)])
+    write_jsonl(tmp_path / "data/other.jsonl", [{"text": f"other doc {i}"} for i in range(6)])
+
+    def recipe(root):
+        return Recipe.from_dict({"name": "r", "root": str(root), "sources": [
+            {"name": "dclm", "kind": "text", "paths": "dclm/*.jsonl", "weight": 1},
+            {"name": "other", "kind": "text", "paths": "other.jsonl", "weight": 1}]})
+    kw = dict(micro_batch_size=1, max_len=32, pack=False)
+    ref = MixtureLoader(recipe(tmp_path / "data"), tok, **kw)
+    it = iter(ref)
+    take(it, 3)
+    state = json.loads(json.dumps(ref.state_dict()))
+    expected = take(it, 3)
+    (tmp_path / "data").rename(tmp_path / "moved")  # a new mount point: the same files, resume is exact
+    moved = MixtureLoader(recipe(tmp_path / "moved"), tok, **kw)
+    moved.load_state_dict(state)
+    assert all(tensors_equal(a, b) for a, b in zip(expected, take(iter(moved), 3)))
+    write_jsonl(tmp_path / "moved/dclm/03.jsonl", [{"text": "new file"}])  # the glob matches one more file
+    with pytest.raises(ValueError, match=r"source 'dclm' .* 3 files then, 4 now \(\+1\).*--init-from"):
+        MixtureLoader(recipe(tmp_path / "moved"), tok, **kw).load_state_dict(state)
+    (tmp_path / "moved/dclm/03.jsonl").unlink()
+    (tmp_path / "moved/dclm/00.jsonl").rename(tmp_path / "moved/dclm/99.jsonl")  # same count, another order
+    with pytest.raises(ValueError, match="source 'dclm' .* same number of files \\(3\\)"):
+        MixtureLoader(recipe(tmp_path / "moved"), tok, **kw).load_state_dict(state)
+    # a state from before file lists were recorded loads, with a warning
+    old = {k: v for k, v in state.items() if k != "source_files"}
+    with caplog.at_level("WARNING"):
+        MixtureLoader(recipe(tmp_path / "moved"), tok, **kw).load_state_dict(old)
+    assert "does not record the sources' file lists" in caplog.text
 
 
 @pytest.mark.parametrize("pack,num_workers", [(True, 0), (False, 0), (True, 2)])

@@ -6,7 +6,9 @@ image, labels of the same length (-100 = unsupervised), and the images' codes in
     padded (one sample per row, right or left padding, attention_mask) or
     packed (several samples per row, position ids restart per sample, attention_mask None;
             transformers turns restarting position ids into a block-diagonal causal mask under SDPA
-            and into varlen flash-attention, so samples never attend to each other).
+            and into varlen flash-attention, so samples never attend to each other; each sample's
+            first label is -100, as HF's DataCollatorWithFlattening, so no token predicts across
+            samples and the loss equals the unpacked one).
 """
 from __future__ import annotations
 
@@ -103,6 +105,11 @@ def collate(samples: list[Sample], pad_id: int = 0, padding_side: str = "right",
             n = len(ids)
             input_ids[b, pos:pos + n] = torch.tensor(ids)
             labels[b, pos:pos + n] = torch.tensor(labs)
+            if pack_to is not None:
+                # The loss pairs position t with label t + 1, so a sample's first label would be the target
+                # of the previous sample's last token (a text window's first label is a mid-document
+                # token). Alone in a row it is never a target; packed it must not be either.
+                labels[b, pos] = -100
             attention_mask[b, pos:pos + n] = 1
             position_ids[b, pos:pos + n] = torch.arange(n)
             for off, c, g in imgs:

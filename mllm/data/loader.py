@@ -16,7 +16,9 @@ Position and counters, taken BEFORE any held sample was drawn. A stream rebuilt 
 therefore redraws the held sample and yields exactly the batches that would have followed; nothing
 is replayed and no buffer is saved. With worker processes every batch carries its worker's snapshot;
 a restored loader rotates the worker -> stream mapping so the round-robin order continues.
-`state_dict()` is JSON-able; save one per rank.
+`state_dict()` is JSON-able; save one per rank. A Position indexes a source's file list, so the state
+also records each source's file count and a hash of its file names: a glob that matches other files
+on resume is refused instead of silently replaying seen data and skipping unseen data.
 
 Infinite mode (default) cycles every source over epochs (reshuffled per epoch); in budget mode one
 "mixture epoch" is sum(budgets) / num_splits samples per split. Finite mode stops after one pass
@@ -24,6 +26,7 @@ Infinite mode (default) cycles every source over epochs (reshuffled per epoch); 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -213,6 +216,7 @@ class MixtureLoader:
         self._positions_pad = 0
         self._text_only = 0  # batches without any image (they exercise the no-image model path)
         self._index_cache: dict = {}
+        self._files = self._source_files()  # expanded once: a glob over many files is slow to repeat
 
     # ---- iteration --------------------------------------------------------------------------------
     def _record(self, logical: int, snap: dict[str, Any], batch: dict[str, torch.Tensor]) -> None:
@@ -241,6 +245,37 @@ class MixtureLoader:
             yield batch
 
     # ---- state --------------------------------------------------------------------------------------
+    def _source_files(self) -> dict[str, dict[str, Any]]:
+        """Per source: {num_files, files_hash} of the file list its Positions index."""
+        out = {}
+        for cfg in self.recipe.sources:
+            files = [str(f) for f in self.recipe.files(cfg)]
+            # names relative to the files' common folder: moving the whole data tree keeps resume valid
+            base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+            names = "\n".join(os.path.relpath(f, base) for f in files)  # in shard-index order
+            out[cfg.name] = {"num_files": len(files),
+                             "files_hash": hashlib.sha256(names.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+        return out
+
+    def _check_source_files(self, saved: dict[str, Any] | None) -> None:
+        """ValueError if a source's file list differs from the one the state was saved with."""
+        if saved is None:  # a state from before file lists were recorded
+            log.warning("the loader state does not record the sources' file lists (an older checkpoint): "
+                        "resuming assumes every source still matches the same files in the same order")
+            return
+        for name, now in self._files.items():
+            then = saved.get(name)
+            if then is None or then == now:
+                continue  # (a source unknown then is refused by the source-name check)
+            n0, n1 = then.get("num_files"), now["num_files"]
+            change = (f"{n0} files then, {n1} now ({n1 - n0:+d})" if isinstance(n0, int) and n0 != n1 else
+                      f"the same number of files ({n1}) but other names or another order")
+            raise ValueError(
+                f"source {name!r} matches other files than when the loader state was saved: {change}. Positions "
+                "index the file list, so resuming would replay seen data and skip unseen data. Restore the "
+                "file list (e.g. pin the glob to the original files), or start this stage afresh from an "
+                "export of the checkpoint (--init-from), which restarts the data stream")
+
     def _identity(self) -> dict[str, Any]:
         return {"recipe": self.recipe.name, "sources": [s.name for s in self.recipe.sources],
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
@@ -249,7 +284,8 @@ class MixtureLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position of this rank's stream (after the last batch handed out)."""
-        return {"version": STATE_VERSION, **self._identity(), "consumed_batches": self._consumed,
+        return {"version": STATE_VERSION, **self._identity(),
+                "source_files": {k: dict(v) for k, v in self._files.items()}, "consumed_batches": self._consumed,
                 "positions_total": self._positions_total, "positions_pad": self._positions_pad,
                 "text_only_batches": self._text_only,
                 "workers": {str(k): v for k, v in self._snapshots.items()}}
@@ -262,6 +298,7 @@ class MixtureLoader:
             if state.get(k) != v:
                 raise ValueError(f"loader state was saved with {k}={state.get(k)!r}, this loader has {v!r}; "
                                  "the stream cannot continue exactly")
+        self._check_source_files(state.get("source_files"))
         self._consumed = int(state["consumed_batches"])
         self._positions_total = int(state["positions_total"])
         self._positions_pad = int(state["positions_pad"])

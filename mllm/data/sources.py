@@ -20,10 +20,12 @@ Position = (epoch, shard, record, chunk, offset): the next record to read; any p
 stream exactly, so resume never replays the data stream. Per-record randomness (t2i vs caption,
 caption dropout, caption choice) is a hash of (seed, source, epoch, shard, record), not RNG state.
 
-Bad data is skipped and counted per source: missing_image, malformed (JSON line, conversation),
-empty_text (also a `null` text), too_long (longer than max_len after image expansion), corrupt
-(tar/member unreadable). Each reason also keeps the ids of its first MAX_EXAMPLES samples (file and
-key or line), so a count in the log can be traced to the data.
+Bad data is skipped and counted per source: missing_image, malformed (JSON line, conversation, text
+that is not valid Unicode), empty_text (also a `null` text), too_long (longer than max_len after image
+expansion), corrupt (tar/member unreadable, compressed or parquet file damaged: the rest of the file is
+skipped). Each reason also keeps the ids of its first MAX_EXAMPLES samples (file and key or line), so a
+count in the log can be traced to the data. An error of a whole file is counted by one split only (see
+`owns_file`), so the counters merged over ranks and workers hold one per damaged file.
 """
 from __future__ import annotations
 
@@ -209,6 +211,12 @@ class Source:
             return order[split::num_splits], False
         return order, True
 
+    @staticmethod
+    def owns_file(shard: int, split: int, num_splits: int, by_record: bool) -> bool:
+        """Whether this split counts errors of a whole file: split by record, every split reads the file
+        and would count its damage once each; only split shard % num_splits does."""
+        return not by_record or shard % num_splits == split
+
     def record_order(self, n: int, epoch: int, shard: int) -> list[int]:
         """Order of the n records of a whole-read shard."""
         if not self.cfg.shuffle:
@@ -319,9 +327,10 @@ class TextSource(Source):
         for f in self.files:  # fail at construction, not hours into a run
             check_text_file(f, cfg.name)
 
-    def _lines(self, path: Path, start: Position) -> Iterator[tuple[int, bytes, int]]:
+    def _lines(self, path: Path, start: Position, owner: bool = True) -> Iterator[tuple[int, bytes, int, int]]:
         """(line index, raw line, its byte offset, offset after it) from start.record; plain JSONL seeks
-        to start.offset, compressed files skip lines by count (offsets 0)."""
+        to start.offset, compressed files skip lines by count (offsets 0). A damaged compressed file (cut
+        short, bad CRC, not compressed at all) ends at the damage, counted as corrupt if `owner`."""
         name = path.name.lower()
         if name.endswith(".jsonl") or name.endswith(".json"):
             with open(path, "rb") as f:
@@ -332,33 +341,50 @@ class TextSource(Source):
                     off += len(line)
                     idx += 1
             return
+        errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)  # gzip: BadGzipFile is an OSError
         if name.endswith(".gz"):
             fh = gzip.open(path, "rb")  # (.zst / .zstd below)
         else:
             zstd = _require("zstandard", path, "zstd-compressed JSONL")
             fh = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-        with fh:  # compressed streams cannot seek: skip lines by count
-            for idx, line in enumerate(fh):
-                if idx >= start.record:
-                    yield idx, line, 0, 0
+            errors += (zstd.ZstdError,)
+        n = 0  # lines read whole
+        try:
+            with fh:  # compressed streams cannot seek: skip lines by count
+                for idx, line in enumerate(fh):
+                    n = idx + 1
+                    if idx >= start.record:
+                        yield idx, line, 0, 0
+        except errors as e:
+            # An interrupted download or an error page saved under the shard's name: the lines before the
+            # damage were used, the rest of the file is lost. Raising would end training, and a resume
+            # would reach the same line again.
+            if owner:
+                self.skip("corrupt", f"{path}:{n + 1}: {type(e).__name__}: {e} (rest of the file skipped)")
 
     def shard_records(self, shard, epoch, start, split, num_splits, by_record):
         path = self.files[shard]
         field = self.cfg.text_field
         if path.name.lower().endswith(".parquet"):
             _require("pyarrow", path, "parquet")
+            import pyarrow
             import pyarrow.parquet as pq
 
             idx = 0
-            for batch in pq.ParquetFile(str(path)).iter_batches(columns=[field]):
-                for value in batch.column(0).to_pylist():
-                    if idx >= start.record and (not by_record or idx % num_splits == split):
-                        rec = self._text_record(f"{path.name}:row {idx}", value)
-                        if rec is not None:
-                            yield idx, rec, 0, 0
-                    idx += 1
+            try:
+                for batch in pq.ParquetFile(str(path)).iter_batches(columns=[field]):
+                    for value in batch.column(0).to_pylist():
+                        if idx >= start.record and (not by_record or idx % num_splits == split):
+                            rec = self._text_record(f"{path.name}:row {idx}", value)
+                            if rec is not None:
+                                yield idx, rec, 0, 0
+                        idx += 1
+            except (OSError, pyarrow.ArrowException) as e:  # as compressed JSONL: the rest of the file is lost
+                if self.owns_file(shard, split, num_splits, by_record):
+                    self.skip("corrupt", f"{path}:row {idx}: {type(e).__name__}: {e} (rest of the file skipped)")
             return
-        for idx, line, own, off in self._lines(path, start):
+        owner = self.owns_file(shard, split, num_splits, by_record)
+        for idx, line, own, off in self._lines(path, start, owner):
             if by_record and idx % num_splits != split:
                 continue
             if not line.strip():
@@ -390,7 +416,11 @@ class TextSource(Source):
         return TextRecord(key, value)
 
     def to_samples(self, record, epoch, shard, index):
-        out = T.text_samples(self.tokenizer, record.text, self.max_len, self.cfg.text_overflow)
+        try:
+            out = T.text_samples(self.tokenizer, record.text, self.max_len, self.cfg.text_overflow)
+        except ValueError as e:  # text that is not valid Unicode
+            self.skip("malformed", f"{record.key}: {e}")
+            return []
         if not out:
             self.skip("too_long", f"{record.key}: longer than max_len {self.max_len} (text_overflow skip)")
         return out
@@ -445,14 +475,15 @@ class PairSource(Source):
         super().__init__(cfg, files, tokenizer, **kw)
         self._cache: tuple[int, list] | None = None  # (shard id, samples): the shard being read
 
-    def _shard(self, shard: int) -> list[dict[str, Any]]:
+    def _shard(self, shard: int, owner: bool = True) -> list[dict[str, Any]]:
         if self._cache is None or self._cache[0] != shard:
             path = self.files[shard]
-            self._cache = (shard, read_tar_samples(path, lambda e: self.skip("corrupt", f"{path}: {e}")))
+            on_error = (lambda e: self.skip("corrupt", f"{path}: {e}")) if owner else (lambda e: None)
+            self._cache = (shard, read_tar_samples(path, on_error))
         return self._cache[1]
 
     def shard_records(self, shard, epoch, start, split, num_splits, by_record):
-        samples = self._shard(shard)
+        samples = self._shard(shard, self.owns_file(shard, split, num_splits, by_record))
         order = self.record_order(len(samples), epoch, shard)
         for idx in range(start.record, len(order)):
             if by_record and idx % num_splits != split:
@@ -496,13 +527,17 @@ class PairSource(Source):
         if not caption:
             self.skip("empty_text", record.key)
             return []
-        if self.uniform(epoch, shard, index, 0) < self.cfg.t2i_ratio:
-            null = self.uniform(epoch, shard, index, 2) < self.cfg.caption_dropout
-            s = T.t2i_sample(self.tokenizer, None if null else caption, record.codes, self.boi_id, self.eoi_id)
-            tag = "null_prompt" if null else "t2i"
-        else:
-            s = T.caption_sample(self.tokenizer, caption, record.codes, self.boi_id, self.eoi_id)
-            tag = "caption"
+        try:
+            if self.uniform(epoch, shard, index, 0) < self.cfg.t2i_ratio:
+                null = self.uniform(epoch, shard, index, 2) < self.cfg.caption_dropout
+                s = T.t2i_sample(self.tokenizer, None if null else caption, record.codes, self.boi_id, self.eoi_id)
+                tag = "null_prompt" if null else "t2i"
+            else:
+                s = T.caption_sample(self.tokenizer, caption, record.codes, self.boi_id, self.eoi_id)
+                tag = "caption"
+        except ValueError as e:  # a caption (from the json member) that is not valid Unicode
+            self.skip("malformed", f"{record.key}: {e}")
+            return []
         if self._check_len(s, record.key) is None:
             return []
         self.count(tag)
@@ -630,9 +665,9 @@ class InstructionSource(Source):
                     self._index_cache[key] = self._index
         return self._index
 
-    def _shard(self, shard: int) -> list:
+    def _shard(self, shard: int, owner: bool = True) -> list:
         """Raw items of one file as (id for messages, item): parsed dicts of a JSON list ("file[i]") or
-        raw lines of a JSONL file ("file:line", parsed lazily)."""
+        raw lines of a JSONL file ("file:line", parsed lazily); an unreadable file is counted if `owner`."""
         if self._cache is None or self._cache[0] != shard:
             path = self.files[shard]
             items: list = []
@@ -646,13 +681,14 @@ class InstructionSource(Source):
                         raise ValueError("top level is not a list")
                     items = [(f"{path.name}[{i}]", row) for i, row in enumerate(rows)]
             except (ValueError, UnicodeDecodeError) as e:
-                self.skip("malformed", f"{path}: {e}")
+                if owner:
+                    self.skip("malformed", f"{path}: {e}")
                 items = []
             self._cache = (shard, items)
         return self._cache[1]
 
     def shard_records(self, shard, epoch, start, split, num_splits, by_record):
-        items = self._shard(shard)
+        items = self._shard(shard, self.owns_file(shard, split, num_splits, by_record))
         order = self.record_order(len(items), epoch, shard)
         for idx in range(start.record, len(order)):
             if by_record and idx % num_splits != split:
@@ -733,11 +769,21 @@ class SplitJsonConfig:
             raise ValueError(f"--per-shard must be >= 1, got {self.per_shard}")
 
 
+def _jsonl_line(x) -> str:
+    line = json.dumps(x, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud83d" in the input) has no UTF-8 form: keep the escape
+        line = json.dumps(x)
+    return line + "\n"
+
+
 def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike,
                     per_shard: int = SplitJsonConfig.per_shard) -> list[Path]:
     """Split a big LLaVA JSON list (e.g. mgm_instruction.json) into JSONL shards 00000.jsonl, ...
 
-    Many small shards shuffle better and spare every rank from parsing a multi-GB JSON file.
+    Many small shards shuffle better and spare every rank from parsing a multi-GB JSON file. Records are
+    copied as they are: one with a lone surrogate escape keeps it (the reader counts it as malformed).
     """
     items = json.loads(Path(src).read_bytes())
     if not isinstance(items, list):
@@ -748,7 +794,7 @@ def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike,
     for i in range(0, len(items), per_shard):
         p = out / f"{i // per_shard:05d}.jsonl"
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items[i:i + per_shard]))
+        tmp.write_text("".join(_jsonl_line(x) for x in items[i:i + per_shard]), encoding="utf-8")
         os.replace(tmp, p)
         paths.append(p)
     return paths

@@ -52,6 +52,7 @@ BYTE_MARKERS = ("<0x00>", "<0x01>")  # sentencepiece byte-fallback pieces (Llama
 RESERVED_MARKER = re.compile(r"<\|reserved_special_token_(\d+)\|>")  # Llama-3's reserved special tokens
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
+SYSTEM_ROLES = ("system",)
 
 
 @dataclass(frozen=True)
@@ -111,16 +112,32 @@ def image_marker_ids(tokenizer) -> tuple[int, int]:
                      "<|reserved_special_token_N|> tokens (Llama-3)")
 
 
+def _tokenize(tokenizer, text: str, **kw):
+    """tokenizer(text) without special tokens; ValueError for text that is not valid Unicode."""
+    try:
+        return tokenizer(text, add_special_tokens=False, **kw)
+    except (TypeError, UnicodeError):
+        # json.loads accepts lone surrogate escapes ("\ud83d", half an emoji in scraped data); the fast
+        # tokenizer then raises a TypeError that names no cause. Callers skip ValueErrors per record.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text is not valid Unicode ({e.reason} at character {e.start}: "
+                             f"{text[max(0, e.start - 20):e.start]!r})") from None
+        raise
+
+
 def encode(tokenizer, text: str) -> list[int]:
-    """Plain ids of `text` (no bos/eos), tokenised whole."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Plain ids of `text` (no bos/eos), tokenised whole; ValueError if `text` is not valid Unicode."""
+    return list(_tokenize(tokenizer, text)["input_ids"])
 
 
 def encode_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[bool]]:
     """`text` -> (ids, supervised flags); "<image>" becomes IMAGE_TOKEN_INDEX (never supervised).
 
     See the module docstring: chunks between placeholders are tokenised whole; a token is supervised
-    iff its character range overlaps one of `spans` (character offsets into `text`).
+    iff its character range overlaps one of `spans` (character offsets into `text`). ValueError if
+    `text` is not valid Unicode.
     """
     ids: list[int] = []
     flags: list[bool] = []
@@ -132,7 +149,7 @@ def encode_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]] = ()) ->
             flags.append(False)
         if chunk:
             try:
-                enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+                enc = _tokenize(tokenizer, chunk, return_offsets_mapping=True)
             except NotImplementedError:
                 enc = {}
             if "offset_mapping" not in enc:
@@ -215,7 +232,8 @@ def text_samples(tokenizer, text: str, max_len: int | None = None, overflow: str
 def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: int) -> list[tuple[str, str]]:
     """LLaVA JSON turns -> [(role "user"|"assistant", text)], alternating and starting with the user.
 
-    Leading non-user turns are dropped (as LLaVA). With one image, "<image>" is moved to the front of
+    Leading non-user turns (assistant, system) are dropped (as LLaVA; the template brings its own system
+    prompt); a system turn later on is malformed. With one image, "<image>" is moved to the front of
     its turn as "<image>\\n" (LLaVA's preprocess_multimodal); with images but no placeholder, one
     "<image>\\n" per image is put in front of the first user turn. ValueError on malformed input.
     """
@@ -224,6 +242,8 @@ def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: 
         if not isinstance(t, dict) or not isinstance(t.get("value"), str):
             raise ValueError(f"each turn needs a string 'value', got {t!r:.80}")
         who = str(t.get("from", t.get("role", ""))).lower()
+        if not turns and who in SYSTEM_ROLES:
+            continue
         if who in USER_ROLES:
             role = "user"
         elif who in ASSISTANT_ROLES:
