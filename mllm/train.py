@@ -147,8 +147,9 @@ def parse_config(argv: list[str] | None = None) -> MllmTrainConfig:
 
 
 # ---- model construction ---------------------------------------------------------------------------
-def build_model(cfg: MllmTrainConfig, ds: dict, log):
-    """The MLLM (partitioned under ZeRO-3) and the text tokenizer."""
+def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None = None):
+    """The MLLM (partitioned under ZeRO-3) and the text tokenizer. `codes_tokenizer`: the fingerprint of the
+    tokenizer that extracted the code shards (preflight), refused when it is not the model's."""
     import deepspeed
     from transformers import AutoTokenizer
 
@@ -166,12 +167,21 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log):
     tok_model = None
     if cfg.init_from:
         config = UniMLLMConfig.from_pretrained(src)
+        where = f"--init-from {src}"
     else:
         from mllm.modeling.base import config_from_base
         from unitok import load_tokenizer
 
         tok_model = load_tokenizer(cfg.tokenizer, attn_mode=cfg.tokenizer_attn_mode)
         config = config_from_base(src, tok_model, text_tok, max_len=cfg.max_len, **cfg.mllm)
+        config.tokenizer_fingerprint = tok_model.fingerprint()  # recorded in the export, checked by the next stage
+        where = f"--tokenizer {cfg.tokenizer} (--tokenizer-attn-mode {cfg.tokenizer_attn_mode})"
+    own = getattr(config, "tokenizer_fingerprint", None)
+    if codes_tokenizer is not None and own is not None and codes_tokenizer != own:
+        raise ValueError(f"the recipe's code shards were extracted by tokenizer {codes_tokenizer} (their "
+                         f"manifest.json) but {where} is tokenizer {own}: the MLLM reads codes through its own "
+                         "tokenizer's codebook; extract them with that tokenizer, or train with the one that made "
+                         "them")
     if config.pad_token_id is None:
         config.pad_token_id = text_tok.pad_token_id
     config._attn_implementation = default_attn_implementation()
@@ -439,7 +449,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
                         world_size=info.world_size, grad_clip=o.grad_clip, precision=cfg.precision)
     log.info("precision: " + ("bf16 weights, fp32 master copies" if ds["bf16"]["enabled"] else "fp32"))
     refuse_with_zero3(cfg.compile, ds)
-    model, text_tok = build_model(cfg, ds, log)
+    model, text_tok = build_model(cfg, ds, log, codes_tokenizer=report.tokenizer_fingerprint)
     model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)

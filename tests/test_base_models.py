@@ -152,6 +152,11 @@ def test_stage1_build_follows_the_base(tmp_path, llama3_dir, unitok):
     ours = model.state_dict()
     base = LlamaForCausalLM.from_pretrained(llama3_dir).state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in base.items())
+    assert c.tokenizer_fingerprint == unitok.fingerprint()  # saved with the model: stage 2 checks its codes too
+    with pytest.raises(ValueError, match=r"code shards were extracted by tokenizer 0{16} \(their manifest.json\) "
+                                         r"but --tokenizer .*unitok \(--tokenizer-attn-mode full\) is tokenizer"):
+        build_model(cfg, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
+                    logging.getLogger(__name__), codes_tokenizer="0" * 16)
 
 
 def test_image_marker_ids_per_tokenizer(tmp_path, llama3_dir):

@@ -159,6 +159,13 @@ def test_preflight_names_file_and_source(tmp_path):
                                                         weight=1.0)], root=str(root))
     with pytest.raises(ValueError, match=r"different image sizes: 32 px .*64 px"):
         preflight(mixed)
+    # one size, two tokenizers (a retrained tokenizer's codes next to the old one's)
+    for folder, fingerprint in (("mgm", "a" * 16), ("other", "b" * 16)):
+        (root / folder / "codes/manifest.json").write_text(json.dumps({"image_size": 32,
+                                                                        "tokenizer_fingerprint": fingerprint}))
+    with pytest.raises(ValueError, match=r"different tokenizers: a{16} \(.*mgm/codes/manifest.json\), b{16} "):
+        preflight(mixed)
+    assert preflight(recipe).tokenizer_fingerprint == "a" * 16
     _touch(root / "odd/00000.parquet")
     bad = Recipe("r", [SourceConfig(name="odd", kind="pairs", paths=["odd/*.parquet"], weight=1.0)], root=str(root))
     with pytest.raises(ValueError, match=r"source 'odd'.*00000\.parquet is not a code shard"):

@@ -380,6 +380,16 @@ def test_other_size_or_mode_in_the_same_output_is_refused(formats, extracted, mo
         main([*formats["args"], "--output", str(out), "--size", "48"])
     with pytest.raises(ValueError, match=r"mode='understanding' but this run has mode='generation'"):
         main([*formats["args"], "--output", str(out), "--mode", "generation"])
+    # another checkpoint of the same shape (a longer-trained tokenizer): its codes were added to the folder
+    from unitok import UniTok, preset
+
+    torch.manual_seed(1)
+    UniTok(preset("debug")).save_pretrained(formats["root"] / "tok_other")
+    other = [*formats["args"], "--output", str(out)]
+    other[other.index("--tokenizer") + 1] = str(formats["root"] / "tok_other")
+    with pytest.raises(ValueError, match=r"manifest.json was written with tokenizer_fingerprint='[0-9a-f]{16}' but "
+                                         r"this run has tokenizer_fingerprint='[0-9a-f]{16}'"):
+        main(other)
     assert sorted(p.name for p in out.iterdir()) == listing  # nothing written
     (out / "manifest.json").rename(out / "manifest.bak")  # sidecars alone are enough to refuse
     try:
@@ -389,6 +399,10 @@ def test_other_size_or_mode_in_the_same_output_is_refused(formats, extracted, mo
         (out / "manifest.bak").rename(out / "manifest.json")
     side = out / "00000.stats.json"  # a sidecar of an older extract.py (no settings recorded) is refused too
     old = side.read_text()
+    for f in (side, out / "manifest.json"):  # ... but not for the tokenizer, which older versions did not record
+        f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "tokenizer_fingerprint"}))
+    assert main([*formats["args"], "--output", str(out)])["done"] == []
+    assert "tokenizer_fingerprint" in json.loads((out / "manifest.json").read_text())  # rewritten by this run
     side.write_text(json.dumps({k: v for k, v in json.loads(old).items() if k != "image_size"}))
     try:
         with pytest.raises(ValueError, match=r"00000.stats.json does not record image_size"):

@@ -51,7 +51,9 @@ MANIFEST = "manifest.json"
 InputFormat = Literal["auto", "webdataset", "parquet", "files", "jsonl"]
 assert get_args(InputFormat) == INPUT_FORMATS
 # what must agree between a run and the shards already in its --output
-_COMPAT_KEYS = ("mode", "image_size", "num_codebooks", "codebook_size")
+_COMPAT_KEYS = ("mode", "image_size", "num_codebooks", "codebook_size", "tokenizer_fingerprint")
+_SINCE_LATER = ("tokenizer_fingerprint",)
+"""Keys that an older unitok.extract did not record: their absence is logged, not refused."""
 
 
 @dataclass
@@ -221,8 +223,9 @@ def dist_env(local_rank: int | None = None) -> tuple[int, int, int]:
 
 
 def check_output_compatible(out: Path, header: dict[str, Any]) -> None:
-    """ValueError when OUT already holds a manifest or sidecars made with another mode, image size or
-    codebook shape (codes of different grids or vocabularies must not be mixed in one folder)."""
+    """ValueError when OUT already holds a manifest or sidecars made with another mode, image size, codebook
+    shape or tokenizer (`UniTok.fingerprint`: codes of different grids, vocabularies or weights must not be mixed
+    in one folder)."""
     files = ([out / MANIFEST] if (out / MANIFEST).is_file() else []) + sorted(out.glob("*.stats.json"))
     for f in files:
         try:
@@ -230,6 +233,10 @@ def check_output_compatible(out: Path, header: dict[str, Any]) -> None:
         except ValueError as e:
             raise ValueError(f"{f} is not valid JSON ({e}); delete it or use another --output") from e
         for k in _COMPAT_KEYS:
+            if k not in rec and k in _SINCE_LATER:
+                log.warning("%s does not record %s (an older unitok.extract): it cannot be checked that the same "
+                            "tokenizer made its codes", f, k)
+                continue
             if k not in rec:
                 raise ValueError(f"{f} does not record {k} (written by an older unitok.extract); codes of unknown "
                                  f"settings must not be mixed with this run's: use another --output folder")
@@ -285,7 +292,8 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
     if size % DOWNSAMPLE:
         raise ValueError(f"image size {size} is not a multiple of {DOWNSAMPLE}")
     header = {"mode": cfg.mode, "image_size": size, "grid": [size // DOWNSAMPLE, size // DOWNSAMPLE],
-              "num_codebooks": model.num_codebooks, "codebook_size": model.codebook_size}
+              "num_codebooks": model.num_codebooks, "codebook_size": model.codebook_size,
+              "tokenizer_fingerprint": model.fingerprint()}
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     check_output_compatible(out, header)

@@ -7,7 +7,8 @@ the recipe, the source and the file:
   shards: .tar; instructions: .json/.jsonl), or whose optional reader is not installed;
 - a source whose files are all empty (zero bytes);
 - code shards extracted at different image sizes, or at a size other than the model's
-  (`expect_image_size`), read from the `manifest.json` that `unitok.extract` writes next to them;
+  (`expect_image_size`), or by different tokenizers, read from the `manifest.json` that
+  `unitok.extract` writes next to them (the trainer compares the tokenizer with its own);
 - an instructions source whose path -> codes index cannot be built or written (`build_index`).
 The index is written to the recipe's `image_index` file (resolved against the recipe root), so the
 run's data workers only read it. Call it on one rank first (it writes the index) and then on the
@@ -35,6 +36,8 @@ class DataReport:
     """source name -> number of data files (plus code shards for instructions)."""
     image_size: int | None = None
     """Pixel side the code shards were extracted at (None: no manifest found)."""
+    tokenizer_fingerprint: str | None = None
+    """`UniTok.fingerprint` of the tokenizer that extracted the code shards (None: not recorded)."""
     index_entries: dict[str, int] = field(default_factory=dict)
     """instructions source -> images in its path -> codes index."""
 
@@ -66,17 +69,18 @@ def _check_suffixes(recipe: Recipe, src: SourceConfig, files: list[Path], images
             raise ValueError(f"{_where(recipe, src)}: image_paths entry {f} is not a code shard (.tar)")
 
 
-def _manifest_size(folder: Path) -> int | None:
-    """Image size recorded by unitok.extract in folder/manifest.json (None when absent)."""
+def _manifest(folder: Path) -> tuple[int | None, str | None]:
+    """Image size and tokenizer fingerprint recorded by unitok.extract in folder/manifest.json (None when
+    absent)."""
     path = folder / CODE_MANIFEST
     if not path.is_file():
-        return None
+        return None, None
     try:
         m = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     size = m.get("image_size", (m.get("config") or {}).get("size"))
-    return int(size) if size is not None else None
+    return (int(size) if size is not None else None), m.get("tokenizer_fingerprint")
 
 
 def preflight(recipe: Recipe, expect_image_size: int | None = None, build_index: bool = True) -> DataReport:
@@ -84,6 +88,7 @@ def preflight(recipe: Recipe, expect_image_size: int | None = None, build_index:
     recipe.check_paths()
     report = DataReport()
     sizes: dict[int, Path] = {}
+    tokenizers: dict[str, Path] = {}
     for src in recipe.sources:
         files = recipe.files(src)
         images = recipe.image_files(src)
@@ -98,15 +103,22 @@ def preflight(recipe: Recipe, expect_image_size: int | None = None, build_index:
         report.files[src.name] = len(files) + len(images)
         code_files = images if src.kind == "instructions" else files if src.kind in ("pairs", "t2i") else []
         for folder in sorted({f.parent for f in code_files}):
-            size = _manifest_size(folder)
+            size, fingerprint = _manifest(folder)
             if size is not None:
                 sizes.setdefault(size, folder / CODE_MANIFEST)
+            if fingerprint is not None:
+                tokenizers.setdefault(fingerprint, folder / CODE_MANIFEST)
         if src.kind == "instructions" and build_index:
             report.index_entries[src.name] = _build_index(recipe, src, images)
     if len(sizes) > 1:
         listed = ", ".join(f"{s} px ({p})" for s, p in sorted(sizes.items()))
         raise ValueError(f"recipe {recipe.name!r}: code shards were extracted at different image sizes: {listed}; "
                          "re-extract them at one size")
+    if len(tokenizers) > 1:
+        listed = ", ".join(f"{t} ({p})" for t, p in sorted(tokenizers.items()))
+        raise ValueError(f"recipe {recipe.name!r}: code shards were extracted by different tokenizers: {listed}; "
+                         "the MLLM reads every code through one tokenizer's codebook: re-extract them with it")
+    report.tokenizer_fingerprint = next(iter(tokenizers), None)
     if sizes:
         report.image_size = next(iter(sizes))
         if expect_image_size is not None and report.image_size != expect_image_size:

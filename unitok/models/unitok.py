@@ -220,6 +220,17 @@ class UniTok(nn.Module):
         self.text_encoder.attn_mask = self.text_encoder.build_causal_mask().to(self.device)
 
     # ---- checkpoint folder (config.json + model.safetensors) ------------------------------
+    def fingerprint(self) -> str:
+        """A short hash of the config and every tensor's bytes: the same for the same weights in any file format,
+        different for another checkpoint of the same shape (a longer-trained tokenizer gives other codes)."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write `path/config.json` and `path/model.safetensors` atomically."""
         from safetensors.torch import save_file
