@@ -464,6 +464,8 @@ class PreparedTurn:
     """The (trimmed) history the prompt was built from."""
     notices: list[str] = field(default_factory=list)
     """What the user should know before the reply (dropped exchanges, a reply budget cut by the window)."""
+    conversation: int = 0
+    """The session's conversation it belongs to (`ChatSession.reset` starts the next one)."""
 
 
 @dataclass
@@ -493,11 +495,16 @@ class ChatSession:
         self.pending: list[torch.Tensor] = []
         self.generator = torch.Generator(device=engine.device).manual_seed(self.cfg.seed)
         self.stop = threading.Event()
+        self.conversation = 0
+        """Counts resets: a turn prepared before one is not committed to the new conversation."""
 
     def reset(self) -> None:
-        """Forget the history and any pending images. The generator runs on: a new conversation does
-        not replay the previous one's samples."""
+        """Forget the history and any pending images, and stop a reply in progress (the browser chat answers on
+        another thread); that reply is not committed. The generator runs on: a new conversation does not replay
+        the previous one's samples."""
         self.history, self.pending = [], []
+        self.conversation += 1
+        self.stop.set()
 
     # ---- images in ------------------------------------------------------------------------------
     def attach(self, paths: list[str | Path]) -> int:
@@ -547,12 +554,14 @@ class ChatSession:
             notices.append(f"[context: dropped the {dropped} oldest exchange(s) to fit the {ctx}-token window]")
         if budget < want:
             notices.append(f"[context: the reply is limited to {budget} tokens by the {ctx}-token window]")
-        return PreparedTurn(sample, budget, dropped, user, list(self.pending), history, notices)
+        return PreparedTurn(sample, budget, dropped, user, list(self.pending), history, notices, self.conversation)
 
     def answer(self, turn: PreparedTurn, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer a prepared turn with the session's generator (streaming deltas to `on_text`), then
         commit it to the history; a set `stop` ends the reply early (what was generated is kept)."""
         self.stop.clear()
+        if turn.conversation != self.conversation:  # reset after it was prepared: nothing to answer
+            return Reply("", 0, True, ["[conversation reset]"])
         sampling = SamplingConfig(temperature=self.cfg.answer_temperature)
         ids = self.engine.answer_ids([turn.sample], turn.max_new_tokens, sampling, self.generator, on_text=on_text,
                                      stop=self.stop)[0]
@@ -565,7 +574,10 @@ class ChatSession:
         return reply
 
     def commit(self, turn: PreparedTurn, reply: str) -> None:
-        """Record the answered turn (the trimmed history replaces the old one; pending images are used)."""
+        """Record the answered turn (the trimmed history replaces the old one; pending images are used), unless
+        the conversation was reset while it was answered."""
+        if turn.conversation != self.conversation:
+            return
         self.history = turn.history + [Exchange(turn.question, turn.images, reply)]
         self.pending = []
 

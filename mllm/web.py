@@ -115,12 +115,23 @@ class WebHandlers:
                 result["error"] = e
             deltas.put(done)
 
-        threading.Thread(target=work, daemon=True).start()
-        text = ""
-        while (item := deltas.get()) is not done:
-            text += item
-            messages[-1] = {"role": "assistant", "content": text}
-            yield messages, session, notice, True
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text, finished = "", False
+        try:
+            while (item := deltas.get()) is not done:
+                text += item
+                messages[-1] = {"role": "assistant", "content": text}
+                if session.conversation == turn.conversation:  # after a reset the chat box is the new one's
+                    yield messages, session, notice, True
+            finished = True
+        finally:  # also when gradio closes this generator (the client left): the model's one job ends here
+            if not finished:
+                session.stop.set()
+            thread.join()
+        if session.conversation != turn.conversation:
+            yield [], session, "[conversation reset]", True
+            return
         if "error" in result:
             messages[-1] = {"role": "assistant", "content": text + " [failed]"}
             yield messages, session, f"error: {result['error']}", True

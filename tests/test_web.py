@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -73,6 +74,33 @@ def test_web_session_samples_on_and_is_not_reseeded(engine, tmp_path):
     assert msgs[-1]["content"] != first
     msgs, fresh, _, _ = _last(h.ask(None, "What is in the image?", None, None))
     assert fresh is not session and msgs[-1]["content"] == first  # a new session starts from --seed
+
+
+def test_web_new_conversation_during_an_answer_is_not_undone(engine, tmp_path):
+    """"New conversation" runs beside a streaming answer (it is not queued behind the model): the answer was
+    committed to the new conversation afterwards and the old chat came back. And a stream that gradio closes
+    (the client left) stops its answer thread before the next job gets the model."""
+    from mllm.engine import SessionConfig
+    from mllm.web import WebHandlers
+
+    h = WebHandlers(engine, SessionConfig(answer_temperature=1.0, max_new_tokens=64, out_dir=str(tmp_path)))
+    msgs, session, _, _ = _last(h.ask(None, "What is in the image?", None, None))
+    assert len(session.history) == 1
+    stream = h.ask(None, "And the colour?", msgs, session)
+    assert next(stream)[3]  # accepted: the answer starts with the next update
+    chat, _, status, _ = h.reset(session)
+    assert chat == [] and status == "[conversation reset]"
+    updates = list(stream)
+    assert updates[-1][:3] == ([], session, "[conversation reset]") and session.history == []
+    assert all(u[0] == [] for u in updates)  # no update shows the old chat again
+
+    stream = h.ask(None, "What is in the image?", None, session)
+    next(stream)
+    first = next(stream)  # the first words: the answer thread is generating
+    assert first[0][-1]["role"] == "assistant"
+    stream.close()  # what gradio does when the client leaves
+    assert [t.name for t in threading.enumerate() if t.daemon and t.is_alive() and "work" in t.name] == []
+    assert len(session.history) == 1  # what was generated before the stop is kept, as in the terminal
 
 
 def test_web_status_shows_reply_limit_notices(engine, tmp_path):
