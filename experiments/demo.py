@@ -18,7 +18,7 @@ Steps (each is skipped when its output already exists, so a second run resumes o
                  questions, and the fraction of generated images whose colour and shape match the
                  prompt (experiments.synthetic.classify_image); PNGs under OUT/report/
 
-On 2 CPU cores the default sizes take about 13-19 minutes (13.4-15.1 on AVX-512 hosts; AVX2 hosts ran an older
+On 2 CPU cores the default sizes take about 13-19 minutes (13.4-17.0 on AVX-512 hosts; AVX2 hosts ran an older
 configuration 1.1-1.5x slower); --quick is the reduced version the tests run. OUT/timing.json keeps each step's
 seconds and the host it ran on (a resumed run keeps those of the steps it skips).
 """
