@@ -181,7 +181,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
         raise ValueError(f"the recipe's code shards were extracted by tokenizer {codes_tokenizer} (their "
                          f"manifest.json) but {where} is tokenizer {own}: the MLLM reads codes through its own "
                          "tokenizer's codebook; extract them with that tokenizer, or train with the one that made "
-                         "them")
+                         "them (an official .pth: unitok.extract --attn-mode and --tokenizer-attn-mode must agree)")
     if config.pad_token_id is None:
         config.pad_token_id = text_tok.pad_token_id
     config._attn_implementation = default_attn_implementation()

@@ -66,6 +66,21 @@ def test_official_file_loads_with_same_codes_and_pixels(tmp_path, monkeypatch):
     main([str(path), str(tmp_path / "converted")])
     again = load_tokenizer(tmp_path / "converted")
     assert torch.equal(again.encode(x), model.encode(x))
+    # the fingerprint that code folders record: the same weights in either format, another for causal attention
+    assert loaded.fingerprint() == again.fingerprint() == model.fingerprint() != causal.fingerprint()
+    # ... and extraction from the official file takes its attention mode (it always loaded it as full)
+    from PIL import Image
+
+    from unitok.extract import main as extract
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 32), (60 * i, 90, 200)).save(tmp_path / "imgs" / f"{i:03d}.png")
+    for mode, want in (("full", model), ("causal", causal)):
+        out = tmp_path / f"codes_{mode}"
+        manifest = extract(["--tokenizer", str(path), "--attn-mode", mode, "--input", str(tmp_path / "imgs"),
+                            "--input-format", "files", "--output", str(out), "--threads", "1"])["manifest"]
+        assert manifest["tokenizer_fingerprint"] == want.fingerprint() and manifest["totals"]["samples"] == 2
 
 
 def test_official_unknown_and_missing_keys_are_named(tmp_path, monkeypatch):

@@ -67,6 +67,9 @@ class ExtractConfig:
     annotation files, see the module docstring); at least one, repeat the flag for several."""
     output: str
     """Output folder for code shards, stats sidecars and the manifest."""
+    attn_mode: Literal["full", "causal"] = "full"
+    """Projection attention of an official .pth, which does not record it: full for the April 2025 release,
+    causal for the February 2025 one (as `mllm.train --tokenizer-attn-mode`; a checkpoint folder records its own)."""
     mode: Literal["generation", "understanding"] = "generation"
     """generation (resize + centre crop) or understanding (pad to square + resize)."""
     size: int | None = None
@@ -102,6 +105,8 @@ class ExtractConfig:
     def __post_init__(self):
         if self.mode not in ("generation", "understanding"):
             raise ValueError(f"--mode must be generation or understanding, got {self.mode!r}")
+        if self.attn_mode not in ("full", "causal"):
+            raise ValueError(f"--attn-mode must be full or causal, got {self.attn_mode!r}")
         if self.size is not None and (self.size <= 0 or self.size % 16):
             raise ValueError(f"--size must be a positive multiple of 16, got {self.size}")
         if self.max_aspect < 1:
@@ -287,7 +292,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         device = f"cuda:{local % max(1, torch.cuda.device_count())}" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         share_cpu_cores()
-    model = load_tokenizer(cfg.tokenizer, device=device)
+    model = load_tokenizer(cfg.tokenizer, device=device, attn_mode=cfg.attn_mode)
     size = int(cfg.size or model.cfg.img_size)
     if size % DOWNSAMPLE:
         raise ValueError(f"image size {size} is not a multiple of {DOWNSAMPLE}")
