@@ -32,6 +32,7 @@ Shapes: codes (K, h, w) per image, K = num_codebooks, h = w = image_size / 16; g
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -239,6 +240,12 @@ class MLLMEngine:
             raise FileNotFoundError(f"cannot load the text tokenizer from {tok_dir} ({reason}); "
                                     "pass --text-tokenizer DIR (a Llama tokenizer folder)") from e
         image_tokenizer = load_tokenizer(cfg.tokenizer, device=device, attn_mode=cfg.attn_mode)
+        trained_with = json.loads((model_dir / "config.json").read_text()).get("tokenizer_fingerprint")
+        if trained_with is not None and trained_with != image_tokenizer.fingerprint():
+            raise ValueError(f"{model_dir} was trained on the codes of tokenizer {trained_with}, but --tokenizer "
+                             f"{cfg.tokenizer} (--attn-mode {cfg.attn_mode}) is tokenizer "
+                             f"{image_tokenizer.fingerprint()}: its images would be read and drawn with other codes; "
+                             "pass the tokenizer the MLLM was trained with")
         dtype = DTYPES[cfg.dtype]
         if cfg.official_mllm:
             from mllm.modeling.official import load_official_mllm

@@ -439,3 +439,23 @@ def test_bf16_weights_answer_and_generate(assets):
     assert 1 <= reply.num_tokens <= 4
     images = eng.generate(["a red square"], ImageGenConfig(cfg_scale=2.0), torch.Generator().manual_seed(0))
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_an_export_refuses_another_tokenizer(assets, tmp_path):
+    """An export records the fingerprint of the tokenizer whose codes it was trained on (mllm.train); chat with
+    another tokenizer read and drew images with other codes, silently."""
+    from mllm.engine import EngineConfig, MLLMEngine
+    from unitok import load_tokenizer
+
+    cfg = json.loads((assets["export"] / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(assets["export"] / name)
+    (tmp_path / "config.json").unlink()
+    right = load_tokenizer(assets["tok"]).fingerprint()
+    kw = dict(tokenizer=str(assets["tok"]), text_tokenizer=str(assets["export"]), device="cpu", image_size=32)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tokenizer_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match=rf"trained on the codes of tokenizer 0{{16}}, but --tokenizer .* \(--attn-mode "
+                                         rf"full\) is tokenizer {right}"):
+        MLLMEngine.load(EngineConfig(model=str(tmp_path), **kw))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tokenizer_fingerprint": right}))
+    assert MLLMEngine.load(EngineConfig(model=str(tmp_path), **kw)).image_tokenizer.fingerprint() == right

@@ -68,6 +68,11 @@ def test_official_file_loads_with_same_codes_and_pixels(tmp_path, monkeypatch):
     assert torch.equal(again.encode(x), model.encode(x))
     # the fingerprint that code folders record: the same weights in either format, another for causal attention
     assert loaded.fingerprint() == again.fingerprint() == model.fingerprint() != causal.fingerprint()
+    with torch.no_grad():  # a decoder fine-tune keeps the codes, and so the fingerprint; the code path does not
+        next(again.decoder.parameters()).add_(1.0)
+        assert again.fingerprint() == model.fingerprint()
+        again.quantizer.codebooks[0].codebook.weight.add_(1e-3)
+        assert again.fingerprint() != model.fingerprint()
     # ... and extraction from the official file takes its attention mode (it always loaded it as full)
     from PIL import Image
 

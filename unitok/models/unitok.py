@@ -220,15 +220,24 @@ class UniTok(nn.Module):
         self.text_encoder.attn_mask = self.text_encoder.build_causal_mask().to(self.device)
 
     # ---- checkpoint folder (config.json + model.safetensors) ------------------------------
+    CODE_PATH = ("encoder", "quant_proj", "quantizer", "post_quant_proj")
+    """What makes the codes and what the MLLM reads of them (its codebooks and input projection)."""
+    CODE_PATH_CONFIG = ("img_size", "encoder", "projection", "quantizer")
+    """Their config (`projection` holds the attention mode)."""
+
     def fingerprint(self) -> str:
-        """A short hash of the config and every tensor's bytes: the same for the same weights in any file format,
-        different for another checkpoint of the same shape (a longer-trained tokenizer gives other codes)."""
+        """A short hash of the code path (`CODE_PATH`): its config and its parameters' bytes. The same weights give
+        the same fingerprint in any file format; another checkpoint of the same shape (a longer-trained tokenizer)
+        another one. The decoder, the text tower and running statistics are left out: a decoder fine-tune keeps
+        the codes."""
         import hashlib
 
-        h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        cfg = self.cfg.to_dict()
+        h = hashlib.sha256(json.dumps({k: cfg[k] for k in self.CODE_PATH_CONFIG}, sort_keys=True).encode())
+        for k, v in sorted(self.named_parameters()):
+            if k.split(".")[0] in self.CODE_PATH:
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
