@@ -30,12 +30,11 @@ def metric_stats(vals: list[float]) -> dict[str, Any]:
 
 
 def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Group per cell: `metric_stats` of each metric."""
+    """Group per cell: `metric_stats` of each metric. A cell with no result yet (failed, or not run) is kept with
+    no seeds, so the tables show it."""
     cells = []
     for cell in plan.grid.cells:
         rs = [r for r in results if r["cell"] == cell.name]
-        if not rs:
-            continue
         keys = sorted({k for r in rs for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         stats = {}
         for k in keys:
@@ -77,7 +76,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines = [f"Grid `{summary['grid']}`, preset `{summary['base_preset']}`, {summary['steps']} steps, "
              f"seeds {summary['seeds']}; mean {PM} std over seeds (min/max in results.json). "
              "'-': not reported for that cell (Table 6 reports reconstruction for recon-only and zero-shot "
-             "for contrastive-only).", "",
+             "for contrastive-only); 0 seeds: not finished (failed, or not run yet: see ablate.log).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in summary["cells"]:
         row = [c["name"], c["group"]]

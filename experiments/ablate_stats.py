@@ -12,7 +12,8 @@ A claim (experiments/ablate_grid.py) says cell A beats cell B on a metric. With 
 Verdict at ALPHA = 0.05: "reproduced" if p < ALPHA, "contradicted" if p_opposite < ALPHA, otherwise "not
 resolved at this scale". A one-sided p < 0.05 is a 90 % two-sided interval that excludes 0, so a
 "reproduced" can come with a CI95 that touches 0. Fewer than 2 seeds on a side: no test, "not resolved
-(needs >= 2 seeds)"; a cell that ran without the metric (rFID without --inception-weights): "not measured".
+(needs >= 2 seeds)"; a cell that ran without the metric (rFID without --inception-weights): "not measured"; a
+cell with no finished seed (failed, or not run yet): "not run"; a NaN or inf value (a diverged run): no test.
 Both sides constant (se = 0, e.g. 100 % usage on every seed): t = 0 if the means are equal (p = 0.5 both
 ways, not resolved), else t = +-inf (p = 0 towards the observed difference, 1 against it, CI95 = [d, d]):
 the seeds show no spread, so the difference is exact at this scale.
@@ -33,6 +34,8 @@ from experiments.ablate_grid import Claim
 ALPHA = 0.05
 REPRODUCED, CONTRADICTED = "reproduced", "contradicted"
 UNRESOLVED, FEW_SEEDS, NOT_MEASURED = "not resolved at this scale", "not resolved (needs >= 2 seeds)", "not measured"
+NOT_RUN = "not run (a cell has no finished seed)"
+NON_FINITE = "not resolved (a seed's value is NaN or inf: a run diverged)"
 
 
 def welch(a: list[float], b: list[float]) -> dict[str, Any]:
@@ -69,7 +72,9 @@ def verdict(p: float | None, p_opposite: float | None, alpha: float = ALPHA) -> 
 
 
 def holm(ps: list[float]) -> list[float]:
-    """Holm-adjusted p-values, in the input order: sorted ascending, p_(i) -> max_{j<=i} min(1, (m-j+1) p_(j))."""
+    """Holm-adjusted p-values, in the input order: sorted ascending, p_(i) -> max_{j<=i} min(1, (m-j+1) p_(j)).
+    A NaN counts as 1 (sorted with NaN keys, and min(1, nan) = 1, it made every later p 1)."""
+    ps = [1.0 if math.isnan(p) else p for p in ps]
     m = len(ps)
     out = [0.0] * m
     running = 0.0
@@ -99,9 +104,14 @@ def evaluate_claims(claims: list[Claim], cells: list[dict[str, Any]]) -> list[di
             "direction": c.direction, "better": {"cell": c.better, **sides["better"]},
             "other": {"cell": c.other, **sides["other"]}, "diff": None, "ci95": None, "df": None, "t": None,
             "p": None, "p_opposite": None}
-        ran_without = [n for n in (c.better, c.other) if n in by_name and c.metric not in by_name[n]["metrics"]]
-        if ran_without:
+        ran = {n: by_name[n]["seeds"] if n in by_name else [] for n in (c.better, c.other)}
+        ran_without = [n for n in (c.better, c.other) if ran[n] and c.metric not in by_name[n]["metrics"]]
+        if not all(ran.values()):
+            rec["verdict"] = NOT_RUN
+        elif ran_without:
             rec["verdict"] = NOT_MEASURED
+        elif not all(math.isfinite(v) for k in ("better", "other") for v in sides[k]["values"]):
+            rec["verdict"] = NON_FINITE  # no test: a NaN mean or variance would give a NaN p
         else:
             sign = 1.0 if c.direction == "higher" else -1.0  # lower-better: negate, so d > 0 is the paper's way
             a, b = ([sign * v for v in sides[k]["values"]] for k in ("better", "other"))

@@ -121,6 +121,22 @@ def test_plot_of_cells_without_zero_shot_keeps_its_layout(tmp_path, cells):
     assert path.stat().st_size > 1000
 
 
+def test_a_cell_without_a_finished_seed_keeps_its_row(tmp_path):
+    """A cell whose runs failed (or have not run yet) had no row in results.md, and its claims read 'needs >= 2
+    seeds'; it now shows with 0 seeds, and its claims say 'not run'."""
+    from experiments import ablate_report
+    from experiments.ablate_stats import NOT_RUN
+
+    plan = ablate.make_plan(*ablate.parse_args(_args(tmp_path / "out", "cpu", "--cells", "base", "recon-only",
+                                                    "--dry-run")), None)
+    result = {"cell": "base", "seed": 0, "metrics": {"psnr": 9.5, "zeroshot_top1": 3.0}}
+    summary = ablate_report.summarize(plan, [result, {**result, "seed": 1}])
+    assert [(c["name"], c["seeds"]) for c in summary["cells"]] == [("base", [0, 1]), ("recon-only", [])]
+    row = next(r for r in ablate_report.markdown_table(summary).splitlines() if r.startswith("| recon-only |"))
+    assert set(row.split(" | ")[2:-2]) == {"-"} and row.split(" | ")[-2] == "0"  # no metric, 0 seeds
+    assert {c["verdict"] for c in summary["claims"]} == {NOT_RUN}
+
+
 @pytest.mark.parametrize("cells,top,match", [
     ([{"name": "a", "args": []}, {"name": "a", "args": ["--loss.clip", "0"]}], {}, "duplicate cell names"),
     ([{"name": "a", "args": [], "colour": 1}], {}, "unknown keys"),
@@ -216,16 +232,20 @@ def test_holm_against_hand_computed_values():
     assert holm([0.04, 0.5, 0.01, 0.03]) == pytest.approx([0.09, 0.5, 0.04, 0.09])
     assert holm([0.3, 0.6]) == pytest.approx([0.6, 0.6])  # capped monotone, never above 1
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    # a NaN is a 1, not a poison: sorted with NaN keys and min(1, m * nan) it made every later p 1
+    assert holm([float("nan"), 0.001, 0.002, 0.003]) == pytest.approx([1.0, 0.004, 0.006, 0.006])
 
 
 def _cells(values: dict[str, dict[str, list[float]]]) -> list[dict]:
-    return [{"name": n, "metrics": {k: {"values": v} for k, v in m.items()}} for n, m in values.items()]
+    """Summary cells: a cell's seeds are as many as its longest series (one for a cell without the metric)."""
+    return [{"name": n, "seeds": list(range(max(map(len, m.values()), default=1))),
+             "metrics": {k: {"values": v} for k, v in m.items()}} for n, m in values.items()]
 
 
 def test_claim_verdict_rules():
     from experiments.ablate_grid import Claim
-    from experiments.ablate_stats import (CONTRADICTED, FEW_SEEDS, NOT_MEASURED, REPRODUCED, UNRESOLVED,
-                                          evaluate_claims)
+    from experiments.ablate_stats import (CONTRADICTED, FEW_SEEDS, NON_FINITE, NOT_MEASURED, NOT_RUN, REPRODUCED,
+                                          UNRESOLVED, evaluate_claims)
 
     def run(a, b, direction="higher", metric="m"):
         cells = _cells({"A": {metric: a} if a is not None else {}, "B": {metric: b}})
@@ -251,6 +271,14 @@ def test_claim_verdict_rules():
     r = run([10.0], [8.0, 8.1])
     assert r["verdict"] == FEW_SEEDS and r["p"] is None and r["ci95"] is None and r["diff"] == pytest.approx(1.95)
     assert run(None, [8.0, 8.1])["verdict"] == NOT_MEASURED
+    # a diverged seed (NaN): no test, and the other claims' Holm verdicts stand; a cell with no finished seed
+    r = run([10.0, float("nan"), 10.2], [8.0, 8.1])
+    assert r["verdict"] == r["verdict_holm"] == NON_FINITE and r["p"] is None
+    cells = _cells({"A": {"m": [10.0, 10.5, 11.0]}, "B": {"m": [8.0, 8.4, 7.9]}, "C": {"m": [1.0, float("nan")]}})
+    cells.append({"name": "D", "seeds": [], "metrics": {}})
+    out = evaluate_claims([Claim("ok", "s", "x", "A", "B", "m"), Claim("nan", "s", "x", "C", "B", "m"),
+                           Claim("unrun", "s", "x", "A", "D", "m")], cells)
+    assert [r["verdict_holm"] for r in out] == [REPRODUCED, NON_FINITE, NOT_RUN]
 
 
 def test_holm_verdicts_are_never_bolder_than_the_raw_ones():
