@@ -39,11 +39,21 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
     return default
 
 
+def _slurm(*names: str) -> tuple[str, ...]:
+    """`names` inside a SLURM job step (srun sets SLURM_STEP_ID), else none: the batch script and an salloc
+    shell carry SLURM_PROCID / SLURM_NTASKS / SLURM_NTASKS_PER_NODE of the whole allocation, and a lone
+    process there (an evaluation, a one-rank trainer) waited for N - 1 ranks that never came."""
+    return names if "SLURM_STEP_ID" in os.environ else ()
+
+
 def launcher_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from deepspeed/torchrun, SLURM or MPI variables; (0, 1, 0) alone."""
-    rank = _env_int("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", default=0)
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", default=0)
+    """(rank, world_size, local_rank) from deepspeed/torchrun, MPI or SLURM-step variables; (0, 1, 0) alone.
+    mpirun inside an allocation: its own variables, not the allocation's."""
+    rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", *_slurm("SLURM_PROCID"), default=0)
+    world = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", *_slurm("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+                     default=1)
+    local = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", *_slurm("SLURM_LOCALID"),
+                     default=0)
     return rank, world, local
 
 
@@ -92,7 +102,7 @@ def share_cpu_cores() -> int:
     ranks ran N x cores threads that spin against each other: the demo's tokenizer on 2 ranks of a
     2-core machine trained 64 samples/s this way and 140 with one thread per rank. An explicit
     OMP_NUM_THREADS is the user's choice and is kept."""
-    local = _env_int("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
+    local = _env_int("LOCAL_SIZE", "LOCAL_WORLD_SIZE", *_slurm("SLURM_NTASKS_PER_NODE"), default=1)
     if "OMP_NUM_THREADS" not in os.environ and local > 1:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), local_cores() // local)))
     return torch.get_num_threads()

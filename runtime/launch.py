@@ -13,8 +13,10 @@ one faulty run cannot fill the machine's RAM for the runs after it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,11 +113,20 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
     of `port` always raises, after it is removed (also after a timeout), and so does a job that succeeded
     with a rank whose process group outlived its end (`end_job`'s warning).
     """
+    # its own session: on a timeout the whole job goes (subprocess.run kills only the launcher, and its ranks
+    # ran on, orphaned, taking the cores and ports of whatever came next)
+    job = subprocess.Popen(cmd, cwd=ROOT, env=ds_env() if env is None else env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=ROOT, env=ds_env() if env is None else env, capture_output=True, text=True,
-                           timeout=timeout)
+        out, err = job.communicate(timeout=timeout)
+    except BaseException:  # the timeout, or Ctrl-C (the terminal's SIGINT does not reach the job's own session)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
     finally:
         leaked = _sweep_shm(port)
+    p = subprocess.CompletedProcess(cmd, job.returncode, out, err)
     _raise_on_failure(shlex.join(cmd), p.returncode if check else 0,
                       lambda: f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}", leaked,
                       p.returncode == 0 and GROUP_OUTLIVED in p.stdout + p.stderr)

@@ -48,6 +48,7 @@ import hashlib
 import http.client
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -210,8 +211,8 @@ def fetch_hint(name: str, to: str = DEFAULT_DIR) -> str:
     external/vgg16.pth)"."""
     e = get_entry(name)
     gated = "; the repository is gated: accept its license on the Hub and log in first" if e.gated else ""
-    return (f"get it with `python -m runtime.weights fetch --to {to} {e.name}` on a machine with internet "
-            f"(it writes {Path(to) / e.dest}{gated})")
+    return (f"get it with `python -m runtime.weights fetch --to {shlex.quote(str(to))} {e.name}` on a machine with "
+            f"internet (it writes {Path(to) / e.dest}{gated})")
 
 
 # ---- hashing and the verification record ------------------------------------------------------
@@ -533,7 +534,7 @@ def flag_lines(done: Iterable[tuple[Entry, Path]]) -> list[str]:
     notes = []
     for e, path in done:
         for cmd, flag in e.uses:
-            by_cmd.setdefault(cmd, []).append(flag.format(path=path))
+            by_cmd.setdefault(cmd, []).append(flag.format(path=shlex.quote(str(path))))  # pasted into a shell
         if e.note:
             notes.append(f"{e.name}: {e.note}")
     return [f"{cmd} {' '.join(flags)}" for cmd, flags in by_cmd.items()] + notes

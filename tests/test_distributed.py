@@ -81,3 +81,29 @@ def test_cpu_ranks_share_the_cores(monkeypatch, local_size, omp):
         assert share_cpu_cores() == expected == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, (0, 1, 0)),
+    # the batch script or an salloc shell of an 8-task allocation: a lone process, not rank 0 of 8
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0"}, (0, 1, 0)),
+    # a task of an srun step: the step's tasks, not the allocation's
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "4",
+      "SLURM_LOCALID": "1"}, (3, 4, 1)),
+    # mpirun inside an allocation: its own variables win
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "OMPI_COMM_WORLD_RANK": "13",
+      "OMPI_COMM_WORLD_SIZE": "64", "OMPI_COMM_WORLD_LOCAL_RANK": "5"}, (13, 64, 5)),
+    # the deepspeed launcher / torchrun inside an srun step: theirs
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "9", "WORLD_SIZE": "16",
+      "LOCAL_RANK": "1"}, (9, 16, 1)),
+])
+def test_launcher_env_reads_slurm_only_inside_a_step(monkeypatch, env, expected):
+    from runtime.distributed import launcher_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+              "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_STEP_ID",
+              "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert launcher_env() == expected

@@ -4,6 +4,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,76 @@ def test_sbatch_example_starts_one_launcher_per_node(tmp_path):
     p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), str(stub)], env={"PATH": env["PATH"]},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "run this under sbatch" in p.stderr
+
+
+@pytest.mark.parametrize("resume,requeued", [(["--resume", "auto"], True), ([], True),
+                                             (["--resume", "runs/x/step-00000010"], False),
+                                             (["--resume=runs/x/step-00000010"], False)])
+def test_sbatch_requeues_only_what_continues_from_the_new_checkpoint(tmp_path, resume, requeued):
+    """After the time-limit stop (SIGUSR1, exit 138) the job requeues itself with the same arguments: with
+    --resume STEP_FOLDER it would start from that checkpoint again, every time, and never end."""
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    # srun stands for the trainers: SLURM's early warning reaches the batch script, they save and exit 138
+    (bins / "srun").write_text("#!/usr/bin/env bash\nkill -USR1 $PPID\nsleep 0.5\nexit 138\n")
+    (bins / "scontrol").write_text('#!/bin/sh\necho "$*" >> "$REQUEUE_LOG"\n')
+    for f in ("srun", "scontrol"):
+        (bins / f).chmod(0o755)
+    log = tmp_path / "requeue.log"
+    env = {"PATH": f"{bins}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+           "SLURM_SUBMIT_DIR": str(ROOT), "REQUEUE_LOG": str(log)}
+    p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), "launch/mllm_stage1.sh", *resume], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 138, p.stderr
+    assert log.is_file() == requeued and (not requeued or log.read_text() == "requeue 7\n")
+    assert ("not requeued: --resume runs/x/step-00000010 would start from that checkpoint again" in p.stderr) \
+        != requeued
+
+
+@pytest.mark.parametrize("env,expected", [
+    # one node: DeepSpeed's own 127.0.0.1; a hostfile over pdsh: node 0's address, found by DeepSpeed over ssh
+    # (a fixed 127.0.0.1 sent every other node to its own loopback)
+    ({}, "--num_nodes -1 --num_gpus 8"),
+    ({"HOSTFILE": "{hostfile}"}, "--num_nodes -1 --num_gpus 8"),
+    ({"HOSTFILE": "{hostfile}", "MASTER_ADDR": "10.0.0.1"}, "--master_addr 10.0.0.1 --num_nodes -1 --num_gpus 8"),
+    ({"HOSTFILE": "{hostfile}", "MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1", "NNODES": "2", "NGPU": "4"},
+     "--master_addr 10.0.0.1 --num_nodes 2 --num_gpus 4 --no_ssh --node_rank 1"),
+    # the GPUs a shared machine gives this job (DeepSpeed drops CUDA_VISIBLE_DEVICES beside --num_gpus)
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "--include localhost:4,5,6,7"),
+    ({"CUDA_VISIBLE_DEVICES": "4,5,6,7", "NGPU": "2"}, "--include localhost:4,5"),
+])
+def test_deepspeed_env_passes_the_layout(tmp_path, env, expected):
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "deepspeed").write_text('#!/bin/sh\necho "$*"\n')
+    (bins / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    env = {k: v.format(hostfile=hostfile) for k, v in env.items()}
+    default = env.get("HOSTFILE", str(tmp_path / "no_hostfile"))
+    script = f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x --flag'
+    p = subprocess.run(["bash", "-c", script], env={"PATH": f"{bins}{os.pathsep}{os.environ['PATH']}",
+                                                     "HOSTFILE": default, **env},
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"--hostfile {default} --master_port 1234 {expected} -m x --flag"
+
+
+def test_deepspeed_env_refuses_a_launcher_per_node_without_master_addr(tmp_path):
+    p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
+                       env={"PATH": os.environ["PATH"], "NODE_RANK": "1"}, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "NODE_RANK=1 (a launcher per node) needs MASTER_ADDR" in p.stderr
+
+
+def test_a_timed_out_job_leaves_no_process_behind(tmp_path):
+    """subprocess.run's timeout killed only the launcher: its ranks ran on, taking the cores of later tests."""
+    import psutil
+
+    pid_file = tmp_path / "rank.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_captured(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], free_port(), timeout=2)
+    rank = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while psutil.pid_exists(rank) and psutil.Process(rank).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE

@@ -353,6 +353,12 @@ def test_fetch_hint_names_the_command_and_the_file():
         "(it writes external/dinov2_vits14_pretrain.pth)")
     with pytest.raises(ValueError, match="unknown pretrained input"):
         W.fetch_hint("nope")
+    # a folder with a space stays one argument when the printed command is pasted into a shell
+    assert "`python -m runtime.weights fetch --to '/data/my weights' dinov2-vits14`" in W.fetch_hint(
+        "dinov2-vits14", "/data/my weights")
+    lpips = W.BY_NAME["lpips-vgg16"]
+    assert W.flag_lines([(lpips, Path("/data/my weights/vgg16.pth"))]) == [
+        "python -m unitok.train --loss.lpips-weights '/data/my weights/vgg16.pth'"]
 
 
 def test_missing_pretrained_files_name_the_fetch_command(tmp_path):
