@@ -414,6 +414,10 @@ def test_instruction_reader_lookup_and_counters(tok, tmp_path):
     assert st["with_image"] == 3 and st["text_only"] == 1 and len(samples) == 4
     np.testing.assert_array_equal(samples[1].images[0], codes_for(1))
     assert index_file.is_file() and len(CodeIndex([shard], index_file)) == 3  # cached index reloads
+    # another spelling of a packed path (pack_images keeps one member per normalized path)
+    index = CodeIndex([shard], index_file)
+    assert index.locate("./coco/0.png") == index.locate("coco//0.png") == index.locate("coco/0.png") is not None
+    assert index.locate("./coco/1.jpg") == index.locate("coco/1.png") and index.locate("coco/9.png") is None
 
 
 def test_rank_splits_are_disjoint(tok, tmp_path):

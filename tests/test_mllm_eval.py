@@ -145,6 +145,97 @@ def test_mme_parsing_and_acc_plus():
         subtask_score([("1.jpg", "yes", "yes")])
 
 
+# ---- partial predictions -----------------------------------------------------------------------
+def test_scores_cover_the_questions_not_the_predictions():
+    """A question without a prediction counts as wrong (and in num_missing), in every scorer."""
+    assert score_gqa({"1": "yes"}, {"1": "yes", "2": "no", "3": "no", "4": "no"}) == \
+        {"accuracy": 25.0, "num_questions": 4, "num_missing": 3}
+    m = score_vqav2({"1": "yes"}, {"1": {"answers": ["yes"] * 10, "answer_type": "yes/no"},
+                                   "2": {"answers": ["2"] * 10, "answer_type": "number"}})
+    assert (m["accuracy"], m["accuracy_number"], m["num_missing"]) == (50.0, 0.0, 1)
+    assert score_textvqa({}, {"a": ["x"] * 10})["accuracy"] == 0.0
+    # POPE: missing on a "yes" question is a false negative, on a "no" question just wrong
+    s = score_pope({"a/1": "Yes", "a/2": "No"}, {"a/1": ("a", "yes"), "a/2": ("a", "no"), "a/3": ("a", "yes"),
+                                                "a/4": ("a", "no")})
+    c = s["categories"]["a"]
+    assert (c["tp"], c["tn"], c["fp"], c["fn"], c["n"]) == (1, 1, 0, 1, 4) and s["num_missing"] == 2
+    assert s["accuracy"] == 50.0 and s["recall"] == 50.0 and s["precision"] == 100.0
+    # MME: a missing answer breaks its image's acc+
+    gold = {"e1": ("existence", "a.jpg", "yes"), "e2": ("existence", "a.jpg", "no")}
+    m = score_mme({"e1": "Yes"}, gold)
+    assert m["subtasks"]["existence"]["score"] == 50.0 and m["num_missing"] == 1
+
+
+def test_rescoring_a_partial_or_empty_predictions_file(tmp_path, capsys):
+    ann = {str(i): {"imageId": f"n{i}", "question": f"q{i}?", "answer": "yes"} for i in range(100)}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+
+    def score(name, rows, *flags):
+        (tmp_path / name).write_text("".join(json.dumps({"question_id": str(i), "answer": "yes"}) + "\n"
+                                             for i in rows))
+        code = eval_main(["--task", "gqa", "--annotations", str(tmp_path / "ann.json"), "--predictions",
+                          str(tmp_path / name), "--out", str(tmp_path / name[:-6]), *flags])
+        return code, (json.loads((tmp_path / name[:-6] / "results.json").read_text()) if code == 0 else None)
+
+    code, res = score("crashed.jsonl", range(10))  # a run that died after 10 of 100 answers
+    assert code == 0 and res["metrics"] == {"accuracy": 10.0, "num_questions": 100, "num_missing": 90}
+    assert res["num_predictions"] == 10 and "answers 10 of the 100 questions" in capsys.readouterr().err
+    _, res = score("full.jsonl", range(100))
+    assert res["metrics"] == {"accuracy": 100.0, "num_questions": 100, "num_missing": 0}
+    _, res = score("limited.jsonl", range(10), "--limit", "10")  # the file of a --limit 10 run
+    assert res["metrics"] == {"accuracy": 100.0, "num_questions": 10, "num_missing": 0}
+    assert score("empty.jsonl", [])[0] == 1
+    assert f"{tmp_path / 'empty.jsonl'}: no predictions" in capsys.readouterr().err
+
+
+class _YesEngine:
+    """Answers "Yes" to everything, without a model."""
+
+    def open_image(self, path):
+        return Image.open(path)
+
+    def encode_images(self, images):
+        return [None] * len(images)
+
+    def chat_sample(self, prompts, codes):
+        return prompts[0]
+
+    def answer(self, prompts, max_new_tokens, sampling):
+        return ["Yes"] * len(prompts)
+
+
+def _mme_folder(root: Path, num_images: int) -> Path:
+    (root / "color").mkdir(parents=True)
+    for i in range(num_images):
+        Image.new("RGB", (8, 8)).save(root / "color" / f"{i}.jpg")
+        (root / "color" / f"{i}.txt").write_text("Is it red?\tYes\nIs it blue?\tNo\n")
+    return root
+
+
+def test_mme_limit_keeps_whole_images_and_pairs_are_checked(tmp_path):
+    from mllm.evaluate import InferenceConfig, load_mme, run_benchmark
+
+    bench = load_mme(_mme_folder(tmp_path / "MME", 3), "")
+    assert [q.qid for q in bench.first(3)] == ["color/0.jpg#0", "color/0.jpg#1", "color/1.jpg#0", "color/1.jpg#1"]
+    rows, m = run_benchmark(_YesEngine(), bench, InferenceConfig(limit=5))  # the third image's pair, not half
+    assert len(rows) == 6 and m["num_questions"] == 6 and m["subtasks"]["color"]["acc"] == 50.0
+    (tmp_path / "MME" / "color" / "1.txt").write_text("Is it red?\tYes\nIs it blue?\tNo\nIs it green?\tNo\n")
+    with pytest.raises(ValueError, match=r"color/1\.txt: 3 question lines; every MME image has exactly two"):
+        load_mme(tmp_path / "MME", "")
+
+
+def test_predictions_are_written_before_scoring(tmp_path):
+    """A scoring error after inference keeps the answers."""
+    from mllm.evaluate import InferenceConfig, load_mme, run_benchmark
+
+    bench = load_mme(_mme_folder(tmp_path / "MME", 1), "")
+    bench.score = mock.Mock(side_effect=RuntimeError("scorer bug"))
+    with pytest.raises(RuntimeError, match="scorer bug"):
+        run_benchmark(_YesEngine(), bench, InferenceConfig(), tmp_path / "out")
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["question_id"], r["answer"]) for r in rows] == [("color/0.jpg#0", "Yes"), ("color/0.jpg#1", "Yes")]
+
+
 # ---- generation imports ------------------------------------------------------------------------
 def test_geneval_import_summary(tmp_path):
     rows = [{"tag": "single_object", "correct": True, "metadata": "m1"},
@@ -385,6 +476,49 @@ def test_generation_tasks(tiny, tmp_path):
     # ids are 1-based line numbers (a blank line is skipped but keeps its number), as the release's scripts pair them
     assert sorted(p.name for p in (tmp_path / "ga").glob("*.jpg")) == ["00001.jpg", "00003.jpg"]
     assert json.loads((tmp_path / "ga" / "prompts.json").read_text()) == {"00001": "a dog", "00003": "a cat on a mat"}
+
+
+def test_a_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
+    """FID reads every PNG of OUT/generated and OUT/reference, GenEval's script every OUT/<5-digit> folder: a
+    smaller second run into the same --out leaves only its own images there."""
+    from mllm.engine import ImageGenConfig
+    from mllm.evaluate import GenerationRun, geneval_export, run_fid
+
+    class Engine:
+        device, image_size = "cpu", 16
+
+        def generate(self, prompts, gen, generator):
+            return np.zeros((len(prompts) * gen.num_images, 16, 16, 3), np.uint8)
+
+    meta = {f"id{i}": {"prompt": f"p{i}", "category": "c"} for i in range(6)}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "ref").mkdir()
+    for k in meta:
+        Image.new("RGB", (20, 24)).save(tmp_path / "ref" / f"{k}.jpg")
+    read = {}
+
+    def fid_is(gen, ref, weights):
+        read.update(gen=sorted(p.stem for p in gen.glob("*.png")), ref=sorted(p.stem for p in ref.glob("*.png")))
+        return {"rfid": 0.0, "is": 1.0}
+
+    with mock.patch("unitok.evaluate.check_local_weights"), mock.patch("unitok.evaluate.fid_is", fid_is):
+        for limit in (None, 2):
+            m = run_fid(Engine(), tmp_path / "meta.json", tmp_path / "ref", "w", tmp_path / "fid", ImageGenConfig(),
+                        GenerationRun(limit=limit))
+        assert m["num_images"] == 2 and read == {"gen": ["id0", "id1"], "ref": ["id0", "id1"]}
+        with pytest.raises(ValueError, match="which this run empties"):  # references kept there are not deleted
+            run_fid(Engine(), tmp_path / "meta.json", tmp_path / "fid" / "reference", "w", tmp_path / "fid",
+                    ImageGenConfig(), GenerationRun())
+
+    (tmp_path / "gm.jsonl").write_text("\n".join(json.dumps({"prompt": f"p{i}", "tag": "t"}) for i in range(4)))
+    (tmp_path / "ge").mkdir()
+    (tmp_path / "ge" / "notes.txt").write_text("mine")  # not the tool's: kept
+    geneval_export(Engine(), tmp_path / "gm.jsonl", tmp_path / "ge", ImageGenConfig(num_images=3), GenerationRun())
+    geneval_export(Engine(), tmp_path / "gm.jsonl", tmp_path / "ge", ImageGenConfig(num_images=1),
+                   GenerationRun(limit=2))
+    assert sorted(str(p.relative_to(tmp_path / "ge")) for p in (tmp_path / "ge").rglob("*") if p.is_file()) == \
+        ["00000/metadata.jsonl", "00000/samples/0000.png", "00001/metadata.jsonl", "00001/samples/0000.png",
+         "notes.txt"]
 
 
 @pytest.mark.slow

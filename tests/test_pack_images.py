@@ -197,3 +197,23 @@ def test_clear_errors(mgm, tmp_path, capsys):
         P.main(["--conversations", str(mgm["conv"]), str(mgm["extra"]), "--image-root", str(mgm["root"]),
                 "--out", str(tmp_path / "o")])
     assert str(mgm["extra"]) in "".join(capsys.readouterr().err.replace("│", "").split())  # named, however wrapped
+
+
+def test_spellings_of_one_path_are_packed_once(tmp_path):
+    """"./coco/a.jpg" and "coco/a.jpg" name one image: one member (the other spelling in its json "aliases"),
+    and a path found as its normalized form is not "found with another extension"."""
+    root = tmp_path / "root"
+    (root / "coco").mkdir(parents=True)
+    for name in ("a.jpg", "c.jpg"):
+        (root / "coco" / name).write_bytes(b"image " + name.encode())
+    conv = tmp_path / "c.json"
+    conv.write_text(json.dumps([{"id": i, "image": p, "conversations": []}
+                                for i, p in enumerate(["./coco/a.jpg", "coco/a.jpg", "coco//c.jpg", "./gone.jpg"])]))
+    out = tmp_path / "out"
+    m = P.main(["--conversations", str(conv), "--image-root", str(root), "--out", str(out)])["manifest"]
+    c = m["counts"]
+    assert (c["unique_images"], c["packed"], c["other_ext"], c["not_found"]) == (3, 2, 0, 1)
+    assert c["entries_missing_image"] == 1  # "./gone.jpg", matched however it is spelled
+    metas = [json.loads(s["json"]) for s in _members(out).values()]
+    assert sorted(metas, key=lambda x: x["path"]) == [{"path": "coco//c.jpg"},
+                                                       {"path": "coco/a.jpg", "aliases": ["./coco/a.jpg"]}]

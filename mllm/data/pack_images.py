@@ -6,7 +6,10 @@
 
 Input: JSON lists (or `.jsonl` files) of {"id", "image": "rel/path.jpg" | [paths] | absent, "conversations"}.
 The unique image paths are sorted; shard i holds paths[i * per_shard : (i + 1) * per_shard], so the
-layout is a pure function of the path list and every rank (and every rerun) agrees on it.
+layout is a pure function of the path list and every rank (and every rerun) agrees on it. Paths are
+unique after `posixpath.normpath` ("./coco/a.jpg" and "coco/a.jpg" name one image, packed once): the
+one kept is the normalized spelling where a file writes it so, else the first; the others are listed
+in the member's json as "aliases".
 Each path is resolved under --image-root: the exact path first, then the same stem with another
 extension (LLaVA's ocr_vqa writes `.jpg` but stores `.png` / `.gif`). Paths that cannot be used are
 counted per reason and skipped:
@@ -16,7 +19,8 @@ counted per reason and skipped:
 Output: OUT/{i:05d}.tar, one sample per usable image, members
     __key__        8-digit index of the path in the sorted unique list
     <ext>          the file bytes, copied (no decoding; the extractor decodes): jpg (also for .jpeg), png, gif, webp
-    json           {"path": path as written in the conversation file, "found_as": path found (only if different)}
+    json           {"path": path as written in the conversation file, "found_as": path found (only if another
+                   extension), "aliases": other spellings of the path (only if any)}
 plus OUT/{i:05d}.stats.json (counts, the full list of unusable paths) and OUT/manifest.json (merged
 counts, first examples per reason, a fingerprint of the path list + per_shard). Shards are written
 atomically (tmp + os.replace) and skipped on rerun; an OUT packed from a different path list or
@@ -119,12 +123,14 @@ def _file_entries(p: Path):
 
 
 def read_conversations(files: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """(sorted unique image paths, {"counts", "malformed_examples", "entry_images"}) of the files.
+    """(sorted unique image paths, {"counts", "malformed_examples", "entry_images", "aliases"}) of the files.
+
+    Paths are unique after normalization; "aliases" maps a kept spelling to the others (see the module doc).
 
     A JSON list that does not parse is an error naming the file; a bad JSONL line, or an entry without
     a `conversations` list or with a non-path `image`, is counted as `malformed` (as training does).
     """
-    paths: set[str] = set()
+    spellings: dict[str, set[str]] = {}  # normalized path -> the spellings that name it
     counts = {"entries": 0, "with_image": 0, "text_only": 0, "malformed": 0, "image_refs": 0}
     malformed: list[str] = []
     entry_images: list[tuple[str, ...]] = []  # per entry with images, for `entries_missing_image`
@@ -143,20 +149,27 @@ def read_conversations(files: list[str]) -> tuple[list[str], dict[str, Any]]:
             elif imgs:
                 counts["with_image"] += 1
                 counts["image_refs"] += len(imgs)
-                paths.update(imgs)
+                for q in imgs:
+                    spellings.setdefault(posixpath.normpath(q), set()).add(q)
                 entry_images.append(tuple(imgs))
             else:
                 counts["text_only"] += 1
-    counts["unique_images"] = len(paths)
-    return sorted(paths), {"counts": counts, "malformed_examples": malformed, "entry_images": entry_images}
+    kept = {n: n if n in sp else min(sp) for n, sp in spellings.items()}
+    aliases = {kept[n]: sorted(sp - {kept[n]}) for n, sp in spellings.items() if len(sp) > 1}
+    counts["unique_images"] = len(kept)
+    return sorted(kept.values()), {"counts": counts, "malformed_examples": malformed, "entry_images": entry_images,
+                                   "aliases": aliases}
 
 
-def fingerprint(paths: list[str], per_shard: int) -> str:
-    """sha256 of the sorted path list and per_shard: two packings with the same one have the same shards."""
+def fingerprint(paths: list[str], per_shard: int, aliases: dict[str, list[str]] | None = None) -> str:
+    """sha256 of the sorted path list, per_shard and the aliases (written into the members' json): two
+    packings with the same ones have the same shards."""
     h = hashlib.sha256()
     for q in paths:
         h.update(q.encode("utf-8", "surrogatepass") + b"\n")
     h.update(f"per_shard={per_shard}".encode())
+    for q, other in sorted((aliases or {}).items()):  # none: the fingerprint of packings before aliases
+        h.update(json.dumps([q, other]).encode("utf-8", "surrogatepass") + b"\n")
     return h.hexdigest()
 
 
@@ -205,7 +218,8 @@ def _load(root: Path, rel: str, exts: tuple[str, ...]) -> tuple[str, str | None,
     return ("ok", found, data) if data else ("empty_file", found, None)  # emptied since the stat
 
 
-def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: ThreadPoolExecutor) -> dict[str, Any]:
+def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: ThreadPoolExecutor,
+               aliases: dict[str, list[str]] | None = None) -> dict[str, Any]:
     """Write OUT/{shard:05d}.tar (+ .stats.json) atomically; returns the stats."""
     out, root = Path(cfg.out), Path(cfg.image_root)
     first = shard * cfg.per_shard
@@ -228,11 +242,13 @@ def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: Thr
                         stats["unusable"].append([rel, reason])
                         continue
                     key = f"{first + c + i:08d}"  # index in the sorted unique list: stable across runs
-                    meta = {"path": rel}
-                    if found != rel:
+                    meta: dict[str, Any] = {"path": rel}
+                    if found != posixpath.normpath(rel):  # resolve() returns the normalized path
                         meta["found_as"] = found
                         stats["other_ext"] += 1
                         stats["found_as"].append([rel, found])
+                    if aliases and rel in aliases:
+                        meta["aliases"] = aliases[rel]
                     _add(tf, f"{key}.{member_ext(found)}", data)
                     _add(tf, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
                     stats["packed"] += 1
@@ -279,7 +295,7 @@ def write_manifest(cfg: PackConfig, num_shards: int, fp: str, entries: dict[str,
         for k in ("packed", "bytes", "other_ext", *REASONS):
             counts[k] += s[k]
         for rel, reason in s["unusable"]:
-            unusable.add(rel)
+            unusable.add(posixpath.normpath(rel))
             if len(examples[reason]) < NUM_EXAMPLES:
                 examples[reason].append(rel)
         for rel, found in s["found_as"]:
@@ -288,7 +304,8 @@ def write_manifest(cfg: PackConfig, num_shards: int, fp: str, entries: dict[str,
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) missing after all ranks finished, e.g. {out / missing[0]}")
     # conversations that training will skip as `missing_image`
-    counts["entries_missing_image"] = sum(any(q in unusable for q in imgs) for imgs in entries["entry_images"])
+    counts["entries_missing_image"] = sum(any(posixpath.normpath(q) in unusable for q in imgs)
+                                          for imgs in entries["entry_images"])
     cfg_d = {k: v for k, v in asdict(cfg).items() if k not in ("local_rank", "threads", "barrier_timeout_min")}
     cfg_d["extensions"] = list(cfg.extensions)
     manifest = {"config": cfg_d, "fingerprint": fp, "per_shard": cfg.per_shard, "num_shards": num_shards,
@@ -337,7 +354,7 @@ def run(cfg: PackConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"image root not found (or not a folder): {root}")
     t0 = time.time()
     paths, entries = read_conversations(cfg.conversations)
-    fp = fingerprint(paths, cfg.per_shard)
+    fp = fingerprint(paths, cfg.per_shard, entries["aliases"])
     num_shards = -(-len(paths) // cfg.per_shard)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,7 +374,7 @@ def run(cfg: PackConfig) -> dict[str, Any]:
     t0 = time.time()
     with ThreadPoolExecutor(cfg.threads) as pool:
         for n, i in enumerate(todo):
-            s = pack_shard(cfg, i, paths, fp, pool)
+            s = pack_shard(cfg, i, paths, fp, pool, entries["aliases"])
             done.append(i)
             log.info("rank %d: %05d.tar: %d/%d packed (%d other ext), %s, %.1f MB (%d/%d, %.1fs)", rank, i,
                      s["packed"], s["num_paths"], s["other_ext"], ", ".join(f"{r} {s[r]}" for r in REASONS),

@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -583,7 +584,10 @@ class CodeIndex:
                 except OSError as e:
                     tmp.unlink(missing_ok=True)
                     raise OSError(f"cannot write the image index {cache}: {e.strerror or e}") from None
-        self._stems = {os.path.splitext(k)[0]: v for k, v in self.entries.items()}
+        # one image under several spellings (./coco/a.jpg, coco/a.jpg): pack_images keeps one, the lookup
+        # compares normalized paths
+        self._normal = {posixpath.normpath(k): v for k, v in self.entries.items()}
+        self._stems = {os.path.splitext(k)[0]: v for k, v in self._normal.items()}
 
     def _build(self) -> None:
         for si, path in enumerate(self.shards):
@@ -621,7 +625,10 @@ class CodeIndex:
 
     def locate(self, path: str) -> list[int] | None:
         """[shard, offset, size] or None."""
-        return self.entries.get(path) or self._stems.get(os.path.splitext(path)[0])
+        if loc := self.entries.get(path):
+            return loc
+        path = posixpath.normpath(path)
+        return self._normal.get(path) or self._stems.get(os.path.splitext(path)[0])
 
     def load(self, path: str) -> np.ndarray | None:
         """Codes of an image, None if unknown; ValueError if the member is damaged."""

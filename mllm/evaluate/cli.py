@@ -70,7 +70,8 @@ class EvalConfig:
     annotations: str | None = None
     """Official annotation file (VQAv2 annotations, GQA testdev_balanced_questions.json, TextVQA val JSON)."""
     predictions: str | None = None
-    """Score this predictions.jsonl instead of running the model (understanding tasks)."""
+    """Score this predictions.jsonl instead of running the model (understanding tasks), over the benchmark's
+    questions (the first --limit): a question it does not answer counts as wrong (`num_missing`)."""
     prompts: str | None = None
     """Prompt set: MJHQ meta_data.json, GenEval evaluation_metadata.jsonl, GenAI prompts.txt/genai_image.json."""
     results: str | None = None
@@ -119,7 +120,8 @@ class EvalConfig:
         files = {*_NEEDS[self.task], *_OPTIONAL.get(self.task, ())}
         if self.task in UNDERSTANDING:
             if self.predictions is not None:  # scoring: no model; MME reads its questions from --images
-                return (files - ({"images"} if self.task != "mme" else set())) | {"predictions"}
+                # --limit: the questions a --limit run answered are the ones scored
+                return (files - ({"images"} if self.task != "mme" else set())) | {"predictions", "inference.limit"}
             return files | {*_MODEL, *_ANSWERS}
         if self.task in GENERATION:
             one_image = self.task in ("fid", "genai-export")  # FID and GenAI-Bench: one image per prompt
@@ -185,9 +187,16 @@ def run(cfg: EvalConfig) -> dict | None:
         if bench.score is None:
             raise ValueError(f"{cfg.task}: scoring needs --annotations")
         rows = read_json_or_jsonl(cfg.predictions, records=True)
+        if not rows:
+            raise ValueError(f"{cfg.predictions}: no predictions")
         preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
-        metrics = bench.score(preds)
-        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg))
+        # scored over the benchmark's questions, not the file's: answers a crashed run never wrote count as wrong
+        metrics = bench.score(preds, [q.qid for q in bench.first(cfg.inference.limit)])
+        if metrics["num_missing"]:
+            print(f"warning: {cfg.predictions} answers {metrics['num_questions'] - metrics['num_missing']} of the "
+                  f"{metrics['num_questions']} questions; the {metrics['num_missing']} others count as wrong",
+                  file=sys.stderr)
+        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), num_predictions=len(rows))
         return metrics
 
     from mllm.engine import MLLMEngine
@@ -199,7 +208,7 @@ def run(cfg: EvalConfig) -> dict | None:
         from mllm.evaluate.runner import run_benchmark
 
         bench = load_benchmark(cfg)
-        result = run_benchmark(engine, bench, cfg.inference)
+        result = run_benchmark(engine, bench, cfg.inference, cfg.out)  # writes predictions.jsonl before scoring
         if result is None:
             return None
         rows, metrics = result
@@ -207,7 +216,7 @@ def run(cfg: EvalConfig) -> dict | None:
         if bench.submission is not None:
             extra[f"{bench.name}_submission.json"] = bench.submission({r["question_id"]: r["answer"] for r in rows})
         metrics = metrics if metrics is not None else {"num_questions": len(rows), "scored": 0}
-        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), rows, extra)
+        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), extra_files=extra, num_predictions=len(rows))
         return metrics
 
     from mllm.evaluate import generation

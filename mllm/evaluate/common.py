@@ -36,10 +36,34 @@ class Benchmark:
 
     name: str
     questions: list[Question]
-    score: Callable[[dict[str, str]], dict] | None
-    """predictions {qid: answer} -> metrics; None when no annotations are available (test splits)."""
+    score: Callable[[dict[str, str], list[str]], dict] | None
+    """(predictions {qid: answer}, ids of the questions scored) -> metrics, over those questions: one without a
+    prediction counts as wrong (and as `num_missing`); None when no annotations are available (test splits)."""
     submission: Callable[[dict[str, str]], Any] | None = None
     """predictions -> the official server's result file content (written as OUT/<name>_submission.json)."""
+    group: Callable[[Question], str] | None = None
+    """Key of the questions scored together (MME: an image's pair); --limit keeps whole groups."""
+
+    def first(self, limit: int | None) -> list[Question]:
+        """The questions a run with --limit answers and is scored on: the first `limit`, plus the rest of the
+        last one's group (its questions are consecutive), so that no group is cut in half."""
+        if not limit or limit >= len(self.questions):
+            return self.questions
+        n = limit
+        if self.group is not None:
+            last = self.group(self.questions[n - 1])
+            while n < len(self.questions) and self.group(self.questions[n]) == last:
+                n += 1
+        return self.questions[:n]
+
+
+def count_missing(preds: dict[str, str], gold: dict) -> int:
+    """Questions of `gold` (those scored) without a prediction; a prediction for another question is an error."""
+    unknown = next((q for q in preds if q not in gold), None)
+    if unknown is not None:
+        raise KeyError(f"prediction for question id {unknown}, which is not among the {len(gold)} questions scored "
+                       "(another benchmark's file, or one answered without --limit scored with it?)")
+    return sum(q not in preds for q in gold)
 
 
 def read_json_or_jsonl(path: str | Path, records: bool = False) -> Any:
@@ -104,19 +128,32 @@ def git_sha() -> str:
         return "unknown"
 
 
+def write_predictions(out_dir: str | Path, rows: list[dict]) -> Path:
+    """Write OUT/predictions.jsonl; call on rank 0 only, before scoring, so a scoring error keeps the answers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return out / "predictions.jsonl"
+
+
 def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
-                  predictions: list[dict] | None = None, extra_files: dict[str, Any] | None = None) -> Path:
-    """Write results.json + results.md (+ predictions.jsonl, + extra JSON files); call on rank 0 only."""
+                  predictions: list[dict] | None = None, extra_files: dict[str, Any] | None = None,
+                  num_predictions: int | None = None) -> Path:
+    """Write results.json + results.md (+ predictions.jsonl, + extra JSON files); call on rank 0 only.
+
+    `num_predictions` is recorded when the predictions were written (or read) elsewhere.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if predictions is not None:
-        with open(out / "predictions.jsonl", "w") as f:
-            for row in predictions:
-                f.write(json.dumps(row) + "\n")
+        write_predictions(out, predictions)
+        num_predictions = len(predictions)
     for name, content in (extra_files or {}).items():
         (out / name).write_text(json.dumps(content, indent=1))
     doc = {"task": task, "metrics": metrics, "config": config, "git_sha": git_sha(),
-           "num_predictions": None if predictions is None else len(predictions)}
+           "num_predictions": num_predictions}
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     (out / "results.md").write_text(markdown_table(task, metrics))
     return out / "results.json"

@@ -11,11 +11,12 @@ FID (`--task fid`, paper Table 5: MJHQ-30K at 256 px):
                                e.g. mjhq30k_imgs/<category>/<image_id>.jpg)
     --inception-weights FILE   local pt_inception-2015-12-05 weights for torch-fidelity
   One image per prompt -> OUT/generated/<id>.png; references centre-cropped and resized (bicubic) to
-  the generation size -> OUT/reference/<id>.png; FID (2048-d pool features) and IS from
-  `unitok.evaluate.fid_is` (torch-fidelity, inception-v3-compat).
+  the generation size -> OUT/reference/<id>.png (both folders are emptied first); FID (2048-d pool
+  features) and IS from `unitok.evaluate.fid_is` (torch-fidelity, inception-v3-compat).
 GenEval (`geneval-export` / `geneval-import`), the layout `evaluation/evaluate_images.py` reads:
     OUT/<00000>/metadata.jsonl  (the prompt's metadata line, one JSON object)
     OUT/<00000>/samples/<0000>.png  (--num-images per prompt, default 4 as GenEval's protocol)
+  (the <5-digit> folders of an earlier export into OUT are removed first)
   then: python evaluation/evaluate_images.py OUT --outfile results.jsonl --model-path DETECTOR_DIR
   and:  --task geneval-import --results results.jsonl  -> per-tag accuracy, the overall score (mean of
   the tag accuracies, as summary_scores.py), % correct images and % correct prompts.
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +85,16 @@ def _barrier() -> None:
     barrier()
 
 
+def _empty_folders(folders: list[Path], rank: int) -> None:
+    """Rank 0 removes the folders this tool writes; then every rank waits. FID and GenEval's script read every
+    image under them, so those of an earlier run into the same --out (more prompts, another checkpoint)
+    would be scored with this one's."""
+    if rank == 0:
+        for d in folders:
+            shutil.rmtree(d, ignore_errors=True)
+    _barrier()  # no rank writes an image before rank 0 has emptied them
+
+
 # ---- FID --------------------------------------------------------------------------------------
 def load_mjhq_prompts(path: str | Path) -> list[tuple[str, str, str]]:
     """[(id, prompt, category)] from MJHQ meta_data.json (or JSONL {"id", "prompt"[, "category"]})."""
@@ -128,12 +141,15 @@ def run_fid(engine, prompts_file: str | Path, ref_dir: str | Path, weights: str 
     rows = load_mjhq_prompts(prompts_file)[:run.limit] if run.limit else load_mjhq_prompts(prompts_file)
     if len(rows) < 2:
         raise ValueError("FID needs at least 2 prompts")
+    out = Path(out_dir)
+    gen_dir, ref_out = out / "generated", out / "reference"
+    if any(Path(ref_dir).resolve().is_relative_to(d.resolve()) for d in (gen_dir, ref_out)):
+        raise ValueError(f"--images {ref_dir} is inside {gen_dir} or {ref_out}, which this run empties")
     refs = reference_index(ref_dir)
     missing = [pid for pid, _, _ in rows if pid not in refs]
     if missing:
         raise FileNotFoundError(f"{len(missing)} prompts have no reference image under {ref_dir} (e.g. {missing[:3]})")
-    out = Path(out_dir)
-    gen_dir, ref_out = out / "generated", out / "reference"
+    _empty_folders([gen_dir, ref_out], rank)
     gen_dir.mkdir(parents=True, exist_ok=True)
     one = dataclasses.replace(gen_cfg, num_images=1)  # FID: one image per prompt
     _generate_sharded(engine, [(pid, p) for pid, p, _ in rows], one, run, rank, world,
@@ -161,6 +177,9 @@ def geneval_export(engine, metadata_file: str | Path, out_dir: str | Path, gen_c
     meta = meta[:run.limit] if run.limit else meta
     out = Path(out_dir)
     ids = [f"{i:05d}" for i in range(len(meta))]
+    # GenEval's script scores every <5-digit>/samples/*.png under OUT; other files in OUT are left alone
+    stale = [d for d in out.iterdir() if d.is_dir() and re.fullmatch(r"\d{5}", d.name)] if out.is_dir() else []
+    _empty_folders(stale, rank)
     for i in range(rank, len(meta), world):  # each rank writes its own prompts' folders
         d = out / ids[i] / "samples"
         d.mkdir(parents=True, exist_ok=True)

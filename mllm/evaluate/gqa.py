@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
 
 
 def normalize_gqa(text: str) -> str:
@@ -23,13 +23,10 @@ def normalize_gqa(text: str) -> str:
 
 
 def score_gqa(preds: dict[str, str], gold: dict[str, str]) -> dict:
-    """Accuracy in percent; `gold[qid]` = the answer string."""
-    correct = 0
-    for qid, pred in preds.items():
-        if qid not in gold:
-            raise KeyError(f"prediction for unknown question id {qid}")
-        correct += normalize_gqa(pred) == gold[qid].strip().lower()
-    return {"accuracy": 100.0 * correct / max(len(preds), 1), "num_questions": len(preds)}
+    """Accuracy in percent over the questions of `gold` ({qid: answer string}); a missing prediction is wrong."""
+    missing = count_missing(preds, gold)
+    correct = sum(qid in preds and normalize_gqa(preds[qid]) == ans.strip().lower() for qid, ans in gold.items())
+    return {"accuracy": 100.0 * correct / max(len(gold), 1), "num_questions": len(gold), "num_missing": missing}
 
 
 def load_gqa(annotations: str | Path, images: str | Path, questions: str | Path | None, suffix: str) -> Benchmark:
@@ -49,4 +46,4 @@ def load_gqa(annotations: str | Path, images: str | Path, questions: str | Path 
     missing = [q.qid for q in qs if q.qid not in gold]
     if missing:
         raise ValueError(f"{len(missing)} questions have no answer in {annotations} (e.g. {missing[:3]})")
-    return Benchmark("gqa", qs, score=lambda preds: score_gqa(preds, gold))
+    return Benchmark("gqa", qs, score=lambda preds, qids: score_gqa(preds, {q: gold[q] for q in qids}))

@@ -8,7 +8,8 @@ Rules (the official MME eval_tool `calculation.py`, as LLaVA runs it):
   perception = sum over existence, count, position, color, posters, celebrity, scene, landmark,
     artwork, OCR (max 2000); cognition = sum over commonsense_reasoning, numerical_calculation,
     text_translation, code_reasoning (max 800). Subtasks missing from a local copy are left out of the
-    sums (and listed), so partial runs are visible as such.
+    sums (and listed), so partial runs are visible as such. --limit N answers the first N questions and
+    the other question of the last image (acc+ needs both).
 
 Files: images = the official MME_Benchmark_release_version/ folder. Per subtask folder either
   <task>/images/<name>.{jpg,png} + <task>/questions_answers_YN/<name>.txt, or
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, with_suffix
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -55,13 +56,12 @@ def subtask_score(items: list[tuple[str, str, str]]) -> dict:
 
 
 def score_mme(preds: dict[str, str], gold: dict[str, tuple[str, str, str]]) -> dict:
-    """`gold[qid]` = (subtask, image key, "yes"|"no") -> per-subtask scores and the two sums."""
+    """Per-subtask scores and the two sums over the questions of `gold` ({qid: (subtask, image key, "yes"|"no")});
+    a missing prediction is wrong (parsed as "other")."""
+    missing = count_missing(preds, gold)
     by_task: dict[str, list[tuple[str, str, str]]] = {}
-    for qid, text in preds.items():
-        if qid not in gold:
-            raise KeyError(f"prediction for unknown question id {qid}")
-        task, image, label = gold[qid]
-        by_task.setdefault(task, []).append((image, label, text))
+    for qid, (task, image, label) in gold.items():
+        by_task.setdefault(task, []).append((image, label, preds.get(qid, "")))
     unknown = sorted(set(by_task) - set(PERCEPTION) - set(COGNITION))
     if unknown:
         raise ValueError(f"unknown MME subtasks {unknown}")
@@ -69,7 +69,8 @@ def score_mme(preds: dict[str, str], gold: dict[str, tuple[str, str, str]]) -> d
     out = {"perception": sum(tasks[t]["score"] for t in PERCEPTION if t in tasks),
            "cognition": sum(tasks[t]["score"] for t in COGNITION if t in tasks)}
     out["total"] = out["perception"] + out["cognition"]
-    out["num_questions"] = len(preds)
+    out["num_questions"] = len(gold)
+    out["num_missing"] = missing
     out["missing_subtasks"] = [t for t in PERCEPTION + COGNITION if t not in tasks]
     out["subtasks"] = {t: tasks[t] for t in PERCEPTION + COGNITION if t in tasks}
     return out
@@ -101,6 +102,8 @@ def load_mme(root: str | Path, suffix: str) -> Benchmark:
             continue
         for image, txt in _pairs(root / task):
             lines = [ln for ln in txt.read_text().splitlines() if ln.strip()]
+            if len(lines) != 2:  # acc+ scores an image's pair; a half pair would fail only after inference
+                raise ValueError(f"{txt}: {len(lines)} question lines; every MME image has exactly two")
             for i, line in enumerate(lines):
                 question, _, answer = line.rpartition("\t")
                 label = answer.strip().lower()
@@ -111,4 +114,5 @@ def load_mme(root: str | Path, suffix: str) -> Benchmark:
                 qs.append(Question(qid, image, with_suffix(question, suffix), task))
     if not qs:
         raise ValueError(f"no MME subtask folders ({', '.join(PERCEPTION + COGNITION)}) under {root}")
-    return Benchmark("mme", qs, score=lambda preds: score_mme(preds, gold))
+    return Benchmark("mme", qs, score=lambda preds, qids: score_mme(preds, {q: gold[q] for q in qids}),
+                     group=lambda q: q.qid.rpartition("#")[0])  # --limit keeps both questions of an image

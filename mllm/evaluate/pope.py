@@ -19,7 +19,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
+
+MISSING = "missing"
+"""The parsed answer of a question without a prediction (neither yes nor no)."""
 
 
 def parse_yes_no(text: str) -> str:
@@ -31,13 +34,14 @@ def parse_yes_no(text: str) -> str:
 
 
 def binary_metrics(preds: list[str], labels: list[str]) -> dict:
-    """preds/labels in {"yes", "no"} -> accuracy, precision, recall, f1, yes_ratio (fractions) and counts."""
+    """preds in {"yes", "no", MISSING}, labels in {"yes", "no"} -> accuracy, precision, recall, f1, yes_ratio
+    (fractions) and counts. A missing answer is wrong: in N, and a false negative when the label is yes."""
     if len(preds) != len(labels):
         raise ValueError("preds and labels differ in length")
     tp = sum(p == "yes" and y == "yes" for p, y in zip(preds, labels))
     fp = sum(p == "yes" and y == "no" for p, y in zip(preds, labels))
     tn = sum(p == "no" and y == "no" for p, y in zip(preds, labels))
-    fn = sum(p == "no" and y == "yes" for p, y in zip(preds, labels))
+    fn = sum(p != "yes" and y == "yes" for p, y in zip(preds, labels))
     n = len(preds)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
@@ -47,19 +51,18 @@ def binary_metrics(preds: list[str], labels: list[str]) -> dict:
 
 
 def score_pope(preds: dict[str, str], gold: dict[str, tuple[str, str]]) -> dict:
-    """Per-category metrics and their mean; `gold[qid]` = (category, label)."""
+    """Per-category metrics and their mean over the questions of `gold` ({qid: (category, label)}); a missing
+    prediction is wrong."""
+    missing = count_missing(preds, gold)
     by_cat: dict[str, tuple[list[str], list[str]]] = {}
-    for qid, text in preds.items():
-        if qid not in gold:
-            raise KeyError(f"prediction for unknown question id {qid}")
-        cat, label = gold[qid]
+    for qid, (cat, label) in gold.items():
         p, y = by_cat.setdefault(cat, ([], []))
-        p.append(parse_yes_no(text))
+        p.append(parse_yes_no(preds[qid]) if qid in preds else MISSING)
         y.append(label)
     cats = {c: binary_metrics(p, y) for c, (p, y) in sorted(by_cat.items())}
     keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
     mean = {k: 100.0 * sum(m[k] for m in cats.values()) / max(len(cats), 1) for k in keys}
-    return {**mean, "num_questions": len(preds),
+    return {**mean, "num_questions": len(gold), "num_missing": missing,
             "categories": {c: {**{k: 100.0 * m[k] for k in keys}, **{k: m[k] for k in ("tp", "fp", "tn", "fn", "n")}}
                            for c, m in cats.items()}}
 
@@ -82,4 +85,4 @@ def load_pope(question_files: list[str | Path], images: str | Path, suffix: str)
                 raise ValueError(f"duplicate POPE question {qid}")
             gold[qid] = (cat, label)
             qs.append(Question(qid, images / r["image"], with_suffix(r["text"], suffix), cat))
-    return Benchmark("pope", qs, score=lambda preds: score_pope(preds, gold))
+    return Benchmark("pope", qs, score=lambda preds, qids: score_pope(preds, {q: gold[q] for q in qids}))

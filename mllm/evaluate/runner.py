@@ -6,15 +6,17 @@ Inference per question follows REFERENCE.md 6.10: the image is padded to a squar
 `mllm.generate.answer`, left-padded batches of --batch-size (the release runs batch 1; batching with
 left padding and per-row position ids gives the same greedy answers), `skip_special_tokens`.
 Multi-rank: under torchrun/deepspeed (RANK/WORLD_SIZE set) rank r answers questions r, r+W, ...;
-the rows are gathered to rank 0 (`all_gather_object`), which alone scores and writes the results.
+the rows are gathered to rank 0 (`all_gather_object`), which alone writes the predictions, then scores
+and writes the results.
 """
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question
+from mllm.evaluate.common import Benchmark, Question, write_predictions
 
 
 @dataclass
@@ -26,7 +28,7 @@ class InferenceConfig:
     max_new_tokens: int = 128
     """Answer length cap (the release uses 128)."""
     limit: int | None = None
-    """Answer only the first N questions (smoke runs)."""
+    """Answer (and score) only the first N questions (smoke runs; MME rounds up to whole images)."""
     log_every: int = 10
     """Progress line every N batches (rank 0, stderr)."""
 
@@ -89,11 +91,13 @@ def answer_questions(engine, questions: list[Question], cfg: InferenceConfig, ra
     return rows
 
 
-def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig) -> tuple[list[dict], dict | None] | None:
+def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig,
+                  out: str | Path | None = None) -> tuple[list[dict], dict | None] | None:
     """Answer (sharded), gather and score. Returns (rows in question order, metrics or None) on rank 0,
-    None on other ranks."""
+    None on other ranks. With `out`, rank 0 writes OUT/predictions.jsonl before scoring, so that a scoring
+    error does not lose the answers of a long run."""
     rank, world = dist_info()
-    questions = bench.questions[:cfg.limit] if cfg.limit else bench.questions
+    questions = bench.first(cfg.limit)
     if not questions:
         raise ValueError(f"{bench.name}: no questions")
     # every rank checks every file, so a broken local copy fails on all ranks instead of hanging the gather
@@ -104,5 +108,8 @@ def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig) -> tuple[list[
     if rows is None:
         return None
     rows.sort(key=lambda r: r.pop("index"))
-    preds = {r["question_id"]: r["answer"] for r in rows}
-    return rows, (bench.score(preds) if bench.score is not None else None)
+    if out is not None:
+        write_predictions(out, rows)
+    if bench.score is None:
+        return rows, None
+    return rows, bench.score({r["question_id"]: r["answer"] for r in rows}, [q.qid for q in questions])

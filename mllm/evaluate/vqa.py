@@ -40,7 +40,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
 
 # The official contraction table (VQA vqaEval.py), as data.
 CONTRACTIONS = {
@@ -143,29 +143,26 @@ def textvqa_accuracy(pred: str, answers: list[str]) -> float:
 
 # ---- benchmark scorers ------------------------------------------------------------------------
 def score_vqav2(preds: dict[str, str], gold: dict[str, dict]) -> dict:
-    """Overall and per-answer-type accuracy in percent; `gold[qid]` = {"answers", "answer_type"}."""
+    """Overall and per-answer-type accuracy in percent over the questions of `gold` ({qid: {"answers",
+    "answer_type"}}); a missing prediction scores 0."""
+    missing = count_missing(preds, gold)
     per_type: dict[str, list[float]] = defaultdict(list)
     accs = []
-    for qid, pred in preds.items():
-        if qid not in gold:
-            raise KeyError(f"prediction for unknown question id {qid}")
-        acc = vqav2_accuracy(pred, gold[qid]["answers"])
+    for qid, g in gold.items():
+        acc = vqav2_accuracy(preds[qid], g["answers"]) if qid in preds else 0.0
         accs.append(acc)
-        per_type[gold[qid].get("answer_type") or "all"].append(acc)
-    out = {"accuracy": 100.0 * sum(accs) / max(len(accs), 1), "num_questions": len(accs)}
+        per_type[g.get("answer_type") or "all"].append(acc)
+    out = {"accuracy": 100.0 * sum(accs) / max(len(accs), 1), "num_questions": len(accs), "num_missing": missing}
     out.update({f"accuracy_{t.replace('/', '_').replace(' ', '_')}": 100.0 * sum(v) / len(v)
                 for t, v in sorted(per_type.items())})
     return out
 
 
 def score_textvqa(preds: dict[str, str], gold: dict[str, list[str]]) -> dict:
-    """Accuracy in percent; `gold[qid]` = the human answers."""
-    accs = []
-    for qid, pred in preds.items():
-        if qid not in gold:
-            raise KeyError(f"prediction for unknown question id {qid}")
-        accs.append(textvqa_accuracy(pred, gold[qid]))
-    return {"accuracy": 100.0 * sum(accs) / max(len(accs), 1), "num_questions": len(accs)}
+    """Accuracy in percent over the questions of `gold` ({qid: human answers}); a missing prediction scores 0."""
+    missing = count_missing(preds, gold)
+    accs = [textvqa_accuracy(preds[qid], answers) if qid in preds else 0.0 for qid, answers in gold.items()]
+    return {"accuracy": 100.0 * sum(accs) / max(len(accs), 1), "num_questions": len(accs), "num_missing": missing}
 
 
 # ---- loaders ----------------------------------------------------------------------------------
@@ -205,7 +202,8 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
     if missing:
         raise ValueError(f"{len(missing)} questions have no annotation (e.g. {missing[:3]}): questions and "
                          "annotations are from different splits?")
-    return Benchmark("vqav2", qs, score=lambda preds: score_vqav2(preds, gold), submission=vqav2_submission)
+    return Benchmark("vqav2", qs, score=lambda preds, qids: score_vqav2(preds, {q: gold[q] for q in qids}),
+                     submission=vqav2_submission)
 
 
 def vqav2_submission(preds: dict[str, str]) -> list[dict]:
@@ -229,5 +227,5 @@ def load_textvqa(annotations: str | Path, images: str | Path, questions: str | P
     missing = [q.qid for q in qs if q.qid not in gold]
     if missing:
         raise ValueError(f"{len(missing)} questions have no annotation (e.g. {missing[:3]})")
-    return Benchmark("textvqa", qs, score=lambda preds: score_textvqa(preds, gold))
+    return Benchmark("textvqa", qs, score=lambda preds, qids: score_textvqa(preds, {q: gold[q] for q in qids}))
 
