@@ -455,18 +455,20 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
             write_outputs(plan, [done[j] for j in sorted(done)])
 
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     lock = threading.Lock()
-    # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too); the first failure stops new runs,
+    # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too); the first failure, of whichever
+    # run, stops new runs (awaited in order, a later run's failure went unseen while an earlier one trained),
     # the ones already started finish, and it is raised
     with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
         futures = [pool.submit(one, i) for i in range(len(todo))]
-        for f in futures:
-            if f.exception() is not None:
-                for g in futures:
-                    g.cancel()
-                raise f.exception()
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+        if failed is not None:
+            for g in futures:
+                g.cancel()
+            raise failed.exception()
     summary = write_outputs(plan, [done[j] for j in sorted(done)])
     from runtime.distributed import describe_host
 

@@ -352,3 +352,34 @@ def test_bad_claim_is_a_clear_error_naming_the_file(tmp_path, claims, match):
         ablate.run(*ablate.parse_args(_args(tmp_path / "out", grid, "--dry-run")))
     assert str(grid) in str(e.value)
     assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_a_failed_run_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch):
+    """--jobs 2: the second run fails while the first still trains; no queued run starts after that (the
+    runs were awaited in order, so the queue went on until the first one ended)."""
+    import threading
+
+    started, first_may_end = [], threading.Event()
+
+    def run_cell(plan, cell, seed):
+        started.append((cell.name, seed))
+        if len(started) == 2:
+            raise RuntimeError("training of cell x seed 1 failed")
+        if len(started) == 1:
+            assert first_may_end.wait(30)
+        return {"cell": cell.name, "seed": seed, "metrics": {"train_seconds": 0, "eval_seconds": 0}}, True
+
+    def release_after_failure(*args, **kwargs):
+        first_may_end.set()  # the failure was seen: the first run may end now
+        return original_cancel(*args, **kwargs)
+
+    from concurrent.futures import Future
+
+    original_cancel = Future.cancel
+    monkeypatch.setattr(Future, "cancel", release_after_failure)
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results: {})
+    args = _args(tmp_path / "out", "cpu", "--cells", "base", "--seeds", "0", "1", "2", "3", "--jobs", "2")
+    with pytest.raises(RuntimeError, match="seed 1 failed"):
+        ablate.run(*ablate.parse_args(args))
+    assert len(started) == 2, started

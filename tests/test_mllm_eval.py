@@ -519,6 +519,14 @@ def test_a_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
     assert sorted(str(p.relative_to(tmp_path / "ge")) for p in (tmp_path / "ge").rglob("*") if p.is_file()) == \
         ["00000/metadata.jsonl", "00000/samples/0000.png", "00001/metadata.jsonl", "00001/samples/0000.png",
          "notes.txt"]
+    # GenAI-Bench: OUT/<id>.jpg per prompt; the earlier run's other prompts go
+    from mllm.evaluate import genai_export
+
+    (tmp_path / "genai.txt").write_text("\n".join(f"prompt {i}" for i in range(5)))
+    for limit in (None, 2):
+        genai_export(Engine(), tmp_path / "genai.txt", tmp_path / "ga", ImageGenConfig(num_images=1),
+                     GenerationRun(limit=limit))
+    assert sorted(p.name for p in (tmp_path / "ga").iterdir()) == ["00001.jpg", "00002.jpg", "prompts.json"]
 
 
 @pytest.mark.slow

@@ -85,13 +85,16 @@ def _barrier() -> None:
     barrier()
 
 
-def _empty_folders(folders: list[Path], rank: int) -> None:
-    """Rank 0 removes the folders this tool writes; then every rank waits. FID and GenEval's script read every
-    image under them, so those of an earlier run into the same --out (more prompts, another checkpoint)
-    would be scored with this one's."""
+def _empty_folders(paths: list[Path], rank: int) -> None:
+    """Rank 0 removes the folders (and image files) this tool writes; then every rank waits. FID and the
+    benchmarks' scripts read every image there, so those of an earlier run into the same --out (more prompts,
+    another checkpoint) would be scored with this one's."""
     if rank == 0:
-        for d in folders:
-            shutil.rmtree(d, ignore_errors=True)
+        for p in paths:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     _barrier()  # no rank writes an image before rank 0 has emptied them
 
 
@@ -254,10 +257,11 @@ def genai_export(engine, prompts_file: str | Path, out_dir: str | Path, gen_cfg,
     if gen_cfg.num_images != 1:
         raise ValueError("GenAI-Bench scores one image per prompt: use --num-images 1")
     rank, world = dist_info()
-    rows = load_genai_prompts(prompts_file)
-    rows = rows[:run.limit] if run.limit else rows
+    every = load_genai_prompts(prompts_file)
+    rows = every[:run.limit] if run.limit else every
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _empty_folders([out / f"{pid}.jpg" for pid, _ in every[len(rows):]], rank)  # an earlier run's other prompts
     n = _generate_sharded(engine, rows, gen_cfg, run, rank, world,
                           lambda pid, j, arr: Image.fromarray(arr).save(out / f"{pid}.jpg", quality=95))
     total = gather_count(n)
