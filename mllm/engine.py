@@ -241,11 +241,10 @@ class MLLMEngine:
                                     "pass --text-tokenizer DIR (a Llama tokenizer folder)") from e
         image_tokenizer = load_tokenizer(cfg.tokenizer, device=device, attn_mode=cfg.attn_mode)
         trained_with = json.loads((model_dir / "config.json").read_text()).get("tokenizer_fingerprint")
-        if trained_with is not None and trained_with != image_tokenizer.fingerprint():
+        if trained_with is not None and trained_with != (given := image_tokenizer.fingerprint()):
             raise ValueError(f"{model_dir} was trained on the codes of tokenizer {trained_with}, but --tokenizer "
-                             f"{cfg.tokenizer} (--attn-mode {cfg.attn_mode}) is tokenizer "
-                             f"{image_tokenizer.fingerprint()}: its images would be read and drawn with other codes; "
-                             "pass the tokenizer the MLLM was trained with")
+                             f"{cfg.tokenizer} (--attn-mode {cfg.attn_mode}) is tokenizer {given}: its images would "
+                             "be read and drawn with other codes; pass the tokenizer the MLLM was trained with")
         dtype = DTYPES[cfg.dtype]
         if cfg.official_mllm:
             from mllm.modeling.official import load_official_mllm

@@ -11,10 +11,12 @@ import functools
 import gc
 import os
 import random
+import shutil
 import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -300,6 +302,19 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def clear_outputs(paths) -> None:
+    """Rank 0 removes these files and folders (an earlier run's outputs that a scorer would read with this
+    run's: torch-fidelity and the benchmarks' scripts read whole folders); then every rank waits, so that none
+    writes into them first."""
+    if is_main_process():
+        for p in map(Path, paths):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    barrier()
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -203,8 +203,8 @@ class Task:
                              "resume with the same number of ranks")
         for tag in self.engines:  # DeepSpeed's own error for a missing tag is a bare AssertionError
             if not (ckpt / tag).is_dir():
-                saved = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
-                raise ValueError(f"{ckpt} holds no state of the {tag!r} engine (it has {saved}): the run that wrote it "
+                has = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+                raise ValueError(f"{ckpt} holds no state of the {tag!r} engine (it has {has}): the run that wrote it "
                                  f"ran without it (the tokenizer's 'disc': --gan.no-enabled); resume with its settings")
         for tag, engine in self.engines.items():
             engine.load_checkpoint(str(ckpt), tag=tag)

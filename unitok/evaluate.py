@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -337,7 +336,7 @@ def _reduce(x: torch.Tensor) -> torch.Tensor:
 
 def run(args: TokenizerEvalConfig) -> dict:
     """Evaluate and return the metrics dict (rank 0 also writes OUT_DIR/metrics.json)."""
-    from runtime.distributed import barrier, get_rank, get_world_size, is_main_process, launcher_env
+    from runtime.distributed import barrier, clear_outputs, get_rank, get_world_size, is_main_process, launcher_env
     from unitok.loading import load_tokenizer
 
     if launcher_env()[1] > 1:
@@ -351,10 +350,7 @@ def run(args: TokenizerEvalConfig) -> dict:
     metrics: dict = {"tokenizer": str(args.tokenizer), "size": args.size}
     if args.images:
         images = list_images(Path(args.images))
-        if is_main_process():  # torch-fidelity reads whole folders: PNGs of an earlier run would be scored too
-            for sub in ("recon", "reference"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        barrier()  # no rank writes a PNG before rank 0 has emptied them
+        clear_outputs([out / "recon", out / "reference"])  # rFID/IS would score an earlier run's PNGs too
         r = evaluate_reconstruction(model, images, args.size, out, args.batch_size, rank, world)
         sums = _reduce(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
         counts = _reduce(r["counts"])

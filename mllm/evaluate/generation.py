@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from PIL import Image
 
 from mllm.evaluate.common import read_json_or_jsonl
+from runtime.distributed import barrier, clear_outputs
 
 
 @dataclass
@@ -77,25 +77,6 @@ def _generate_sharded(engine, prompts: list[tuple[str, str]], gen_cfg, run: Gene
                 write(pid, j, images[k * gen_cfg.num_images + j])
                 count += 1
     return count
-
-
-def _barrier() -> None:
-    from runtime.distributed import barrier
-
-    barrier()
-
-
-def _empty_folders(paths: list[Path], rank: int) -> None:
-    """Rank 0 removes the folders (and image files) this tool writes; then every rank waits. FID and the
-    benchmarks' scripts read every image there, so those of an earlier run into the same --out (more prompts,
-    another checkpoint) would be scored with this one's."""
-    if rank == 0:
-        for p in paths:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-    _barrier()  # no rank writes an image before rank 0 has emptied them
 
 
 # ---- FID --------------------------------------------------------------------------------------
@@ -152,12 +133,12 @@ def run_fid(engine, prompts_file: str | Path, ref_dir: str | Path, weights: str 
     missing = [pid for pid, _, _ in rows if pid not in refs]
     if missing:
         raise FileNotFoundError(f"{len(missing)} prompts have no reference image under {ref_dir} (e.g. {missing[:3]})")
-    _empty_folders([gen_dir, ref_out], rank)
+    clear_outputs([gen_dir, ref_out])  # FID reads every PNG there
     gen_dir.mkdir(parents=True, exist_ok=True)
     one = dataclasses.replace(gen_cfg, num_images=1)  # FID: one image per prompt
     _generate_sharded(engine, [(pid, p) for pid, p, _ in rows], one, run, rank, world,
                       lambda pid, j, arr: Image.fromarray(arr).save(gen_dir / f"{pid}.png"))
-    _barrier()
+    barrier()
     if rank != 0:
         return None
     ref_out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +163,7 @@ def geneval_export(engine, metadata_file: str | Path, out_dir: str | Path, gen_c
     ids = [f"{i:05d}" for i in range(len(meta))]
     # GenEval's script scores every <5-digit>/samples/*.png under OUT; other files in OUT are left alone
     stale = [d for d in out.iterdir() if d.is_dir() and re.fullmatch(r"\d{5}", d.name)] if out.is_dir() else []
-    _empty_folders(stale, rank)
+    clear_outputs(stale)
     for i in range(rank, len(meta), world):  # each rank writes its own prompts' folders
         d = out / ids[i] / "samples"
         d.mkdir(parents=True, exist_ok=True)
@@ -261,7 +242,7 @@ def genai_export(engine, prompts_file: str | Path, out_dir: str | Path, gen_cfg,
     rows = every[:run.limit] if run.limit else every
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _empty_folders([out / f"{pid}.jpg" for pid, _ in every[len(rows):]], rank)  # an earlier run's other prompts
+    clear_outputs([out / f"{pid}.jpg" for pid, _ in every[len(rows):]])  # an earlier run's other prompts
     n = _generate_sharded(engine, rows, gen_cfg, run, rank, world,
                           lambda pid, j, arr: Image.fromarray(arr).save(out / f"{pid}.jpg", quality=95))
     total = gather_count(n)
