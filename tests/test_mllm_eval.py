@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm.evaluate import (binary_metrics, evalai_normalize, genai_import, geneval_import, normalize_answer,
-                           normalize_gqa, parse_mme, parse_yes_no, score_gqa, score_mme, score_pope, score_textvqa,
-                           score_vqav2, soft_accuracy, subtask_score, textvqa_accuracy, vqav2_accuracy)
+from mllm.evaluate import (binary_metrics, evalai_normalize, genai_import, geneval_import, load_vqav2,
+                           normalize_answer, normalize_gqa, parse_mme, parse_yes_no, score_gqa, score_mme, score_pope,
+                           score_textvqa, score_vqav2, soft_accuracy, subtask_score, textvqa_accuracy, vqav2_accuracy)
 from mllm.evaluate.cli import main as eval_main
 from runtime.launch import NodeLaunch
 
@@ -363,6 +363,23 @@ def test_vqav2_rescoring_and_testdev_submission(tiny, tmp_path):
                       str(tiny["images"]), "--out", str(tmp_path / "t"), "--max-new-tokens", "4"]) == 0
     sub = json.loads((tmp_path / "t" / "vqav2_submission.json").read_text())
     assert [s["question_id"] for s in sub] == [10, 20] and all(isinstance(s["answer"], str) for s in sub)
+    # EvalAI's test-dev phase takes every test2015 question: the others get "", in test2015's order (LLaVA's
+    # converter); saved predictions without annotations make the submission too
+    test2015 = tmp_path / "llava_vqav2_mscoco_test2015.jsonl"
+    test2015.write_text("".join(json.dumps({"question_id": q, "image": f"{q}.jpg", "text": "?"}) + "\n"
+                                for q in (5, 20, 10, 30)))
+    assert eval_main(["--task", "vqav2", "--questions", str(tmp_path / "q.json"), "--predictions",
+                      str(tmp_path / "p.jsonl"), "--submission-questions", str(test2015), "--out",
+                      str(tmp_path / "u")]) == 0
+    assert json.loads((tmp_path / "u" / "vqav2_submission.json").read_text()) == [
+        {"question_id": 5, "answer": ""}, {"question_id": 20, "answer": "red"}, {"question_id": 10, "answer": "2"},
+        {"question_id": 30, "answer": ""}]
+    assert json.loads((tmp_path / "u" / "results.json").read_text())["metrics"]["scored"] == 0
+    official = tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json"  # the official file: ids 10 only
+    official.write_text(json.dumps({"data_subtype": "test2015", "questions": [{"image_id": 1, "question": "?",
+                                                                                 "question_id": 10}]}))
+    with pytest.raises(ValueError, match=r"1 of the 2 questions of .*q.json are not in .*test2015_questions.json"):
+        load_vqav2(tmp_path / "q.json", tmp_path, None, "", official)  # val questions against test2015: refused
 
 
 def test_bad_invocations_fail_clearly(tiny, tmp_path, capsys):
@@ -514,6 +531,7 @@ def test_a_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
     (tmp_path / "ge").mkdir()
     (tmp_path / "ge" / "notes.txt").write_text("mine")  # not the tool's: kept
     geneval_export(Engine(), tmp_path / "gm.jsonl", tmp_path / "ge", ImageGenConfig(num_images=3), GenerationRun())
+    (tmp_path / "ge" / "results.jsonl").write_text('{"tag": "t", "correct": true}\n')  # the first export's scores
     geneval_export(Engine(), tmp_path / "gm.jsonl", tmp_path / "ge", ImageGenConfig(num_images=1),
                    GenerationRun(limit=2))
     assert sorted(str(p.relative_to(tmp_path / "ge")) for p in (tmp_path / "ge").rglob("*") if p.is_file()) == \

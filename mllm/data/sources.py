@@ -318,6 +318,43 @@ def check_text_file(path: Path, source: str) -> None:
         _require("pyarrow", path, "parquet")
 
 
+class _ZstdReader(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame, raising zstd.ZstdError where the file ends
+    inside a frame. Written here because zstandard's `stream_reader` ends a cut file silently (0.25): an
+    interrupted download would read as a shorter shard, with nothing counted."""
+
+    def __init__(self, path: Path, zstd):
+        self._file, self._zstd = open(path, "rb"), zstd
+        self._dctx = zstd.ZstdDecompressor()
+        self._frame = None  # the frame being decompressed (None: between frames)
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos == len(self._out):
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise self._zstd.ZstdError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self._out, self._pos = b"", 0
+            while chunk:  # a chunk may finish one frame and start the next
+                if self._frame is None or self._frame.eof:
+                    self._frame = self._dctx.decompressobj()
+                self._out += self._frame.decompress(chunk)
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 class TextSource(Source):
     """Documents from JSONL / JSONL.gz / JSONL.zst / parquet files (field `text_field`)."""
 
@@ -347,7 +384,7 @@ class TextSource(Source):
             fh = gzip.open(path, "rb")  # (.zst / .zstd below)
         else:
             zstd = _require("zstandard", path, "zstd-compressed JSONL")
-            fh = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+            fh = io.BufferedReader(_ZstdReader(path, zstd), buffer_size=1 << 16)
             errors += (zstd.ZstdError,)
         n = 0  # lines read whole
         try:
@@ -657,6 +694,7 @@ class InstructionSource(Source):
         self._index: CodeIndex | None = None
         self._index_cache = index_cache  # shared between streams of one process
         self._cache: tuple[int, list] | None = None
+        self._split = 0  # the split being read (shard_records)
 
     @property
     def index(self) -> CodeIndex:
@@ -666,8 +704,11 @@ class InstructionSource(Source):
             if self._index_cache is not None and key in self._index_cache:
                 self._index = self._index_cache[key]
             else:
+                # every reader without a cached image_index builds its own; one counts the shards it
+                # cannot read, as owns_file does for a whole file
+                owner = self._split == 0
                 self._index = CodeIndex(self.image_files, self.index_path,
-                                        on_error=lambda e: self.skip("corrupt", str(e)))
+                                        on_error=lambda e: self.skip("corrupt", str(e)) if owner else None)
                 if self._index_cache is not None:
                     self._index_cache[key] = self._index
         return self._index
@@ -695,6 +736,7 @@ class InstructionSource(Source):
         return self._cache[1]
 
     def shard_records(self, shard, epoch, start, split, num_splits, by_record):
+        self._split = split
         items = self._shard(shard, self.owns_file(shard, split, num_splits, by_record))
         order = self.record_order(len(items), epoch, shard)
         for idx in range(start.record, len(order)):

@@ -4,7 +4,8 @@
 
 Understanding (greedy answers, scored with each benchmark's own rules; see each module's docstring):
   vqav2    --questions Q.json|Q.jsonl --images COCO_DIR [--annotations v2_mscoco_val2014_annotations.json]
-           (no annotations, e.g. test-dev: only OUT/vqav2_submission.json for EvalAI)      mllm.evaluate.vqa
+           (no annotations, e.g. test-dev: only OUT/vqav2_submission.json for EvalAI, which lists every
+           test2015 question with --submission-questions llava_vqav2_mscoco_test2015.jsonl) mllm.evaluate.vqa
   gqa      --annotations testdev_balanced_questions.json --images GQA_IMAGES [--questions llava_gqa.jsonl]
                                                                                           mllm.evaluate.gqa
   textvqa  --annotations TextVQA_0.5.1_val.json --images train_images [--questions llava_textvqa.jsonl]

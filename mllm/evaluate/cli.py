@@ -31,13 +31,14 @@ assert TASKS == get_args(Task)
 
 # Every file flag; the files each task needs; those it may take besides. `_applicable` adds the model,
 # answering and drawing settings by kind of task; every other flag that was set is refused.
-_FILES = ("questions", "images", "annotations", "prompts", "results", "scores", "skills", "inception_weights")
+_FILES = ("questions", "images", "annotations", "submission_questions", "prompts", "results", "scores", "skills",
+          "inception_weights")
 _NEEDS: dict[str, tuple[str, ...]] = {
     "vqav2": ("questions", "images"), "gqa": ("annotations", "images"), "textvqa": ("annotations", "images"),
     "pope": ("questions", "images"), "mme": ("images",), "fid": ("prompts", "images", "inception_weights"),
     "geneval-export": ("prompts",), "genai-export": ("prompts",), "geneval-import": ("results",),
     "genai-import": ("scores", "skills"), "tokenizer": ()}
-_OPTIONAL: dict[str, tuple[str, ...]] = {"vqav2": ("annotations",), "gqa": ("questions",), "textvqa": ("questions",)}
+_OPTIONAL: dict[str, tuple[str, ...]] = {"vqav2": ("annotations", "submission_questions"), "gqa": ("questions",), "textvqa": ("questions",)}
 _MODEL = ("model", "tokenizer", *(f"loading.{f.name}" for f in dataclasses.fields(EngineOptions)))
 _ANSWERS = ("prompt_suffix", "inference.batch_size", "inference.max_new_tokens", "inference.limit",
             "inference.log_every")
@@ -69,6 +70,10 @@ class EvalConfig:
     """Image folder (VQA tasks), MME release folder, or MJHQ reference images (fid)."""
     annotations: str | None = None
     """Official annotation file (VQAv2 annotations, GQA testdev_balanced_questions.json, TextVQA val JSON)."""
+    submission_questions: str | None = None
+    """VQAv2 test2015 questions (v2_OpenEnded_mscoco_test2015_questions.json or llava_vqav2_mscoco_test2015.jsonl):
+    vqav2_submission.json then lists all of them, an empty answer where this run has none (EvalAI's test-dev
+    phase expects the whole test2015 set)."""
     predictions: str | None = None
     """Score this predictions.jsonl instead of running the model (understanding tasks), over the benchmark's
     questions (the first --limit): a question it does not answer counts as wrong (`num_missing`)."""
@@ -155,7 +160,7 @@ def load_benchmark(cfg: EvalConfig) -> Benchmark:
 
     images = Path(cfg.images or ".")
     if cfg.task == "vqav2":
-        return vqa.load_vqav2(cfg.questions[0], images, cfg.annotations, cfg.prompt_suffix)
+        return vqa.load_vqav2(cfg.questions[0], images, cfg.annotations, cfg.prompt_suffix, cfg.submission_questions)
     if cfg.task == "gqa":
         return gqa.load_gqa(cfg.annotations, images, cfg.questions[0] if cfg.questions else None, cfg.prompt_suffix)
     if cfg.task == "textvqa":
@@ -184,19 +189,23 @@ def run(cfg: EvalConfig) -> dict | None:
         return metrics
     if cfg.task in UNDERSTANDING and cfg.predictions:
         bench = load_benchmark(cfg)
-        if bench.score is None:
+        if bench.score is None and bench.submission is None:
             raise ValueError(f"{cfg.task}: scoring needs --annotations")
         rows = read_json_or_jsonl(cfg.predictions, records=True)
         if not rows:
             raise ValueError(f"{cfg.predictions}: no predictions")
         preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
-        # scored over the benchmark's questions, not the file's: answers a crashed run never wrote count as wrong
-        metrics = bench.score(preds, [q.qid for q in bench.first(cfg.inference.limit)])
-        if metrics["num_missing"]:
-            print(f"warning: {cfg.predictions} answers {metrics['num_questions'] - metrics['num_missing']} of the "
-                  f"{metrics['num_questions']} questions; the {metrics['num_missing']} others count as wrong",
-                  file=sys.stderr)
-        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), num_predictions=len(rows))
+        qids = [q.qid for q in bench.first(cfg.inference.limit)]
+        extra = {f"{bench.name}_submission.json": bench.submission(preds)} if bench.submission else {}
+        if bench.score is None:  # test-dev: the server scores the submission file
+            metrics = {"num_questions": len(qids), "scored": 0}
+        else:  # over the benchmark's questions, not the file's: answers a crashed run never wrote count as wrong
+            metrics = bench.score(preds, qids)
+            if metrics["num_missing"]:
+                print(f"warning: {cfg.predictions} answers {metrics['num_questions'] - metrics['num_missing']} of "
+                      f"the {metrics['num_questions']} questions; the {metrics['num_missing']} others count as wrong",
+                      file=sys.stderr)
+        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), extra_files=extra, num_predictions=len(rows))
         return metrics
 
     from mllm.engine import MLLMEngine

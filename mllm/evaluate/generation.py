@@ -161,9 +161,10 @@ def geneval_export(engine, metadata_file: str | Path, out_dir: str | Path, gen_c
     meta = meta[:run.limit] if run.limit else meta
     out = Path(out_dir)
     ids = [f"{i:05d}" for i in range(len(meta))]
-    # GenEval's script scores every <5-digit>/samples/*.png under OUT; other files in OUT are left alone
+    # GenEval's script scores every <5-digit>/samples/*.png under OUT, and the results file that "next" names
+    # would otherwise hold the earlier images' scores until it is rerun; other files in OUT are left alone
     stale = [d for d in out.iterdir() if d.is_dir() and re.fullmatch(r"\d{5}", d.name)] if out.is_dir() else []
-    clear_outputs(stale)
+    clear_outputs([*stale, out / "results.jsonl"])
     for i in range(rank, len(meta), world):  # each rank writes its own prompts' folders
         d = out / ids[i] / "samples"
         d.mkdir(parents=True, exist_ok=True)

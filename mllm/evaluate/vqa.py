@@ -29,13 +29,15 @@ Files (local copies; see mllm.evaluate for the runner):
           or a LLaVA JSONL ({"question_id", "image", "text"}); annotations: official
           v2_mscoco_<split>_annotations.json ({"annotations": [{"question_id", "answers": [{"answer"}],
           "answer_type", "question_type"}]}); images: the COCO folder (COCO_<split>_<image_id:012d>.jpg).
-          Without annotations (test-dev) only the EvalAI submission file is written.
+          Without annotations (test-dev) only the EvalAI submission file is written; with
+          --submission-questions (the test2015 questions) it lists every test2015 question, as EvalAI expects.
   TextVQA annotations: TextVQA_0.5.1_val.json ({"data": [{"question_id", "question", "image_id",
           "answers"}]}); images: train_images/ (<image_id>.jpg); questions: optional LLaVA JSONL (e.g.
           llava_textvqa_val_v051_ocr.jsonl with OCR tokens in the text, the LLaVA-1.5 protocol).
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -181,8 +183,9 @@ def _llava_questions(path: Path, images: Path, suffix: str) -> list[Question]:
 
 
 def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Path | None,
-               suffix: str) -> Benchmark:
-    """VQAv2 from local files (see the module docstring)."""
+               suffix: str, submission_questions: str | Path | None = None) -> Benchmark:
+    """VQAv2 from local files (see the module docstring). `submission_questions`: the test2015 questions
+    that the EvalAI file must list in full (test-dev is a subset of test2015; see `vqav2_submission`)."""
     questions, images = Path(questions), Path(images)
     data = read_json_or_jsonl(questions)
     if isinstance(data, dict) and "questions" in data:
@@ -191,8 +194,16 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
                        with_suffix(q["question"], suffix)) for q in data["questions"]]
     else:
         qs = _llava_questions(questions, images, suffix)
+    submission = vqav2_submission
+    if submission_questions is not None:
+        every = vqav2_question_ids(submission_questions)
+        outside = [q.qid for q in qs if q.qid not in set(every)]
+        if outside:  # before the model runs, not after
+            raise ValueError(f"{len(outside)} of the {len(qs)} questions of {questions} are not in "
+                             f"{submission_questions} (e.g. {outside[:3]}): give the test2015 questions of their split")
+        submission = functools.partial(vqav2_submission, every=every)
     if annotations is None:
-        return Benchmark("vqav2", qs, score=None, submission=vqav2_submission)
+        return Benchmark("vqav2", qs, score=None, submission=submission)
     ann = read_json_or_jsonl(Path(annotations))
     if not isinstance(ann, dict) or "annotations" not in ann:
         raise ValueError(f"{annotations}: expected the official VQAv2 annotation JSON with an 'annotations' list")
@@ -203,12 +214,25 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
         raise ValueError(f"{len(missing)} questions have no annotation (e.g. {missing[:3]}): questions and "
                          "annotations are from different splits?")
     return Benchmark("vqav2", qs, score=lambda preds, qids: score_vqav2(preds, {q: gold[q] for q in qids}),
-                     submission=vqav2_submission)
+                     submission=submission)
 
 
-def vqav2_submission(preds: dict[str, str]) -> list[dict]:
-    """EvalAI result file: [{"question_id": int, "answer": processed answer}] (as LLaVA submits)."""
-    return [{"question_id": int(q) if q.isdigit() else q, "answer": evalai_normalize(a)} for q, a in preds.items()]
+def vqav2_question_ids(path: str | Path) -> list[str]:
+    """Question ids, in file order, of an official questions JSON ({"questions": [...]}) or a LLaVA JSONL."""
+    data = read_json_or_jsonl(path, records=not str(path).endswith(".json"))
+    rows = data["questions"] if isinstance(data, dict) and "questions" in data else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "question_id" in r for r in rows):
+        raise ValueError(f"{path}: expected VQAv2 questions (official JSON with a 'questions' list, or LLaVA JSONL)")
+    return [str(r["question_id"]) for r in rows]
+
+
+def vqav2_submission(preds: dict[str, str], every: list[str] | None = None) -> list[dict]:
+    """EvalAI result file: [{"question_id": int, "answer": processed answer}] (as LLaVA submits). With `every`
+    (the test2015 question ids) it lists each of them in that order, with an empty answer where `preds` has
+    none, as LLaVA's convert_vqav2_for_submission.py does: EvalAI's test-dev phase takes the whole test2015 set."""
+    answers = {q: evalai_normalize(a) for q, a in preds.items()}
+    rows = answers.items() if every is None else ((q, answers.get(q, "")) for q in every)
+    return [{"question_id": int(q) if q.isdigit() else q, "answer": a} for q, a in rows]
 
 
 def load_textvqa(annotations: str | Path, images: str | Path, questions: str | Path | None,
