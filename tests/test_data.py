@@ -56,6 +56,7 @@ def _write_bad_shard(path):
         sink.write({"__key__": "nocaption", "png": good[2]["png"]})
         sink.write(good[2])
         sink.write({"__key__": "noimage", "txt": "a caption without an image"})
+        sink.write({"__key__": "nothing", "json": b"{}"})  # neither: one skip (missing_image), not two
         for g in good[3:]:
             sink.write(g)
 
@@ -68,7 +69,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers):
                                   num_workers=num_workers, train=False))
     batches = list(loader)
     counts = loader.stats.as_dict()  # the counts crossed from the workers to the main process
-    assert counts == {"samples": 8, "read_errors": 0, "decode_errors": 1, "missing_image": 1, "missing_text": 1}
+    assert counts == {"samples": 8, "read_errors": 0, "decode_errors": 1, "missing_image": 2, "missing_text": 1}
     # 2 workers: bad.tar gives 5 samples -> 2 batches, the good shard 3 -> 1; one pass drops partials
     assert len(batches) == (4 if num_workers == 0 else 3)
     assert loader.state_dict()["stats"] == counts

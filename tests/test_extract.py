@@ -75,6 +75,29 @@ def test_load_image_decodes_every_real_variant_and_rejects_broken_ones():
     assert load_image(v["wide.jpg"], max_pixels=200_000).size == (1000, 200)
 
 
+def test_pil_own_limit_neither_mislabels_nor_undercuts_max_pixels(monkeypatch):
+    """PIL refuses images over twice Image.MAX_IMAGE_PIXELS itself (about 179 MP): such an image is too large,
+    not undecodable, and a larger max_pixels admits it. Scaled down: PIL's limit at 1000 pixels."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    png = io.BytesIO()
+    Image.new("RGB", (100, 50), "red").save(png, "PNG")  # 5000 pixels, over twice PIL's limit
+    with pytest.raises(ImageTooLarge, match="image is 5,000 pixels, over max_pixels=500"):
+        load_image(png.getvalue(), max_pixels=500)  # PIL's error, before the size is known
+    assert load_image(png.getvalue(), max_pixels=6000).size == (100, 50)
+
+
+def test_an_animated_gif_cut_after_its_first_frame_gives_that_frame():
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    cut = gif.getvalue()[: int(len(gif.getvalue()) * 0.3)]  # an interrupted download, cut inside frame 2
+    with pytest.raises(IndexError):  # what counting its frames gave (it was skipped as undecodable)
+        Image.open(io.BytesIO(cut)).n_frames
+    first = np.asarray(Image.open(io.BytesIO(gif.getvalue())).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(load_image(cut)), first)
+
+
 def test_generation_mode_resizes_short_side_and_centre_crops():
     stripes = np.zeros((32, 96, 3), np.uint8)
     stripes[:, :32] = (255, 0, 0)
@@ -199,11 +222,16 @@ def test_files_layout_splits_names_at_the_last_dot(tmp_path):
         (tmp_path / name).write_bytes(b"image bytes")
     (tmp_path / "cat.1.txt").write_text("the first cat")
     (tmp_path / "IMG_0001.edited.json").write_text('{"source": "phone"}')
+    (tmp_path / "lost.txt").write_text("a caption whose image is gone")  # a sample without its image: counted
+    for name in (".DS_Store", "._cat.1.png", "Thumbs.db", "desktop.ini"):  # the OS's files: no samples
+        (tmp_path / name).write_bytes(b"\0\1")
     shard = InputShard("files", str(tmp_path), "x.tar")
-    got = {r.key: (r.image.name, r.caption, r.meta, r.skip) for r in READERS["files"](shard, None, ShardStats(shard))}
+    got = {r.key: (r.image and r.image.name, r.caption, r.meta, r.skip)
+           for r in READERS["files"](shard, None, ShardStats(shard))}
     assert got == {"IMG_0001_edited": ("IMG_0001.edited.jpg", None, {"source": "phone"}, None),
                    "a_b": ("a.b.png", None, {}, None), "a_b_": ("a_b.png", None, {}, None),
-                   "cat_1": ("cat.1.png", b"the first cat", {}, None), "cat_2": ("cat.2.png", None, {}, None)}
+                   "cat_1": ("cat.1.png", b"the first cat", {}, None), "cat_2": ("cat.2.png", None, {}, None),
+                   "lost": (None, b"a caption whose image is gone", {}, "no_image")}
 
 
 def test_command_line_refuses_flags_of_the_other_mode(capsys):
@@ -439,6 +467,13 @@ def test_generation_mode_drops_wide_and_tall_and_counts_a_truncated_tar(formats,
     gif = read_codes(tmp_path / "gen/00000.tar")["000000007"]["codes"]
     np.testing.assert_array_equal(gif.astype(np.int64), encode_file(model, formats["items"]["animated.gif"],
                                                                      "generation"))
+    # the truncated shard downloaded again: a rerun extracts it again (it kept its 2 samples before)
+    (bad / "00009.tar").write_bytes(data)
+    again = main(["--tokenizer", str(formats["root"] / "tok"), "--input", str(raw / "coyo/*.tar"),
+                  "--input", str(bad / "00009.tar"), "--output", str(tmp_path / "gen"), "--batch-size", "3"])
+    assert again["done"] == ["00009.tar"] and sorted(again["skipped"]) == ["00000.tar", "00001.tar"]
+    assert _counts(again["manifest"]["shards"]["00009.tar"]) == {"samples": 8}
+    assert (tmp_path / "gen/00009.tar").read_bytes() == (tmp_path / "gen/00000.tar").read_bytes()
 
 
 @pytest.mark.slow

@@ -123,6 +123,33 @@ def test_webdataset_reads_the_shards(packed):
     assert seen["ocr_vqa/images/140031996.jpg"] == "png" and seen["wikiart/images/monet_1.webp"] == "webp"
 
 
+def test_files_without_an_image_suffix_are_named_by_their_header(mgm, tmp_path):
+    """A file with no suffix or .jfif is packed under the member name of its format (named `bin` / `jfif`, the
+    extractor skipped it as having no image); one that is no image is counted, not packed."""
+    from unitok.image_sources import IMAGE_EXTS
+
+    root = tmp_path / "root"
+    (root / "web").mkdir(parents=True)
+    png = next(p for p in mgm["root"].rglob("*.png"))
+    jpg = next(p for p in mgm["root"].rglob("*.jpg") if p.stat().st_size > 1000)
+    (root / "web/noext").write_bytes(png.read_bytes())
+    (root / "web/s.jfif").write_bytes(jpg.read_bytes())
+    (root / "web/notes").write_text("not an image")
+    conv = tmp_path / "c.json"
+    conv.write_text(json.dumps([{"id": str(i), "image": f"web/{n}", "conversations": []}
+                                for i, n in enumerate(("noext", "s.jfif", "notes"))]))
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        res = P.main(["--conversations", str(conv), "--image-root", str(root), "--out", str(tmp_path / "o")])
+    finally:
+        os.environ.update(env)
+    c = res["manifest"]["counts"]
+    assert (c["packed"], c["not_an_image"]) == (2, 1) and res["manifest"]["examples"]["not_an_image"] == ["web/notes"]
+    members = {json.loads(s.pop("json"))["path"]: s for s in _members(tmp_path / "o").values()}
+    assert {p: list(s) for p, s in members.items()} == {"web/noext": ["png"], "web/s.jfif": ["jpg"]}
+    assert all(ext in IMAGE_EXTS for s in members.values() for ext in s)
+
+
 def test_summary_and_next_steps_printed(mgm, tmp_path, capsys):
     P.main(_args(mgm, tmp_path / "o", per_shard=100))
     text = capsys.readouterr().out

@@ -359,21 +359,29 @@ def test_torchrun_launch_works_too_and_compiled(tmp_path, shards):
 @pytest.mark.slow
 def test_trains_on_img2dataset_shards_of_real_photos(tmp_path):
     """img2dataset output (a glob over tars with _stats.json / .parquet side files) holding every image
-    mode of the public crawls, a truncated JPEG and an empty file: the run finishes, and the skipped
-    samples are counted and named by shard and key."""
+    mode of the public crawls, a truncated JPEG and an empty file: the run finishes on 2 ranks, and the skipped
+    samples are counted over all ranks (rank 0, which logs, reads none of them) and named by shard and key."""
+    import re
+
     from public_formats import img2dataset_webdataset
     from real_data import image_variants
 
     raw = tmp_path / "raw"
-    img2dataset_webdataset(raw, sorted(image_variants().items()), per_shard=8)
+    broken = ("empty.jpg", "truncated.jpg")
+    items = sorted(image_variants().items(), key=lambda kv: (kv[0] in broken, kv[0]))  # both in shard 1
+    img2dataset_webdataset(raw, items, per_shard=8)
     run = tmp_path / "run"
     p = deepspeed_module("unitok.train", _args(run, str(raw / "*.tar"), "--total-steps", "3", "--save-every", "3",
-                                               "--no-export"), num_ranks=1)
+                                               "--no-export"), num_ranks=2)
     assert [m["step"] for m in _metrics(run)] == [1, 2, 3]
     out = p.stdout + p.stderr
     # the two broken files are named with their shard and key (img2dataset keys are 9 digits)
-    assert "00001.tar: sample 000000012" in out or "00000.tar: sample 0000000" in out, out[-3000:]
-    assert "decode_errors=2," in (run / "log.txt").read_text()  # truncated.jpg + empty.jpg
+    assert "00001.tar: sample 000010005" in out and "00001.tar: sample 000010006" in out, out[-3000:]
+    assert "00000.tar: sample" not in out
+    log = (run / "log.txt").read_text()
+    errors = int(re.search(r"data \(all ranks\): SkipStats\(.*decode_errors=(\d+),", log)[1])
+    assert errors >= 2 and errors % 2 == 0, log  # each pass over shard 1 meets both
+    assert f"skipped samples (all ranks) {errors}" in log
 
 
 @pytest.mark.slow

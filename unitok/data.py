@@ -304,8 +304,8 @@ class _EpochStream(IterableDataset):
 
         def complete(sample: dict) -> bool:
             has_image, has_text = any(k in sample for k in IMAGE_KEYS), "txt" in sample
-            stats.counts["missing_image"] += not has_image
-            stats.counts["missing_text"] += not has_text
+            stats.counts["missing_image"] += not has_image  # one reason per sample: the image first
+            stats.counts["missing_text"] += has_image and not has_text
             return has_image and has_text
 
         ds = ds.compose(positions).select(complete).map(decode_sample,

@@ -19,7 +19,8 @@ Skipped samples are counted per reason (SKIP_REASONS) with the first few sample 
 <name>.stats.json sidecar and in the manifest, and warned with shard and key.
 Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes shards r, r + w, ... .
 Each finished shard is written atomically (tmp + rename) with its sidecar, and skipped on rerun, so a
-crashed job is simply started again. An OUT_DIR holding shards made with another mode, image size or
+crashed job is simply started again; one whose input changed size since (a truncated shard downloaded
+again, another dataset's shard of that name) is extracted again. An OUT_DIR holding shards made with another mode, image size or
 codebook shape is refused. After a barrier, rank 0 merges the sidecars into OUT_DIR/manifest.json.
 """
 from __future__ import annotations
@@ -172,6 +173,7 @@ def extract_shard(model, shard: InputShard, dst: Path, cfg: ExtractConfig, pool:
     if model.codebook_size > 65536:
         raise ValueError("codebook_size > 65536 does not fit the uint16 code shards")
     stats = ShardStats(shard)
+    input_bytes = shard.input_bytes()  # before reading: a change during the read shows at the next run
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     with wds.TarWriter(str(tmp), mtime=0) as writer:
         def flush(batch: list[RawSample]):
@@ -203,7 +205,8 @@ def extract_shard(model, shard: InputShard, dst: Path, cfg: ExtractConfig, pool:
                 flush(batch)
                 batch = []
         flush(batch)
-    result = {"input": shard.path, "format": shard.kind, "rank": rank, **header, **stats.counts,
+    result = {"input": shard.path, "input_bytes": input_bytes, "format": shard.kind, "rank": rank, **header,
+              **stats.counts,
               "examples": {r: v for r, v in stats.examples.items() if v}}
     if shard.kind == "jsonl":
         result.update(first_record=shard.first_record, num_records=shard.num_records)
@@ -307,13 +310,19 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         for junk in out.glob(f".{s.name}.tmp-*"):
             junk.unlink(missing_ok=True)
     todo = [s for s in mine if not (out / s.name).is_file()]
-    for s in mine:  # a finished jsonl shard must hold the same record range (same --per-shard)
+    for s in mine:
         side = out / (s.stem + ".stats.json")
-        if s.kind == "jsonl" and s not in todo and side.is_file():
-            rec = json.loads(side.read_text())
-            if (rec.get("first_record"), rec.get("num_records")) != (s.first_record, s.num_records):
-                raise ValueError(f"{side} holds records {rec.get('first_record')}+{rec.get('num_records')} but this "
-                                 f"run cuts {s.first_record}+{s.num_records}: rerun with the same --per-shard")
+        if s in todo or not side.is_file():
+            continue
+        rec = json.loads(side.read_text())
+        # a finished jsonl shard must hold the same record range (same --per-shard)
+        if s.kind == "jsonl" and (rec.get("first_record"), rec.get("num_records")) != (s.first_record, s.num_records):
+            raise ValueError(f"{side} holds records {rec.get('first_record')}+{rec.get('num_records')} but this "
+                             f"run cuts {s.first_record}+{s.num_records}: rerun with the same --per-shard")
+        if "input_bytes" in rec and rec["input_bytes"] != s.input_bytes():  # (older sidecars do not record it)
+            log.warning("rank %d: %s was made from %s of %d bytes; %s now has %d: extracting it again", rank,
+                        out / s.name, rec.get("input"), rec["input_bytes"], s.path, s.input_bytes())
+            todo.append(s)
     skipped = [s.name for s in mine if s not in todo]
     if skipped:
         log.info("rank %d: %d shard(s) already done, skipped", rank, len(skipped))

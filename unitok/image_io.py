@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,10 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 class ImageTooLarge(ValueError):
     """The image has more pixels than the `max_pixels` limit (raised before decoding its pixels)."""
 
-    def __init__(self, width: int, height: int, limit: int):
+    def __init__(self, width: int | None, height: int | None, limit: int, detail: str = ""):
         self.width, self.height, self.limit = width, height, limit
-        super().__init__(f"image is {width}x{height} = {width * height:,} pixels, over max_pixels={limit:,}")
+        size = f"{width}x{height} = {width * height:,} pixels" if width is not None else detail
+        super().__init__(f"image is {size}, over max_pixels={limit:,}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -69,12 +71,18 @@ def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixe
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     fp = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else Path(src)
-    with Image.open(fp) as img:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own limit (an error at twice it) must not undercut a larger one
+    try:
+        img = Image.open(fp)
+    except Image.DecompressionBombError as e:  # over twice PIL's limit, so over max_pixels: too large, not damaged
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageTooLarge(None, None, max_pixels, f"{int(n[1]):,} pixels" if n else str(e)) from None
+    with img:
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLarge(w, h, max_pixels)
-        if getattr(img, "n_frames", 1) > 1:
-            img.seek(0)
+        # (frame 0 is the one open: counting frames would read the whole file and fail on a cut tail)
         img.load()  # decode now: a truncated file raises here, not later in a worker
         return to_rgb(img)
 

@@ -82,6 +82,15 @@ class InputShard:
         """Output name without .tar (the sidecar is <stem>.stats.json)."""
         return self.name[:-4]
 
+    def input_bytes(self) -> int:
+        """Size of the input (a folder: of its files), recorded with the codes so that a rerun notices an
+        input that changed since (a truncated shard downloaded again, another dataset's shard of the same
+        name). Size, not mtime: a copy to another disk keeps the codes."""
+        p = Path(self.path)
+        if p.is_dir():
+            return sum(e.stat().st_size for e in os.scandir(p) if e.is_file())
+        return p.stat().st_size
+
 
 def _kind_of(p: Path) -> str | None:
     if p.is_dir():
@@ -342,7 +351,7 @@ def _read_parquet(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> I
 def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
     groups: dict[str, dict[str, Path]] = {}
     for p in sorted(Path(shard.path).iterdir()):
-        if p.is_file() and "." in p.name:
+        if p.is_file() and "." in p.name[1:] and not p.name.startswith("."):  # (.DS_Store, ._IMG.jpg: the OS's)
             # the last dot: IMG_0001.edited.jpg is an image and cat.1.png / cat.2.png are two samples;
             # a caption or metadata side file shares the image's stem (cat.1.txt)
             stem, ext = p.name.rsplit(".", 1)
@@ -362,8 +371,10 @@ def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Ite
                 meta = meta if isinstance(meta, dict) else {"json": meta}
             except (ValueError, UnicodeDecodeError):
                 meta = {}
-        if ext is None:
+        if ext is None and ("txt" in members or "json" in members):  # a sample without its image
             yield RawSample(key, None, caption, meta, skip="no_image", detail=f"files {sorted(members)}")
+        elif ext is None:  # no sample at all (Thumbs.db, desktop.ini, a README.md)
+            continue
         else:
             yield RawSample(key, members[ext], caption, meta)
 

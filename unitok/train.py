@@ -320,8 +320,23 @@ class TokenizerTask(Task):
         if self.cfg.image_every and step % self.cfg.image_every == 0 and self.decodes and is_main_process():
             save_grid(Path(self.cfg.run_dir) / "images" / f"{step_name(step)}.png", *self._last)
 
+    def data_stats(self):
+        """Every rank's skip counters, summed (a collective: all ranks call it at the same steps; only
+        rank 0 logs, and its own counters are its shards' only)."""
+        from runtime.distributed import get_world_size
+        from unitok.data import SkipStats
+
+        if get_world_size() == 1:
+            return self.loader.stats
+        gathered: list = [None] * get_world_size()
+        torch.distributed.all_gather_object(gathered, self.loader.stats.as_dict())
+        total = SkipStats()
+        for counts in gathered:
+            total.add(counts)
+        return total
+
     def on_log(self, step, record, tokens_per_s):
-        return f" | skipped samples {self.loader.stats.skipped}", {}
+        return f" | skipped samples (all ranks) {self.data_stats().skipped}", {}
 
     def state_dict(self):
         return {"gan_rng": self.rng.get_state()}
@@ -332,6 +347,7 @@ class TokenizerTask(Task):
     def finish(self, run_dir, ckpts, trained, log):
         from runtime.distributed import is_main_process
 
+        stats = self.data_stats()
         if not is_main_process():
             return
         if trained and self.decodes:
@@ -339,7 +355,7 @@ class TokenizerTask(Task):
         if self.cfg.export:
             self.model.save_pretrained(run_dir / "export")
             log.info(f"exported {run_dir / 'export'}")
-        log.info(f"data: {self.loader.stats}")
+        log.info(f"data (all ranks): {stats}")
 
 
 # ---- building ----------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ counted per reason and skipped:
     not_found      no candidate file exists
     empty_file     every candidate found has zero bytes
     outside_root   absolute path or a `..` escape
+    not_an_image   a file whose suffix is no image suffix (none, .jfif, ...) and whose header PIL does not
+                   read as JPEG, PNG, GIF, WebP, BMP or TIFF (with such a header it is packed under that name)
 Output: OUT/{i:05d}.tar, one sample per usable image, members
     __key__        8-digit index of the path in the sorted unique list
-    <ext>          the file bytes, copied (no decoding; the extractor decodes): jpg (also for .jpeg), png, gif, webp
+    <ext>          the file bytes, copied (no decoding; the extractor decodes): jpg (also for .jpeg), png, gif, webp,
+                   bmp, tif (also for .tiff)
     json           {"path": path as written in the conversation file, "found_as": path found (only if another
                    extension), "aliases": other spellings of the path (only if any)}
 plus OUT/{i:05d}.stats.json (counts, the full list of unusable paths) and OUT/manifest.json (merged
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+from PIL import Image
 from tyro.conf import UseAppendAction
 
 from runtime.cli import parse
@@ -50,9 +54,12 @@ from runtime.distributed import end_job, job_barrier
 
 log = logging.getLogger("mllm.data.pack_images")
 
-REASONS = ("not_found", "empty_file", "outside_root")
+REASONS = ("not_found", "empty_file", "outside_root", "not_an_image")
 FALLBACK_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".JPG", ".PNG")
-MEMBER_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".gif": "gif", ".webp": "webp"}
+MEMBER_EXT = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".gif": "gif", ".webp": "webp", ".bmp": "bmp",
+              ".tif": "tif", ".tiff": "tif"}
+PIL_MEMBER_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+"""PIL's format name -> member name, for files whose suffix says nothing (none, .jfif, .image)."""
 NUM_EXAMPLES = 5
 MANIFEST = "manifest.json"
 TAR_MTIME = 0  # fixed member mtime: the same inputs give byte-identical tars on any rank or rerun
@@ -198,10 +205,17 @@ def resolve(root: Path, rel: str, exts: tuple[str, ...] = FALLBACK_EXTS) -> tupl
     return ("empty_file", empty) if empty else ("not_found", None)
 
 
-def member_ext(found: str) -> str:
-    """Member name of the file actually found: jpg for .jpg/.jpeg, else the lower-case suffix."""
-    suf = posixpath.splitext(found)[1].lower()
-    return MEMBER_EXT.get(suf, suf.lstrip(".") or "bin")
+def member_ext(found: str, data: bytes) -> str | None:
+    """Member name of the file found: from its suffix (jpg for .jpg/.jpeg), else from the format its header
+    names (PIL reads the header only); None if it is no image format the extractor reads. A member named by
+    another suffix (`bin`, `jfif`) would be packed and then skipped by the extractor as having no image."""
+    if ext := MEMBER_EXT.get(posixpath.splitext(found)[1].lower()):
+        return ext
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return PIL_MEMBER_EXT.get(img.format)
+    except Exception:  # PIL raises several types for what it cannot identify
+        return None
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -241,6 +255,11 @@ def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: Thr
                         stats[reason] += 1
                         stats["unusable"].append([rel, reason])
                         continue
+                    ext = member_ext(found, data)
+                    if ext is None:
+                        stats["not_an_image"] += 1
+                        stats["unusable"].append([rel, "not_an_image"])
+                        continue
                     key = f"{first + c + i:08d}"  # index in the sorted unique list: stable across runs
                     meta: dict[str, Any] = {"path": rel}
                     if found != posixpath.normpath(rel):  # resolve() returns the normalized path
@@ -249,7 +268,7 @@ def pack_shard(cfg: PackConfig, shard: int, paths: list[str], fp: str, pool: Thr
                         stats["found_as"].append([rel, found])
                     if aliases and rel in aliases:
                         meta["aliases"] = aliases[rel]
-                    _add(tf, f"{key}.{member_ext(found)}", data)
+                    _add(tf, f"{key}.{ext}", data)
                     _add(tf, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
                     stats["packed"] += 1
                     stats["bytes"] += len(data)
@@ -293,7 +312,7 @@ def write_manifest(cfg: PackConfig, num_shards: int, fp: str, entries: dict[str,
             continue
         s = json.loads(side.read_text())
         for k in ("packed", "bytes", "other_ext", *REASONS):
-            counts[k] += s[k]
+            counts[k] += s.get(k, 0)  # (not_an_image: not in the sidecars of older versions)
         for rel, reason in s["unusable"]:
             unusable.add(posixpath.normpath(rel))
             if len(examples[reason]) < NUM_EXAMPLES:
