@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.session.seed)
     try:
         engine = MLLMEngine.load(cfg.engine)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing or damaged file, a folder of another kind
         print(f"error: {e}", file=sys.stderr)
         return 1
     chat = TerminalChat(engine, cfg.session, out=sys.stdout, msg=sys.stderr if cfg.one_shot else sys.stdout,

@@ -53,6 +53,10 @@ from unitok.image_io import MAX_PIXELS, ImageTooLarge, load_image, preprocess, t
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""Weight files one of which an export folder holds (transformers' names)."""
+
+
 class InputError(ValueError):
     """A user mistake (bad path, bad prompt, ...): reported in one line, the session goes on."""
 
@@ -231,7 +235,18 @@ class MLLMEngine:
             raise ValueError("--device cuda was requested but CUDA is not available")
         model_dir = Path(cfg.model)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no config.json in {model_dir}: expected an MLLM export folder")
+            hint = f" (a training run folder: its export is {model_dir / 'export'})" if (model_dir / "latest").is_file() \
+                else ""
+            raise FileNotFoundError(f"no config.json in {model_dir}: expected an MLLM export folder{hint}")
+        config = json.loads((model_dir / "config.json").read_text())
+        if not cfg.official_mllm:
+            if config.get("model_type") != "unitok_mllm":
+                raise ValueError(f"{model_dir} holds a {config.get('model_type')!r} model, not an MLLM export "
+                                 "(model_type unitok_mllm): pass the export of mllm.train (RUN/export), or "
+                                 "--official-mllm for the released unitok_mllm folder")
+            if not any((model_dir / f).is_file() for f in WEIGHT_FILES):
+                raise FileNotFoundError(f"no weights in {model_dir} (none of {', '.join(WEIGHT_FILES)}): an "
+                                        "incomplete copy or export?")
         tok_dir = Path(cfg.text_tokenizer or cfg.model)  # the small files first: fail before loading weights
         try:
             text_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -240,7 +255,7 @@ class MLLMEngine:
             raise FileNotFoundError(f"cannot load the text tokenizer from {tok_dir} ({reason}); "
                                     "pass --text-tokenizer DIR (a Llama tokenizer folder)") from e
         image_tokenizer = load_tokenizer(cfg.tokenizer, device=device, attn_mode=cfg.attn_mode)
-        trained_with = json.loads((model_dir / "config.json").read_text()).get("tokenizer_fingerprint")
+        trained_with = config.get("tokenizer_fingerprint")
         if trained_with is not None and trained_with != (given := image_tokenizer.fingerprint()):
             raise ValueError(f"{model_dir} was trained on the codes of tokenizer {trained_with}, but --tokenizer "
                              f"{cfg.tokenizer} (--attn-mode {cfg.attn_mode}) is tokenizer {given}: its images would "
@@ -324,17 +339,22 @@ class MLLMEngine:
 
     def answer_ids(self, prompts: list[Sample], max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                    generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
-                   stop: threading.Event | None = None) -> list[list[int]]:
-        """Answer a batch of prompts; the new token ids per prompt, without the stop id. `on_text(delta)`
-        streams the (single) prompt's text; a set `stop` ends the generation after the current step (the
-        ids so far are returned)."""
+                   stop: threading.Event | None = None, stopped_by: list | None = None) -> list[list[int]]:
+        """Answer a batch of prompts; the new token ids per prompt, without the stop id. An answer ends at eos,
+        at the image-start marker (the model began drawing: answers are text) or where the context is full.
+        `on_text(delta)` streams the (single) prompt's text; a set `stop` ends the generation after the current
+        step (the ids so far are returned); `stopped_by`, if given, receives each prompt's stop id (or None)."""
         if on_text is not None and len(prompts) != 1:
             raise ValueError("streaming (on_text) takes exactly one prompt")
-        stop_ids = {self.eos_id}
+        stop_ids = {self.eos_id, self.model.config.boi_token_id}
         stream = StreamDecoder(self.text_tokenizer, stop_ids) if on_text is not None else None
         partial: list[int] = []
+        ended: list = [None] * len(prompts)
 
         def on_token(ids: torch.Tensor) -> bool:
+            for b, tok in enumerate(ids.tolist()):
+                if tok in stop_ids and ended[b] is None:  # (a finished row gets pad ids)
+                    ended[b] = tok
             if stream is not None:
                 tok = int(ids[0])
                 if not stream.finished and tok not in stop_ids:
@@ -347,11 +367,14 @@ class MLLMEngine:
         try:
             return answer(self.model, prompts, max_new_tokens=max_new_tokens,
                           sampling=sampling or SamplingConfig(temperature=0), stop_ids=stop_ids, pad_id=self.pad_id,
-                          generator=generator, on_token=on_token)
+                          generator=generator, on_token=on_token, context_length=self.context_length)
         except KeyboardInterrupt:
             if stream is None:
                 raise
             return [partial]  # a second Ctrl-C landed mid-step: keep what was streamed
+        finally:
+            if stopped_by is not None:
+                stopped_by[:] = ended
 
     def answer(self, prompts: list[Sample], max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                generator: torch.Generator | None = None, on_text: Callable[[str], None] | None = None,
@@ -360,8 +383,11 @@ class MLLMEngine:
         return [self.decode(o) for o in self.answer_ids(prompts, max_new_tokens, sampling, generator, on_text, stop)]
 
     def decode(self, ids: list[int]) -> str:
-        """Answer ids -> text (special tokens skipped, outer whitespace stripped)."""
-        return self.text_tokenizer.decode(ids, skip_special_tokens=True).strip()
+        """Answer ids -> text (special tokens and image markers skipped, outer whitespace stripped; an
+        incomplete character at the end, as a reply cut mid-character leaves, dropped as the stream does)."""
+        markers = {self.model.config.boi_token_id, self.model.config.eoi_token_id}
+        text = self.text_tokenizer.decode([i for i in ids if i not in markers], skip_special_tokens=True)
+        return text.rstrip("\ufffd").strip()
 
     # ---- images out -----------------------------------------------------------------------------
     def t2i_prompt(self, prompt: str) -> list[int]:
@@ -503,14 +529,16 @@ class ChatSession:
         self.stop = threading.Event()
         self.conversation = 0
         """Counts resets: a turn prepared before one is not committed to the new conversation."""
+        self._answering = False
 
     def reset(self) -> None:
         """Forget the history and any pending images, and stop a reply in progress (the browser chat answers on
-        another thread); that reply is not committed. The generator runs on: a new conversation does not replay
-        the previous one's samples."""
+        another thread); that reply is not committed. An image generation goes on (it belongs to no
+        conversation). The generator runs on: a new conversation does not replay the previous one's samples."""
         self.history, self.pending = [], []
         self.conversation += 1
-        self.stop.set()
+        if self._answering:
+            self.stop.set()
 
     # ---- images in ------------------------------------------------------------------------------
     def attach(self, paths: list[str | Path]) -> int:
@@ -545,7 +573,10 @@ class ChatSession:
         while True:
             turns = [t for ex in history for t in (ex.question, ex.answer)] + [user]
             images = [c for ex in history for c in ex.images] + list(self.pending)
-            sample = self.engine.chat_sample(turns, images)
+            try:
+                sample = self.engine.chat_sample(turns, images)
+            except ValueError as e:  # the template's own checks (placeholders against images, roles)
+                raise InputError(f"cannot build the prompt: {e}") from e
             n = sample.expanded_length()
             if n + want <= ctx or not history:
                 break
@@ -565,15 +596,22 @@ class ChatSession:
     def answer(self, turn: PreparedTurn, on_text: Callable[[str], None] | None = None) -> Reply:
         """Answer a prepared turn with the session's generator (streaming deltas to `on_text`), then
         commit it to the history; a set `stop` ends the reply early (what was generated is kept)."""
+        self._answering = True
         self.stop.clear()
-        if turn.conversation != self.conversation:  # reset after it was prepared: nothing to answer
-            return Reply("", 0, True, ["[conversation reset]"])
-        sampling = SamplingConfig(temperature=self.cfg.answer_temperature)
-        ids = self.engine.answer_ids([turn.sample], turn.max_new_tokens, sampling, self.generator, on_text=on_text,
-                                     stop=self.stop)[0]
+        try:
+            if turn.conversation != self.conversation:  # reset after it was prepared: nothing to answer
+                return Reply("", 0, True, ["[conversation reset]"])
+            sampling = SamplingConfig(temperature=self.cfg.answer_temperature)
+            ended: list = []
+            ids = self.engine.answer_ids([turn.sample], turn.max_new_tokens, sampling, self.generator,
+                                         on_text=on_text, stop=self.stop, stopped_by=ended)[0]
+        finally:
+            self._answering = False
         reply = Reply(self.engine.decode(ids), len(ids), self.stop.is_set())
         if reply.stopped:
             reply.notices.append("[stopped]")
+        elif ended and ended[0] == self.engine.model.config.boi_token_id:
+            reply.notices.append("[the model began an image: answers are text; /gen PROMPT draws images]")
         elif reply.num_tokens >= turn.max_new_tokens:
             reply.notices.append(f"[the reply was cut at its limit of {turn.max_new_tokens} tokens]")
         self.commit(turn, reply.text)
@@ -584,7 +622,8 @@ class ChatSession:
         the conversation was reset while it was answered."""
         if turn.conversation != self.conversation:
             return
-        self.history = turn.history + [Exchange(turn.question, turn.images, reply)]
+        # the placeholder marks the user's images: in a stored reply it would claim one more image next turn
+        self.history = turn.history + [Exchange(turn.question, turn.images, reply.replace(IMAGE_PLACEHOLDER, ""))]
         self.pending = []
 
     # ---- images out -----------------------------------------------------------------------------
@@ -594,6 +633,11 @@ class ChatSession:
         session's) and write them as PNGs under out_dir. Returns (uint8 (N, S, S, 3), PNG paths);
         GenerationStopped when `stop` is set, before anything is written."""
         self.engine.t2i_prompt(prompt)  # validate before any work
+        out = Path(self.cfg.out_dir)
+        try:  # before the work, not after
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot write images to {out}: {e.strerror or e}") from e
         self.stop.clear()
         images = self.engine.generate([prompt], gen or self.cfg.gen, generator or self.generator, on_position,
                                       self.stop)

@@ -23,9 +23,22 @@ class ExportConfig:
     checkpoint: str
     """A step-XXXXXXXX folder, or a run folder (its `latest` step)."""
     out: str
-    """Output HF folder (replaced if it exists)."""
+    """Output HF folder (an earlier export there is replaced; any other existing folder is refused)."""
     tokenizer_dir: str | None = None
     """Folder with the text tokenizer files to copy (Llama or an export); None = no tokenizer files."""
+
+
+def check_out_dir(out: Path, sources: list[Path]) -> None:
+    """The export replaces `out`: refuse a folder that holds what it reads, or one that is not an export."""
+    o = out.resolve()
+    for src in sources:
+        s = src.resolve()
+        if o == s or o in s.parents:
+            raise ValueError(f"--out {out} holds the checkpoint {src}, which the export would delete with it; "
+                             f"choose another folder, e.g. {src.parent / 'export'}")
+    if out.exists() and not (out / "config.json").is_file():
+        raise FileExistsError(f"--out {out} exists and is not an export (no config.json), so it is not replaced: "
+                              "remove it or choose another folder")
 
 
 def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -42,6 +55,8 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
         ckpt = ckpt / (ckpt / "latest").read_text().strip()
     if not (ckpt / "mllm_config.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not an MLLM training checkpoint (no mllm_config.json)")
+    out = Path(out_dir)
+    check_out_dir(out, [Path(checkpoint), ckpt])
     config = UniMLLMConfig.from_json_file(str(ckpt / "mllm_config.json"))
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
     with torch.device("meta"):
@@ -53,7 +68,6 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
         raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.model.rotary_emb.__init__(config)  # non-persistent buffers: rebuilt, not loaded
-    out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

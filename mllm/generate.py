@@ -49,9 +49,8 @@ def sample_logits(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum > sampling.top_p
-        remove[..., 1:] = remove[..., :-1].clone()  # keep the first token that crosses the threshold
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs >= sampling.top_p  # the mass before a token already reaches top_p
         remove[..., 0] = False
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     probs = logits.softmax(-1)
@@ -85,13 +84,22 @@ def _all_done(done: torch.Tensor, synced: bool) -> bool:
 @torch.no_grad()
 def answer(model, prompts: list[Sample], max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
            stop_ids: set[int] | None = None, pad_id: int = 0, generator: torch.Generator | None = None,
-           synced: bool = False, on_token: Callable[[torch.Tensor], bool | None] | None = None) -> list[list[int]]:
+           synced: bool = False, on_token: Callable[[torch.Tensor], bool | None] | None = None,
+           context_length: int | None = None) -> list[list[int]]:
     """Continue each prompt (batched, left-padded, KV cache). Returns the new token ids per prompt,
-    without the stop token. `on_token(ids (B,))` is called per step; returning True stops early."""
+    without the stop token. `on_token(ids (B,))` is called per step; returning True stops early. With
+    `context_length`, a row ends where prompt + answer fill it (ValueError for a prompt that fills it alone)."""
     sampling = sampling or SamplingConfig(temperature=0)
     stop_ids = default_stop_ids(model, stop_ids)
     batch = _to_device(collate(prompts, pad_id=pad_id, padding_side="left"), model.device)
     mask, pos = batch["attention_mask"], batch["position_ids"]
+    room = None
+    if context_length is not None:  # new tokens each row has room for
+        room = context_length - (pos[:, -1] + 1)
+        if (room <= 0).any():
+            i = int((room <= 0).nonzero()[0])
+            raise ValueError(f"prompt {i} has {int(pos[i, -1]) + 1} positions, which fill the model's context of "
+                             f"{context_length}: no room for an answer")
     embeds = model.build_inputs_embeds(batch["input_ids"], batch["image_codes"], batch["image_lens"],
                                        batch["image_starts"])
     cache = DynamicCache(config=model.config)
@@ -101,17 +109,19 @@ def answer(model, prompts: list[Sample], max_new_tokens: int = 128, sampling: Sa
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     result: list[list[int]] = [[] for _ in range(B)]
     stop = torch.tensor(sorted(stop_ids), device=model.device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample_logits(out.logits[:, -1], sampling, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         hit = torch.isin(nxt, stop) & ~done
         for b in (~done & ~hit).nonzero().flatten().tolist():
             result[b].append(int(nxt[b]))
         done |= hit
+        if room is not None:
+            done |= room <= step + 1  # the context is full
         if on_token is not None and on_token(nxt):
             break
-        if _all_done(done, synced):
-            break
+        if step == max_new_tokens - 1 or _all_done(done, synced):
+            break  # (the last token needs no forward)
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)

@@ -34,7 +34,8 @@ from typing import Annotated
 import torch
 from tyro.conf import OmitArgPrefixes, Suppress
 
-from mllm.engine import ChatSession, EngineConfig, ImageGenConfig, InputError, MLLMEngine, SessionConfig
+from mllm.engine import (ChatSession, EngineConfig, GenerationStopped, ImageGenConfig, InputError, MLLMEngine,
+                         SessionConfig)
 from runtime.cli import parse
 
 
@@ -155,10 +156,13 @@ class WebHandlers:
         try:
             gen = ImageGenConfig(cfg_scale=float(cfg_scale), temperature=float(temperature), top_k=int(top_k),
                                  top_p=float(top_p), num_images=int(num_images), candidates=int(candidates))
-            generator = torch.Generator(device=self.engine.device).manual_seed(int(seed))
+            seed = self.cfg.seed if seed is None else int(seed)  # an emptied seed box: the session's seed
+            generator = torch.Generator(device=self.engine.device).manual_seed(seed)
             images, paths = session.generate(prompt or "", gen, generator)
         except (InputError, ValueError) as e:
             return [], f"error: {e}", session
+        except GenerationStopped:
+            return [], "[stopped: no images written]", session
         items = [(Image.fromarray(a), p.name) for a, p in zip(images, paths)]
         return items, f"saved {len(paths)} image(s): " + ", ".join(str(p) for p in paths), session
 
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.session.seed)
     try:
         engine = MLLMEngine.load(cfg.engine)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing or damaged file, a folder of another kind
         print(f"error: {e}", file=sys.stderr)
         return 1
     app = build_app(engine, cfg)

@@ -459,3 +459,139 @@ def test_an_export_refuses_another_tokenizer(assets, tmp_path):
         MLLMEngine.load(EngineConfig(model=str(tmp_path), **kw))
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "tokenizer_fingerprint": right}))
     assert MLLMEngine.load(EngineConfig(model=str(tmp_path), **kw)).image_tokenizer.fingerprint() == right
+
+
+def test_a_reply_holding_the_image_placeholder_does_not_break_the_next_turn(engine):
+    """The placeholder marks the user's images; a reply that says it (the text is free) is stored without it,
+    or the next prompt would count one image too many."""
+    from mllm.engine import ChatSession
+
+    conv = ChatSession(engine)
+    conv.commit(conv.prepare("What is it?", 8), "Look at <image> here.")
+    assert conv.history[0].answer == "Look at  here."
+    turn = conv.prepare("And now?", 8)  # raised ValueError (1 placeholder, 0 images), which ended the chat
+    assert turn.sample.images == [] and conv.answer(turn).num_tokens <= 8
+
+
+def test_an_answer_ends_at_the_image_marker_with_a_notice(engine, monkeypatch):
+    """The image-start marker ends an answer (what follows are image codes read as text: NUL / SOH characters
+    in the reply) and the session says how to draw. Made to happen: the marker is the token the tiny model
+    gives first."""
+    from mllm.engine import ChatSession
+
+    conv = ChatSession(engine)
+    turn = conv.prepare("What is it?", 8)
+    first = engine.answer_ids([turn.sample], 1)[0][0]
+    monkeypatch.setattr(engine.model.config, "boi_token_id", first)
+    streamed: list[str] = []
+    reply = conv.answer(turn, on_text=streamed.append)
+    assert (reply.text, reply.num_tokens, streamed) == ("", 0, [])
+    assert reply.notices == ["[the model began an image: answers are text; /gen PROMPT draws images]"]
+    ended: list = []
+    assert engine.answer_ids([turn.sample], 8, stopped_by=ended) == [[]] and ended == [first]
+
+
+def test_batch_answers_stay_inside_the_context(assets, engine, tmp_path):
+    """Evaluation's batched answers (no session trimming): a row ends where prompt + answer fill the context,
+    and a prompt that fills it alone is refused, not run past the position table."""
+    from mllm.data.templates import chat_prompt
+    from mllm.engine import EngineConfig, MLLMEngine
+
+    def prompt(text):
+        return chat_prompt(engine.text_tokenizer, [text], images=[], template="vicuna_v1")
+
+    short = prompt("Hi?")
+    ctx = len(short.input_ids) + 6
+    mid = next(s for k in range(1, 40) if ctx - 3 <= len((s := prompt("Hi? " + "word " * k)).input_ids) < ctx)
+    small = MLLMEngine.load(EngineConfig(model=str(with_context(assets["export"], tmp_path / "e", ctx)),
+                                         tokenizer=str(assets["tok"]), device="cpu", image_size=32))
+    ids = small.answer_ids([short, mid], 200)
+    room = [ctx - len(s.input_ids) for s in (short, mid)]
+    assert all(len(i) <= r for i, r in zip(ids, room)), (room, [len(i) for i in ids])
+    with pytest.raises(ValueError, match=f"fill the model's context of {ctx}"):
+        small.answer_ids([short, prompt("word " * 60)], 4)
+
+
+def test_a_reply_cut_mid_character_is_stored_as_streamed(engine):
+    ids = engine.text_tokenizer.encode("caf\u00e9", add_special_tokens=False)
+    byte_ids = engine.text_tokenizer.convert_tokens_to_ids(["<0xC3>"])  # the first byte of a 2-byte character
+    assert engine.decode(ids) == "caf\u00e9" and engine.decode(ids[:-1] + byte_ids) == "caf"
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_as_transformers():
+    """Per row, the tokens sampling can draw are the ones transformers' TopPLogitsWarper keeps (as many where
+    probabilities tie). Equal logits make the cumulative sums exact: at p 0.5 over four equal tokens two are
+    kept (three were)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from mllm.generate import SamplingConfig, sample_logits
+
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.5, 0.3, 0.2, 1e-9], [0.1, 0.6, 0.3, 1e-9]]).log()
+    logits[0] = 0.0
+    for p in (0.25, 0.5, 0.6, 0.75, 0.95, 1e-3):
+        hf = TopPLogitsWarper(p)(None, logits.clone()).isfinite()
+        seen = torch.zeros_like(hf)
+        for seed in range(300):
+            got = sample_logits(logits, SamplingConfig(temperature=1.0, top_p=p), torch.Generator().manual_seed(seed))
+            seen[torch.arange(3), got] = True
+        assert seen.sum(1).tolist() == hf.sum(1).tolist() and torch.equal(seen[1:], hf[1:]), (p, seen, hf)
+
+
+def test_answers_run_one_forward_per_token(engine):
+    """Prefill, then one step per token after the first: the token at the limit needs none."""
+    from mllm.engine import ChatSession
+
+    turn = ChatSession(engine).prepare("Describe shapes.", 5)
+    calls = []
+    handle = engine.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        ids = engine.answer_ids([turn.sample], 5)[0]
+    finally:
+        handle.remove()
+    assert len(calls) == (5 if len(ids) == 5 else len(ids) + 1), (len(ids), len(calls))  # was 6 for 5 tokens
+
+
+def test_load_names_what_is_wrong_with_the_model_folder(assets, tmp_path):
+    from mllm.engine import EngineConfig, MLLMEngine
+
+    def load(folder):
+        return MLLMEngine.load(EngineConfig(model=str(folder), tokenizer=str(assets["tok"]), device="cpu"))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("step-00000010")
+    with pytest.raises(FileNotFoundError, match=r"a training run folder: its export is .*run/export"):
+        load(run)
+    llama = tmp_path / "llama"
+    shutil.copytree(assets["export"], llama)
+    cfg = json.loads((llama / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="holds a 'llama' model, not an MLLM export"):
+        load(llama)  # AttributeError: 'LlamaConfig' object has no attribute 'num_codebooks'
+    bare = tmp_path / "bare"
+    shutil.copytree(assets["export"], bare)
+    (bare / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in"):
+        load(bare)  # an OSError from transformers, which chat printed as a traceback
+
+
+def test_images_go_where_they_can_be_written_and_reset_leaves_generation_alone(engine, tmp_path):
+    from mllm.engine import ChatSession, GenerationStopped, InputError, SessionConfig
+    from mllm.web import WebHandlers
+
+    (tmp_path / "afile").write_text("x")
+    conv = ChatSession(engine, SessionConfig(out_dir=str(tmp_path / "afile")))
+    with pytest.raises(InputError, match="cannot write images to"):  # before generating, not after
+        conv.generate("a red circle")
+    conv = ChatSession(engine, SessionConfig(out_dir=str(tmp_path / "out")))
+    conv.reset()  # no reply running: nothing to stop
+    assert not conv.stop.is_set()
+    h = WebHandlers(engine, SessionConfig(out_dir=str(tmp_path / "out")))
+    items, status, _ = h.generate("a red circle", 1.0, 0.0, 0, 1.0, None, 1, 1, conv)  # an emptied seed box
+    assert len(items) == 1 and status.startswith("saved 1 image(s)")
+
+    def stopped(*args, **kwargs):
+        raise GenerationStopped()
+
+    conv.generate = stopped  # the browser's stop during a generation: a status line, not gradio's error box
+    assert h.generate("a red circle", 1.0, 0.0, 0, 1.0, 0, 1, 1, conv)[:2] == ([], "[stopped: no images written]")

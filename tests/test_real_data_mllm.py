@@ -200,6 +200,17 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
                 continue
             assert abs(x[k] - y[k]) <= 1e-6 * max(1.0, abs(x[k])), (x["step"], k, x[k], y[k])
     assert json.loads((crash / "data_stats.json").read_text()) == stats
+    # the export command (run folder -> its latest step) refuses an --out that holds the checkpoint or is no
+    # export (it replaced --out whole: `--out RUN` deleted every checkpoint), and replaces an earlier export
+    from mllm.export import main as export_main
+
+    for out in (crash, crash / "step-00000012", tmp_path):
+        with pytest.raises((ValueError, FileExistsError), match="holds the checkpoint|is not an export"):
+            export_main(["--checkpoint", str(crash), "--out", str(out)])
+    assert (crash / "latest").read_text() == "step-00000012" and (crash / "step-00000012/mllm").is_dir()
+    for _ in range(2):
+        export_main(["--checkpoint", str(crash), "--out", str(crash / "export")])
+    assert json.loads((crash / "export/config.json").read_text())["image_size"] == 32
 
     # stage 2 from the stage-1 export on the Mini-Gemini conversations
     _stage2(world, full / "export", tmp_path / "ft")
