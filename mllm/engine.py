@@ -224,10 +224,11 @@ class MLLMEngine:
     @classmethod
     def load(cls, cfg: EngineConfig) -> "MLLMEngine":
         """Load the MLLM (export or official folder), the text tokenizer and the UniTok."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         import mllm  # noqa: F401  (registers the model type with transformers)
         from mllm.modeling import default_attn_implementation
+        from mllm.modeling.base import load_text_tokenizer
         from unitok.loading import load_tokenizer
 
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,13 +248,14 @@ class MLLMEngine:
             if not any((model_dir / f).is_file() for f in WEIGHT_FILES):
                 raise FileNotFoundError(f"no weights in {model_dir} (none of {', '.join(WEIGHT_FILES)}): an "
                                         "incomplete copy or export?")
-        tok_dir = Path(cfg.text_tokenizer or cfg.model)  # the small files first: fail before loading weights
+        # the small files first: fail before loading weights
+        flag = "--text-tokenizer" if cfg.text_tokenizer else "--model (no --text-tokenizer)"
         try:
-            text_tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            text_tokenizer = load_text_tokenizer(cfg.text_tokenizer or cfg.model, flag)
         except (OSError, ValueError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise FileNotFoundError(f"cannot load the text tokenizer from {tok_dir} ({reason}); "
-                                    "pass --text-tokenizer DIR (a Llama tokenizer folder)") from e
+            raise FileNotFoundError(f"cannot load the text tokenizer ({reason}); pass --text-tokenizer DIR (a Llama "
+                                    "tokenizer folder)") from e
         image_tokenizer = load_tokenizer(cfg.tokenizer, device=device, attn_mode=cfg.attn_mode)
         trained_with = config.get("tokenizer_fingerprint")
         if trained_with is not None and trained_with != (given := image_tokenizer.fingerprint()):

@@ -45,10 +45,11 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
                            dtype: torch.dtype = torch.float32) -> Path:
     """Consolidate `checkpoint` (a step folder, or a run folder: its latest step) into `out_dir`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
     import mllm  # noqa: F401
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
+    from mllm.modeling.base import load_text_tokenizer
 
     ckpt = Path(checkpoint)
     if (ckpt / "latest").is_file() and not (ckpt / "mllm").is_dir():
@@ -57,6 +58,8 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
         raise FileNotFoundError(f"{ckpt} is not an MLLM training checkpoint (no mllm_config.json)")
     out = Path(out_dir)
     check_out_dir(out, [Path(checkpoint), ckpt])
+    tok = load_text_tokenizer(tokenizer_dir, "--tokenizer-dir") if tokenizer_dir is not None else None  # before
+    # the consolidation, which takes minutes for 7B
     config = UniMLLMConfig.from_json_file(str(ckpt / "mllm_config.json"))
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")
     with torch.device("meta"):
@@ -71,8 +74,7 @@ def export_from_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenize
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer_dir is not None:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok is not None:
         tok.save_pretrained(tmp)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id, max_new_tokens=128, do_sample=False).save_pretrained(tmp)

@@ -151,17 +151,17 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
     """The MLLM (partitioned under ZeRO-3) and the text tokenizer. `codes_tokenizer`: the fingerprint of the
     tokenizer that extracted the code shards (preflight), refused when it is not the model's."""
     import deepspeed
-    from transformers import AutoTokenizer
 
     import mllm  # noqa: F401  (registers the model type)
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
+    from mllm.modeling.base import load_text_tokenizer
     from mllm.modeling.modeling import default_attn_implementation
     from runtime.distributed import get_rank
     from runtime.zero_load import load_into, read_safetensors
 
     zero3 = ds["zero_optimization"].get("stage", 0) == 3
     src = Path(cfg.init_from or cfg.llama_dir)
-    text_tok = AutoTokenizer.from_pretrained(src)
+    text_tok = load_text_tokenizer(src, "--init-from" if cfg.init_from else "--llama-dir")
     if text_tok.pad_token_id is None:  # pad = unk = 0 as released; Llama-3 has no unk: its eos (masked anyway)
         text_tok.pad_token = text_tok.unk_token or text_tok.eos_token
     tok_model = None
@@ -210,6 +210,14 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
             state.update({f"model.multi_embedder.attn_projection.{k}": v
                           for k, v in tok_model.post_quant_proj.state_dict().items()})
     missing = load_into(model, state, zero3)
+    # what a Llama folder cannot hold: the depth head and the image embedder (its codebook and projection come
+    # from --tokenizer); an export holds everything. Anything else fresh is an incomplete download or another
+    # architecture (a bare LlamaModel without the `model.` prefix), which would train from random weights.
+    allowed = () if cfg.init_from else ("ar_head.", "model.multi_embedder.")
+    lost = [k for k in missing if not k.startswith(allowed)] if get_rank() == 0 else []
+    if lost:
+        raise ValueError(f"{src} lacks {len(lost)} weights of the model, e.g. {lost[:6]}: an incomplete download "
+                         f"(every shard of its model.safetensors.index.json present?) or another architecture")
     if get_rank() == 0:
         fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing})
         log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})")

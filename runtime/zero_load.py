@@ -42,6 +42,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zer
     """
     from runtime.distributed import get_rank
 
+    if state is not None:  # rotary inv_freq: a buffer older transformers saved (Llama-2's files hold it), now
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # computed instead
     if not zero3:
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
@@ -49,6 +51,24 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zer
         return list(result.missing_keys)
     import deepspeed
 
+    # Checked on rank 0 before the first gather, and told to every rank, so all of them stop with the error:
+    # under ZeRO-3 nothing else compares the file with the model (copy_ broadcasts a wrong shape).
+    problem = None
+    if get_rank() == 0:
+        shapes = {n: tuple(getattr(t, "ds_shape", t.shape)) for n, t in model.state_dict(keep_vars=True).items()}
+        unexpected = sorted(set(state) - set(shapes))
+        wrong = [f"{k} {tuple(state[k].shape)} in the file, {shapes[k]} in the model" for k in sorted(state)
+                 if k in shapes and tuple(state[k].shape) != shapes[k]]
+        if unexpected:
+            problem = f"unexpected weights: {unexpected[:8]}"
+        elif wrong:
+            problem = f"{len(wrong)} weights have another shape: {'; '.join(wrong[:4])}"
+    if torch.distributed.is_initialized():
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise ValueError(problem)
     missing: list[str] = []
     for mod_name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))

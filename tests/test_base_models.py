@@ -2,6 +2,7 @@
 tokenizer with reserved special tokens) and a Mistral-style folder (sliding window, sentencepiece tokenizer),
 each tiny and saved with save_pretrained; plus the image-marker choice per tokenizer."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -157,6 +158,16 @@ def test_stage1_build_follows_the_base(tmp_path, llama3_dir, unitok):
                                          r"but --tokenizer .*unitok \(--tokenizer-attn-mode full\) is tokenizer"):
         build_model(cfg, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
                     logging.getLogger(__name__), codes_tokenizer="0" * 16)
+    # a folder that lost a shard: the weights it lacks were initialised at random, with an info line
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(llama3_dir, tmp_path / "cut")
+    (weights,) = (tmp_path / "cut").glob("*.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if ".layers.1." not in k}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"cut lacks 9 weights of the model, e.g. \['model.layers.1."):
+        build_model(SimpleNamespace(**{**vars(cfg), "llama_dir": str(tmp_path / "cut")}),
+                    {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}, logging.getLogger(__name__))
 
 
 def test_image_marker_ids_per_tokenizer(tmp_path, llama3_dir):

@@ -573,6 +573,16 @@ def test_load_names_what_is_wrong_with_the_model_folder(assets, tmp_path):
     (bare / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights in"):
         load(bare)  # an OSError from transformers, which chat printed as a traceback
+    # a text tokenizer path that is no folder went to the Hub (54 s of retries offline); a folder with only
+    # tokenizer_config.json gave an empty vocabulary (every question encoded to nothing)
+    for name in ("meta-llama/Llama-2-7b-hf", "tok_config_only"):
+        (tmp_path / "tok_config_only").mkdir(exist_ok=True)
+        shutil.copy(assets["export"] / "tokenizer_config.json", tmp_path / "tok_config_only")
+        started = time.monotonic()
+        with pytest.raises(FileNotFoundError, match=r"--text-tokenizer .*(no such folder|neither tokenizer.json)"):
+            MLLMEngine.load(EngineConfig(model=str(assets["export"]), tokenizer=str(assets["tok"]), device="cpu",
+                                         text_tokenizer=name if "/" in name else str(tmp_path / name)))
+        assert time.monotonic() - started < 5
 
 
 def test_images_go_where_they_can_be_written_and_reset_leaves_generation_alone(engine, tmp_path):

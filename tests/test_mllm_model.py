@@ -344,6 +344,9 @@ def test_from_local_llama_folder(tmp_path):
     assert torch.allclose(m(input_ids=ids).logits, llama.eval()(input_ids=ids).logits, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         UniMLLMForCausalLM.from_llama(tmp_path / "nowhere")
+    llama.model.save_pretrained(tmp_path / "bare")  # a LlamaModel: no lm_head, which transformers made up
+    with pytest.raises(ValueError, match=r"bare lacks \['lm_head.weight'\]"):
+        UniMLLMForCausalLM.from_llama(tmp_path / "bare", tokenizer=tok, depth_num_layers=1)
 
 
 def test_load_into_reports_gaps_and_resume_refuses_missing_parameters():
@@ -361,3 +364,14 @@ def test_load_into_reports_gaps_and_resume_refuses_missing_parameters():
         require_parameters(model, missing, "ckpt")
     buffers = [k for k in state if k.endswith("vocab_usage")]
     require_parameters(model, buffers, "ckpt")  # buffers only: allowed (logged)
+    # Llama-2's files also hold each layer's rotary inv_freq (a buffer transformers now computes): ignored.
+    # Under ZeRO-3 (checked before the first gather) a key the model lacks or a shape it does not have is
+    # refused, as load_state_dict refuses them otherwise; copy_ broadcast a wrong shape.
+    old = {**state, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    assert load_into(model, old, zero3=False) == []  # (the same filter precedes the ZeRO-3 path)
+    for zero3 in (False, True):
+        with pytest.raises(ValueError, match=r"unexpected weights: \['lm_head.bias'\]"):
+            load_into(model, {**state, "lm_head.bias": torch.zeros(3)}, zero3=zero3)
+    wide = {**state, "model.norm.weight": torch.ones(state["model.norm.weight"].shape[0] + 1)}
+    with pytest.raises(ValueError, match=r"1 weights have another shape: model.norm.weight \(\d+,\) in the file"):
+        load_into(model, wide, zero3=True)

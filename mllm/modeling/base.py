@@ -28,6 +28,22 @@ LLAMA_FIELDS = sorted(set(LlamaConfig.__dataclass_fields__) - set(PreTrainedConf
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def load_text_tokenizer(folder: str | Path, flag: str):
+    """The HF text tokenizer of a local folder. transformers reads a path that is not a folder as a Hub repo
+    id (a run-time download, or a minute of retries offline), and a folder with only tokenizer_config.json
+    as an empty vocabulary (every question encodes to nothing): both are named here, with `flag`."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {folder}: no such folder (a local tokenizer folder is expected; nothing "
+                                "is downloaded at run time)")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{flag} {folder}: neither tokenizer.json nor tokenizer.model in it (an incomplete "
+                                "copy of a Llama folder?)")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def read_base_config(base_dir: str | Path, max_len: int | None = None) -> dict:
     """The Llama architecture fields of a base folder's config.json; `max_len` (training row length) is
     only checked against a Mistral sliding window. FileNotFoundError / ValueError name the folder."""

@@ -189,7 +189,9 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
         config = config_from_base(llama_dir, tokenizer, text_tokenizer, **mllm_fields)
         config._attn_implementation = attn_implementation or default_attn_implementation()
         model = cls(config)
-        llama = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+        llama, info = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, output_loading_info=True)
+        if info["missing_keys"]:  # transformers initialises them quietly (a folder without lm_head)
+            raise ValueError(f"Llama checkpoint in {llama_dir} lacks {sorted(info['missing_keys'])[:8]}")
         result = model.load_state_dict(llama.state_dict(), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"unexpected Llama keys: {result.unexpected_keys[:8]}")
