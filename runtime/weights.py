@@ -516,7 +516,7 @@ def fetch(names: Iterable[str] = (), to: str | os.PathLike = DEFAULT_DIR, *, rec
           entries: Iterable[Entry] | None = None, log: Callable[[str], None] = print) -> FetchResult:
     """Download, verify and place the named entries (see the module docstring); never raises for one
     entry's failure: it is reported in the result and the next entry runs."""
-    to = Path(to)
+    to = Path(to).expanduser()  # `--to=~/w`: the shell leaves a tilde after `--flag=` as it is
     out = FetchResult()
     for e in select(names, entries):
         try:
@@ -565,7 +565,8 @@ class FetchConfig:
     names: Annotated[Positional[tuple[str, ...]], arg(metavar="[NAME ...]")] = ()
     """Entries to fetch (`list` shows them); none: every entry that is not gated."""
     to: str = DEFAULT_DIR
-    """Folder the files go to (created); the layout matches the flags printed at the end."""
+    """Folder the files go to (created; a leading `~` is expanded); the layout matches the flags printed at the
+    end."""
     recheck: bool = False
     """Hash files that are already verified again instead of trusting their .verified.json record."""
 

@@ -2,6 +2,7 @@
 import io
 import json
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -131,6 +132,31 @@ def test_two_ranks_get_disjoint_samples(tmp_path, monkeypatch):
     env_loader = ImageTextLoader(_cfg(shards))
     assert env_loader.rank == 1 and env_loader.world_size == 2
     assert {bytes(img.numpy().tobytes()) for b in env_loader for img in b["images"]} == seen[1]
+
+
+@pytest.mark.parametrize("name,message", [
+    ("ViT-B-16-SigLIP", "a Hugging Face one (timm/ViT-B-16-SigLIP) that it downloads at run time"),
+    ("hf-hub:timm/ViT-B-16-SigLIP", "is not a built-in open_clip model name"),
+    ("ViT-B-32x", "is not a built-in open_clip model name"),  # a typo: open_clip would fall back silently
+])
+def test_tokenizer_names_open_clip_would_download_are_refused_at_config_time(name, message, capsys):
+    """Only open_clip's bundled BPE tokenizer works offline: a --data.tokenizer that open_clip serves with a Hub
+    tokenizer fails when the config is made, naming the flag, without a network lookup (the old path spent
+    most of a minute in download retries once the loader started)."""
+    import open_clip
+
+    from unitok.train import parse_config
+
+    with mock.patch.object(open_clip, "get_tokenizer", side_effect=AssertionError("open_clip.get_tokenizer ran")):
+        with pytest.raises(ValueError, match="--data.tokenizer") as err:
+            DataConfig(tokenizer=name)
+        assert message in str(err.value)
+        with pytest.raises(ValueError, match="--data.tokenizer"):
+            get_tokenizer(name, 16)
+        with pytest.raises(SystemExit) as exit_:
+            parse_config(["--preset", "debug", "--data.tokenizer", name])
+    assert exit_.value.code == 2 and "--data.tokenizer" in capsys.readouterr().err
+    assert DataConfig(tokenizer="ViT-L-14").tokenizer == "ViT-L-14"  # another bundled-BPE name is taken
 
 
 def test_config_and_loader_errors(tmp_path):

@@ -65,6 +65,40 @@ def test_reconstruction_metrics_and_fid(tmp_path, random_inception):
     assert m["rfid"] >= 0 and m["is"] > 0
 
 
+def test_inception_weights_of_another_layout_are_refused_by_name_and_shape(tmp_path, random_inception):
+    """The check compares the file with torch-fidelity's own extractor (built without weights): another network's
+    file (a DINOv2-like state dict), a missing tensor or another shape are refused, naming the file and the flag."""
+    good = torch.load(random_inception, weights_only=True)
+    assert check_local_weights(random_inception) == random_inception
+    dino = {"cls_token": torch.zeros(1, 1, 8), "patch_embed.proj.weight": torch.zeros(8, 3, 14, 14)}
+    short = {k: v for k, v in good.items() if k != "fc.weight"}
+    reshaped = {**good, "fc.bias": torch.zeros(1000)}
+    for name, state, message in (("dino.pth", dino, "unexpected (e.g. cls_token"),
+                                 ("short.pth", short, "1 missing (e.g. fc.weight)"),
+                                 ("reshaped.pth", reshaped, "1 with another shape (e.g. fc.bias (1000,) (expected "
+                                                            "(1008,))")):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ValueError, match="not torch-fidelity's inception-v3-compat state dict") as err:
+            check_local_weights(tmp_path / name)
+        assert f"--inception-weights {tmp_path / name}" in str(err.value) and message in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["missing", "wrong_layout"])
+def test_bad_inception_weights_fail_before_the_reconstruction_pass(tmp_path, bad):
+    """A mistyped or wrong --inception-weights stops the run before the tokenizer loads: no PNG is written and no
+    reconstruction time is spent on a run that cannot write its metrics."""
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
+    weights = tmp_path / "inception.pth"
+    if bad == "wrong_layout":
+        torch.save({"cls_token": torch.zeros(1, 1, 8)}, weights)
+    with mock.patch("unitok.loading.load_tokenizer", side_effect=AssertionError("the tokenizer was loaded")), \
+            pytest.raises(FileNotFoundError if bad == "missing" else ValueError, match="--inception-weights"):
+        main(["--tokenizer", str(tmp_path / "tok"), "--images", str(_folder(tmp_path / "imgs")), "--size", "32",
+              "--out", str(tmp_path / "o"), "--inception-weights", str(weights)])
+    assert not (tmp_path / "o").exists()
+
+
 def test_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
     """torch-fidelity reads whole folders, so recon/ and reference/ are emptied first: a second run with fewer
     images leaves only its own PNGs, named by the image's index in the sorted folder on every rank."""

@@ -341,6 +341,32 @@ def test_clip_init_maps_visual_trunk_and_text(tmp_path):
     assert "decoder.conv_in.weight" in differs or len(differs) > 10  # ... which differs from the source's
 
 
+def test_clip_init_refuses_a_checkpoint_that_leaves_towers_random(tmp_path):
+    """A checkpoint of another architecture (a wider text tower, a missing tower) raises, naming counts, keys and
+    the file, instead of training with a random tower; only the known gaps (encoder.norm, pos_embed) may stay."""
+    import logging
+
+    from unitok import UniTok, preset
+    from unitok.train import load_clip_init
+
+    torch.manual_seed(0)
+    own = UniTok(preset("debug")).state_dict()
+    gaps = ("encoder.norm.weight", "encoder.norm.bias", "encoder.pos_embed")  # ViTamin has fc_norm, another grid
+    visual = {"visual.trunk." + k[len("encoder."):]: v for k, v in own.items()
+              if k.startswith("encoder.") and k not in gaps}  # without the gaps: still accepted
+    text = {"text." + k[len("text_encoder."):]: v for k, v in own.items() if k.startswith("text_encoder.")}
+    wider = {k: torch.zeros(*v.shape[:-1], v.shape[-1] * 2) if v.dim() else v for k, v in text.items()}
+    log = logging.getLogger("test")
+    torch.save({**visual, **text}, tmp_path / "fits.pt")
+    load_clip_init(UniTok(preset("debug")), str(tmp_path / "fits.pt"), log)
+    for name, state, message in (("wider.pt", {**visual, **wider}, "tensors have another shape (e.g. text_encoder."),
+                                 ("no_text.pt", visual, "tensors of the model are not in it (e.g. text_encoder.")):
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ValueError, match="does not fit the model's architecture") as err:
+            load_clip_init(UniTok(preset("debug")), str(tmp_path / name), log)
+        assert str(tmp_path / name) in str(err.value) and message in str(err.value), str(err.value)
+
+
 @pytest.mark.slow
 def test_torchrun_launch_works_too_and_compiled(tmp_path, shards):
     """torchrun instead of deepspeed, with --compile (aot_eager: the graphs without inductor's C++ builds):

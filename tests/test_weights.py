@@ -261,6 +261,24 @@ def test_cli_exit_status_and_flags(hub, tmp_path, monkeypatch, capsys):
     assert W.main(["list"]) == 0 and "lpips-vgg16" in capsys.readouterr().out
 
 
+def test_tilde_in_to_is_the_home_folder(hub, tmp_path, monkeypatch, capsys):
+    """`--to=~/w` reaches the program with its tilde (bash expands one only at the start of a word): the files go
+    to $HOME/w, not to a folder named `~` under the current one, and the printed flags name the real path."""
+    hub.files["/vgg16-397923af.pth"] = b"vgg"
+    e = Entry(name="lpips-vgg16", what="t", dest="vgg16.pth", source="t",
+              url="https://download.pytorch.org/models/vgg16-397923af.pth", sha256=sha(b"vgg"),
+              uses=(("python -m unitok.train", "--loss.lpips-weights {path}"),))
+    monkeypatch.setattr(W, "ENTRIES", (e,))
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert W.main(["fetch", "--to=~/w", "lpips-vgg16"]) == 0
+    assert (home / "w" / "vgg16.pth").read_bytes() == b"vgg" and list(cwd.iterdir()) == []
+    assert f"--loss.lpips-weights {home / 'w' / 'vgg16.pth'}" in capsys.readouterr().out
+
+
 # ---- Hugging Face Hub (real huggingface_hub client against the fake hub) ---------------------------
 def hub_entry(name: str, repo: str, **kw) -> Entry:
     return Entry(name=name, what="test", dest=kw.pop("dest", name), source="test", repo=repo, **kw)

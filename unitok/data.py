@@ -70,7 +70,8 @@ class DataConfig:
     context_length: int = 77
     """Caption tokens (open_clip tokenizer; longer captions are truncated, EOT kept)."""
     tokenizer: str = "ViT-B-32"
-    """open_clip model name whose tokenizer is used (the BPE vocabulary ships with open_clip)."""
+    """open_clip model name whose tokenizer is used (the BPE vocabulary ships with open_clip; a name whose
+    tokenizer open_clip downloads from the Hub, e.g. a SigLIP model, is refused)."""
     seed: int = 0
     """Base seed of the shard shuffle, the sample shuffle and the random crops."""
     train: bool = True
@@ -97,6 +98,7 @@ class DataConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        check_tokenizer_name(self.tokenizer)  # here, not after the model is built and the loader starts
 
 
 # ---- transforms ----------------------------------------------------------------------------
@@ -146,12 +148,30 @@ def val_transform(img, size: int) -> torch.Tensor:
 _TOKENIZERS: dict[tuple[str, int], Any] = {}
 
 
+def check_tokenizer_name(name: str) -> None:
+    """Refuse a --data.tokenizer whose open_clip tokenizer is not the bundled BPE one. open_clip builds a Hugging
+    Face tokenizer (downloaded at run time; offline it retries for most of a minute, then fails) for models whose
+    text config names `hf_tokenizer_name`, for SigLIP names and for `hf-hub:` names, and silently falls back to
+    the BPE for a name it does not know (a typo); only its built-in names without a Hub tokenizer are taken."""
+    import open_clip
+
+    hint = "take a built-in open_clip model name with the bundled BPE tokenizer, e.g. ViT-B-32 (the default)"
+    if name not in open_clip.list_models():  # hf-hub:/local-dir: names are never in the built-in list
+        raise ValueError(f"--data.tokenizer {name!r} is not a built-in open_clip model name; {hint}")
+    hub = open_clip.get_model_config(name).get("text_cfg", {}).get("hf_tokenizer_name")
+    if hub or "siglip" in name.lower():  # the two cases in which open_clip.get_tokenizer goes to the Hub
+        raise ValueError(f"--data.tokenizer {name!r}: open_clip's tokenizer for it is a Hugging Face one "
+                         f"({hub or 'SigLIP'}) that it downloads at run time; {hint}")
+
+
 def get_tokenizer(name: str = "ViT-B-32", context_length: int = 77):
-    """open_clip's tokenizer for `name` at `context_length` (cached per process; works offline)."""
+    """open_clip's tokenizer for `name` at `context_length` (cached per process; works offline: names whose
+    tokenizer open_clip would download are refused, see `check_tokenizer_name`)."""
     key = (name, context_length)
     if key not in _TOKENIZERS:
         import open_clip
 
+        check_tokenizer_name(name)
         _TOKENIZERS[key] = open_clip.get_tokenizer(name, context_length=context_length)
     return _TOKENIZERS[key]
 

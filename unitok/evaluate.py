@@ -9,8 +9,9 @@
   CenterCrop(size)), encoded and decoded; the reconstructions are written as PNGs under OUT_DIR/recon and
   compared with the centre crops (written under OUT_DIR/reference; both folders are emptied first) by PSNR
   and SSIM (scikit-image) and, with --inception-weights, by rFID and IS from torch-fidelity's
-  `inception-v3-compat` extractor (REFERENCE.md 5.1). The weights file must be local; it is checked with
-  `torch.load(weights_only=True)` first because torch-fidelity itself unpickles it without that guard.
+  `inception-v3-compat` extractor (REFERENCE.md 5.1). The weights file must be local; it is checked before
+  anything else runs: with `torch.load(weights_only=True)`, because torch-fidelity itself unpickles it without
+  that guard, and against the extractor's tensor names and shapes (`check_local_weights`).
 - Codebook: per-codebook usage (% of entries hit) and perplexity exp(H(code histogram)).
 - Zero-shot: open_clip's zero-shot classifier (class names x templates, averaged and renormalised
   text embeddings) against `encode_image` (the quantized path); top-1 and top-5.
@@ -122,17 +123,57 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, list[float]]:
     return {"usage_pct": ((counts > 0).float().mean(1) * 100).tolist(), "perplexity": ent.exp().tolist()}
 
 
+def _inception_layout() -> dict[str, torch.Size]:
+    """Names and shapes of the state dict torch-fidelity's FeatureExtractorInceptionV3 loads (strictly), from the
+    class itself built on the meta device: no weights are read and nothing is downloaded (its constructor loads
+    the URL when given no path, so it is handed an empty in-memory state dict whose load is skipped)."""
+    import io
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Layout(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the constructor's load; only the layout is wanted here
+            return None
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with torch.device("meta"):
+        net = Layout("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=empty)
+    return {k: v.shape for k, v in net.state_dict().items()}
+
+
 def check_local_weights(path: str | Path) -> Path:
-    """Refuse a missing file or one that holds anything but tensors."""
-    path = Path(path)
+    """Refuse a missing file, one that holds anything but tensors, and one that is not torch-fidelity's
+    inception-v3-compat state dict (names and shapes), so that a wrong --inception-weights fails before any
+    image is reconstructed or generated rather than in torch-fidelity at the end."""
+    path = Path(path).expanduser()
     if not path.is_file():
         from runtime.weights import fetch_hint
 
-        raise FileNotFoundError(f"Inception weights not found: {path}; {fetch_hint('inception')}")
+        raise FileNotFoundError(f"--inception-weights: Inception weights not found: {path}; {fetch_hint('inception')}")
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means we will not hand it to an unsafe loader
-        raise ValueError(f"{path} is not a plain tensor state dict (refusing to unpickle it): {e}") from e
+        raise ValueError(f"--inception-weights {path} is not a plain tensor state dict (refusing to unpickle it): "
+                         f"{e}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"--inception-weights {path} holds a {type(state).__name__}, not a state dict")
+    want = _inception_layout()
+    # torch fills a missing num_batches_tracked of a BatchNorm saved without version metadata (older files)
+    lenient = getattr(state, "_metadata", None) is None
+    missing = [k for k in want if k not in state and not (lenient and k.endswith(".num_batches_tracked"))]
+    unexpected = [k for k in state if k not in want]
+    reshaped = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k])})" for k in want
+                if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != want[k]]
+    if missing or unexpected or reshaped:
+        from runtime.weights import fetch_hint
+
+        found = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with another shape", reshaped)) if v]
+        raise ValueError(f"--inception-weights {path} is not torch-fidelity's inception-v3-compat state dict "
+                         f"({len(want)} tensors): {'; '.join(found)}. It must be "
+                         f"weights-inception-2015-12-05-6726825d.pth; {fetch_hint('inception')}")
     return path
 
 
@@ -339,6 +380,8 @@ def run(args: TokenizerEvalConfig) -> dict:
     from runtime.distributed import barrier, clear_outputs, get_rank, get_world_size, is_main_process, launcher_env
     from unitok.loading import load_tokenizer
 
+    if args.images and args.inception_weights:
+        check_local_weights(args.inception_weights)  # before the pass: a bad file would only fail after it
     if launcher_env()[1] > 1:
         from runtime.distributed import init_distributed
 

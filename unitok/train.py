@@ -359,8 +359,16 @@ class TokenizerTask(Task):
 
 
 # ---- building ----------------------------------------------------------------------------------
+# Model tensors that --clip-init may leave at their own init: open_clip's ViTamin pools with `fc_norm` where our
+# encoder has `norm`, and its `pos_embed` (skipped below) is for another grid. The release's CLIP-init has the
+# same three gaps; any other encoder / text tower tensor that stays random is an error.
+CLIP_INIT_GAPS = ("encoder.norm.weight", "encoder.norm.bias", "encoder.pos_embed")
+
+
 def load_clip_init(model, path: str, log) -> None:
-    """The CLIP-init variant: `visual.trunk.*` -> `encoder.*`, `text.*` -> `text_encoder.*` (non-strict)."""
+    """The CLIP-init variant: `visual.trunk.*` -> `encoder.*`, `text.*` -> `text_encoder.*`. Every encoder and
+    text tower tensor must come from the checkpoint with the model's shape, except CLIP_INIT_GAPS: a checkpoint
+    of another architecture (e.g. a wider text tower) raises instead of silently training a half-random tower."""
     if not Path(path).is_file():
         from runtime.weights import fetch_hint
 
@@ -380,10 +388,24 @@ def load_clip_init(model, path: str, log) -> None:
             mapped["text_encoder." + k[len("text."):]] = v
     own = model.state_dict()
     usable = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"{path}: no visual.trunk.* / text.* tensor matches the model")
+    mismatched = [f"{k} {tuple(v.shape)} vs the model's {tuple(own[k].shape)}" for k, v in mapped.items()
+                  if k in own and own[k].shape != v.shape]
+    unfilled = [k for k in own if k.startswith(("encoder.", "text_encoder.")) and k not in mapped
+                and k not in CLIP_INIT_GAPS]
+    if mismatched or unfilled:
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} tensors have another shape (e.g. {'; '.join(mismatched[:3])})")
+        if unfilled:
+            problems.append(f"{len(unfilled)} encoder/text tower tensors of the model are not in it "
+                            f"(e.g. {', '.join(unfilled[:5])})")
+        raise ValueError(f"--clip-init {path} does not fit the model's architecture: {'; '.join(problems)}; "
+                         f"{len(usable)} of {len(mapped)} visual.trunk.* / text.* tensors match. Give the open_clip "
+                         "checkpoint of the same architecture (ViTamin-L-256 for --preset large)")
+    extra = sorted(set(mapped) - set(usable))  # e.g. ViTamin's fc_norm, which our encoder has no use for
     model.load_state_dict(usable, strict=False)
-    log.info(f"clip init: loaded {len(usable)} tensors from {path} ({len(mapped) - len(usable)} skipped)")
+    log.info(f"clip init: loaded {len(usable)} tensors from {path}; not in the model: {len(extra)} "
+             f"{extra[:5]}; left at init: {[k for k in CLIP_INIT_GAPS if k in own]}")
 
 
 def build(cfg: TrainConfig, info, log):
