@@ -72,6 +72,11 @@ def test_vqav2_rule_prediction_always_normalised_answers_only_when_disagreeing()
     # "t shirt" does not equal "t-shirt"
     assert vqav2_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
     assert vqav2_accuracy("A cat", ["cat"] * 10) == 1.0
+    # the human answers are not stripped (only the prediction is), and at most 32 periods go: both as the
+    # official vqaEval.py (re.UNICODE passed as the count), and as LLaVA's EvalAI processor for TextVQA
+    assert vqav2_accuracy("yes", ["yes "] * 10) == 0.0 and vqav2_accuracy("yes", ["yes "] * 3 + ["no"] * 7) == 0.0
+    assert vqav2_accuracy("yes" + "." * 32, ["yes"] * 10) == 1.0
+    assert vqav2_accuracy("yes" + "." * 40, ["yes"] * 10) == 0.0 == textvqa_accuracy("yes" + "." * 40, ["yes"] * 10)
 
 
 def test_score_vqav2_overall_and_per_answer_type():
@@ -93,6 +98,26 @@ def test_textvqa_normalises_everything():
     assert textvqa_accuracy("pepsi", answers) == 0.0
     assert textvqa_accuracy("Stop", ["STOP."] * 2 + ["sign"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
     assert score_textvqa({"a": "Coke", "b": "x"}, {"a": answers, "b": ["y"] * 10})["accuracy"] == 50.0
+
+
+def test_textvqa_reads_llavas_question_file(tmp_path):
+    """llava_textvqa_val_v051_ocr.jsonl holds the image id in `question_id` (two questions of one image share it):
+    each row is matched to its annotation by (image id, question), as LLaVA's eval_textvqa.py does."""
+    from mllm.evaluate.vqa import load_textvqa
+
+    ann = {"data": [{"question_id": 34602, "image_id": "003a8ae2ef43b901", "question": "what is the brand?",
+                     "answers": ["nokia"] * 10},
+                    {"question_id": 34603, "image_id": "003a8ae2ef43b901", "question": "What color is it?",
+                     "answers": ["black"] * 10}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    rows = [{"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg",
+             "text": f"{q}\nReference OCR token: nokia, 5\nAnswer the question using a single word or phrase."}
+            for q in ("what is the brand?", "What color is it?")]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = load_textvqa(tmp_path / "ann.json", tmp_path, tmp_path / "q.jsonl", "")
+    assert [q.qid for q in bench.questions] == ["34602", "34603"]
+    assert bench.questions[1].prompt.startswith("What color is it?\nReference OCR token")
+    assert bench.score({"34602": "Nokia", "34603": "white"}, ["34602", "34603"])["accuracy"] == 50.0
 
 
 def test_gqa_exact_match_after_llava_cleanup():

@@ -20,9 +20,9 @@ Rules (official VQA evaluation, GT-Vision-Lab/VQA `vqaEval.py`, the version Eval
   TextVQA (LLaVA's `m4c_evaluator.TextVQAAccuracyEvaluator`): prediction AND every human answer go
     through `evalai_normalize` (lower-case, drop "," and "?", split "'s", then steps 1-3), then the
     same leave-one-out soft accuracy.
-Known quirks of the official code that are NOT reproduced (no effect on real data): the period
-regex's look-behind is a typo (`(?!<=\\d)`, which constrains nothing, so the effective rule above is
-used) and `re.UNICODE` is passed as the substitution count (at most 32 periods removed).
+Quirks of the official code: the period regex's look-behind is a typo (`(?!<=\\d)`, which constrains
+nothing, so the effective rule above is used), and `re.UNICODE` is passed as the substitution count: at most
+32 periods are removed (reproduced: a degenerate "yes......" of 40 periods scores 0 there, and here).
 
 Files (local copies; see mllm.evaluate for the runner):
   VQAv2   questions: official v2_OpenEnded_mscoco_<split>_questions.json ({"questions": [...], "data_subtype"})
@@ -37,6 +37,7 @@ Files (local copies; see mllm.evaluate for the runner):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections import defaultdict
@@ -92,7 +93,7 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=32)  # the official code passes re.UNICODE (32) as the count
 
 
 def process_digit_article(text: str) -> str:
@@ -132,7 +133,7 @@ def soft_accuracy(pred: str, answers: list[str]) -> float:
 def vqav2_accuracy(pred: str, answers: list[str]) -> float:
     """Official VQAv2 per-question accuracy (prediction normalised; answers only if not unanimous)."""
     pred = normalize_answer(pred)
-    gts = [_clean(a) for a in answers]
+    gts = list(answers)  # as released: the official code cleans only the prediction
     if len(set(gts)) > 1:
         gts = [process_punctuation(a) for a in gts]
     return soft_accuracy(pred, gts)
@@ -190,6 +191,7 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
     data = read_json_or_jsonl(questions)
     if isinstance(data, dict) and "questions" in data:
         subtype = data.get("data_subtype", "val2014")
+        subtype = {"test-dev2015": "test2015"}.get(subtype, subtype)  # test-dev's images are test2015's
         qs = [Question(str(q["question_id"]), images / f"COCO_{subtype}_{int(q['image_id']):012d}.jpg",
                        with_suffix(q["question"], suffix)) for q in data["questions"]]
     else:
@@ -235,6 +237,18 @@ def vqav2_submission(preds: dict[str, str], every: list[str] | None = None) -> l
     return [{"question_id": int(q) if q.isdigit() else q, "answer": a} for q, a in rows]
 
 
+def textvqa_question(prompt: str) -> str:
+    """The question of a LLaVA TextVQA prompt, lower-cased (LLaVA's eval_textvqa.py `prompt_processor`; a
+    one-line prompt is the question)."""
+    if prompt.startswith("OCR tokens: "):
+        m = re.search(r"Question: (.*?) Short answer:", prompt, re.DOTALL)
+        return (m[1] if m else prompt).lower()
+    lines = prompt.split("\n")
+    if "Reference OCR token: " in prompt and len(lines) == 3:
+        return (lines[1] if prompt.startswith("Reference OCR token:") else lines[0]).lower()
+    return lines[0].lower()
+
+
 def load_textvqa(annotations: str | Path, images: str | Path, questions: str | Path | None,
                  suffix: str) -> Benchmark:
     """TextVQA val from the official annotation file (+ optional LLaVA question JSONL)."""
@@ -245,6 +259,11 @@ def load_textvqa(annotations: str | Path, images: str | Path, questions: str | P
     gold = {str(d["question_id"]): _answers(d) for d in ann["data"]}
     if questions is not None:
         qs = _llava_questions(Path(questions), images, suffix)
+        # LLaVA's llava_textvqa_val_v051_ocr.jsonl holds the image id in `question_id` (several questions per
+        # image): its eval_textvqa.py finds the annotation by (image id, question lower-cased)
+        by_image = {(str(d["image_id"]), d["question"].lower()): str(d["question_id"]) for d in ann["data"]}
+        qs = [q if q.qid in gold else dataclasses.replace(q, qid=by_image.get((q.qid, textvqa_question(q.prompt)),
+                                                                              q.qid)) for q in qs]
     else:
         qs = [Question(str(d["question_id"]), images / f"{d['image_id']}.jpg", with_suffix(d["question"], suffix))
               for d in ann["data"]]
