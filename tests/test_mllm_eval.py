@@ -405,6 +405,9 @@ def test_vqav2_rescoring_and_testdev_submission(tiny, tmp_path):
                                                                                  "question_id": 10}]}))
     with pytest.raises(ValueError, match=r"1 of the 2 questions of .*q.json are not in .*test2015_questions.json"):
         load_vqav2(tmp_path / "q.json", tmp_path, None, "", official)  # val questions against test2015: refused
+    testdev = {**qs, "data_subtype": "test-dev2015"}  # the official test-dev file; its images are test2015's
+    (tmp_path / "td.json").write_text(json.dumps(testdev))
+    assert load_vqav2(tmp_path / "td.json", tmp_path, None, "").questions[0].image.name == "COCO_test2015_000000000001.jpg"
 
 
 def test_bad_invocations_fail_clearly(tiny, tmp_path, capsys):
