@@ -53,7 +53,8 @@ from unitok.image_io import MAX_PIXELS, ImageTooLarge, load_image, preprocess, t
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 """Weight files one of which an export folder holds (transformers' names)."""
 
 
@@ -236,8 +237,8 @@ class MLLMEngine:
             raise ValueError("--device cuda was requested but CUDA is not available")
         model_dir = Path(cfg.model)
         if not (model_dir / "config.json").is_file():
-            hint = f" (a training run folder: its export is {model_dir / 'export'})" if (model_dir / "latest").is_file() \
-                else ""
+            run = (model_dir / "latest").is_file()
+            hint = f" (a training run folder: its export is {model_dir / 'export'})" if run else ""
             raise FileNotFoundError(f"no config.json in {model_dir}: expected an MLLM export folder{hint}")
         config = json.loads((model_dir / "config.json").read_text())
         if not cfg.official_mllm:

@@ -407,7 +407,8 @@ def test_vqav2_rescoring_and_testdev_submission(tiny, tmp_path):
         load_vqav2(tmp_path / "q.json", tmp_path, None, "", official)  # val questions against test2015: refused
     testdev = {**qs, "data_subtype": "test-dev2015"}  # the official test-dev file; its images are test2015's
     (tmp_path / "td.json").write_text(json.dumps(testdev))
-    assert load_vqav2(tmp_path / "td.json", tmp_path, None, "").questions[0].image.name == "COCO_test2015_000000000001.jpg"
+    image = load_vqav2(tmp_path / "td.json", tmp_path, None, "").questions[0].image
+    assert image.name == "COCO_test2015_000000000001.jpg"
 
 
 def test_bad_invocations_fail_clearly(tiny, tmp_path, capsys):

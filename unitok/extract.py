@@ -20,8 +20,8 @@ Skipped samples are counted per reason (SKIP_REASONS) with the first few sample 
 Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes shards r, r + w, ... .
 Each finished shard is written atomically (tmp + rename) with its sidecar, and skipped on rerun, so a
 crashed job is simply started again; one whose input changed size since (a truncated shard downloaded
-again, another dataset's shard of that name) is extracted again. An OUT_DIR holding shards made with another mode, image size or
-codebook shape is refused. After a barrier, rank 0 merges the sidecars into OUT_DIR/manifest.json.
+again, another dataset's shard of that name) is extracted again. An OUT_DIR holding shards made with another
+mode, image size or codebook shape is refused. After a barrier, rank 0 merges the sidecars into OUT_DIR/manifest.json.
 """
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     "pope": ("questions", "images"), "mme": ("images",), "fid": ("prompts", "images", "inception_weights"),
     "geneval-export": ("prompts",), "genai-export": ("prompts",), "geneval-import": ("results",),
     "genai-import": ("scores", "skills"), "tokenizer": ()}
-_OPTIONAL: dict[str, tuple[str, ...]] = {"vqav2": ("annotations", "submission_questions"), "gqa": ("questions",), "textvqa": ("questions",)}
+_OPTIONAL: dict[str, tuple[str, ...]] = {"vqav2": ("annotations", "submission_questions"), "gqa": ("questions",),
+                                         "textvqa": ("questions",)}
 _MODEL = ("model", "tokenizer", *(f"loading.{f.name}" for f in dataclasses.fields(EngineOptions)))
 _ANSWERS = ("prompt_suffix", "inference.batch_size", "inference.max_new_tokens", "inference.limit",
             "inference.log_every")
