@@ -1,4 +1,6 @@
 """Official `unitok_tokenizer.pth` compatibility (REFERENCE.md 3.2-3.3)."""
+import dataclasses
+import re
 from collections import OrderedDict
 
 import pytest
@@ -108,6 +110,44 @@ def test_official_args_round_trip():
         config_from_official_args({**LARGE_ARGS, "model": "vitamin_huge"})
     with pytest.raises(ValueError, match="lack"):
         config_from_official_args({k: v for k, v in LARGE_ARGS.items() if k != "vocab_width"})
+
+
+def test_convert_refuses_an_out_dir_that_is_or_holds_its_input(tmp_path, monkeypatch):
+    """`python -m unitok.convert weights/unitok_tokenizer.pth weights` would replace the folder that holds the file
+    being converted: refused before anything is read or written, every file stays."""
+    _, path = _small_official_file(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    import unitok.convert as conv
+    monkeypatch.setattr(conv, "config_from_official_args", lambda args, attn_mode="full": preset("debug"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for out in (tmp_path, path, tmp_path / ".." / tmp_path.name):
+        with pytest.raises(ValueError, match="is or contains the checkpoint"):
+            main([str(path), str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    main([str(path), str(tmp_path / "converted")])  # a folder beside it is fine
+    assert load_tokenizer(tmp_path / "converted").cfg == preset("debug")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["--projection.num-heads=8"], "projection.num_heads=8"),  # same shapes as 16 heads, other outputs
+    (["--projection.mlp-ratio=4"], "projection.mlp_ratio=4.0"),
+    (["--decoder.num-layers=2"], "decoder.num_layers=2"),
+    (["--decoder.stage-widths", "64", "128"], "decoder.stage_widths=(64, 128)"),
+    (["--decoder.drop-path=0.0"], "decoder.drop_path=0.0"),  # the args hold one drop_path for both
+])
+def test_official_args_refuse_a_config_they_cannot_rebuild(overrides, field):
+    """The official args name a trunk and a few sizes; a config they would rebuild differently is refused, naming
+    the field, instead of exported as args of another model."""
+    with pytest.raises(ValueError, match="cannot carry this config: " + re.escape(field)):
+        official_args_from_config(preset("large", overrides))
+
+
+def test_official_args_carry_the_rest_and_leave_out_runtime_fields():
+    """The attention mode is passed beside the args (the file never records it) and activation checkpointing
+    does not change what the model computes: both export."""
+    cfg = preset("large", ["--projection.attn-mode=causal", "--grad-checkpointing"])
+    back = config_from_official_args(official_args_from_config(cfg), attn_mode="causal")
+    assert dataclasses.replace(back, grad_checkpointing=True) == cfg
 
 
 def test_truncated_foreign_and_unsafe_files(tmp_path):

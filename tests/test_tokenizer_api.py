@@ -42,6 +42,37 @@ def test_save_load_round_trip_bit_exact(debug_model, images, tmp_path):
     assert UniTok.from_pretrained(tmp_path / "tok").cfg == debug_model.cfg
 
 
+def test_save_pretrained_replaces_only_a_checkpoint_folder(debug_model, tmp_path):
+    """Saving into a folder that holds anything but an earlier checkpoint's own files is refused and deletes
+    nothing (it used to swap the whole folder out: `unitok.convert weights/unitok_tokenizer.pth weights` deleted
+    the .pth and everything beside it); a new, an empty and a checkpoint folder are written."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "unitok_tokenizer.pth").write_bytes(b"official")
+    (weights / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a UniTok checkpoint folder"):
+        debug_model.save_pretrained(weights)
+    assert sorted(p.name for p in weights.iterdir()) == ["notes.txt", "unitok_tokenizer.pth"]
+    # a foreign config.json (another library's) does not make it a checkpoint folder
+    (weights / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(FileExistsError, match="not a UniTok checkpoint folder"):
+        debug_model.save_pretrained(weights)
+    assert (weights / "config.json").read_text() == '{"model_type": "llama"}'
+    # a checkpoint folder with other files beside the checkpoint's own
+    debug_model.save_pretrained(tmp_path / "tok")
+    (tmp_path / "tok" / "README.md").write_text("card")
+    with pytest.raises(FileExistsError, match=r"also holds \['README.md'\]"):
+        debug_model.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        debug_model.save_pretrained(tmp_path / "file")
+    (tmp_path / "empty").mkdir()
+    debug_model.save_pretrained(tmp_path / "empty")
+    assert UniTok.from_pretrained(tmp_path / "empty").cfg == debug_model.cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "tok", "weights"]  # no temporaries left
+
+
 def test_config_round_trip_and_validation():
     cfg = preset("large")
     assert UniTokConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

@@ -99,6 +99,116 @@ def test_bad_inception_weights_fail_before_the_reconstruction_pass(tmp_path, bad
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("bad", ["missing_images", "missing_zeroshot_dir", "probe_class_of_one", "zeroshot_empty",
+                                 "imagenet_count", "imagenet_names"])
+def test_bad_inputs_fail_before_the_tokenizer_loads(tmp_path, bad):
+    """Every input of the later evaluations is checked before the tokenizer loads: a mistyped folder, a probe
+    class of one image or folders --classnames imagenet cannot name used to fail after the whole reconstruction
+    pass, losing its results (no metrics.json)."""
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
+    imgs, zs = _folder(tmp_path / "imgs", n=2, size=32), tmp_path / "zs"
+    extra, error, msg = {  # built lazily: each case makes only its own folders
+        "missing_images": lambda: (["--images", str(tmp_path / "typo")], FileNotFoundError, "image folder not found"),
+        "missing_zeroshot_dir": lambda: (["--zeroshot-dir", str(tmp_path / "typo")], FileNotFoundError,
+                                         "--zeroshot-dir .*typo: no such folder"),
+        "probe_class_of_one": lambda: (["--probe-dir", str(_folder(tmp_path / "pd" / "a", n=1, size=32).parent)],
+                                       ValueError, "class 'a' has 1 image"),
+        "zeroshot_empty": lambda: (["--zeroshot-dir", str(_folder(tmp_path / "flat", n=1, size=32))], ValueError,
+                                   "--zeroshot-dir .*flat is not an ImageFolder"),
+        "imagenet_count": lambda: (["--zeroshot-dir", str(_n_image_classes(zs, ["n00000001", "n00000002"])),
+                                    "--classnames", "imagenet"], ValueError, "needs 1000 class folders, found 2"),
+        "imagenet_names": lambda: (["--zeroshot-dir", str(_n_image_classes(zs, [f"c{i}" for i in range(1000)])),
+                                    "--classnames", "imagenet"], ValueError, "named by wnid"),
+    }[bad]()
+    if bad != "missing_images":
+        extra = ["--images", str(imgs), *extra]
+    with mock.patch("unitok.loading.load_tokenizer", side_effect=AssertionError("the tokenizer was loaded")), \
+            pytest.raises(error, match=msg):
+        main(["--tokenizer", str(tmp_path / "tok"), "--size", "32", "--out", str(tmp_path / "o"), *extra])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("images, out", [
+    ("imgs", "imgs/eval"),  # a rerun would list the first run's PNGs as inputs, then delete them
+    ("imgs", "imgs"),
+    ("o/reference", "o"),  # re-scoring a run's reference crops in place would delete them first
+    ("o/recon/sub", "o"),
+])
+def test_out_overlapping_images_is_refused(tmp_path, monkeypatch, capsys, images, out):
+    """recon/ and reference/ of --out are emptied by the run and --images is read recursively: an --out whose
+    recon/ or reference/ is, lies in or contains --images is refused when the flags are parsed."""
+    from unitok.evaluate import parse_args
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--tokenizer", "t", "--images", images, "--out", out])
+    assert e.value.code == 2 and "overlaps --images" in " ".join(capsys.readouterr().err.replace("│", "").split())
+    assert parse_args(["--tokenizer", "t", "--images", "o/imgs", "--out", "o"]).out == "o"  # beside them: fine
+
+
+def test_size_must_be_a_multiple_of_16(capsys):
+    """--size 40 used to pass the flags and fail in encode, after the tokenizer loaded and --out was cleared."""
+    from unitok.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--tokenizer", "t", "--images", "ref", "--size", "40"])
+    assert e.value.code == 2 and "--size 40 must be a multiple of 16" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_failed_rerun_leaves_no_earlier_metrics_json(tmp_path):
+    """metrics.json is removed with recon/ and reference/ at the start, so a rerun that fails after its pass does
+    not leave the earlier run's numbers beside its own PNGs; a write cut short leaves no metrics.json either."""
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "o"
+    argv = ["--tokenizer", str(tmp_path / "tok"), "--size", "32", "--out", str(out)]
+    main([*argv, "--images", str(_folder(tmp_path / "six", size=32))])
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 6
+    two = ["--images", str(_folder(tmp_path / "two", n=2, size=32, seed=1))]
+    with mock.patch("unitok.evaluate.codebook_stats", side_effect=RuntimeError("failed after the pass")), \
+            pytest.raises(RuntimeError, match="after the pass"):
+        main([*argv, *two])
+    assert not (out / "metrics.json").exists() and len(list((out / "recon").glob("*.png"))) == 2
+
+    from pathlib import Path
+    write_text = Path.write_text
+
+    def disk_full(self, data, *args, **kwargs):
+        if "metrics.json" in self.name:
+            write_text(self, data[: len(data) // 2])
+            raise OSError("no space left on device")
+        return write_text(self, data, *args, **kwargs)
+
+    with mock.patch.object(Path, "write_text", disk_full), pytest.raises(OSError, match="no space"):
+        main([*argv, *two])
+    assert sorted(p.name for p in out.iterdir()) == ["recon", "reference"]
+
+
+def test_attn_mode_must_match_a_checkpoint_folder_and_is_recorded(tmp_path):
+    """A folder records its attention mode: --attn-mode that differs is refused (it used to be ignored silently),
+    before anything is cleared; metrics.json records the mode and the tokenizer's fingerprint."""
+    from unitok import load_tokenizer
+
+    torch.manual_seed(0)
+    UniTok(preset("debug")).save_pretrained(tmp_path / "full")
+    UniTok(preset("debug", ["--projection.attn-mode=causal"])).save_pretrained(tmp_path / "causal")
+    imgs = _folder(tmp_path / "imgs", n=2, size=32)
+    argv = ["--images", str(imgs), "--size", "32", "--out", str(tmp_path / "o")]
+    main(["--tokenizer", str(tmp_path / "full"), *argv])
+    before = (tmp_path / "o" / "metrics.json").read_text()
+    with pytest.raises(ValueError, match="--attn-mode causal: the checkpoint folder .*full has full projection"):
+        main(["--tokenizer", str(tmp_path / "full"), *argv, "--attn-mode", "causal"])
+    assert (tmp_path / "o" / "metrics.json").read_text() == before
+    assert json.loads(before)["attn_mode"] == "full"
+    for extra in ([], ["--attn-mode", "causal"]):  # a causal folder needs no flag; the matching one is accepted
+        main(["--tokenizer", str(tmp_path / "causal"), *argv, *extra])
+        m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+        assert m["attn_mode"] == "causal"
+        assert m["tokenizer_fingerprint"] == load_tokenizer(tmp_path / "causal").fingerprint()
+        assert m["tokenizer_fingerprint"] != json.loads(before)["tokenizer_fingerprint"]
+
+
 def test_rerun_into_the_same_out_scores_only_its_own_images(tmp_path):
     """torch-fidelity reads whole folders, so recon/ and reference/ are emptied first: a second run with fewer
     images leaves only its own PNGs, named by the image's index in the sorted folder on every rank."""
@@ -185,11 +295,71 @@ def test_zero_shot_on_image_folder(tmp_path, capsys):
 
     # a templates file without exactly one {} per line, or a missing one, is refused before the model loads
     (tmp_path / "bad.txt").write_text("a photo of a {}\na photo\n")
-    for spec, msg in ((tmp_path / "bad.txt", "exactly one '{}' for the class name; bad: 'a photo'"),
+    for spec, msg in ((tmp_path / "bad.txt", "exactly one '{}' for the class name; bad: line 2 'a photo'"),
                       (tmp_path / "nope.txt", "no such file")):
         with pytest.raises(SystemExit) as e:
             parse_args(["--tokenizer", "t", "--zeroshot-dir", "zs", "--templates", str(spec)])
         assert e.value.code == 2 and msg in " ".join(capsys.readouterr().err.replace("│", "").split())
+
+
+@pytest.mark.parametrize("line", ["a photo of a {} in {style}.", "a {0} photo of a {}.", "a photo of a {}}.",
+                                  "a photo of a {0}.", "a photo of a {:{}}."])
+def test_templates_that_str_format_cannot_fill_are_refused_naming_file_and_line(tmp_path, line):
+    """Each of these has one '{}' but fails (or needs a manual index) in open_clip's `template.format(name)`,
+    which ran only after the reconstruction pass."""
+    from unitok.evaluate import read_templates
+
+    path = tmp_path / "t.txt"
+    path.write_text(f"a photo of a {{}}.\n\n{line}\n")
+    with pytest.raises(ValueError, match="exactly one") as e:
+        read_templates(str(path))
+    assert f"--templates {path}" in str(e.value) and f"line 3 {line!r}" in str(e.value)
+    path.write_text("a {{literal}} photo of a {}.\n{!r}\n{:>6}\n")  # escaped braces, conversion, spec: fine
+    assert [t.format("cat") for t in read_templates(str(path))] == ["a {literal} photo of a cat.", "'cat'", "   cat"]
+
+
+def _n_image_classes(root, names):
+    """An ImageFolder of one (empty) .png per class: enough for its listing, which opens no file."""
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"")
+    return root
+
+
+def test_imagenet_classnames_follow_wnid_or_index_folder_names(tmp_path):
+    """--classnames imagenet maps IMAGENET_CLASSNAMES (sorted-wnid order) onto ImageFolder's sorted folders: wnid
+    folders in order, index folders by int(name) (ImageFolder sorts "10" before "2", which used to shift the
+    names onto the wrong classes), anything else refused."""
+    from open_clip import zero_shot_classifier as zsc
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from torchvision.datasets import ImageFolder
+
+    from unitok.evaluate import zero_shot
+
+    torch.manual_seed(0)
+    model = UniTok(preset("debug")).eval()
+
+    class Built(Exception):
+        pass
+
+    def names_used(folder):
+        def capture(model, tok, names, *args, **kwargs):
+            raise Built(names)
+
+        with mock.patch.object(zsc, "build_zero_shot_classifier", capture), pytest.raises(Built) as e:
+            zero_shot(model, folder, "imagenet", 32)
+        return e.value.args[0]
+
+    for layout, name_of in (("wnid", lambda i: f"n{i:08d}"), ("index", str), ("padded", lambda i: f"{i:04d}")):
+        folder = _n_image_classes(tmp_path / layout, [name_of(i) for i in range(1000)])
+        names, to_idx = names_used(folder), ImageFolder(str(folder)).class_to_idx
+        assert all(names[to_idx[name_of(i)]] == IMAGENET_CLASSNAMES[i] for i in range(1000)), layout
+    for layout, folders, msg in (
+            ("words", [f"class_{i}" for i in range(1000)], "named by wnid .* found e.g. 'class_0'"),
+            ("gap", [str(i) for i in range(1, 1001)], "named by index must be 0 ... 999"),
+            ("few", ["n00000001", "n00000002"], "needs 1000 class folders, found 2")):
+        with pytest.raises(ValueError, match=msg):
+            names_used(_n_image_classes(tmp_path / layout, folders))
 
 
 class NotATensor:

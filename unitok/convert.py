@@ -115,25 +115,54 @@ def load_official(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: {e}") from e
 
 
+RUNTIME_FIELDS = ("grad_checkpointing",)
+"""Config fields that change how a model trains, not what it computes: the official args need not carry them."""
+
+
 def official_args_from_config(cfg: UniTokConfig) -> dict[str, Any]:
-    """The `args` entries an official-layout file needs to rebuild `cfg` (for export and tests)."""
+    """The `args` entries an official-layout file needs to rebuild `cfg` (for export and tests).
+
+    The official args carry a trunk name and a few sizes, not every field of our config: a config they cannot
+    rebuild (another projection head count, decoder depth or widths, separate encoder/decoder drop paths, ...)
+    is refused, naming the fields, rather than exported as args that build another model. The attention mode
+    is the one field the file never carries (`config_from_official_args(args, attn_mode)`)."""
     trunk = {v: k for k, v in _TRUNKS.items()}
     name = next((trunk[n] for n in ("large", "base", "small")
                  if vars_of(PRESETS[n].encoder) | {"drop_path": 0} == vars_of(cfg.encoder) | {"drop_path": 0}), None)
     if name is None or cfg.quantizer.kind != "mcq":
         raise ValueError("only ViTamin small/base/large trunks with an MCQ quantizer have an official layout")
     q, t = cfg.quantizer, cfg.text
-    return {"model": name, "img_size": cfg.img_size, "num_query": 0, "drop_path": cfg.encoder.drop_path,
+    args = {"model": name, "img_size": cfg.img_size, "num_query": 0, "drop_path": cfg.encoder.drop_path,
             "quant_proj": "attn" if cfg.projection.kind == "attention" else "linear",
             "vocab_size": q.codebook_size * q.num_codebooks, "vocab_width": q.latent_dim,
             "num_codebooks": q.num_codebooks, "vq_beta": q.beta, "le": q.entropy_weight, "e_temp": q.entropy_temp,
             "embed_dim": cfg.embed_dim, "text_width": t.width, "text_heads": t.num_heads,
             "text_layers": t.num_layers, "text_context_length": t.context_length, "text_vocab_size": t.vocab_size}
+    lost = _config_diff(cfg.to_dict(), config_from_official_args(args, cfg.projection.attn_mode).to_dict())
+    lost = [f"{k}={want!r} (the args rebuild {got!r})" for k, want, got in lost if k not in RUNTIME_FIELDS]
+    if lost:
+        raise ValueError("the official args cannot carry this config: " + ", ".join(lost))
+    return args
+
+
+def _config_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, a's value, b's value) of every leaf where two `UniTokConfig.to_dict()`s differ."""
+    out = []
+    for k in a:
+        if isinstance(a[k], dict):
+            out += _config_diff(a[k], b[k], f"{prefix}{k}.")
+        elif a[k] != b[k]:
+            out.append((prefix + k, a[k], b[k]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     """Convert an official .pth into a config.json + model.safetensors folder."""
     cfg = parse(ConvertConfig, argv, prog="python -m unitok.convert", description=__doc__)
+    src, dst = Path(cfg.checkpoint).resolve(), Path(cfg.out_dir).resolve()
+    if dst == src or dst in src.parents:  # writing the folder would replace (delete) the file being converted
+        raise ValueError(f"OUT_DIR {cfg.out_dir} is or contains the checkpoint {cfg.checkpoint}; "
+                         f"write the folder elsewhere (e.g. {src.with_suffix('')})")
     model = load_official(cfg.checkpoint, attn_mode=cfg.attn_mode)
     model.save_pretrained(cfg.out_dir)
     print(f"wrote {cfg.out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")

@@ -19,6 +19,11 @@
   features (the zero-shot path's), fitted on one half of each class and scored on the other
   (`probe_split`); top-1. A second read of understanding that does not go through the text tower.
 
+Every input (the folders, the probe's classes, --classnames imagenet's folder names, a --templates file, the
+Inception weights) is checked before the tokenizer loads, so that a bad one does not fail after the pass and
+lose its results. An earlier run's metrics.json is removed with recon/ and reference/, and this run's is
+written atomically at the end; it records the tokenizer's attention mode and code-path fingerprint.
+
 Multi-rank: images are split across ranks; counts (and the probe's features) are all-reduced; only
 rank 0 writes JSON.
 """
@@ -26,6 +31,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,8 +53,9 @@ class TokenizerEvalConfig:
 
     tokenizer: str
     """Checkpoint folder or official unitok_tokenizer.pth."""
-    attn_mode: Literal["full", "causal"] = "full"
-    """Projection attention of an official .pth (ignored for folders)."""
+    attn_mode: Literal["full", "causal"] | None = None
+    """Projection attention of an official .pth (default full). A checkpoint folder records its own: given with
+    a folder it must match it (a folder cannot be evaluated in the other mode)."""
     images: str | None = None
     """Folder of reference images for the reconstruction metrics (PSNR, SSIM, codebook usage)."""
     inception_weights: str | None = None
@@ -62,7 +71,7 @@ class TokenizerEvalConfig:
     """ImageFolder for a linear probe on the frozen image features (may be the zero-shot folder); every class
     needs >= 2 images: even positions (sorted) train the probe, odd ones test it."""
     size: int = 256
-    """Image side (Resize + CenterCrop)."""
+    """Image side (Resize + CenterCrop); a multiple of 16 (the tokenizer's patch)."""
     batch_size: int = 16
     """Images per forward."""
     out: str = "eval_out"
@@ -81,6 +90,23 @@ class TokenizerEvalConfig:
             read_templates(self.templates)  # a bad file fails here, before the model loads
         if self.size <= 0 or self.batch_size < 1:
             raise ValueError("--size and --batch-size must be positive")
+        from unitok.config import DOWNSAMPLE
+
+        if self.size % DOWNSAMPLE:  # else encode refuses it, after the tokenizer loaded and --out was cleared
+            raise ValueError(f"--size {self.size} must be a multiple of {DOWNSAMPLE} (the tokenizer's patch size)")
+        if self.images:
+            check_out_apart_from_images(Path(self.out), Path(self.images))
+
+
+def check_out_apart_from_images(out: Path, images: Path) -> None:
+    """Refuse an --out whose recon/ or reference/ is, lies inside or contains --images: the run empties those
+    folders first (deleting the inputs) and lists --images recursively (taking an earlier run's PNGs as inputs)."""
+    src = images.resolve()
+    for sub in ("recon", "reference"):
+        dst = (out / sub).resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise ValueError(f"--out {out}: its {sub}/ folder overlaps --images {images} (the run empties {sub}/ "
+                             f"and reads --images recursively); choose an --out outside --images")
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -234,7 +260,8 @@ def image_features(model, paths: list[Path], size: int, batch_size: int = 32, ra
 
 
 def read_templates(spec: str) -> list[str]:
-    """`imagenet` -> OpenAI's ImageNet prompts; else the non-empty lines of the file SPEC, each with one `{}`."""
+    """`imagenet` -> OpenAI's ImageNet prompts; else the non-empty lines of the file SPEC, each with exactly one
+    replacement field, an automatic one (`{}`), that `str.format(classname)` fills (open_clip formats them so)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     if spec == "imagenet":
@@ -242,12 +269,66 @@ def read_templates(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"--templates {spec}: no such file (use 'imagenet' or a file of templates)")
-    lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
-    bad = [x for x in lines if x.count("{}") != 1]
+    lines = [(i, x.strip()) for i, x in enumerate(path.read_text().splitlines(), 1) if x.strip()]
+    bad = next(((i, x) for i, x in lines if not _one_class_field(x)), None)
     if not lines or bad:
         raise ValueError(f"--templates {spec}: every line needs exactly one '{{}}' for the class name"
-                         + (f"; bad: {bad[0]!r}" if bad else "; the file is empty"))
-    return lines
+                         + (f"; bad: line {bad[0]} {bad[1]!r}" if bad else "; the file is empty"))
+    return [x for _, x in lines]
+
+
+def _one_class_field(template: str) -> bool:
+    """True if `template` has exactly one replacement field, an automatic one, and `template.format(name)` works
+    (a named field, a second or numbered field, or a stray brace would fail only inside open_clip)."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        template.format("x")
+    except (ValueError, IndexError, KeyError, AttributeError):
+        return False
+    return fields == [""]
+
+
+def image_folder(folder: Path, flag: str):
+    """torchvision's ImageFolder of `folder`, with an error naming `flag` if it is missing or has no class folders
+    of images."""
+    from torchvision.datasets import ImageFolder
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {folder}: no such folder")
+    try:
+        return ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folder, or a class folder without images
+        raise ValueError(f"{flag} {folder} is not an ImageFolder (one sub-folder of images per class): {e}") from e
+
+
+_WNID = re.compile(r"n[0-9]{8}")
+
+
+def zero_shot_classnames(classes: list[str], classnames: str) -> list[str]:
+    """The text name of each ImageFolder class (`classes`, ImageFolder's sorted folder names), in that order.
+
+    `folders`: the folder name, `_` read as a space. `imagenet`: open_clip's IMAGENET_CLASSNAMES, which are in
+    sorted-wnid order, so 1000 wnid folders (n01440764 ...) take them in order; 1000 folders named by class
+    index (0 ... 999, any zero padding) take IMAGENET_CLASSNAMES[int(name)] (ImageFolder sorts them as strings:
+    "10" before "2"). Other folder names are refused: their class order is unknown.
+    """
+    if classnames != "imagenet":
+        return [c.replace("_", " ") for c in classes]
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    n = len(IMAGENET_CLASSNAMES)
+    if len(classes) != n:
+        raise ValueError(f"--classnames imagenet needs {n} class folders, found {len(classes)}")
+    if all(_WNID.fullmatch(c) for c in classes):
+        return list(IMAGENET_CLASSNAMES)
+    if all(re.fullmatch(r"[0-9]+", c) for c in classes):
+        if sorted(int(c) for c in classes) == list(range(n)):
+            return [IMAGENET_CLASSNAMES[int(c)] for c in classes]
+        raise ValueError(f"--classnames imagenet: class folders named by index must be 0 ... {n - 1}, each once; "
+                         f"found {classes[0]!r} ... {classes[-1]!r}")
+    odd = next(c for c in classes if not _WNID.fullmatch(c))
+    raise ValueError(f"--classnames imagenet needs the class folders named by wnid (n01440764 ...) or by class "
+                     f"index (0 ... {n - 1}), found e.g. {odd!r}; use --classnames folders for other names")
 
 
 @torch.no_grad()
@@ -257,16 +338,9 @@ def zero_shot(model, folder: Path, classnames: str, size: int, batch_size: int =
     folder's `image_features` when the probe has them already (at least this rank's rows filled)."""
     import open_clip
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-    from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(str(folder))
-    if classnames == "imagenet":
-        if len(ds.classes) != len(IMAGENET_CLASSNAMES):
-            raise ValueError(f"--classnames imagenet needs 1000 class folders, found {len(ds.classes)}")
-        names = list(IMAGENET_CLASSNAMES)
-    else:
-        names = [c.replace("_", " ") for c in ds.classes]
+    ds = image_folder(folder, "--zeroshot-dir")
+    names = zero_shot_classnames(ds.classes, classnames)
     tok = open_clip.get_tokenizer("ViT-B-32", context_length=model.cfg.text.context_length)
     weights = build_zero_shot_classifier(model, tok, names, read_templates(templates), 10, model.device)
     if features is None:
@@ -344,13 +418,8 @@ def linear_probe(model, folder: Path, size: int, batch_size: int = 32, rank: int
                  features: torch.Tensor | None = None) -> dict:
     """Linear-probe top-1 on an ImageFolder split by `probe_split`; every rank fits the same probe.
     `features`: the folder's `folder_features` if the caller has them already."""
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(str(folder))
-    per_class = np.bincount(ds.targets, minlength=len(ds.classes))
-    if per_class.min() < 2:
-        raise ValueError(f"--probe-dir {folder}: class {ds.classes[int(per_class.argmin())]!r} has "
-                         f"{per_class.min()} image(s); the probe needs >= 2 per class (one to train, one to test)")
+    ds = image_folder(folder, "--probe-dir")
+    check_probe_classes(ds, folder)
     if features is None:
         features = folder_features(model, folder, size, batch_size, rank, world)
     feats = features.to(model.device)  # the fit is full batch: on the GPU where there is one (ImageNet: 25k x 1000)
@@ -359,6 +428,15 @@ def linear_probe(model, folder: Path, size: int, batch_size: int = 32, rank: int
     top1 = linear_probe_top1(feats[train], y[train], feats[test], y[test], len(ds.classes))
     return {"probe_top1": top1, "probe_classes": len(ds.classes), "probe_train_images": len(train),
             "probe_test_images": len(test)}
+
+
+def check_probe_classes(ds, folder: Path) -> None:
+    """Refuse a probe ImageFolder with a class of fewer than 2 images (`probe_split` needs one to train, one to
+    test)."""
+    per_class = np.bincount(ds.targets, minlength=len(ds.classes))
+    if per_class.min() < 2:
+        raise ValueError(f"--probe-dir {folder}: class {ds.classes[int(per_class.argmin())]!r} has "
+                         f"{per_class.min()} image(s); the probe needs >= 2 per class (one to train, one to test)")
 
 
 def _reduce(x: torch.Tensor) -> torch.Tensor:
@@ -380,20 +458,33 @@ def run(args: TokenizerEvalConfig) -> dict:
     from runtime.distributed import barrier, clear_outputs, get_rank, get_world_size, is_main_process, launcher_env
     from unitok.loading import load_tokenizer
 
+    # every input is checked before the tokenizer loads: a bad one found after the reconstruction pass would lose
+    # its results (no metrics.json)
     if args.images and args.inception_weights:
-        check_local_weights(args.inception_weights)  # before the pass: a bad file would only fail after it
+        check_local_weights(args.inception_weights)
+    images = list_images(Path(args.images)) if args.images else None
+    if args.zeroshot_dir:
+        zero_shot_classnames(image_folder(Path(args.zeroshot_dir), "--zeroshot-dir").classes, args.classnames)
+    if args.probe_dir:
+        check_probe_classes(image_folder(Path(args.probe_dir), "--probe-dir"), Path(args.probe_dir))
     if launcher_env()[1] > 1:
         from runtime.distributed import init_distributed
 
         init_distributed()
     rank, world = get_rank(), get_world_size()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_tokenizer(args.tokenizer, device=device, attn_mode=args.attn_mode)
+    model = load_tokenizer(args.tokenizer, device=device, attn_mode=args.attn_mode or "full")
+    if args.attn_mode and args.attn_mode != model.cfg.projection.attn_mode:  # a folder: load_tokenizer keeps its own
+        raise ValueError(f"--attn-mode {args.attn_mode}: the checkpoint folder {args.tokenizer} has "
+                         f"{model.cfg.projection.attn_mode} projection attention (recorded in its config.json); "
+                         f"drop --attn-mode, or convert the official .pth again with the mode it needs")
     out = Path(args.out)
-    metrics: dict = {"tokenizer": str(args.tokenizer), "size": args.size}
+    metrics: dict = {"tokenizer": str(args.tokenizer), "attn_mode": model.cfg.projection.attn_mode,
+                     "tokenizer_fingerprint": model.fingerprint(), "size": args.size}
+    # rFID/IS would score an earlier run's PNGs too, and a run that fails must not leave an earlier metrics.json
+    # beside its own PNGs
+    clear_outputs([out / "metrics.json", *([out / "recon", out / "reference"] if args.images else [])])
     if args.images:
-        images = list_images(Path(args.images))
-        clear_outputs([out / "recon", out / "reference"])  # rFID/IS would score an earlier run's PNGs too
         r = evaluate_reconstruction(model, images, args.size, out, args.batch_size, rank, world)
         sums = _reduce(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
         counts = _reduce(r["counts"])
@@ -418,7 +509,12 @@ def run(args: TokenizerEvalConfig) -> dict:
         metrics.update(linear_probe(model, Path(args.probe_dir), args.size, args.batch_size, rank, world, shared))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        tmp = out / f".metrics.json.tmp-{os.getpid()}"  # a failure mid-write leaves no half-written metrics.json
+        try:
+            tmp.write_text(json.dumps(metrics, indent=2))
+            os.replace(tmp, out / "metrics.json")
+        finally:
+            tmp.unlink(missing_ok=True)
         print(format_table(metrics))
     return metrics
 

@@ -241,10 +241,16 @@ class UniTok(nn.Module):
         return h.hexdigest()[:16]
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `path/config.json` and `path/model.safetensors` atomically."""
+        """Write `path/config.json` and `path/model.safetensors` atomically.
+
+        The folder is written beside `path` and swapped in, so an existing `path` is replaced as a whole: that
+        is allowed only for an empty folder or an earlier checkpoint folder (a UniTok config.json and nothing
+        but the checkpoint's own files; `check_replaceable_checkpoint_folder`). Anything else (a folder that also
+        holds the official .pth, notes, other weights) is refused rather than deleted."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        check_replaceable_checkpoint_folder(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -301,6 +307,32 @@ class UniTok(nn.Module):
                               strict=True, assign=True)
         model.reset_nonpersistent_buffers()
         return model.eval()
+
+
+def check_replaceable_checkpoint_folder(path: Path) -> None:
+    """Refuse a `save_pretrained` target whose replacement would delete files that are not a checkpoint's own:
+    an existing file, a non-empty folder without a UniTok config.json, or a checkpoint folder that also holds
+    other files. A missing or empty folder and an earlier checkpoint folder pass."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"cannot save a tokenizer checkpoint to {path}: it is a file, not a folder")
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return
+    try:
+        is_checkpoint = json.loads((path / CONFIG_NAME).read_text()).get("format") == "unitok"
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, not a JSON object
+        is_checkpoint = False
+    if not is_checkpoint:
+        raise FileExistsError(f"cannot save a tokenizer checkpoint to {path}: the folder is not empty and is not "
+                              f"a UniTok checkpoint folder (no UniTok {CONFIG_NAME}); it holds {names[:5]}"
+                              f"{' ...' if len(names) > 5 else ''}. Choose a new or empty folder")
+    foreign = [n for n in names if n not in (CONFIG_NAME, WEIGHTS_NAME)]
+    if foreign:
+        raise FileExistsError(f"cannot replace the tokenizer checkpoint folder {path}: it also holds "
+                              f"{foreign[:5]}{' ...' if len(foreign) > 5 else ''}, which replacing the folder "
+                              f"would delete. Move them out or choose a new folder")
 
 
 def _logit_scale_to_scalar(module, state_dict, prefix, local_metadata):
