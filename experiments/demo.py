@@ -24,11 +24,13 @@ seconds and the host it ran on (a resumed run keeps those of the steps it skips)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ import torch
 
 from runtime.distributed import describe_host
 from runtime.launch import ROOT, deepspeed_cmd, free_port, job_env, run_logged
+from runtime.run import write_json_atomic
 
 
 @dataclass
@@ -203,12 +206,16 @@ def step_text_model(out: Path, sizes: DemoSizes) -> bool | None:
               for line in f.read_text().splitlines()]
     for conv in json.loads((data / "instructions" / "train.json").read_text()):
         corpus += [t["value"].replace("<image>\n", "") for t in conv["conversations"]]
-    make_llama_tokenizer(out / "llama", vocab_size=1024, extra_corpus=tuple(corpus))
+    tmp = out / "llama.tmp"  # written aside and renamed: a kill must not leave a folder the next run skips
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_llama_tokenizer(tmp, vocab_size=1024, extra_corpus=tuple(corpus))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=sizes.hidden, intermediate_size=sizes.hidden * 8 // 3 // 8 * 8,
                       num_hidden_layers=sizes.layers, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(out / "llama")
+    LlamaForCausalLM(cfg).save_pretrained(tmp)
+    shutil.rmtree(out / "llama", ignore_errors=True)
+    tmp.rename(out / "llama")
     _log(f"text tokenizer (1024 pieces) + random tiny Llama ({sizes.layers} x {sizes.hidden})")
 
 
@@ -357,7 +364,7 @@ def step_chat(out: Path, sizes: DemoSizes) -> dict[str, str] | bool:
     _log(f"chat: /gen {prompt!r} -> {g.stdout.strip()[-200:]}")
     result = {"question": item["question"], "answer": q.stdout.strip(), "expected": item["answer"],
               "gen_prompt": prompt, "gen_output": g.stdout.strip()}
-    (rep / "chat.json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(rep / "chat.json", result)
     return result
 
 
@@ -468,7 +475,8 @@ def format_report(r: dict) -> str:
 def format_timing(t: dict, names: list[str]) -> str:
     """timing.json as one line per step, and the whole pipeline's time (the steps' sum, resumed runs included);
     a step done by a run that kept no times is named."""
-    lines = [f"{name}: {v['seconds']:.0f} s ({v['host']})" for name, v in t["steps"].items()]
+    lines = [f"{name}: {v['seconds']:.0f} s ({v['host']}" + (f"; {v['attempts']} attempts, an interrupted one "
+             "included" if v.get("attempts", 1) > 1 else "") + ")" for name, v in t["steps"].items()]
     untimed = [n for n in names if n not in t["steps"]]
     total = f"pipeline: {t['total_seconds'] / 60:.1f} min"
     return "\n".join(["time per step (the run that did it):", *lines,
@@ -483,7 +491,10 @@ def check_sizes(out: Path, sizes: DemoSizes) -> None:
     recorded, report = out / "sizes.json", out / "report" / "report.json"
     source = recorded if recorded.is_file() else report if report.is_file() else None
     if source is not None:
-        data = json.loads(source.read_text())
+        try:
+            data = json.loads(source.read_text())
+        except ValueError as e:
+            raise RuntimeError(f"{source} is unreadable ({e}): rerun with --fresh to start over there") from None
         had = data if source == recorded else data.get("sizes")
         if had is not None and had != want:
             diff = ", ".join(f"{k}: {had.get(k)} -> {want.get(k)}" for k in dict.fromkeys([*want, *had])
@@ -491,11 +502,35 @@ def check_sizes(out: Path, sizes: DemoSizes) -> None:
             raise RuntimeError(f"{out} was made with other demo sizes ({diff}; from {source}). Rerun with --fresh "
                                "to start over there, or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(want, indent=1))
+    write_json_atomic(recorded, want)
+
+
+HEARTBEAT_S = 5.0
+"""How often a running step's partial entry in timing.json is refreshed."""
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """An exclusive lock beside OUT (released with the process if it dies): a second demo on the same folder is
+    refused, not run beside it."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another demo is running on {out}; wait for it, or pass another --out") from None
+        yield
 
 
 def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: bool = True, seed: int = 0) -> dict:
     """Run every step (skipping finished ones) and return the report; `seed` seeds the three training steps."""
+    with _lock(out):
+        return _run(out, sizes, ranks, fresh, chat, seed)
+
+
+def _run(out: Path, sizes: DemoSizes, ranks: int, fresh: bool, chat: bool, seed: int) -> dict:
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     check_sizes(out, sizes)
@@ -504,19 +539,45 @@ def run(out: Path, sizes: DemoSizes, ranks: int = 2, fresh: bool = False, chat: 
     times = json.loads(timing.read_text())["steps"] if timing.is_file() else {}
     names: list[str] = []
     host = describe_host()  # every step of this invocation runs here
+    writing = threading.Lock()
+
+    def record(name: str, entry: dict | None) -> None:
+        with writing:
+            if entry is None:
+                times.pop(name, None)
+            else:
+                times[name] = entry
+            write_json_atomic(timing, {"steps": times, "total_seconds": round(sum(t["seconds"] for t in
+                                                                                   times.values()), 1)})
 
     def timed(name: str, step, *args):
         """Run one step; one that did work (did not return False) records its seconds and host in timing.json, so
-        a resumed run keeps the times of the steps an earlier run did."""
+        a resumed run keeps the times of the steps an earlier run did. While it runs, its entry is refreshed every
+        few seconds and marked partial: the time of an attempt that is killed is kept, and added to the next."""
         names.append(name)
+        earlier = times.get(name, {})
+        before, attempt = (earlier["seconds"], earlier.get("attempts", 1) + 1) if earlier.get("partial") else (0.0, 1)
         start = time.time()
-        result = step(*args)
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(HEARTBEAT_S):
+                record(name, {"seconds": round(before + time.time() - start, 1), "host": host, "partial": True,
+                              "attempts": attempt})
+
+        heart = threading.Thread(target=beat, daemon=True)
+        heart.start()
+        try:
+            result = step(*args)
+        finally:
+            done.set()
+            heart.join()
         if result is not False:
-            times[name] = {"seconds": round(time.time() - start, 1), "host": host}
-            total = round(sum(t["seconds"] for t in times.values()), 1)
-            tmp = timing.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"steps": times, "total_seconds": total}, indent=1))
-            tmp.replace(timing)  # whole or not at all: a resumed run reads it
+            record(name, {"seconds": round(before + time.time() - start, 1), "host": host,
+                          **({"attempts": attempt} if attempt > 1 else {})})
+        elif times.get(name) != earlier:  # skipped: its entry as it was (a beat may have run; an output that an
+            # attempt killed just after finishing it left is complete, so that attempt's time stands)
+            record(name, {k: v for k, v in earlier.items() if k != "partial"} or None)
         return result
 
     timed("data", step_data, out, sizes)
@@ -566,6 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         run(Path(cfg.out), QUICK if cfg.quick else DemoSizes(), cfg.ranks, cfg.fresh, cfg.chat, cfg.seed)
     except RuntimeError as e:
         raise SystemExit(f"experiments.demo: error: {e}") from None
+    except KeyboardInterrupt:
+        print("experiments.demo: interrupted; the same command resumes", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

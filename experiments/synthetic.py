@@ -36,6 +36,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from runtime.run import write_json_atomic
+
 SHAPES = ("circle", "square", "triangle")
 FOREGROUNDS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
                "purple": (140, 60, 180), "orange": (245, 135, 30)}
@@ -325,7 +327,7 @@ def write_demo_data(out_dir: str | os.PathLike, cfg: DemoDataConfig | None = Non
     manifest = {"config": asdict(cfg), "image_shards": image_shards, "tokenizer_shards": tok_shards,
                 "text_files": f"text/{numbered_pattern(n_text, 'jsonl')}", "num_images": len(train),
                 "num_eval_images": len(held), "num_text": len(docs), "num_conversations": len(conv)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_json_atomic(out / "manifest.json", manifest)  # last, and whole: the demo skips a data folder that has it
     return manifest
 
 

@@ -133,6 +133,16 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
     return p
 
 
+def _die_with_parent() -> None:
+    """Run in the child before exec: SIGTERM it when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG), so that a caller killed with -9 leaves no job training on in its folder; the deepspeed
+    launcher passes SIGTERM on to its ranks. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | None = None,
                echo: Callable[[str], None] | None = None, cwd: str | Path | None = None,
                env: dict[str, str] | None = None) -> None:
@@ -151,10 +161,11 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
         f.flush()
         try:
             if echo is None:
-                returncode = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+                returncode = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                            preexec_fn=_die_with_parent).returncode
             else:
                 with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True) as p:
+                                      text=True, preexec_fn=_die_with_parent) as p:
                     for line in p.stdout:
                         f.write(line)
                         echo(line)

@@ -24,6 +24,14 @@ def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int, tim
     return info, log
 
 
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, whole or not at all (a temporary file renamed over `path`): a file that a resumed
+    run reads must not be half-written by a kill."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """One JSON line per optimizer step (rank 0): the exact per-step record resume tests compare."""
     with open(path, "a") as f:

@@ -3,6 +3,7 @@ meets floors set from measured runs, and a second run resumes instead of redoing
 import json
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import pytest
@@ -115,3 +116,40 @@ def test_a_folder_of_other_sizes_is_not_resumed(tmp_path):
         with pytest.raises(RuntimeError, match="first step reached"):
             demo.run(out, demo.DemoSizes(), fresh=True)
     assert json.loads((out / "sizes.json").read_text())["tokenizer_steps"] == 2400
+    # an unreadable sizes.json (a kill while it was written, before it was written atomically): one clear line
+    (out / "sizes.json").write_text('{"num_images": 7')
+    with pytest.raises(RuntimeError, match=r"sizes.json is unreadable .*--fresh"):
+        demo.check_sizes(out, demo.DemoSizes())
+
+
+def test_an_interrupted_step_keeps_its_time_and_a_second_demo_is_refused(tmp_path, monkeypatch):
+    """timing.json kept only the last attempt's seconds (a tokenizer killed twice read 21 s for 95 s of work):
+    a running step's entry is refreshed as partial, and the next attempt adds to it. A second demo on the same
+    folder is refused while the first runs."""
+    from experiments import demo
+
+    out = tmp_path / "demo"
+    monkeypatch.setattr(demo, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(demo, "check_sizes", lambda out, sizes: out.mkdir(parents=True, exist_ok=True))
+
+    def killed(*args):  # the step works for a while, then its process dies (as seen by the next run)
+        time.sleep(0.6)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "step_data", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(out, demo.QUICK)
+    first = json.loads((out / "timing.json").read_text())["steps"]["data"]
+    assert first["partial"] and 0.4 <= first["seconds"] <= 0.8, first
+    with pytest.raises(RuntimeError, match="another demo is running on"):
+        with demo._lock(out):
+            demo.run(out, demo.QUICK)
+    monkeypatch.setattr(demo, "step_data", lambda *a: time.sleep(0.3))
+    stop = RuntimeError("after the data step")
+    monkeypatch.setattr(demo, "step_text_model", mock.Mock(side_effect=stop))
+    with pytest.raises(RuntimeError, match="after the data step"):
+        demo.run(out, demo.QUICK)
+    done = json.loads((out / "timing.json").read_text())["steps"]["data"]
+    assert "partial" not in done and done["attempts"] == 2 and first["seconds"] + 0.3 <= done["seconds"] < 2, done
+    assert "1 s (" in demo.format_timing({"steps": {"data": done}, "total_seconds": 1}, ["data"]) and \
+        "2 attempts" in demo.format_timing({"steps": {"data": done}, "total_seconds": 1}, ["data"])

@@ -239,3 +239,30 @@ def test_a_timed_out_job_leaves_no_process_behind(tmp_path):
     while psutil.pid_exists(rank) and psutil.Process(rank).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
         time.sleep(0.1)
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_job_ends_with_the_process_that_started_it(tmp_path, echo):
+    """The demo killed with -9 left its training job running on in its folder (reparented to init): a rerun
+    in that window ran a second job there. The job now gets SIGTERM when its parent dies."""
+    import psutil
+
+    pid_file = tmp_path / "job.pid"
+    job_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    (tmp_path / "parent.py").write_text(
+        "import sys\nfrom runtime.launch import free_port, run_logged\n"
+        f"run_logged([sys.executable, '-c', {job_code!r}], free_port(), {str(tmp_path / 'job.log')!r}"
+        f"{', echo=print' if echo else ''})\n")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 30
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.time() < deadline and parent.poll() is None
+        time.sleep(0.1)
+    job = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while psutil.pid_exists(job) and psutil.Process(job).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(job) or psutil.Process(job).status() == psutil.STATUS_ZOMBIE

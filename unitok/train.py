@@ -339,10 +339,14 @@ class TokenizerTask(Task):
         return f" | skipped samples (all ranks) {self.data_stats().skipped}", {}
 
     def state_dict(self):
-        return {"gan_rng": self.rng.get_state()}
+        # usage_steps is a non-persistent buffer (the released weights have none), but it sets the usage EMA's
+        # decay and whether the next step overwrites it: a resume must continue it, not restart at 0
+        return {"gan_rng": self.rng.get_state(), "usage_steps": int(self.model.quantizer.usage_steps)}
 
     def load_state_dict(self, state):
         self.rng.set_state(state["gan_rng"])
+        if "usage_steps" in state:  # (checkpoints of older versions: the EMA restarts, as it did)
+            self.model.quantizer.usage_steps.fill_(state["usage_steps"])
 
     def finish(self, run_dir, ckpts, trained, log):
         from runtime.distributed import is_main_process
