@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from runtime.distributed import is_main_process
 
@@ -117,8 +118,8 @@ class MetricSink:
 class Progress:
     """Throughput/ETA bookkeeping and a tqdm bar on interactive terminals (rank 0)."""
 
-    def __init__(self, start_step: int, total_steps: int):
-        self.start_step, self.total = start_step, total_steps
+    def __init__(self, start_step: int, total_steps: int, device=None):
+        self.start_step, self.total, self.device = start_step, total_steps, device
         self.t0 = self.t_last = time.perf_counter()
         self.samples = self.tokens = 0
         self.bar = None
@@ -134,10 +135,14 @@ class Progress:
             self.bar.update(1)
 
     def rates(self, step: int) -> tuple[float, float, float]:
-        """(samples/s, tokens/s, eta seconds) since the last call."""
+        """(samples/s, tokens/s, eta seconds) since the last call, over all ranks: a collective (every rank calls it
+        at the same steps); each rank's counts differ with packed rows."""
         now = time.perf_counter()
         dt = max(now - self.t_last, 1e-9)
-        sps, tps = self.samples / dt, self.tokens / dt
+        counts = torch.tensor([self.samples, self.tokens], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        sps, tps = float(counts[0]) / dt, float(counts[1]) / dt
         done = step - self.start_step
         eta = (now - self.t0) / max(done, 1) * (self.total - step)
         self.t_last, self.samples, self.tokens = now, 0, 0

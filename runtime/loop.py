@@ -295,12 +295,21 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
     resume_from = ckpts.resolve(cfg.resume)
     if resume_from is not None:
         rank_state = ckpts.load_rank_state(resume_from)
-        step = int(ckpts.load_trainer_state(resume_from)["step"])
+        trainer_state = ckpts.load_trainer_state(resume_from)
+        step = int(trainer_state["step"])
         if task.load_checkpoint(resume_from, rank_state, step, log):
             task.loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
             task.load_state_dict(rank_state.get("task", rank_state))  # checkpoints before the shared loop: top level
         log.info(f"resumed from {resume_from} at step {step}")
+        was = (trainer_state.get("config") or {}).get("total_steps")
+        if was is not None and was != cfg.total_steps:  # the saved lr is the old schedule's: take the new one's now
+            log.warning(f"--total-steps {cfg.total_steps} differs from the {was} of the run resumed: the learning rate "
+                        "follows the new schedule from this step on (warmup and cosine are fractions of the total)")
+            for engine in task.engines.values():
+                if (sched := engine.lr_scheduler) is not None:
+                    for group, base, fn in zip(engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                        group["lr"] = base * fn(sched.last_epoch)
         if later := [s for s in ckpts.complete_steps() if s > step]:
             log.warning(f"{run_dir} holds {len(later)} checkpoints after step {step} (up to {step_name(later[-1])}), "
                         "of the run this one rewinds: each is replaced when this run reaches its step")
@@ -309,7 +318,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
         if unreadable := truncate_metrics(metrics_file, step):  # drop lines of steps that were lost with a crash
             log.warning(f"{metrics_file}: dropped {unreadable} lines that do not parse (a write cut short)")
     sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project)
-    progress = Progress(step, cfg.total_steps)
+    progress = Progress(step, cfg.total_steps, info.device)
     main_engine = next(iter(task.engines.values()))
     kill = cfg.debug
 
@@ -330,6 +339,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
     while step < cfg.total_steps:
         micro_scalars: list[dict[str, float]] = []
         hashes, samples, tokens = [], 0, 0
+        lr = float(main_engine.get_lr()[0])  # the rate this step's update uses (the scheduler steps after it)
         while len(micro_scalars) < cfg.grad_accum:
             batch = next(batches)
             if step + 1 == kill.raise_at_step:
@@ -352,11 +362,16 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             samples, tokens = samples + n, tokens + t
             hashes.append(task.batch_hash(batch))
         step += 1
-        progress.update(samples * info.world_size, tokens * info.world_size)
+        progress.update(samples, tokens)  # this rank's: summed over ranks when the rates are logged
         record: dict[str, Any] = {"step": step, **step_means(micro_scalars, task.weighted)}
         norm = main_engine.get_global_grad_norm()
-        record["grad_norm"] = float(norm) if norm is not None else 0.0
-        record["lr"] = float(main_engine.get_lr()[0])
+        # None where DeepSpeed keeps no norm (ZeRO 0); a non-finite norm means DeepSpeed skipped the update
+        record["grad_norm"] = float(norm) if norm is not None and math.isfinite(norm) else None
+        if norm is not None and not math.isfinite(norm):
+            log.warning(f"step {step}: non-finite gradient norm on a finite loss; the optimizer skipped this update")
+            if cfg.nan_policy == "stop":
+                raise StopRun(f"step {step}: non-finite gradient norm (--nan-policy stop)")
+        record["lr"] = lr
         task.after_step(step, record, batch, out)
         if cfg.compile:
             record.update(graph_counts())

@@ -61,6 +61,18 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
     wa, wb = load_file(full / "export/model.safetensors"), load_file(crash / "export/model.safetensors")
     assert wa.keys() == wb.keys() and any("vocab_usage" in k for k in wa)
     assert [k for k in wa if not torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6)] == []
+    # the logged lr is the rate each step used (it was the next step's); continuing the run to 8 steps follows the
+    # new schedule at once (the first resumed step took the old schedule's saved rate), with a warning
+    from runtime.optim import warmup_cosine
+
+    o = json.loads((full / "config.json").read_text())["config"]["optim"]
+    rate = [o["lr"] * warmup_cosine(s, 6, int(o["warmup_frac"] * 6), o["end_ratio"]) for s in range(6)]
+    assert [m["lr"] for m in a] == pytest.approx(rate, rel=1e-9)
+    deepspeed_module("unitok.train", _args(full, shards, "--total-steps", "8", "--no-export"))
+    longer = _metrics(full)
+    assert [m["step"] for m in longer] == list(range(1, 9)) and longer[:6] == a
+    assert longer[6]["lr"] == pytest.approx(o["lr"] * warmup_cosine(6, 8, int(o["warmup_frac"] * 8), o["end_ratio"]))
+    assert "--total-steps 8 differs from the 6 of the run resumed" in (full / "log.txt").read_text()
 
 
 @pytest.mark.slow
