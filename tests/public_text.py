@@ -1,7 +1,7 @@
 """Faithful small copies of the public text release: DCLM-baseline-1.0 as it is on the hub.
 
 The release lays its files out as
-    global-shard_NN_of_10/local-shard_M_of_10/shard_XXXXXXXX_processed.jsonl.zstd
+    global-shard_NN_of_10/local-shard_M_of_10/shard_XXXXXXXX_processed.jsonl.zst
 with gaps in the shard numbering, zstd-compressed JSONL rows with the full schema below (only
 `text` is used; some rows carry `"text": null`).
 """
@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 DCLM_FILES = (  # note the gaps: 00000001 is absent in local-shard_0, numbering restarts per folder
-    "global-shard_01_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zstd",
-    "global-shard_01_of_10/local-shard_0_of_10/shard_00000002_processed.jsonl.zstd",
-    "global-shard_01_of_10/local-shard_1_of_10/shard_00000000_processed.jsonl.zstd",
+    "global-shard_01_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zst",
+    "global-shard_01_of_10/local-shard_0_of_10/shard_00000002_processed.jsonl.zst",
+    "global-shard_01_of_10/local-shard_1_of_10/shard_00000000_processed.jsonl.zst",
 )
 SENTENCES = ("The quick brown fox jumps over the lazy dog near the river bank.",
              "Solar panels convert sunlight into electricity using photovoltaic cells.",
@@ -41,7 +41,7 @@ def dclm_row(i: int, text: str | None) -> dict:
 
 
 def write_dclm(root: Path, docs_per_file: int = 12, null_every: int = 5) -> list[Path]:
-    """root/global-shard_.../shard_..._processed.jsonl.zstd; every `null_every`-th row has text null.
+    """root/global-shard_.../shard_..._processed.jsonl.zst; every `null_every`-th row has text null.
     Returns the files in sorted path order."""
     import zstandard
 

@@ -33,7 +33,7 @@ def text_source(files, **kw) -> TextSource:
 # ---- DCLM as released ------------------------------------------------------------------------------------
 def test_dclm_release_files_read_with_full_schema_and_null_text(tmp_path):
     files = write_dclm(tmp_path / "dclm", docs_per_file=10, null_every=5)
-    recipe = Recipe("r", [SourceConfig(name="dclm", kind="text", paths=["dclm/**/*.jsonl.zstd"], weight=1.0)],
+    recipe = Recipe("r", [SourceConfig(name="dclm", kind="text", paths=["dclm/**/*.jsonl.zst*"], weight=1.0)],
                     root=str(tmp_path))
     got = recipe.files(recipe.sources[0])
     assert got == sorted(tmp_path / "dclm" / f for f in DCLM_FILES) == files  # sorted, gaps and all
@@ -42,7 +42,7 @@ def test_dclm_release_files_read_with_full_schema_and_null_text(tmp_path):
     st = src.stats()
     assert len(texts) == 24 and st["records"] == 24
     assert st["skipped"]["empty_text"] == 6 and st["skipped"]["malformed"] == 0  # 30 rows, every 5th null
-    assert st["examples"]["empty_text"][0].startswith("shard_00000000_processed.jsonl.zstd:5")
+    assert st["examples"]["empty_text"][0].startswith("shard_00000000_processed.jsonl.zst:5")
 
 
 def test_every_text_suffix_reads_the_same_documents(tmp_path):
@@ -75,14 +75,15 @@ def _touch(path: Path, data: bytes = b"x") -> Path:
 
 def test_shipped_recipes_resolve_the_release_layouts(tmp_path):
     write_dclm(tmp_path / "dclm")
-    _touch(tmp_path / "dclm/global-shard_02_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zstd")
+    _touch(tmp_path / "dclm/global-shard_02_of_10/local-shard_0_of_10/shard_00000000_processed.jsonl.zst")
+    s3 = _touch(tmp_path / "dclm/global-shard_01_of_10/local-shard_2_of_10/shard_00000005_processed.jsonl.zstd")
     for d in ("midjourney", "coyo", "laion", "t2i_finetune", "mgm"):
         for i in (0, 1, 3):  # a gap in the shard range
             _touch(tmp_path / d / "codes" / f"{i:05d}.tar")
     _touch(tmp_path / "mgm/instructions/00000.jsonl")
     s1 = load_recipe(ROOT / "data_recipes/stage1_pretrain.yaml", root=tmp_path)
     dclm = s1.files(s1.sources[0])
-    assert dclm == sorted(tmp_path / "dclm" / f for f in DCLM_FILES)  # global-shard_01 only, real names
+    assert dclm == sorted([*(tmp_path / "dclm" / f for f in DCLM_FILES), s3])  # global-shard_01 only, hub and S3 names
     assert [p.name for p in s1.files(s1.sources[2])] == ["00000.tar", "00001.tar", "00003.tar"] * 2
     assert sum(s.budget for s in s1.sources if s.kind == "text") == 10_000_000
     assert sum(s.budget for s in s1.sources if s.kind == "pairs") == 60_000_000

@@ -209,7 +209,7 @@ def test_invalid_unicode_is_a_value_error(tok):
 
 
 # ---- recipes -----------------------------------------------------------------------------------------
-def test_recipe_validation_and_missing_path(tmp_path):
+def test_recipe_validation_and_missing_path(tmp_path, monkeypatch):
     for i in range(3):
         write_jsonl(tmp_path / f"t/{i:02d}.jsonl", [{"text": "x"}])
     good = {"name": "r", "root": str(tmp_path),
@@ -232,6 +232,22 @@ def test_recipe_validation_and_missing_path(tmp_path):
         Recipe.from_dict(dict(good, sources=mixed))
     with pytest.raises(ValueError, match="kind"):
         Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], kind="video")]))
+    # YAML reads 1e-3 as text (a bare TypeError before); an infinite weight made every draw the last source's
+    for weight, why in (("1e-3", "weight must be a number, got '1e-3'"), (float("inf"), "finite number > 0")):
+        with pytest.raises(ValueError, match=why):
+            Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], weight=weight)]))
+    with pytest.raises(ValueError, match="must be path strings"):
+        Recipe.from_dict(dict(good, sources=[dict(good["sources"][0], paths=[None])]))
+    # roots: `~` (bash leaves it in --data-root=~/x) for plain and brace paths too; a `[` in the root's name is no
+    # glob; a glob's folders are not files; an empty `root:` is the working folder (it was the folder "None")
+    home = tmp_path / "home"
+    (home / "my[data]" / "t" / "sub").mkdir(parents=True)
+    write_jsonl(home / "my[data]" / "t" / "00.jsonl", [{"text": "x"}])
+    monkeypatch.setenv("HOME", str(home))
+    for paths in ("t/00.jsonl", "t/{00..00}.jsonl", "t/*"):
+        r = Recipe.from_dict(dict(good, root="~/my[data]", sources=[dict(good["sources"][0], paths=paths)]))
+        assert r.files(r.sources[0]) == [home / "my[data]" / "t" / "00.jsonl"], paths
+    assert Recipe.from_dict(dict(good, root=None)).root == "."
 
 
 # ---- source readers -------------------------------------------------------------------------------------
@@ -280,6 +296,14 @@ def test_invalid_unicode_records_are_skipped(tok, tmp_path):
     assert [json.loads(line) for line in shard.read_text().splitlines()] == [good, bad, good]
     again = InstructionSource(cfg("instructions", str(shard), shuffle=False), [shard], tok, max_len=256)
     assert len(list(again.stream(infinite=False))) == 2 and again.stats()["skipped"]["malformed"] == 1
+    # a rerun with fewer shards left the earlier ones for the recipe's glob to read twice; an empty list wrote none
+    assert len(split_json_list(j, tmp_path / "split2", per_shard=1)) == 3
+    assert split_json_list(j, tmp_path / "split2", per_shard=1)[0].name == "00000.jsonl"  # the same split again
+    with pytest.raises(FileExistsError, match=r"holds 2 .jsonl files this split does not write \(e.g. \['00001"):
+        split_json_list(j, tmp_path / "split2", per_shard=10)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="the list is empty"):
+        split_json_list(tmp_path / "empty.json", tmp_path / "split3")
     # a caption from the json member (caption_field), in both the caption and the text-to-image layout
     items = [{"key": f"k{i}", "codes": codes_for(i), "txt": "plain", "json": {"recaption": SURROGATE}}
              for i in range(2)]

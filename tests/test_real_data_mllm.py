@@ -1,6 +1,6 @@
 """Both MLLM stages on faithful copies of the public releases, through the real commands.
 
-Stage 1: DCLM under its release names (.jsonl.zstd, gaps in the numbering, `null` texts) with a text
+Stage 1: DCLM under its release names (.jsonl.zst, gaps in the numbering, `null` texts) with a text
 share high enough that text-only micro-batches certainly happen next to image batches on the other
 rank, plus img2dataset COYO-style shards and a hub-parquet Midjourney-style set, extracted from real
 photos of many modes. 2 ZeRO-3 ranks under the deepspeed launcher, 12 steps, kill -9, exact resume.
@@ -32,7 +32,7 @@ root: {root}
 sources:
   - name: dclm
     kind: text
-    paths: dclm/**/*.jsonl.zstd
+    paths: dclm/**/*.jsonl.zst*
     weight: 4
   - name: coyo
     kind: pairs

@@ -352,12 +352,13 @@ def next_steps(cfg: PackConfig, num_shards: int) -> str:
 
     out = cfg.out.rstrip("/")
     shards = f"{out}/{{00000..{num_shards - 1:05d}}}.tar" if num_shards > 1 else f"{out}/00000.tar"
+    # where data_recipes/stage2_finetune.yaml reads them (DATA: the recipe's root, or --data-root)
     lines = ["next:", f"  python -m unitok.extract --tokenizer TOKENIZER --input '{shards}' "
-                      f"--output {out}_codes --mode understanding"]
-    for f in cfg.conversations:
-        if not f.lower().endswith(".jsonl"):
-            lines.append(f"  python -m mllm.data.sources split-json {f} OUT_DIR/{Path(f).stem} "
-                         f"--per-shard {SplitJsonConfig.per_shard}")
+                      "--output DATA/mgm/codes --mode understanding"]
+    lists = [f for f in cfg.conversations if not f.lower().endswith(".jsonl")]
+    for f in lists:  # several lists: a folder each (their shard names would collide), for the recipe's `paths`
+        dest = "DATA/mgm/instructions" + (f"/{Path(f).stem}" if len(lists) > 1 else "")
+        lines.append(f"  python -m mllm.data.sources split-json {f} {dest} --per-shard {SplitJsonConfig.per_shard}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,8 @@ glob matches something; `mllm.data.preflight` checks the rest before a run build
 from __future__ import annotations
 
 import dataclasses
+import glob
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +48,12 @@ _KIND_OPTIONS = {
 def resolve(path: str, root: str | os.PathLike = ".") -> Path:
     """`path` against `root` (absolute and ~ paths are kept)."""
     q = Path(os.path.expanduser(path))
-    return q if q.is_absolute() else Path(root) / q
+    return q if q.is_absolute() else Path(os.path.expanduser(root)) / q  # (--data-root=~/x: bash leaves the ~)
 
 
 def expand_paths(patterns: list[str], root: str | os.PathLike = ".") -> list[Path]:
     """Brace-expand each pattern (`shards/{00000..00009}.tar`), resolve it against `root`, and expand
-    globs (`dclm/**/*.jsonl.zstd`, sorted, so the order is the same on every rank and every run).
+    globs (`dclm/**/*.jsonl.zst*`, sorted, so the order is the same on every rank and every run).
     A brace range keeps names that do not exist (check_paths reports them); a glob that matches
     nothing raises FileNotFoundError naming the pattern."""
     out = []
@@ -59,7 +61,9 @@ def expand_paths(patterns: list[str], root: str | os.PathLike = ".") -> list[Pat
         for q in braceexpand(p):
             full = resolve(q, root)
             if is_glob(q):
-                hits = expand_glob(str(full))
+                own = os.path.expanduser(q)  # only the pattern is a glob: a `[` in the root folder's name is not
+                pattern = own if os.path.isabs(own) else os.path.join(glob.escape(os.path.expanduser(str(root))), own)
+                hits = [h for h in expand_glob(pattern) if not os.path.isdir(h)]  # files: `d/*` may match folders
                 if not hits:
                     raise FileNotFoundError(f"pattern {full} matches no file")
                 out.extend(Path(h) for h in hits)
@@ -118,8 +122,15 @@ class SourceConfig:
             raise ValueError(f"source {self.name!r}: `paths` is empty")
         if (self.weight is None) == (self.budget is None):
             raise ValueError(f"source {self.name!r}: give exactly one of `weight` or `budget`")
-        if self.weight is not None and not self.weight > 0:
-            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        for key in ("weight", "t2i_ratio", "caption_dropout", "caption_field_prob"):
+            v = getattr(self, key)  # YAML reads 1e-3 as a string (YAML 1.1 floats need a dot: 1.0e-3)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"source {self.name!r}: {key} must be a number, got {v!r} (YAML reads 1e-3 as text: "
+                                 "write 0.001 or 1.0e-3)")
+        if not all(isinstance(p, str) and p for p in [*self.paths, *self.image_paths]):
+            raise ValueError(f"source {self.name!r}: `paths` and `image_paths` must be path strings")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"source {self.name!r}: weight must be a finite number > 0, got {self.weight}")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget <= 0):
             raise ValueError(f"source {self.name!r}: budget must be a positive integer, got {self.budget!r}")
         for p in ("t2i_ratio", "caption_dropout", "caption_field_prob"):
@@ -220,7 +231,8 @@ class Recipe:
             raise ValueError(f"unknown recipe keys {bad}")
         if not isinstance(d.get("sources"), list):
             raise ValueError("recipe `sources` must be a list")
-        return cls(name=str(d.get("name", "recipe")), sources=d["sources"], root=str(d.get("root", ".")))
+        root = d.get("root")
+        return cls(name=str(d.get("name", "recipe")), sources=d["sources"], root="." if root is None else str(root))
 
 
 def load_recipe(path: str | os.PathLike, root: str | os.PathLike | None = None, check_paths: bool = True) -> Recipe:

@@ -1,7 +1,7 @@
 """Source readers: raw records from files in a deterministic, resumable order, with bad-data counters.
 
 Kinds (on-disk formats in data_recipes/README.md):
-    text          JSONL (.jsonl, .jsonl.gz, .jsonl.zst / .jsonl.zstd as DCLM names them) or parquet;
+    text          JSONL (.jsonl, .jsonl.gz, .jsonl.zst / .jsonl.zstd as DCLM's release / pools name them) or parquet;
                   one document per row in field `text`.
     pairs         code shards (webdataset tars): `codes.npy` uint16 (K, h, w), `txt` caption, optional
                   `json` (extra caption fields, `path`); each pair becomes text-to-image with
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 SKIP_REASONS = ("missing_image", "malformed", "empty_text", "too_long", "corrupt")
 MAX_EXAMPLES = 3  # sample ids kept per skip reason
-# Text file suffixes the `text` kind reads (DCLM ships `.jsonl.zstd`; zstd's own tool writes `.zst`).
+# Text file suffixes the `text` kind reads (the DCLM release ships `.jsonl.zst`, its S3 pools `.jsonl.zstd`).
 TEXT_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".parquet")
 _MASK64 = (1 << 64) - 1
 
@@ -837,8 +837,17 @@ def split_json_list(src: str | os.PathLike, out_dir: str | os.PathLike,
     items = json.loads(Path(src).read_bytes())
     if not isinstance(items, list):
         raise ValueError(f"{src}: top level is not a JSON list")
+    if not items:
+        raise ValueError(f"{src}: the list is empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    n = -(-len(items) // per_shard)
+    # shards of an earlier split that this one does not overwrite would be read beside it (the recipes glob
+    # OUT_DIR/*.jsonl): their records twice
+    stale = sorted(p.name for p in out.glob("*.jsonl") if p.name not in {f"{i:05d}.jsonl" for i in range(n)})
+    if stale:
+        raise FileExistsError(f"{out} holds {len(stale)} .jsonl files this split does not write (e.g. {stale[:3]}), "
+                              "which a recipe would read beside it: remove them or choose an empty folder")
     paths = []
     for i in range(0, len(items), per_shard):
         p = out / f"{i // per_shard:05d}.jsonl"
