@@ -435,7 +435,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     """Preflight the data, then the model, its DeepSpeed engine and the mixture loader."""
     import deepspeed
 
-    from mllm.data.loader import MixtureLoader
+    from mllm.data.loader import MixtureLoader, check_budgets
     from mllm.data.preflight import preflight
     from mllm.data.recipe import load_recipe
     from runtime.compile import compile_blocks, refuse_with_zero3
@@ -446,6 +446,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     # instruction image index), the others after it, reading that index.
     recipe = load_recipe(cfg.recipe, root=cfg.data_root)
     expect_size = _start_image_size(cfg)
+    check_budgets(recipe, info.world_size, cfg.num_workers)  # (the loader is made after the model)
     report = None
     for turn in (0, 1):
         if is_main_process() == (turn == 0):

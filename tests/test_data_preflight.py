@@ -180,6 +180,11 @@ def test_preflight_names_file_and_source(tmp_path):
     unknown = Recipe("r", [SourceConfig(name="web", kind="text", paths=["txt/c.txt"], weight=1.0)], root=str(root))
     with pytest.raises(ValueError, match=r"unsupported text file .*c\.txt"):
         preflight(unknown)
+    # text-only conversations (no image_paths, as the README allows): passed, with a warning (refused before)
+    _touch(root / "chat/00000.jsonl", b'{"conversations": []}\n')
+    chat = Recipe("r", [SourceConfig(name="chat", kind="instructions", paths=["chat/*.jsonl"], weight=1.0)],
+                  root=str(root))
+    assert preflight(chat).files == {"chat": 1}
 
 
 @pytest.mark.slow
@@ -201,6 +206,15 @@ def test_trainer_rejects_bad_data_before_building_the_model(tmp_path):
     assert "source 'web': unsupported text file" in p.stderr and "00000.txt" in p.stderr
     log = (tmp_path / "run/log.txt").read_text() if (tmp_path / "run/log.txt").exists() else ""
     assert "initialised from" not in log and "parameter elements" not in log
+    # a budget below world_size x num_workers: refused before the model too (it was refused by the loader, made
+    # after the model and DeepSpeed)
+    _touch(root / "web/00000.jsonl", b'{"text": "a document"}\n')
+    recipe.write_text(f"name: small\nroot: {root}\nsources:\n  - name: web\n    kind: text\n"
+                      "    paths: web/*.jsonl\n    budget: 1\n")
+    p = subprocess.run([sys.executable, "-m", "mllm.train", "--llama-dir", str(llama), "--tokenizer", str(tokenizer),
+                        "--recipe", str(recipe), "--run-dir", str(tmp_path / "run2"), "--num-workers", "2"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "budget smaller than world_size * num_workers = 2" in p.stderr, p.stderr[-2000:]
 
 
 # ---- counters -------------------------------------------------------------------------------------------------

@@ -180,6 +180,16 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
             yield logical, batch, snap
 
 
+def check_budgets(recipe, world_size: int, num_workers: int) -> None:
+    """ValueError for a source whose budget is smaller than the readers (world_size x num_workers): some streams
+    would never draw from it. mllm.train calls this before it builds the model, as MixtureLoader does."""
+    splits = world_size * max(1, num_workers)
+    small = [c.name for c in recipe.sources if c.budget is not None and c.budget < splits]
+    if small:
+        raise ValueError(f"sources {small} have a budget smaller than world_size * num_workers = {splits}; some "
+                         "streams would never draw from them")
+
+
 class MixtureLoader:
     """Mix, template and pack a recipe's sources into `collate()` batches (see the module docstring).
 
@@ -206,10 +216,7 @@ class MixtureLoader:
         self.micro_batch_size, self.max_len, self.pack, self.pad_id = micro_batch_size, max_len, pack, pad_id
         self.num_workers, self.infinite, self.boi_id, self.eoi_id = num_workers, infinite, boi_id, eoi_id
         self.num_splits = world_size * max(1, num_workers)
-        small = [c.name for c in recipe.sources if c.budget is not None and c.budget < self.num_splits]
-        if small:
-            raise ValueError(f"sources {small} have a budget smaller than world_size * num_workers = "
-                             f"{self.num_splits}; some streams would never draw from them")
+        check_budgets(recipe, world_size, num_workers)
         self._snapshots: dict[int, dict[str, Any]] = {}  # logical worker -> stream snapshot
         self._consumed = 0
         self._positions_total = 0

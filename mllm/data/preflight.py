@@ -94,9 +94,9 @@ def preflight(recipe: Recipe, expect_image_size: int | None = None, build_index:
         images = recipe.image_files(src)
         if not files:
             raise ValueError(f"{_where(recipe, src)}: `paths` expand to no file")
-        if src.kind == "instructions" and not images:
-            raise ValueError(f"{_where(recipe, src)}: `image_paths` expand to no code shard; a conversation "
-                             "source needs the shards its images were extracted into")
+        if src.kind == "instructions" and not images:  # text-only conversations (README): allowed, and said
+            log.warning("%s: no `image_paths`: its conversations are read as text only, and one with an image is "
+                        "skipped as missing_image", _where(recipe, src))
         _check_suffixes(recipe, src, files, images)
         if all(f.stat().st_size == 0 for f in files):
             raise ValueError(f"{_where(recipe, src)}: all {len(files)} files are empty (first: {files[0]})")
@@ -108,7 +108,7 @@ def preflight(recipe: Recipe, expect_image_size: int | None = None, build_index:
                 sizes.setdefault(size, folder / CODE_MANIFEST)
             if fingerprint is not None:
                 tokenizers.setdefault(fingerprint, folder / CODE_MANIFEST)
-        if src.kind == "instructions" and build_index:
+        if src.kind == "instructions" and build_index and images:
             report.index_entries[src.name] = _build_index(recipe, src, images)
     if len(sizes) > 1:
         listed = ", ".join(f"{s} px ({p})" for s, p in sorted(sizes.items()))
