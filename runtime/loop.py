@@ -130,7 +130,8 @@ def step_means(micro: list[dict[str, float]], weighted: dict[str, str]) -> dict[
     """One optimizer step's record from its micro batches' scalars: the plain mean of each term, except a
     term named in `weighted` (term -> count key), which is averaged over its count (a micro batch with no
     image tokens logs image_loss 0, and a plain mean would count that 0). A count is summed; a weighted term
-    whose counts sum to 0 is None (logged as null and left out of the log line and the sink)."""
+    whose counts sum to 0 is None (logged as null and left out of the log line and the sink). A term that some
+    micro batches lack (a skipped discriminator update) is the mean over those that have it."""
     counts = set(weighted.values())
     out: dict[str, float | int | None] = {}
     for k in dict.fromkeys(k for m in micro for k in m):
@@ -140,7 +141,8 @@ def step_means(micro: list[dict[str, float]], weighted: dict[str, str]) -> dict[
             n = sum(m.get(weighted[k], 0) for m in micro)
             out[k] = sum(m.get(k, 0.0) * m.get(weighted[k], 0) for m in micro) / n if n > 0 else None
         else:
-            out[k] = sum(m.get(k, 0.0) for m in micro) / len(micro)
+            have = [m[k] for m in micro if k in m]
+            out[k] = sum(have) / len(have)
     return out
 
 

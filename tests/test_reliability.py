@@ -123,6 +123,8 @@ def test_step_record_weights_per_token_losses_by_their_counts():
     text_only = step_means(micro[:1], weighted)  # no image token in the whole step: null, not 0
     assert text_only["image_loss"] is None and text_only["text_loss"] == 6.0
     assert step_means(micro, {}) == {k: pytest.approx(sum(m[k] for m in micro) / 3) for k in micro[0]}
+    # a discriminator update skipped in one micro batch: its terms are the mean of the others (they were halved)
+    assert step_means([{"loss": 1.0, "d_loss": 2.0}, {"loss": 3.0}], {}) == {"loss": 2.0, "d_loss": 2.0}
 
 
 def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):

@@ -76,6 +76,24 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
 
 
 @pytest.mark.slow
+def test_a_skipped_discriminator_micro_batch_keeps_its_accumulation_in_step(tmp_path, shards):
+    """--grad-accum 2 with the discriminator's loss non-finite on one micro batch: that micro batch adds nothing,
+    and the discriminator still steps at the generator's boundaries (skipping it put every later discriminator
+    step across two of the generator's, and its d_* terms were halved in that step's record)."""
+    from runtime.launch import ROOT, deepspeed_script
+
+    run = tmp_path / "run"
+    deepspeed_script(ROOT / "tests/disc_nan_train.py", _args(run, shards, "--grad-accum", "2", "--total-steps", "5",
+                                                              "--save-every", "5", "--no-export"), num_ranks=1)
+    m = _metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5] and "non-finite discriminator loss" in (run / "log.txt").read_text()
+    gan = [r for r in m if "d_loss" in r]
+    assert len(gan) >= 3 and all(r["disc_micro_steps"] == 2 * r["disc_global_steps"] for r in gan), m
+    third = next(r for r in m if r["step"] == 3)
+    assert 0.5 < third["d_hinge"] / sum(r["d_hinge"] for r in gan if r["step"] != 3) * (len(gan) - 1) < 2
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_saves_the_step_and_resumes_exactly(tmp_path, shards):
     """SIGTERM to every process of the job, as a scheduler at its time limit (or preemption) sends it: the
     launcher passes it on too, the data workers ignore it, the ranks finish the step they are in, save a

@@ -297,8 +297,13 @@ class TokenizerTask(Task):
                 raise StopRun(f"step {step}: non-finite discriminator loss {float(disc['total'])}")
             from runtime.log import get_logger
 
-            get_logger().warning(f"step {step}: non-finite discriminator loss {float(disc['total'])}; "
-                                 "discriminator update skipped")
+            get_logger().warning(f"step {step}: non-finite discriminator loss {float(disc['total'])}; this micro "
+                                 "batch adds nothing to the discriminator's step")
+            # a zero loss on its parameters instead: the discriminator engine still counts the micro batch, so
+            # its accumulation boundary stays the generator's (skipping it put every later step out of line)
+            zero = sum(p.sum() for p in self.disc_engine.module.parameters() if p.requires_grad) * 0.0
+            self.disc_engine.backward(zero)
+            self.disc_engine.step()
             return {}
         self.disc_engine.backward(disc["total"])
         self.disc_engine.step()
