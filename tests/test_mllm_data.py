@@ -462,6 +462,22 @@ def test_instruction_reader_lookup_and_counters(tok, tmp_path):
     assert index.locate("./coco/1.jpg") == index.locate("coco/1.png") and index.locate("coco/9.png") is None
 
 
+def test_one_unusable_shard_does_not_end_a_split_of_a_usable_source(tok, tmp_path):
+    """Two pairs shards, one without codes (raw image tars), two splits: a split whose share of an epoch is the bad
+    shard read nothing in that pass and raised, ending its rank, though the source is usable. Only a source whose
+    every shard is unusable is refused."""
+    import itertools
+
+    good = write_code_shard(tmp_path / "p/00000.tar", pair_items(4))
+    bad = write_code_shard(tmp_path / "p/00001.tar", [{"key": f"raw{i}", "txt": "a caption"} for i in range(4)])
+    for split in (0, 1):
+        src = PairSource(cfg("pairs", "x"), [good, bad], tok, max_len=64)
+        assert len(list(itertools.islice(src.stream(split=split, num_splits=2), 20))) == 20
+    src = PairSource(cfg("pairs", "x"), [bad, bad], tok, max_len=64)
+    with pytest.raises(ValueError, match=r"no usable sample in \d+ pass\(es\) over 2 of its 2 files"):
+        next(src.stream(split=0, num_splits=2))
+
+
 def test_rank_splits_are_disjoint(tok, tmp_path):
     shards = [write_code_shard(tmp_path / f"p/{i:05d}.tar", pair_items(5, start=5 * i)) for i in range(4)]
     one = [write_code_shard(tmp_path / "q/00000.tar", pair_items(9))]

@@ -273,6 +273,8 @@ class Source:
         pos = start or Position()
         epoch, si, ri, chunk, off = pos.epoch, pos.shard, pos.record, pos.chunk, pos.offset
         fresh_epoch = si == 0 and ri == 0 and chunk == 0
+        empty: set[int] = set()  # shards read in this split's passes since it last produced a sample
+        empty_passes = 0
         while True:
             produced = False
             order, by_record = self.shard_order(epoch, split, num_splits)
@@ -292,9 +294,18 @@ class Source:
                 si, ri, off = si + 1, 0, 0
             if not infinite:
                 return
-            if fresh_epoch and not produced:
-                raise ValueError(f"source {self.name!r} produced no usable sample in a full pass over its "
-                                 f"{len(self.files)} files for split {split}/{num_splits}; stats: {self.stats()}")
+            if produced:
+                empty, empty_passes = set(), 0
+            elif fresh_epoch:
+                # A split reads a share of the shards, reshuffled every epoch: an empty pass may be one bad shard's.
+                # Only when its empty passes have covered every file (or the order never changes, or 50 passes)
+                # is the source unusable here; training would otherwise wait on it forever.
+                empty |= set(order)
+                empty_passes += 1
+                if len(empty) == len(self.files) or not self.cfg.shuffle or empty_passes >= 50:
+                    raise ValueError(f"source {self.name!r} produced no usable sample in {empty_passes} pass(es) over "
+                                     f"{len(empty)} of its {len(self.files)} files for split {split}/{num_splits}; "
+                                     f"stats: {self.stats()}")
             epoch, si, ri, chunk, off, fresh_epoch = epoch + 1, 0, 0, 0, 0, True
 
 
