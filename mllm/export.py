@@ -30,10 +30,8 @@ class ExportConfig:
 
 def check_out_dir(out: Path, sources: list[Path]) -> None:
     """The export replaces `out`: refuse a folder that holds what it reads, or one that is not an export."""
-    o = out.resolve()
     for src in sources:
-        s = src.resolve()
-        if o == s or o in s.parents:
+        if src.resolve().is_relative_to(out.resolve()):
             raise ValueError(f"--out {out} holds the checkpoint {src}, which the export would delete with it; "
                              f"choose another folder, e.g. {src.parent / 'export'}")
     if out.exists() and not (out / "config.json").is_file():

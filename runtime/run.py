@@ -28,8 +28,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """`obj` as indented JSON, whole or not at all (a temporary file renamed over `path`): a file that a resumed
     run reads must not be half-written by a kill."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:  # a write that fails (a full disk) leaves no temporary file either
+        tmp.unlink(missing_ok=True)
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

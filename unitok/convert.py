@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     """Convert an official .pth into a config.json + model.safetensors folder."""
     cfg = parse(ConvertConfig, argv, prog="python -m unitok.convert", description=__doc__)
     src, dst = Path(cfg.checkpoint).resolve(), Path(cfg.out_dir).resolve()
-    if dst == src or dst in src.parents:  # writing the folder would replace (delete) the file being converted
+    if src.is_relative_to(dst):  # writing the folder would replace (delete) the file being converted
         raise ValueError(f"OUT_DIR {cfg.out_dir} is or contains the checkpoint {cfg.checkpoint}; "
                          f"write the folder elsewhere (e.g. {src.with_suffix('')})")
     model = load_official(cfg.checkpoint, attn_mode=cfg.attn_mode)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import string
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import torch
 from PIL import Image
 
 from runtime.cli import parse, refuse_changed
+from runtime.run import write_json_atomic
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -104,7 +104,7 @@ def check_out_apart_from_images(out: Path, images: Path) -> None:
     src = images.resolve()
     for sub in ("recon", "reference"):
         dst = (out / sub).resolve()
-        if dst == src or src in dst.parents or dst in src.parents:
+        if dst.is_relative_to(src) or src.is_relative_to(dst):
             raise ValueError(f"--out {out}: its {sub}/ folder overlaps --images {images} (the run empties {sub}/ "
                              f"and reads --images recursively); choose an --out outside --images")
 
@@ -509,12 +509,7 @@ def run(args: TokenizerEvalConfig) -> dict:
         metrics.update(linear_probe(model, Path(args.probe_dir), args.size, args.batch_size, rank, world, shared))
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".metrics.json.tmp-{os.getpid()}"  # a failure mid-write leaves no half-written metrics.json
-        try:
-            tmp.write_text(json.dumps(metrics, indent=2))
-            os.replace(tmp, out / "metrics.json")
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json_atomic(out / "metrics.json", metrics)  # a failure mid-write leaves no half-written metrics.json
         print(format_table(metrics))
     return metrics
 
