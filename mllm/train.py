@@ -147,23 +147,31 @@ def parse_config(argv: list[str] | None = None) -> MllmTrainConfig:
 
 
 # ---- model construction ---------------------------------------------------------------------------
-def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None = None):
-    """The MLLM (partitioned under ZeRO-3) and the text tokenizer. `codes_tokenizer`: the fingerprint of the
-    tokenizer that extracted the code shards (preflight), refused when it is not the model's."""
+def text_tokenizer(cfg: MllmTrainConfig):
+    """The base's (or --init-from's) text tokenizer, with a pad token."""
+    from mllm.modeling.base import load_text_tokenizer
+
+    text_tok = load_text_tokenizer(cfg.init_from or cfg.llama_dir, "--init-from" if cfg.init_from else "--llama-dir")
+    if text_tok.pad_token_id is None:  # pad = unk = 0 as released; Llama-3 has no unk: its eos (masked anyway)
+        text_tok.pad_token = text_tok.unk_token or text_tok.eos_token
+    return text_tok
+
+
+def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None = None, text_tok=None):
+    """The MLLM (partitioned under ZeRO-3) and the text tokenizer (`text_tok`, else loaded). `codes_tokenizer`:
+    the fingerprint of the tokenizer that extracted the code shards (preflight), refused when it is not the
+    model's."""
     import deepspeed
 
     import mllm  # noqa: F401  (registers the model type)
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
-    from mllm.modeling.base import load_text_tokenizer
     from mllm.modeling.modeling import default_attn_implementation
     from runtime.distributed import get_rank
     from runtime.zero_load import load_into, read_safetensors
 
     zero3 = ds["zero_optimization"].get("stage", 0) == 3
     src = Path(cfg.init_from or cfg.llama_dir)
-    text_tok = load_text_tokenizer(src, "--init-from" if cfg.init_from else "--llama-dir")
-    if text_tok.pad_token_id is None:  # pad = unk = 0 as released; Llama-3 has no unk: its eos (masked anyway)
-        text_tok.pad_token = text_tok.unk_token or text_tok.eos_token
+    text_tok = text_tokenizer(cfg) if text_tok is None else text_tok
     tok_model = None
     if cfg.init_from:
         config = UniMLLMConfig.from_pretrained(src)
@@ -436,14 +444,15 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     import deepspeed
 
     from mllm.data.loader import MixtureLoader, check_budgets
-    from mllm.data.preflight import preflight
+    from mllm.data.preflight import preflight, probe
     from mllm.data.recipe import load_recipe
     from runtime.compile import compile_blocks, refuse_with_zero3
     from runtime.distributed import barrier, is_main_process
     from runtime.ds_config import load_ds_config
 
     # Data problems fail here, before the model is built: rank 0 checks first (and writes the
-    # instruction image index), the others after it, reading that index.
+    # instruction image index), the others after it, reading that index; then rank 0 templates a few
+    # records of each source with the text tokenizer.
     recipe = load_recipe(cfg.recipe, root=cfg.data_root)
     expect_size = _start_image_size(cfg)
     check_budgets(recipe, info.world_size, cfg.num_workers)  # (the loader is made after the model)
@@ -452,13 +461,17 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
         if is_main_process() == (turn == 0):
             report = preflight(recipe, expect_image_size=expect_size)
         barrier()
+    text_tok = text_tokenizer(cfg)
+    if is_main_process():
+        report.probed = probe(recipe, text_tok, cfg.max_len)
+    barrier()
     log.info(report.summary())
     o = cfg.optim
     ds = load_ds_config(cfg.ds_config, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                         world_size=info.world_size, grad_clip=o.grad_clip, precision=cfg.precision)
     log.info("precision: " + ("bf16 weights, fp32 master copies" if ds["bf16"]["enabled"] else "fp32"))
     refuse_with_zero3(cfg.compile, ds)
-    model, text_tok = build_model(cfg, ds, log, codes_tokenizer=report.tokenizer_fingerprint)
+    model, text_tok = build_model(cfg, ds, log, codes_tokenizer=report.tokenizer_fingerprint, text_tok=text_tok)
     model.config.image_size = report.image_size or expect_size or model.config.image_size
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(getattr(p, "ds_numel", p.numel()) for p in params)

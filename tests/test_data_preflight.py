@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mllm.data.loader import MixtureLoader, format_stats, merge_stats
-from mllm.data.preflight import preflight
+from mllm.data.preflight import preflight, probe
 from mllm.data.recipe import Recipe, SourceConfig, load_recipe
 from mllm.data.sources import TextSource
 from mllm.data.tiny_tokenizer import load_llama_tokenizer, make_llama_tokenizer
@@ -187,6 +187,45 @@ def test_preflight_names_file_and_source(tmp_path):
     assert preflight(chat).files == {"chat": 1}
 
 
+def test_probe_refuses_a_source_whose_records_give_no_sample(tmp_path, tok, caplog):
+    """Each of these passed preflight and failed in the run's loader only after a whole pass over every file of
+    the source, after the model was built."""
+    root = tmp_path / "data"
+    # a `text_field` the files do not have: 5000 documents, of which the probe reads 64 per file
+    for i in range(5):
+        _touch(root / f"web/{i:05d}.jsonl", "".join(json.dumps({"content": f"doc {i} {n}"}) + "\n"
+                                                     for n in range(1000)).encode())
+    web = Recipe("r", [SourceConfig(name="web", kind="text", paths=["web/*.jsonl"], weight=1.0)], root=str(root))
+    preflight(web)
+    with pytest.raises(ValueError, match=r"source 'web': the first 64 records of .*00000\.jsonl, .*00002\.jsonl, "
+                                         r".*00004\.jsonl: none of 192 gives a training sample \(max_len 256\): "
+                                         r"malformed 192 \(e\.g\. 00000\.jsonl:1: no field 'text'"):
+        probe(web, tok, 256)
+    # conversations whose image paths are not the code shards' (another folder prefix)
+    recipe = _mgm(root)
+    path = root / "mgm/instructions/00000.jsonl"
+    path.write_text(path.read_text().replace("coco/img00000.jpg", "train2017/img00000.jpg"))
+    preflight(recipe)
+    with pytest.raises(ValueError, match=r"source 'mgm'.*none of 1 gives.*missing_image 1 \(e\.g\. 00000\.jsonl:1 "
+                                         r"id=1: no codes for image 'train2017/img00000\.jpg'"):
+        probe(recipe, tok, 256)
+    # max_len below one image's positions
+    write_code_shard(root / "pairs/00000.tar", pair_items(4))
+    pairs = Recipe("r", [SourceConfig(name="pairs", kind="pairs", paths=["pairs/*.tar"], weight=1.0)],
+                   root=str(root))
+    with pytest.raises(ValueError, match=r"source 'pairs'.*none of 4 gives a training sample \(max_len 4\): too_long 4"):
+        probe(pairs, tok, 4)
+    assert probe(pairs, tok, 256) == {"pairs": (4, 4)}
+    # mostly bad: passes with a warning that names the reasons
+    good = [json.dumps({"text": f"a document {n}"}) for n in range(10)]
+    _touch(root / "mixed/00000.jsonl", "\n".join(good + ["{not json"] * 90).encode())
+    mixed = Recipe("r", [SourceConfig(name="mixed", kind="text", paths=["mixed/*.jsonl"], weight=1.0)],
+                   root=str(root))
+    with caplog.at_level("WARNING"):
+        assert probe(mixed, tok, 256) == {"mixed": (64, 10)}
+    assert "only 10 of 64 give a training sample: malformed 54" in caplog.text
+
+
 @pytest.mark.slow
 def test_trainer_rejects_bad_data_before_building_the_model(tmp_path):
     root = tmp_path / "data"
@@ -215,6 +254,18 @@ def test_trainer_rejects_bad_data_before_building_the_model(tmp_path):
                         "--recipe", str(recipe), "--run-dir", str(tmp_path / "run2"), "--num-workers", "2"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "budget smaller than world_size * num_workers = 2" in p.stderr, p.stderr[-2000:]
+    # records that give no sample (a `text_field` the files lack): refused by the probe, after the text tokenizer
+    # is read and before the model is built (the loader found it after a pass over every file)
+    make_llama_tokenizer(llama)
+    recipe.write_text(f"name: field\nroot: {root}\nsources:\n  - name: web\n    kind: text\n"
+                      "    paths: web/*.jsonl\n    weight: 1\n    text_field: content\n")
+    p = subprocess.run([sys.executable, "-m", "mllm.train", "--llama-dir", str(llama), "--tokenizer", str(tokenizer),
+                        "--recipe", str(recipe), "--run-dir", str(tmp_path / "run3")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0, p.stderr[-2000:]
+    assert "none of 1 gives a training sample (max_len 2048): malformed 1 (e.g. 00000.jsonl:1: no field 'content')" \
+        in p.stderr, p.stderr[-2000:]
+    assert "initialised from" not in (tmp_path / "run3/log.txt").read_text()
 
 
 # ---- counters -------------------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ the recipe, the source and the file:
 The index is written to the recipe's `image_index` file (resolved against the recipe root), so the
 run's data workers only read it. Call it on one rank first (it writes the index) and then on the
 others after a barrier (they read it).
+
+`probe` then reads a few records of each source through the run's own readers and templates, with the
+text tokenizer and max_len: a source none of whose probed records gives a sample (a wrong `text_field`,
+conversation images that are not in the code shards, max_len below one image) is refused, naming the
+skip reasons and sample ids; one where most are skipped is warned about. Without it, a run finds that
+out only after reading every file of the source once, after the model was built.
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllm.data.recipe import Recipe, SourceConfig
-from mllm.data.sources import CodeIndex, check_text_file
+from mllm.data import templates as T
+from mllm.data.sources import CodeIndex, build_source, check_text_file
 from unitok.extract import MANIFEST as CODE_MANIFEST  # written by unitok.extract next to its code shards
 
 log = logging.getLogger(__name__)
@@ -40,11 +47,14 @@ class DataReport:
     """`UniTok.fingerprint` of the tokenizer that extracted the code shards (None: not recorded)."""
     index_entries: dict[str, int] = field(default_factory=dict)
     """instructions source -> images in its path -> codes index."""
+    probed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """source -> (records read by `probe`, records that gave samples)."""
 
     def summary(self) -> str:
         """One log line."""
         parts = [f"{k}: {v} files" for k, v in self.files.items()]
         parts += [f"{k}: {v} indexed images" for k, v in self.index_entries.items()]
+        parts += [f"{k}: {u} of {n} probed records usable" for k, (n, u) in self.probed.items()]
         size = f"image size {self.image_size}" if self.image_size else "image size not recorded"
         return f"data: {', '.join(parts)}; {size}"
 
@@ -144,3 +154,29 @@ def _build_index(recipe: Recipe, src: SourceConfig, images: list[Path]) -> int:
                          "samples with a json `path`, so no conversation image can be found; pack the images "
                          "with `python -m mllm.data.pack_images` and extract them with unitok.extract")
     return len(index)
+
+
+PROBE_FILES = 3  # files read per source by `probe`: first, last and one between
+PROBE_RECORDS = 64  # records read per file
+
+
+def probe(recipe: Recipe, tokenizer, max_len: int, n_files: int = PROBE_FILES,
+          n_records: int = PROBE_RECORDS) -> dict[str, tuple[int, int]]:
+    """Template the first records of a few files of each source as the run will (see the module docstring):
+    source -> (records read, records that gave samples). Raises when a source gives none; warns when fewer
+    than half do. Run after `preflight` (instructions read its image index)."""
+    boi, eoi = T.image_marker_ids(tokenizer)
+    out: dict[str, tuple[int, int]] = {}
+    for cfg in recipe.sources:
+        src = build_source(recipe, cfg, tokenizer, max_len=max_len, boi_id=boi, eoi_id=eoi)
+        read, usable, files = src.probe(n_files, n_records)
+        out[cfg.name] = (read, usable)
+        stats = src.stats()
+        why = "; ".join(f"{r} {n} (e.g. {', '.join(stats['examples'].get(r, [])[:2])})"
+                        for r, n in stats["skipped"].items() if n)
+        where = f"{_where(recipe, cfg)}: the first {n_records} records of {', '.join(map(str, files))}"
+        if read and not usable:
+            raise ValueError(f"{where}: none of {read} gives a training sample (max_len {max_len}): {why}")
+        if usable < read / 2:
+            log.warning("%s: only %d of %d give a training sample: %s", where, usable, read, why)
+    return out

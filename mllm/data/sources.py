@@ -151,6 +151,10 @@ def structured_stats(counters: dict[str, int], examples: dict[str, list[str]]) -
     return out
 
 
+class _ProbeDone(Exception):
+    """Source.probe's record budget is spent (raised from inside a reader)."""
+
+
 class Skip(Exception):
     """A record is bad; `reason` is one of SKIP_REASONS."""
 
@@ -175,6 +179,7 @@ class Source:
         self.examples: dict[str, list[str]] = {}
         """skip reason -> ids of its first MAX_EXAMPLES samples"""
         self._warned: set[str] = set()
+        self._probe_left: int | None = None  # Source.probe: records left to read in this file
 
     @property
     def name(self) -> str:
@@ -197,6 +202,13 @@ class Source:
             self._warned.add(reason)
             log.warning("source %s: skipping bad data (%s) %s; further ones are only counted",
                         self.name, reason, detail[:200])
+        self._spend_probe()
+
+    def _spend_probe(self) -> None:
+        if self._probe_left is not None:
+            self._probe_left -= 1
+            if self._probe_left <= 0:
+                raise _ProbeDone
 
     def stats(self) -> dict[str, Any]:
         """{records, samples, <kind counts>, skipped: {reason: n}, examples: {reason: [ids]}}."""
@@ -238,6 +250,28 @@ class Source:
     def to_samples(self, record, epoch: int, shard: int, index: int) -> list[Sample]:
         """Template one record (counted skips give [])."""
         raise NotImplementedError
+
+    def probe(self, n_files: int, n_records: int) -> tuple[int, int, list[Path]]:
+        """Template the first `n_records` records (good or skipped) of up to `n_files` files spread over the
+        list (first, last, between), in file order: (records read, records that gave samples, files read).
+        Skips are counted and kept as in a run. A run takes a whole pass over every file to find out that a
+        source has no usable record; this reads a bounded few."""
+        n = len(self.files)
+        picks = sorted({round(i * (n - 1) / max(n_files - 1, 1)) for i in range(min(n_files, n))})
+        read = usable = 0
+        for shard in picks:
+            self._probe_left = n_records
+            try:
+                for idx, rec, _, _ in self.shard_records(shard, 0, Position(), 0, 1, False):
+                    self._probe_left, left = None, self._probe_left  # a skip while templating is this record's
+                    usable += bool(self.to_samples(rec, 0, shard, idx))
+                    self._probe_left = left
+                    self._spend_probe()
+            except _ProbeDone:
+                pass
+            read += n_records - self._probe_left
+            self._probe_left = None
+        return read, usable, [self.files[i] for i in picks]
 
     # -- iteration
     def _check_len(self, s: Sample, key: str) -> Sample | None:
