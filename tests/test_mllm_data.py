@@ -118,12 +118,43 @@ def test_caption_and_text_samples(tok):
     (t,) = T.text_samples(tok, "The quick brown fox.")
     assert t.input_ids == [1] + T.encode(tok, "The quick brown fox.") + [2] and t.labels == t.input_ids
     long = "The quick brown fox jumps over the lazy dog. " * 10
-    n = len(T.encode(tok, long)) + 2
+    full = [1] + T.encode(tok, long) + [2]
     parts = T.text_samples(tok, long, max_len=16, overflow="split")
-    assert [len(p.input_ids) for p in parts] == [16] * (n // 16) + ([n % 16] if n % 16 else [])
-    assert sum((p.input_ids for p in parts), []) == [1] + T.encode(tok, long) + [2]
+    # windows overlap by one token: each window's first token (never a target inside it) is the previous
+    # window's last, so every token after bos is a target exactly once (the first of each window was lost)
+    assert all(len(p.input_ids) == 16 for p in parts[:-1]) and 2 <= len(parts[-1].input_ids) <= 16
+    assert parts[0].input_ids + sum((p.input_ids[1:] for p in parts[1:]), []) == full
+    targets = sum(len(p.input_ids) - 1 for p in parts)  # the packed row ignores each sample's first label
+    assert targets == len(full) - 1
+    # a document one token over max_len: a second window of 2 tokens (its eos a target), not a lone [eos]
+    doc = next(d for k in range(1, 200) if len([1] + T.encode(tok, d := "a" * k) + [2]) == 17)
+    assert [len(p.input_ids) for p in T.text_samples(tok, doc, max_len=16)] == [16, 2]
     assert T.text_samples(tok, long, max_len=16, overflow="truncate")[0].input_ids == parts[0].input_ids
     assert T.text_samples(tok, long, max_len=16, overflow="skip") == []
+
+
+def test_data_text_cannot_make_control_tokens(tok):
+    """"<s>", "</s>" and NUL / SOH in data were tokenised as bos, eos and the image markers boi / eoi (3, 4)
+    inside documents, captions, prompts and answers, and trained as such."""
+    bos, eos, boi, eoi = 1, 2, 3, 4
+    html = "HTML <s>struck</s> text with a \x00 NUL and \x01"
+    (doc,) = T.text_samples(tok, html)
+    assert doc.input_ids[0] == bos and doc.input_ids[-1] == eos
+    assert not {bos, eos, boi, eoi} & set(doc.input_ids[1:-1])
+    assert tok.decode(doc.input_ids[1:-1]) == "HTML <s>struck</s> text with a  NUL and "
+    # text without them tokenises as before
+    assert T.encode_plain(tok, "a red circle.") == T.encode(tok, "a red circle.")
+    for s in (T.t2i_sample(tok, "a </s> b \x00", codes_for(0)), T.caption_sample(tok, "a <s> b \x01", codes_for(0))):
+        body = [i for i in s.input_ids if i != IMAGE_TOKEN_INDEX]
+        assert body.count(bos) == 1 and body.count(eos) == 1 and body.count(boi) == 1 and body.count(eoi) == 1
+    conv = [{"from": "human", "value": "What ends a sequence?\x00"}, {"from": "gpt", "value": "The tag </s>."}]
+    with pytest.raises(ValueError, match="control token '</s>'"):
+        T.conversation_sample(tok, conv)
+    conv[1]["value"] = "A tag."
+    s = T.conversation_sample(tok, conv)
+    assert boi not in s.input_ids and s.input_ids.count(eos) == 1
+    with pytest.raises(ValueError, match="control token '<s>'"):
+        T.chat_prompt(tok, ["what is <s>?"])
 
 
 def _runs(sample: Sample) -> list[list[int]]:
@@ -401,10 +432,40 @@ def test_pair_reader_bad_data(tok, tmp_path):
     st = src.stats()["skipped"]
     assert st["missing_image"] == 1 and st["malformed"] == 1 and st["corrupt"] == 3  # garbage member + 2 truncations
     samples = [s for s, _ in src.stream(infinite=False)]
-    assert src.stats()["skipped"]["empty_text"] == 3 and len(samples) == len(recs) - 3  # nocap and the cut ones
-    assert all(s.image_gen == [True] for s in samples)
+    # nocap and the cut ones have no caption: as text-to-image they are null-prompt samples (the release's rule;
+    # they were skipped as empty_text), as caption samples they are skipped
+    assert src.stats()["skipped"]["empty_text"] == 0 and len(samples) == len(recs)
+    assert src.stats()["null_prompt"] == 3 and all(s.image_gen == [True] for s in samples)
+    assert sum(s.input_ids[:len(T.null_prompt_ids(tok))] == T.null_prompt_ids(tok) for s in samples) == 3
+    captions = PairSource(cfg("pairs", str(s0), shuffle=False, t2i_ratio=0.0), [s0, s1, s2], tok, max_len=64)
+    assert len(list(captions.stream(infinite=False))) == len(recs) - 3
+    assert captions.stats()["skipped"]["empty_text"] == 3
     tight = PairSource(cfg("pairs", str(s0), t2i_ratio=1.0), [s0], tok, max_len=8)
-    assert list(tight.stream(infinite=False)) == [] and tight.stats()["skipped"]["too_long"] == 4
+    # the 4 captioned pairs and nocap's null prompt: the image alone leaves no room for a caption
+    assert list(tight.stream(infinite=False)) == [] and tight.stats()["skipped"]["too_long"] == 5
+
+
+def test_pair_captions_follow_the_release_rules(tok, tmp_path):
+    """'no' marks an absent caption in `txt` too (it was trained as the prompt "no"); a caption too long for
+    max_len is cut to fit, as the release cuts captions to 1750 tokens (the pair was skipped as too_long)."""
+    long = " ".join(f"word{i}" for i in range(200))
+    items = [{"key": "no", "codes": codes_for(0), "txt": "no", "json": {"recaption": "a red circle"}},
+             {"key": "both_no", "codes": codes_for(1), "txt": "no", "json": {"recaption": "no"}},
+             {"key": "long", "codes": codes_for(2), "txt": long}]
+    shard = write_code_shard(tmp_path / "p/00000.tar", items)
+    for ratio in (1.0, 0.0):
+        src = PairSource(cfg("pairs", str(shard), shuffle=False, t2i_ratio=ratio, caption_dropout=0.0,
+                             caption_field="recaption", caption_field_prob=0.0), [shard], tok, max_len=64)
+        samples = [s for s, _ in src.stream(infinite=False)]
+        st = src.stats()
+        text = [tok.decode([i for i in s.input_ids if i >= 0 and i not in (1, 2, 3, 4)]) for s in samples]
+        assert text[0].startswith("a red circle") and "no" not in text[0].split()
+        assert st["truncated_caption"] == 1 and all(s.expanded_length() <= 64 for s in samples)
+        assert text[-1].startswith("word0 word1") and 40 < samples[-1].expanded_length() <= 64
+        if ratio == 1.0:  # both captions absent: the null prompt
+            assert len(samples) == 3 and st["null_prompt"] == 1 and text[1] == "<unconditional>"
+        else:
+            assert len(samples) == 2 and st["skipped"]["empty_text"] == 1
 
 
 def test_pair_t2i_ratio_dropout_and_caption_field(tok, tmp_path):
@@ -684,3 +745,10 @@ def test_loader_counts_bad_data(tok, tmp_path):
     st = L.stats()["sources"]
     assert st["t"]["skipped"] == {"missing_image": 0, "malformed": 1, "empty_text": 1, "too_long": 1, "corrupt": 0}
     assert st["p"]["skipped"]["corrupt"] == 1 and st["p"]["samples"] == 10
+
+
+def test_truncated_documents_are_counted(tok, tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "word " * 50}, {"text": "word " * 9}])
+    src = TextSource(cfg("text", str(f), shuffle=False, text_overflow="truncate"), [f], tok, max_len=8)
+    assert [len(s.input_ids) for s, _ in src.stream(infinite=False)][1:] == [8, 8]
+    assert src.stats()["truncated"] == 2  # the tails of two documents were dropped, uncounted before

@@ -19,6 +19,9 @@ shards as splits, else by record (every split reads the shard and keeps every n-
 Position = (epoch, shard, record, chunk, offset): the next record to read; any position restarts the
 stream exactly, so resume never replays the data stream. Per-record randomness (t2i vs caption,
 caption dropout, caption choice) is a hash of (seed, source, epoch, shard, record), not RNG state.
+A pair without a caption (none, empty or the release's 'no') drawn as text-to-image is a null-prompt sample, as
+in the release; drawn as a caption sample it is skipped (empty_text). A caption too long for max_len is cut to
+fit (counted as truncated_caption); a document cut by `text_overflow: truncate` is counted as truncated.
 
 Bad data is skipped and counted per source: missing_image, malformed (JSON line, conversation, text
 that is not valid Unicode), empty_text (also a `null` text), too_long (longer than max_len after image
@@ -506,6 +509,8 @@ class TextSource(Source):
             return []
         if not out:
             self.skip("too_long", f"{record.key}: longer than max_len {self.max_len} (text_overflow skip)")
+        elif self.cfg.text_overflow == "truncate" and out[0].input_ids[-1] != T.special_ids(self.tokenizer)[1]:
+            self.count("truncated")  # (a window that ends before the document's eos)
         return out
 
 
@@ -598,26 +603,42 @@ class PairSource(Source):
 
     def choose_caption(self, rec: PairRecord, u: float) -> str:
         """The release's rule: the `caption_field` caption with probability caption_field_prob when
-        both exist, else whichever exists ('no' counts as absent)."""
+        both exist, else whichever exists ('no', the release's mark of an absent caption, counts as absent)."""
         alt = rec.meta.get(self.cfg.caption_field) if self.cfg.caption_field else None
-        alt = alt.strip() if isinstance(alt, str) and alt.strip() not in ("", "no") else ""
-        if alt and rec.caption:
-            return alt if u < self.cfg.caption_field_prob else rec.caption
-        return alt or rec.caption
+        alt, main = (c.strip() if isinstance(c, str) and c.strip() != "no" else "" for c in (alt, rec.caption))
+        if alt and main:
+            return alt if u < self.cfg.caption_field_prob else main
+        return alt or main
 
     def to_samples(self, record, epoch, shard, index):
         caption = self.choose_caption(record, self.uniform(epoch, shard, index, 1))
-        if not caption:
+        t2i = self.uniform(epoch, shard, index, 0) < self.cfg.t2i_ratio
+        if not caption and not t2i:
             self.skip("empty_text", record.key)
             return []
+        # text-to-image without a caption is a null-prompt sample, as in the release
+        null = t2i and (not caption or self.uniform(epoch, shard, index, 2) < self.cfg.caption_dropout)
+        tag = "null_prompt" if null else "t2i" if t2i else "caption"
+
+        def build(text: str) -> Sample:
+            if t2i:
+                return T.t2i_sample(self.tokenizer, None if null else text, record.codes, self.boi_id, self.eoi_id)
+            return T.caption_sample(self.tokenizer, text, record.codes, self.boi_id, self.eoi_id)
+
         try:
-            if self.uniform(epoch, shard, index, 0) < self.cfg.t2i_ratio:
-                null = self.uniform(epoch, shard, index, 2) < self.cfg.caption_dropout
-                s = T.t2i_sample(self.tokenizer, None if null else caption, record.codes, self.boi_id, self.eoi_id)
-                tag = "null_prompt" if null else "t2i"
-            else:
-                s = T.caption_sample(self.tokenizer, caption, record.codes, self.boi_id, self.eoi_id)
-                tag = "caption"
+            s = build(caption)
+            # A caption too long for max_len is cut to fit, as the release cuts captions to 1750 tokens (its
+            # 2048 less one image); re-tokenising the cut text can differ by a token, hence the loop.
+            for _ in range(3):
+                over = s.expanded_length() - self.max_len if self.max_len is not None and not null else 0
+                if over <= 0:
+                    break
+                caption = T.shorten(self.tokenizer, caption, len(T.encode_plain(self.tokenizer, caption)) - over)
+                if not caption:
+                    break
+                s = build(caption)
+                if s.expanded_length() <= self.max_len:
+                    self.count("truncated_caption")
         except ValueError as e:  # a caption (from the json member) that is not valid Unicode
             self.skip("malformed", f"{record.key}: {e}")
             return []

@@ -20,7 +20,9 @@ How turn boundaries are tokenised (and why masks are exact token by token):
   3. A token is supervised iff its character range overlaps a supervised span (a zero-width token:
      iff its start lies inside one). sentencepiece pieces never cross whitespace, so ":" and the
      reply's first piece ("\u2581A", which carries the separating space) are separate tokens and the
-     boundary is exact; "</s>" inside the string becomes the eos id (a special token).
+     boundary is exact; "</s>" inside the string becomes the eos id (a special token). A message that
+     holds such a string itself is refused (`check_no_special_text`); documents, captions and prompts
+     are tokenised with special-token strings as plain characters (`encode_plain`).
   The ids are therefore identical to LLaVA's (whole-chunk tokenisation), while the masks come from
   character offsets instead of LLaVA's per-round length arithmetic (its "-2" off-by-ones that change
   with the tokenizer's legacy flag). Generation prompts (`chat_prompt`) render the same string up
@@ -132,6 +134,32 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(_tokenize(tokenizer, text)["input_ids"])
 
 
+_MARKER_BYTES = str.maketrans("", "", "\x00\x01")  # NUL / SOH: Llama-2's boi / eoi byte pieces <0x00> / <0x01>
+
+
+def plain(text: str) -> str:
+    """Data text without NUL and SOH, which Llama-2's tokenizer turns into the image markers boi / eoi (control
+    characters that mean nothing in text)."""
+    return text.translate(_MARKER_BYTES)
+
+
+def encode_plain(tokenizer, text: str) -> list[int]:
+    """Ids of data text (a document, a caption, a prompt) as plain text: the tokenizer's special-token
+    strings ("<s>", "</s>" on Llama-2) are tokenised as characters and NUL / SOH are removed (`plain`), so
+    no data can put bos, eos or an image marker inside a sample. Text without them gives `encode`'s ids."""
+    return list(_tokenize(tokenizer, plain(text), split_special_tokens=True)["input_ids"])
+
+
+def check_no_special_text(tokenizer, text: str) -> None:
+    """ValueError when `text` holds one of the tokenizer's added-token strings ("</s>"): a rendered
+    conversation is tokenised with them as control tokens (the template's own turn ends), so a message
+    holding one would put an eos in the middle of a turn."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+    if added and (m := re.search("|".join(map(re.escape, added)), text)):
+        raise ValueError(f"a message contains the text tokenizer's control token {m.group(0)!r}, which only the "
+                         "template may place")
+
+
 def encode_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[bool]]:
     """`text` -> (ids, supervised flags); "<image>" becomes IMAGE_TOKEN_INDEX (never supervised).
 
@@ -177,7 +205,7 @@ def _codes(x) -> np.ndarray:
 def t2i_prompt_ids(tokenizer, prompt: str, boi_id: int = BOI_TOKEN_ID) -> list[int]:
     """Generation prompt ids: bos + prompt + " Generate an image based on this description." + boi."""
     bos, _ = special_ids(tokenizer)
-    return [bos] + encode(tokenizer, prompt.strip() + T2I_SUFFIX) + [boi_id]
+    return [bos] + encode_plain(tokenizer, plain(prompt).strip() + T2I_SUFFIX) + [boi_id]
 
 
 def null_prompt_ids(tokenizer, boi_id: int = BOI_TOKEN_ID) -> list[int]:
@@ -203,29 +231,41 @@ def caption_sample(tokenizer, caption: str, codes, boi_id: int = BOI_TOKEN_ID,
                    eoi_id: int = EOI_TOKEN_ID) -> Sample:
     """Image-to-text sample: bos boi [IMG] eoi caption eos; caption + eos supervised."""
     bos, eos = special_ids(tokenizer)
-    cap = encode(tokenizer, caption.strip()) + [eos]
+    cap = encode_plain(tokenizer, plain(caption).strip()) + [eos]
     ids = [bos, boi_id, IMAGE_TOKEN_INDEX, eoi_id] + cap
     labels = [IGNORE_INDEX] * 4 + cap
     return Sample(ids, labels, [_codes(codes)], [False])
 
 
+def shorten(tokenizer, text: str, n_tokens: int) -> str:
+    """The first `n_tokens` tokens of data text `text` (as `encode_plain` tokenises it), as text."""
+    text = plain(text)
+    if n_tokens <= 0:
+        return ""
+    offsets = _tokenize(tokenizer, text, split_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    return text if n_tokens >= len(offsets) else text[:offsets[n_tokens - 1][1]]
+
+
 def text_samples(tokenizer, text: str, max_len: int | None = None, overflow: str = "split") -> list[Sample]:
     """Pure text: bos text eos, every token supervised.
 
-    Longer than `max_len`: "split" into consecutive windows of max_len tokens, "truncate" to the first
-    window, "skip" -> [] (the caller counts it as over-long).
+    Longer than `max_len`: "split" into windows of max_len tokens that overlap by one, so that each window's
+    first token (which nothing in the window predicts) is the previous one's last and every token after bos
+    is a target exactly once; "truncate" to the first window; "skip" -> [] (the caller counts it as over-long).
     """
     if overflow not in ("split", "truncate", "skip"):
         raise ValueError(f"overflow must be split, truncate or skip, got {overflow!r}")
     bos, eos = special_ids(tokenizer)
-    ids = [bos] + encode(tokenizer, text) + [eos]
+    ids = [bos] + encode_plain(tokenizer, text) + [eos]
     if max_len is None or len(ids) <= max_len:
         return [Sample(ids, list(ids))]
     if overflow == "skip":
         return []
     if overflow == "truncate":
         return [Sample(ids[:max_len], ids[:max_len])]
-    return [Sample(ids[i:i + max_len], ids[i:i + max_len]) for i in range(0, len(ids), max_len)]
+    if max_len < 2:
+        raise ValueError(f"text_overflow split needs max_len >= 2, got {max_len}")
+    return [Sample(ids[i:i + max_len], ids[i:i + max_len]) for i in range(0, len(ids) - 1, max_len - 1)]
 
 
 # ---- conversations ---------------------------------------------------------------------------------
@@ -235,7 +275,8 @@ def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: 
     Leading non-user turns (assistant, system) are dropped (as LLaVA; the template brings its own system
     prompt); a system turn later on is malformed. With one image, "<image>" is moved to the front of
     its turn as "<image>\\n" (LLaVA's preprocess_multimodal); with images but no placeholder, one
-    "<image>\\n" per image is put in front of the first user turn. ValueError on malformed input.
+    "<image>\\n" per image is put in front of the first user turn. NUL and SOH are removed (`plain`).
+    ValueError on malformed input.
     """
     turns: list[tuple[str, str]] = []
     for t in conversations:
@@ -254,7 +295,7 @@ def normalize_conversation(conversations: Sequence[dict[str, Any]], num_images: 
             continue
         if turns and turns[-1][0] == role:
             raise ValueError("conversation turns must alternate between user and assistant")
-        turns.append((role, t["value"]))
+        turns.append((role, plain(t["value"])))
     if not turns:
         raise ValueError("conversation has no user turn")
     n = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
@@ -309,6 +350,8 @@ def conversation_sample(tokenizer, conversations: Sequence[dict[str, Any]], imag
     bos, _ = special_ids(tokenizer)
     tpl = get_template(template)
     turns = normalize_conversation(conversations, len(images))
+    for _, msg in turns:
+        check_no_special_text(tokenizer, msg)
     if turns[-1][0] == "user":  # a trailing question without an answer teaches nothing
         turns = turns[:-1]
     if not turns:
@@ -334,6 +377,8 @@ def chat_prompt(tokenizer, turns: Sequence[str | dict[str, Any]], images: Sequen
     conv = [t if isinstance(t, dict) else {"from": "human" if i % 2 == 0 else "gpt", "value": t}
             for i, t in enumerate(turns)]
     norm = normalize_conversation(conv, len(images))
+    for _, msg in norm:
+        check_no_special_text(tokenizer, msg)
     if norm[-1][0] != "user":
         raise ValueError("the last turn of a chat prompt must be the user's")
     text, _ = render(tpl, list(norm) + [("assistant", None)], tokenizer.eos_token)
