@@ -409,8 +409,8 @@ class MllmTask(Task):
         from runtime.zero_load import load_into, refresh_master_weights, require_parameters
 
         log.warning(f"{ckpt} was written by {rank_state['world_size']} ranks, this run has "
-                    f"{self.info.world_size}: loading the consolidated fp32 weights; optimizer moments and the "
-                    "data stream restart")
+                    f"{self.info.world_size}: loading the consolidated fp32 weights; the optimizer moments restart, "
+                    "and the data stream restarts from its beginning (the batches of step 1 are seen again)")
         zero3 = getattr(self.engine, "zero_optimization_stage", lambda: 0)() == 3
         # under ZeRO-3 load_into reads the state on rank 0 only: the other ranks do not build the whole model
         fp32 = (get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="mllm")

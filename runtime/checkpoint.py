@@ -114,6 +114,10 @@ class CheckpointManager:
         if not (p / "trainer_state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: {p} is not a checkpoint (no trainer_state.json) and holds "
                                     "no step folders")
+        if not p.resolve().is_relative_to(self.run_dir.resolve()) and (steps := self.complete_steps()):
+            raise FileExistsError(f"--resume {resume}: {p} is another run's checkpoint, and {self.run_dir} holds "
+                                  f"checkpoints of its own (up to {step_name(steps[-1])}): continuing the other run "
+                                  "here would mix the two; give a new --run-dir")
         return p
 
     # ---- saving ----------------------------------------------------------------------------
@@ -128,8 +132,15 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        write(tmp)
-        torch.save(rank_state, tmp / f"rank{get_rank():05d}.pt")
+        try:
+            write(tmp)
+            torch.save(rank_state, tmp / f"rank{get_rank():05d}.pt")
+        except Exception as e:  # a full disk surfaces as torch's "unexpected pos" or an iostream error
+            if is_main_process():
+                shutil.rmtree(tmp, ignore_errors=True)  # it would keep the disk full for the next start
+            free = shutil.disk_usage(self.run_dir).free / 2**30
+            raise RuntimeError(f"saving {step_name(step)} in {self.run_dir} failed ({free:.1f} GiB free there): "
+                               f"{type(e).__name__}: {e}; the previous checkpoint and `latest` are kept") from e
         barrier()
         final = self.run_dir / step_name(step)
         if is_main_process():
@@ -137,12 +148,16 @@ class CheckpointManager:
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            ptr_tmp = self.run_dir / ".latest.tmp"
-            ptr_tmp.write_text(final.name)
-            os.replace(ptr_tmp, self.run_dir / "latest")
+            self.point_latest(final)
             self._prune(step)
         barrier()
         return final
+
+    def point_latest(self, ckpt: Path) -> None:
+        """Name `ckpt` in `latest` (atomically)."""
+        ptr_tmp = self.run_dir / ".latest.tmp"
+        ptr_tmp.write_text(ckpt.name)
+        os.replace(ptr_tmp, self.run_dir / "latest")
 
     def _prune(self, saved: int) -> None:
         """Keep the last `keep_last` steps up to the one just saved. Steps after it are those of a run resumed

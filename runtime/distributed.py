@@ -317,6 +317,15 @@ def clear_outputs(paths) -> None:
     barrier()
 
 
+def rank0_verdict(problem: str | None) -> str | None:
+    """Rank 0's `problem` on every rank (a check only rank 0 makes), so that all of them stop with it."""
+    if get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    return problem
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a no-op alone)."""
     if get_world_size() > 1:

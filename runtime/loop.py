@@ -209,12 +209,34 @@ class Task:
                 raise ValueError(f"{ckpt} holds no state of the {tag!r} engine (it has {has}): the run that wrote it "
                                  f"ran without it (the tokenizer's 'disc': --gan.no-enabled); resume with its settings")
         for tag, engine in self.engines.items():
-            engine.load_checkpoint(str(ckpt), tag=tag)
+            try:
+                engine.load_checkpoint(str(ckpt), tag=tag)
+            except Exception as e:  # DeepSpeed's errors for a changed ZeRO stage or precision name neither
+                raise RuntimeError(f"cannot load the {tag!r} engine from {ckpt} ({type(e).__name__}: {e})"
+                                   f"{_settings_changed(ckpt, getattr(self, 'cfg', None))}") from e
         return True
 
     def finish(self, run_dir: Path, ckpts, trained: bool, log) -> None:
         """End of the run (every rank): export and final reports. `trained` is False when this
         invocation ran no step (a resume at the final step)."""
+
+
+def _settings_changed(ckpt: Path, cfg) -> str:
+    """'; it was written with --ds-config A --precision B, this run has ...' where they differ, else ''."""
+    import json
+
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    flags = ("ds_config", "precision")
+    if cfg is None or all(saved.get(f) == getattr(cfg, f, None) for f in flags):
+        return ""
+    def fmt(get):
+        return " ".join(f"--{f.replace('_', '-')} {get(f)}" for f in flags)
+    return (f"; it was written with {fmt(saved.get)} and this run has {fmt(lambda f: getattr(cfg, f))}: a resume "
+            "loads the optimizer state as it was saved, so give the checkpoint's settings (or continue from an "
+            "export: the MLLM's --init-from)")
 
 
 def _batches(loader) -> Iterator[Any]:
@@ -224,7 +246,7 @@ def _batches(loader) -> Iterator[Any]:
 
 
 def run(cfg: RunConfig, build) -> dict[str, Any]:
-    """A whole run: start-up (process group, logging, config.json), `build(cfg, info, log) -> Task`, `fit`,
+    """A whole run: start-up (process group, the run folder's lock, logging), `build(cfg, info, log) -> Task`, `fit`,
     then the teardown of the process group it created (its threads stop here, not in the interpreter's
     finalisation: runtime.distributed); a caller's group is theirs to keep."""
     import dataclasses
@@ -233,21 +255,24 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
 
     from runtime.checkpoint import CheckpointManager
     from runtime.distributed import end_job
-    from runtime.run import start_run
+    from runtime.run import start_run, unlock_run_dir
 
     caller_group = dist.is_initialized()
     CheckpointManager(cfg.run_dir, cfg.keep_last).resolve(cfg.resume)  # a bad --resume fails before anything starts
     resolved = dataclasses.asdict(cfg)
-    info, log = start_run(resolved, cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
-    task = build(cfg, info, log)
-    stopped = None
+    info, log = start_run(cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
     try:
-        last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
-    except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
-        stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
-    finally:  # also on a crash, whose traceback keeps the task until the at-exit end_job lets it go
-        _destroy_engines(task)
-    del task  # with no reference left here, end_job's collection frees the engines and then the group
+        task = build(cfg, info, log)
+        stopped = None
+        try:
+            last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
+        except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
+            stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
+        finally:  # also on a crash, whose traceback keeps the task until the at-exit end_job lets it go
+            _destroy_engines(task)
+        del task  # with no reference left here, end_job's collection frees the engines and then the group
+    finally:
+        unlock_run_dir(cfg.run_dir)
     if not caller_group:
         end_job()
     if stopped is not None:
@@ -284,12 +309,48 @@ def fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any]) -> di
         signals.restore()
 
 
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v  # JSON gives lists where the config has tuples
+
+
+def _follow_changed_flags(saved: dict[str, Any], now: dict[str, Any], task: Task, log) -> None:
+    """A resume restores the optimizer and schedule as saved (DeepSpeed's load); the schedule and optimizer flags
+    given now that differ from the checkpoint's take effect from this step, each with a warning. `--optim.*` apply
+    to the first engine (the model; the tokenizer's discriminator has its own `--gan.*`); `--total-steps`,
+    `--optim.warmup-frac` and `--optim.end-ratio` to every engine's schedule."""
+    changed = {k: (saved[k], now[k]) for k in ("total_steps", "grad_accum") if k in saved and saved[k] != now[k]}
+    so, no = saved.get("optim") or {}, now.get("optim") or {}
+    changed |= {f"optim.{k}": (so[k], no[k]) for k in ("lr", "betas", "eps", "weight_decay", "warmup_frac", "end_ratio")
+                if k in so and so[k] is not None and _plain(so[k]) != _plain(no[k])}
+    if not changed:
+        return
+    log.warning("resumed with flags that differ from the checkpoint's, in effect from this step: " + ", ".join(
+        f"--{k.replace('_', '-')} {new} (was {was})" for k, (was, new) in changed.items())
+        + ("; --grad-accum changes the global batch" if "grad_accum" in changed else ""))
+    for i, engine in enumerate(task.engines.values()):
+        sched, groups = engine.lr_scheduler, engine.optimizer.param_groups
+        if i == 0:
+            if "optim.lr" in changed and sched is not None:
+                ratio = no["lr"] / so["lr"]
+                sched.base_lrs = [b * ratio for b in sched.base_lrs]
+            for g in groups:
+                if "optim.weight_decay" in changed and g["weight_decay"] == so["weight_decay"]:
+                    g["weight_decay"] = no["weight_decay"]  # (the no-decay group keeps 0)
+                if "optim.betas" in changed:
+                    g["betas"] = tuple(no["betas"])
+                if "optim.eps" in changed:
+                    g["eps"] = no["eps"]
+        if sched is not None:  # the saved rates are the old schedule's: the new one's now (its lambdas are new)
+            for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+                g["lr"] = base * fn(sched.last_epoch)
+
+
 def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], signals, batches) -> dict[str, Any]:
     from runtime.checkpoint import CheckpointManager, git_sha, rng_state, set_rng_state, step_name
     from runtime.compile import graph_counts
     from runtime.distributed import barrier, is_main_process
     from runtime.log import MetricSink, Progress, format_line, memory_gb
-    from runtime.run import append_metrics, kill_self, truncate_metrics
+    from runtime.run import append_metrics, kill_self, truncate_metrics, write_json_atomic
 
     run_dir = Path(cfg.run_dir)
     ckpts = CheckpointManager(run_dir, cfg.keep_last)
@@ -303,20 +364,17 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             task.loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
             task.load_state_dict(rank_state.get("task", rank_state))  # checkpoints before the shared loop: top level
+            _follow_changed_flags(trainer_state.get("config") or {}, run_config, task, log)
         log.info(f"resumed from {resume_from} at step {step}")
-        was = (trainer_state.get("config") or {}).get("total_steps")
-        if was is not None and was != cfg.total_steps:  # the saved lr is the old schedule's: take the new one's now
-            log.warning(f"--total-steps {cfg.total_steps} differs from the {was} of the run resumed: the learning rate "
-                        "follows the new schedule from this step on (warmup and cosine are fractions of the total)")
-            for engine in task.engines.values():
-                if (sched := engine.lr_scheduler) is not None:
-                    for group, base, fn in zip(engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                        group["lr"] = base * fn(sched.last_epoch)
         if later := [s for s in ckpts.complete_steps() if s > step]:
             log.warning(f"{run_dir} holds {len(later)} checkpoints after step {step} (up to {step_name(later[-1])}), "
                         "of the run this one rewinds: each is replaced when this run reaches its step")
+            if is_main_process():  # --resume auto after a crash continues this run, not the one it rewinds
+                ckpts.point_latest(resume_from)
     metrics_file = run_dir / "metrics.jsonl"
     if is_main_process():
+        # written once the checkpoint has loaded: a refused resume leaves the run's own settings in place
+        write_json_atomic(run_dir / "config.json", {"config": run_config, "git_sha": git_sha()})
         if unreadable := truncate_metrics(metrics_file, step):  # drop lines of steps that were lost with a crash
             log.warning(f"{metrics_file}: dropped {unreadable} lines that do not parse (a write cut short)")
     sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project)

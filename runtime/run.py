@@ -9,19 +9,57 @@ from pathlib import Path
 from typing import Any
 
 
-def start_run(config: dict[str, Any], run_dir: str | os.PathLike, seed: int, timeout_min: float):
-    """init_distributed + rank-0 logging + the resolved config and git SHA in run_dir/config.json."""
-    from runtime.checkpoint import git_sha
-    from runtime.distributed import init_distributed, is_main_process, rank_layout
+def start_run(run_dir: str | os.PathLike, seed: int, timeout_min: float):
+    """init_distributed, the run folder's lock (rank 0; every rank stops when another job holds it) and rank-0
+    logging. The loop writes run_dir/config.json once a resume has loaded."""
+    from runtime.distributed import init_distributed, is_main_process, rank0_verdict, rank_layout
     from runtime.log import setup_logging
 
     info = init_distributed(seed, timeout_min)
     layout = rank_layout()
+    if problem := rank0_verdict(lock_run_dir(run_dir) if is_main_process() else None):
+        raise RuntimeError(problem)
     log = setup_logging(run_dir)
     log.info("ranks: %s", layout)
-    if is_main_process():
-        Path(run_dir, "config.json").write_text(json.dumps({"config": config, "git_sha": git_sha()}, indent=2))
     return info, log
+
+
+_LOCKS: dict[Path, Any] = {}  # run folder -> its open lock file, held by this process until `unlock_run_dir`
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> str | None:
+    """Take run_dir/.lock for this process (fcntl.lockf: POSIX record locks, which NFS v4 honours, and which the
+    kernel drops when the process dies, kill -9 included); None, or a refusal naming the holder. Two jobs in one
+    run folder (a requeued job whose predecessor still runs, a command started twice) interleave their metrics
+    and overwrite each other's checkpoints."""
+    import fcntl
+    import socket
+
+    path = Path(run_dir).resolve() / ".lock"
+    if path in _LOCKS:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        return (f"{run_dir} is in use by another training job ({holder}); wait for it to end or stop it, or give "
+                "another --run-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+    f.flush()
+    _LOCKS[path] = f
+    return None
+
+
+def unlock_run_dir(run_dir: str | os.PathLike) -> None:
+    """Release `lock_run_dir`'s lock (the end of a run in a process that goes on)."""
+    if (f := _LOCKS.pop(Path(run_dir).resolve() / ".lock", None)) is not None:
+        f.close()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -57,8 +95,11 @@ def truncate_metrics(path: Path, step: int) -> int:
         if row is not None and row["step"] <= step:
             keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    finally:  # (a full disk: no empty temporary file left behind)
+        tmp.unlink(missing_ok=True)
     return unreadable
 
 

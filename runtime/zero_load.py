@@ -40,7 +40,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zer
     Under ZeRO-3 each submodule's partitioned parameters are gathered with modifier_rank=0, filled on
     rank 0 and re-partitioned, one module at a time.
     """
-    from runtime.distributed import get_rank
+    from runtime.distributed import get_rank, rank0_verdict
 
     if state is not None:  # rotary inv_freq: a buffer older transformers saved (Llama-2's files hold it), now
         state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # computed instead
@@ -63,11 +63,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, zer
             problem = f"unexpected weights: {unexpected[:8]}"
         elif wrong:
             problem = f"{len(wrong)} weights have another shape: {'; '.join(wrong[:4])}"
-    if torch.distributed.is_initialized():
-        box = [problem]
-        torch.distributed.broadcast_object_list(box, src=0)
-        problem = box[0]
-    if problem:
+    if problem := rank0_verdict(problem):
         raise ValueError(problem)
     missing: list[str] = []
     for mod_name, module in model.named_modules():

@@ -314,3 +314,129 @@ def test_resume_names_an_engine_the_checkpoint_lacks(tmp_path):
     (tmp_path / "step-00000010" / "disc").mkdir()
     assert task.load_checkpoint(tmp_path / "step-00000010", {}, 10, None) is True
     assert [e.loaded for e in task.engines.values()] == [["tokenizer"], ["disc"]]
+
+
+def test_a_second_job_in_a_run_folder_is_refused(tmp_path):
+    """Two trainers in one run folder (a requeue racing its predecessor, a command started twice) both ran to
+    the end, interleaving metrics.jsonl and overwriting each other's checkpoints."""
+    from runtime.run import lock_run_dir, unlock_run_dir
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from runtime.run import lock_run_dir; "
+                               f"assert lock_run_dir({str(run)!r}) is None; print('held', flush=True); sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        problem = lock_run_dir(run)
+        assert problem is not None and re.search(rf"{re.escape(str(run))} is in use by another training job \(host "
+                                                 rf"\S+ pid {holder.pid}\)", problem), problem
+    finally:
+        holder.kill()  # the kernel drops a dead process's lock (kill -9 included)
+        holder.wait()
+    assert lock_run_dir(run) is None and lock_run_dir(run) is None  # free now; taking it twice in one process is fine
+    unlock_run_dir(run)
+
+
+def test_resume_of_another_runs_checkpoint_into_a_used_run_folder_is_refused(tmp_path):
+    """--run-dir B --resume A/step-4 mixed the two runs (B's metrics, then A's continuation over B's steps)."""
+    from runtime.checkpoint import CheckpointManager
+
+    a, b = CheckpointManager(tmp_path / "a"), CheckpointManager(tmp_path / "b")
+    _fake_steps(a, 2, 4)
+    _fake_steps(b, 2)
+    with pytest.raises(FileExistsError, match=r"--resume .*a/step-00000004: .* is another run's checkpoint, and .*b "
+                                              r"holds checkpoints of its own \(up to step-00000002\)"):
+        b.resolve(str(a.run_dir / "step-00000004"))
+    assert CheckpointManager(tmp_path / "c").resolve(str(a.run_dir)) == a.run_dir / "step-00000004"  # a fork: fine
+    assert b.resolve(str(b.run_dir / "step-00000002")) == b.run_dir / "step-00000002"
+
+
+def test_flags_changed_on_resume_take_effect_and_are_logged(caplog):
+    """DeepSpeed's load restores the optimizer's lr, betas, eps and weight decay and the schedule's base rates
+    as saved: a resume with --optim.lr 1e-2 trained on at the old rate while config.json said 1e-2."""
+    import logging
+
+    import torch
+
+    from runtime.loop import Task, _follow_changed_flags
+    from runtime.optim import OptimConfig, lambda_scheduler, warmup_cosine
+
+    def engine(o: OptimConfig, total: int, step: int):
+        model = torch.nn.Linear(2, 2)
+        opt = o.adamw([{"params": [model.weight], "weight_decay": o.weight_decay},
+                       {"params": [model.bias], "weight_decay": 0.0}])
+        sched = o.schedule(opt, total)
+        for _ in range(step):
+            opt.step()
+            sched.step()
+        return type("Engine", (), {"optimizer": opt, "lr_scheduler": sched})()
+
+    old = OptimConfig(lr=1e-3, weight_decay=0.1, warmup_frac=0.2)
+    new = OptimConfig(lr=1e-2, weight_decay=0.5, warmup_frac=0.2, betas=(0.9, 0.95), end_ratio=0.1)
+    saved, resumed = engine(old, 10, 4), engine(new, 20, 0)
+    resumed.optimizer.load_state_dict(saved.optimizer.state_dict())  # what DeepSpeed's load does
+    resumed.lr_scheduler.load_state_dict(saved.lr_scheduler.state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * warmup_cosine(4, 10, 2, 0.0))
+    task = Task()
+    task.engines = {"model": resumed}
+    config = lambda o, total, accum: {"total_steps": total, "grad_accum": accum, "optim": {  # noqa: E731
+        k: list(v) if isinstance(v, tuple) else v for k, v in vars(o).items()}}
+    with caplog.at_level(logging.WARNING):
+        _follow_changed_flags(config(old, 10, 1), config(new, 20, 2), task, logging.getLogger("t"))
+    groups = resumed.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2 * warmup_cosine(4, 20, 4, 0.1)] * 2)
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.95) for g in groups)
+    for flag in ("--total-steps 20 (was 10)", "--grad-accum 2 (was 1)", "--optim.lr 0.01 (was 0.001)",
+                 "--optim.weight-decay 0.5 (was 0.1)", "--optim.betas [0.9, 0.95] (was [0.9, 0.999])",
+                 "changes the global batch"):
+        assert flag in caplog.text
+    caplog.clear()
+    _follow_changed_flags(config(new, 20, 2), config(new, 20, 2), task, logging.getLogger("t"))
+    assert caplog.text == ""
+
+
+def test_an_engine_that_cannot_load_names_the_changed_settings(tmp_path):
+    """A resume with another ZeRO stage or precision failed with DeepSpeed's bare AssertionError, or a
+    FileNotFoundError of bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt."""
+    from types import SimpleNamespace
+
+    from runtime.loop import Task
+
+    class Engine:
+        def load_checkpoint(self, folder, tag):
+            raise AssertionError()
+
+    ckpt = tmp_path / "step-00000004"
+    (ckpt / "mllm").mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "config": {"ds_config": "zero3",
+                                                                                "precision": "fp32"}}))
+    task = Task()
+    task.engines = {"mllm": Engine()}
+    task.cfg = SimpleNamespace(ds_config="zero2", precision="bf16")
+    with pytest.raises(RuntimeError, match=r"cannot load the 'mllm' engine from .*step-00000004 \(AssertionError: \); "
+                                           r"it was written with --ds-config zero3 --precision fp32 and this run has "
+                                           r"--ds-config zero2 --precision bf16"):
+        task.load_checkpoint(ckpt, {}, 4, None)
+    task.cfg = SimpleNamespace(ds_config="zero3", precision="fp32")
+    with pytest.raises(RuntimeError, match=r"step-00000004 \(AssertionError: \)$"):
+        task.load_checkpoint(ckpt, {}, 4, None)
+
+
+def test_a_failed_save_removes_its_temporary_folder_and_says_where(tmp_path):
+    """A full disk: torch's 'unexpected pos 14464 vs 14356' named neither the disk nor the folder, and the
+    temporary step folder left behind kept the disk full for the restart."""
+    from runtime.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path / "run")
+    _fake_steps(ckpts, 2)
+    (ckpts.run_dir / "latest").write_text("step-00000002")
+
+    def write(tmp):
+        (tmp / "partial.bin").write_bytes(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 14464 vs 14356")
+
+    with pytest.raises(RuntimeError, match=r"saving step-00000004 in .*run failed \(\d+\.\d GiB free there\): "
+                                           r"RuntimeError: .*unexpected pos.*; the previous checkpoint and `latest` "
+                                           r"are kept"):
+        ckpts.save(4, write, {}, {"step": 4})
+    assert sorted(p.name for p in ckpts.run_dir.iterdir()) == ["latest", "step-00000002"]

@@ -72,7 +72,13 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
     longer = _metrics(full)
     assert [m["step"] for m in longer] == list(range(1, 9)) and longer[:6] == a
     assert longer[6]["lr"] == pytest.approx(o["lr"] * warmup_cosine(6, 8, int(o["warmup_frac"] * 8), o["end_ratio"]))
-    assert "--total-steps 8 differs from the 6 of the run resumed" in (full / "log.txt").read_text()
+    assert "--total-steps 8 (was 6)" in (full / "log.txt").read_text()
+    # rewinding to step 3 and dying before the next save: `latest` names step 3, so --resume auto continues the
+    # rewound run (it named step 8, and auto jumped back to the run abandoned, with steps 4-5 lost from the metrics)
+    p = deepspeed_module("unitok.train", _args(full, shards, "--total-steps", "8", "--no-export", "--resume",
+                                               str(full / "step-00000003"), "--debug.kill-at-step", "4"), check=False)
+    assert p.returncode != 0 and (full / "latest").read_text() == "step-00000003"
+    assert "holds 2 checkpoints after step 3" in (full / "log.txt").read_text()
 
 
 @pytest.mark.slow
