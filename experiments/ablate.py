@@ -43,13 +43,20 @@ class so that the linear probe, which uses the same folder, trains on 12 and tes
 Claims (experiments/ablate_grid.py `paper_claims`, tested by experiments/ablate_stats.py): each of
 the paper's findings is a one-sided comparison of two cells on one metric, e.g. Table 8's "8
 sub-codebooks beat 4" is mcq-8x32 > base on psnr (rFID), zero-shot and probe top-1. Over the seeds,
-results.md's second table gives both sides' mean +- std, the difference with its 95 % CI, a one-sided
-Welch p and a verdict: reproduced, contradicted or not resolved at this scale (and after Holm).
+results.md's second table gives both sides' mean +- std, the difference with its 90 % CI (the interval of
+the two one-sided tests at 0.05), a one-sided Welch p and a verdict: reproduced, contradicted or not resolved
+at this scale (and after Holm). Table 6's joint vs contrastive-only, where the paper claims no direction, is
+reported as a difference with a two-sided p and no verdict.
 
 Layout (resumable: a (cell, seed) is finished when its result.json exists; a half-trained one
-resumes with `--resume auto`; a result written with different arguments is an error, not reused):
-    OUT_DIR/cells/<cell>/seed<k>/{train/, train.log, eval_1x/, eval_2x/, result.json}
-    OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py)
+resumes with `--resume auto`; a result, or a half-trained run, of different arguments is an error, not
+reused: fingerprint.json holds the arguments a run was started with):
+    OUT_DIR/cells/<cell>/seed<k>/{fingerprint.json, train/, train.log, train_seconds.json, eval_1x/, eval_2x/,
+                                  result.json}
+    OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py): every
+                                    finished result under OUT_DIR with this run's settings, of any seed and of
+                                    any cell of the grid, so a --cells or --seeds rerun keeps the others' rows
+    OUT_DIR/log.txt                 the harness's log
 
 CPU grid budget (`--grid cpu`: debug preset, 32 px, batch 32, 1000 steps, 8192 synthetic samples,
 no GAN and no LPIPS, which need pretrained weights). 9 cells x 5 seeds = 45 runs (issue 16 asks for
@@ -79,11 +86,12 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,11 +116,14 @@ class AblateConfig:
     base_preset: str | None = None
     """Model preset of every cell; None: the grid's (cpu: debug, paper: large)."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    """Training seeds; every cell is trained once per seed (the claim tests need >= 2)."""
+    """Training seeds; every cell is trained once per seed (the claim tests need >= 2). The results also count
+    the finished seeds under --out-dir that this run leaves out (same settings)."""
     steps: int | None = None
     """Optimizer steps per run; None: the grid's."""
     cells: tuple[str, ...] = ()
-    """Run only these cells of the grid; none given: all."""
+    """Run only these cells of the grid; none given: all. results.{json,md,png} still summarise every finished
+    result of the grid's cells under --out-dir written with this run's settings, so a rerun of a few cells keeps
+    the other cells' rows and claims."""
     out_dir: str = "runs/ablate"
     """Output folder; a rerun resumes it."""
     launcher: Literal["none", "deepspeed"] = "none"
@@ -219,6 +230,8 @@ class Plan:
     launcher_args: list[str]
     train_size: int = 0
     jobs: int = 1
+    run_cells: list[Cell] = field(default_factory=list)
+    """The cells this run trains (--cells); the summary also shows the grid's other cells that have results."""
 
     def env(self) -> dict[str, str] | None:
         """The environment of a run's jobs: None (job_env's default) for one run at a time; with --jobs N,
@@ -250,10 +263,17 @@ class Plan:
         return argv
 
     def fingerprint(self, cell: Cell, seed: int) -> dict[str, Any]:
-        """What decides a result; paths under out_dir are written relative so the folder can move."""
+        """What decides a result; paths under out_dir are written relative so the folder can move. unitok.train's
+        --debug.* fault injection (kill or NaN at a step) is left out: a run killed by it resumes without it."""
         def rel(a):
             return a.replace(str(self.out_dir), "$OUT") if isinstance(a, str) else a
-        return {"train_argv": [rel(a) for a in self.train_argv(cell, seed)],
+
+        argv, debug = [], False
+        for a in self.train_argv(cell, seed):
+            debug = a.startswith("--debug.") if a.startswith("--") else debug  # a flag and its values
+            if not debug:
+                argv.append(rel(a))
+        return {"train_argv": argv,
                 "eval": {"scales": list(self.grid.eval_scales), "images": rel(self.eval_images),
                          "zeroshot_dir": rel(self.zeroshot_dir), "probe_dir": rel(self.probe_dir),
                          "classnames": self.classnames,
@@ -313,19 +333,76 @@ def evaluate_cell(plan: Plan, export: Path, cell_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def read_json(path: Path, advice: str) -> Any:
+    """A harness file; a corrupt one (a truncated copy, a full disk) is a ValueError naming it, with `advice`."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {advice}") from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)  # whole or not at all (result.json is the marker of a finished cell)
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A (cell, seed)'s result.json."""
+    return read_json(path, "delete it to evaluate that run again (its training in train/ is kept)")
+
+
+def fingerprint_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """What differs between two fingerprints, e.g. '--loss.clip 0 -> 1' (a flag's last value: tyro's)."""
+    def flags(argv):
+        out, flag = {}, None
+        for a in argv:
+            if a.startswith("--"):
+                flag, _, v = a.partition("=")
+                out[flag] = [v] if v else []
+            elif flag:
+                out[flag].append(a)
+        return {k: " ".join(v) or "(set)" for k, v in out.items()}
+
+    old = old or {}
+    a, b = flags(old.get("train_argv", [])), flags(new["train_argv"])
+    diffs = [f"{k} {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(a.keys() | b.keys())
+             if a.get(k) != b.get(k)]
+    ea, eb = old.get("eval", {}), new["eval"]
+    diffs += [f"eval {k} {ea.get(k)} -> {eb.get(k)}" for k in sorted(ea.keys() | eb.keys()) if ea.get(k) != eb.get(k)]
+    return "; ".join(diffs) or "the order of the training arguments"
+
+
 def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
     """Train (or resume) and evaluate one (cell, seed); -> (result, ran). Finished ones are read back."""
     cell_dir = plan.out_dir / "cells" / cell.name / f"seed{seed}"
     result_path = cell_dir / "result.json"
     fp = plan.fingerprint(cell, seed)
     if result_path.is_file():
-        result = json.loads(result_path.read_text())
+        result = read_result(result_path)
         if result.get("fingerprint") != fp:
             raise ValueError(f"{result_path} was written with other arguments than this run's "
-                             f"({result.get('fingerprint')} vs {fp}); use another --out-dir or delete {cell_dir}")
+                             f"({fingerprint_diff(result.get('fingerprint'), fp)}); use another --out-dir or "
+                             f"delete {cell_dir}")
         return result, False
     cell_dir.mkdir(parents=True, exist_ok=True)
     run_dir = cell_dir / "train"
+    # a run killed before its result resumes only under the arguments it was started with (the grid file may
+    # have changed since): they are written before training starts
+    fp_path = cell_dir / "fingerprint.json"
+    if run_dir.exists():
+        if not fp_path.is_file():
+            raise ValueError(f"{run_dir} has no {fp_path.name} (started by an earlier experiments.ablate), so "
+                             f"its arguments cannot be checked against this run's; delete {cell_dir} to start "
+                             "that run over")
+        started = read_json(fp_path, f"delete {cell_dir} to start that run over")
+        if started != fp:
+            raise ValueError(f"{fp_path}: {run_dir} was started with other arguments than this run's "
+                             f"({fingerprint_diff(started, fp)}); rerun with those, or delete {cell_dir} to start "
+                             "that run over")
+    else:
+        _write_json(fp_path, fp)
+    seconds_path = cell_dir / "train_seconds.json"  # a re-evaluation (result.json deleted) keeps the figure
     t0 = time.time()
     if not _trained(run_dir, plan.steps):
         cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
@@ -334,20 +411,37 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
         if not (run_dir / "export" / "model.safetensors").is_file():
             raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
                                f"see {cell_dir / 'train.log'}")
+        _write_json(seconds_path, {"train_seconds": round(time.time() - t0, 2)})
     t1 = time.time()
     metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
     t2 = time.time()
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][-1]
-    metrics.update(train_loss=last["loss"], train_clip=last.get("clip"), train_seconds=round(t1 - t0, 2),
+    train_seconds = (read_json(seconds_path, "delete it (the training time is then not recorded)")["train_seconds"]
+                     if seconds_path.is_file() else None)  # None: trained by an earlier experiments.ablate
+    metrics.update(train_loss=last["loss"], train_clip=last.get("clip"), train_seconds=train_seconds,
                    eval_seconds=round(t2 - t1, 2))
     from runtime.distributed import describe_host
 
     result = {"cell": cell.name, "group": cell.group, "seed": seed, "args": cell.args, "report": list(cell.report),
               "metrics": metrics, "fingerprint": fp, "host": describe_host()}  # where its seconds were measured
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, result_path)  # the marker of a finished cell appears whole or not at all
+    _write_json(result_path, result)
     return result, True
+
+
+def finished_results(plan: Plan, skip: set[tuple[str, int]], log) -> list[dict[str, Any]]:
+    """The finished results under out_dir of the grid's (cell, seed)s outside `skip` (this run's), written with
+    this run's settings: a --cells or --seeds rerun summarised only itself and dropped the other cells' claims."""
+    found, other = [], []
+    for cell in plan.grid.cells:
+        for path in sorted((plan.out_dir / "cells" / cell.name).glob("seed*/result.json")):
+            m = re.fullmatch(r"seed(-?\d+)", path.parent.name)
+            if not m or (cell.name, int(m[1])) in skip:
+                continue
+            result = read_result(path)
+            (found if result.get("fingerprint") == plan.fingerprint(cell, int(m[1])) else other).append(result)
+    if other:
+        log.info(f"results leave out {len(other)} finished run(s) under {plan.out_dir} with other settings")
+    return found
 
 
 # ---- entry -----------------------------------------------------------------------------------
@@ -359,11 +453,9 @@ def metric_keys(grid: Grid) -> set[str]:
 def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
     """Resolve the grid, the data and every cell's arguments; validate them all before any training."""
     grid = load_grid(args.grid, args.base_preset)
-    if args.cells:
-        unknown = [c for c in args.cells if c not in {x.name for x in grid.cells}]
-        if unknown:
-            raise ValueError(f"--cells {unknown} not in grid {grid.name!r}: {[c.name for c in grid.cells]}")
-        grid.keep_cells(set(args.cells))
+    unknown = [c for c in args.cells if c not in {x.name for x in grid.cells}]
+    if unknown:
+        raise ValueError(f"--cells {unknown} not in grid {grid.name!r}: {[c.name for c in grid.cells]}")
     known = metric_keys(grid)
     for c in grid.claims:
         if c.metric not in known:
@@ -386,9 +478,10 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
     plan = Plan(grid, out_dir, args.steps or grid.steps, list(args.seeds), list(user_args),
                 absolute(args.eval_images), absolute(args.zeroshot_dir), absolute(args.probe_dir), args.classnames,
                 absolute(args.inception_weights), args.eval_batch_size, args.launcher, args.ngpu,
-                shlex.split(args.launcher_args), jobs=args.jobs)
+                shlex.split(args.launcher_args), jobs=args.jobs,
+                run_cells=[c for c in grid.cells if not args.cells or c.name in args.cells])
     for where, args_ in [("grid train_args", grid.train_args), ("arguments", user_args),
-                         *[(f"cell {c.name!r}", c.args) for c in grid.cells]]:
+                         *[(f"cell {c.name!r}", c.args) for c in plan.run_cells]]:
         flags = {a.split("=")[0].replace("_", "-") for a in args_}
         taken = sorted(flags & set(RESERVED))
         if taken:
@@ -413,7 +506,7 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
 
         warn_once("no --zeroshot-dir: zero-shot accuracy is not measured")
     plan.probe_dir = plan.probe_dir or plan.zeroshot_dir
-    for cell in grid.cells:
+    for cell in plan.run_cells:
         cfg = check_train_args(plan.train_argv(cell, plan.seeds[0]), f"cell {cell.name!r}")
         if cfg.data.img_size != plan.train_size:
             raise ValueError(f"cell {cell.name!r} changes the training resolution; cells must share it")
@@ -430,8 +523,8 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(out_dir)
     plan = make_plan(args, user_args, log)
-    todo = [(c, s) for c in plan.grid.cells for s in plan.seeds]
-    log.info(f"grid {plan.grid.name}: {len(plan.grid.cells)} cells x {len(plan.seeds)} seeds = {len(todo)} runs, "
+    todo = [(c, s) for c in plan.run_cells for s in plan.seeds]
+    log.info(f"grid {plan.grid.name}: {len(plan.run_cells)} cells x {len(plan.seeds)} seeds = {len(todo)} runs, "
              f"preset {plan.grid.base_preset}, {plan.steps} steps, launcher {plan.launcher}, out {plan.out_dir}")
     if args.dry_run:
         for c, s in todo:
@@ -439,6 +532,7 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
             log.info(f"[dry run] {c.name} seed {s}: {shlex.join(cmd)}")
         return {}
     done: dict[int, dict[str, Any]] = {}
+    others = finished_results(plan, {(c.name, s) for c, s in todo}, log)
     t_start = time.time()
 
     def one(i: int) -> None:
@@ -447,12 +541,13 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
         result, ran = run_cell(plan, cell, seed)
         m = result["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1", "probe_top1") if k in m)
-        how = (f"done in {time.time() - t:.0f} s (train {m['train_seconds']:.0f} s, eval {m['eval_seconds']:.0f} s)"
+        train = "?" if m["train_seconds"] is None else f"{m['train_seconds']:.0f}"  # trained by an earlier version
+        how = (f"done in {time.time() - t:.0f} s (train {train} s, eval {m['eval_seconds']:.0f} s)"
                if ran else "finished before, skipped")
         with lock:
             done[i] = result
             log.info(f"[{len(done)}/{len(todo)}] {cell.name} seed {seed}: {how} | {shown}")
-            write_outputs(plan, [done[j] for j in sorted(done)])
+            write_outputs(plan, others + [done[j] for j in sorted(done)])
 
     import threading
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -463,13 +558,17 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
     # the ones already started finish, and it is raised
     with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
         futures = [pool.submit(one, i) for i in range(len(todo))]
-        wait(futures, return_when=FIRST_EXCEPTION)
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C: no queued run starts (leaving `with` waited for every queued run)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
         if failed is not None:
             for g in futures:
                 g.cancel()
             raise failed.exception()
-    summary = write_outputs(plan, [done[j] for j in sorted(done)])
+    summary = write_outputs(plan, others + [done[j] for j in sorted(done)])
     from runtime.distributed import describe_host
 
     log.info(f"grid done in {time.time() - t_start:.0f} s on {describe_host()} -> {plan.out_dir / 'results.md'}\n"

@@ -2,7 +2,7 @@
 
     OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds; `claims`: one record per
                            claim of the grid (experiments/ablate_stats.py)
-    OUT_DIR/results.md     the cell table (mean +- std) and the claim table (difference, CI95, p, verdict)
+    OUT_DIR/results.md     the cell table (mean +- std) and the claim table (difference, CI90, p, verdict)
     OUT_DIR/results.png    reconstruction (PSNR at 1x and 2x, rFID) and understanding (zero-shot and
                            linear-probe top-1) per cell
 """
@@ -21,19 +21,26 @@ PM = "\u00b1"  # the plus-minus sign of the markdown table
 
 # ---- summary ---------------------------------------------------------------------------------
 def metric_stats(vals: list[float]) -> dict[str, Any]:
-    """One metric over the seeds: mean, std (sample, 0 for one seed), min, max and the values."""
+    """One metric over the seeds: mean, std (sample; None for one seed: no spread was measured), min, max and
+    the values."""
     import numpy as np
 
     a = np.array(vals, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else None, "min": float(a.min()),
             "max": float(a.max()), "values": vals}
 
 
 def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Group per cell: `metric_stats` of each metric. A cell with no result yet (failed, or not run) is kept with
-    no seeds, so the tables show it."""
+    """Group per cell: `metric_stats` of each metric, over the grid's cells that this run trains or that have a
+    result. A cell of this run with no result yet (failed, or not run) is kept with no seeds, so the tables
+    show it. Seeds are in ascending order."""
+    from experiments.ablate_grid import present_claims
+
+    results = sorted(results, key=lambda r: r["seed"])
+    names = {c.name for c in plan.run_cells} | {r["cell"] for r in results}
+    shown = [c for c in plan.grid.cells if c.name in names]
     cells = []
-    for cell in plan.grid.cells:
+    for cell in shown:
         rs = [r for r in results if r["cell"] == cell.name]
         keys = sorted({k for r in rs for k, v in r["metrics"].items() if isinstance(v, (int, float))})
         stats = {}
@@ -44,9 +51,10 @@ def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
                       "report": list(cell.report), "seeds": [r["seed"] for r in rs], "metrics": stats})
     from experiments.ablate_stats import evaluate_claims
 
-    return {"grid": plan.grid.name, "base_preset": plan.grid.base_preset, "steps": plan.steps, "seeds": plan.seeds,
+    seeds = sorted({*plan.seeds, *(r["seed"] for r in results)})
+    return {"grid": plan.grid.name, "base_preset": plan.grid.base_preset, "steps": plan.steps, "seeds": seeds,
             "train_size": plan.train_size, "eval_scales": list(plan.grid.eval_scales), "cells": cells,
-            "claims": evaluate_claims(plan.grid.claims, cells)}
+            "claims": evaluate_claims(present_claims(plan.grid.claims, shown), cells)}
 
 
 def _columns(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -76,7 +84,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines = [f"Grid `{summary['grid']}`, preset `{summary['base_preset']}`, {summary['steps']} steps, "
              f"seeds {summary['seeds']}; mean {PM} std over seeds (min/max in results.json). "
              "'-': not reported for that cell (Table 6 reports reconstruction for recon-only and zero-shot "
-             "for contrastive-only); 0 seeds: not finished (failed, or not run yet: see ablate.log).", "",
+             "for contrastive-only); 0 seeds: not finished (failed, or not run yet: see log.txt).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in summary["cells"]:
         row = [c["name"], c["group"]]
@@ -103,23 +111,27 @@ def _p(p: float | None) -> str:
 
 
 def claims_table(summary: dict[str, Any]) -> str:
-    """The claim table: per claim both sides, the difference with its CI95, p and the verdicts."""
+    """The claim table: per claim both sides, the difference with its CI90, p and the verdicts."""
     from experiments.ablate_stats import ALPHA
 
     claims = summary.get("claims", [])
     if not claims:
         return ""
     shown = [c for c in claims if c["verdict"] != "not measured"]
-    tested = sum(c["p"] is not None for c in claims)
-    head = ["claim", "source", "metric", "paper's better side", "other side", "difference [95 % CI]", "p",
+    tested = sum(c["p_opposite"] is not None for c in claims)
+    level = round(100 * (1 - 2 * ALPHA))
+    head = ["claim", "source", "metric", "paper's better side", "other side", f"difference [{level} % CI]", "p",
             "verdict", "after Holm"]
     lines = ["## The paper's claims", "",
              "Difference = the paper's better side minus the other (for lower-better metrics such as rFID, the "
-             "other minus the better), so > 0 is the paper's direction; 95 % Welch-Satterthwaite CI. "
+             f"other minus the better), so > 0 is the paper's direction; {level} % Welch-Satterthwaite CI, "
+             f"whose bounds are the two one-sided tests at {ALPHA}: a verdict comes exactly with a CI that "
+             f"excludes 0 on its side (the 95 % CI, wider, is in results.json). "
              f"p: one-sided Welch t-test in the paper's direction. Verdict: reproduced if p < {ALPHA}, "
              f"contradicted if the opposite one-sided test has p < {ALPHA}, else not resolved at this scale "
              "(fewer than 2 seeds on a side: no test). Both sides constant over seeds: an exact difference "
-             "(p 0 or 1; equal values: 0.5). "
+             "(p 0 or 1; equal values: 0.5). 'difference only': the paper claims no direction there, so p is "
+             "two-sided and there is no verdict. "
              f"{tested} claims were tested: with no real effect anywhere, about {tested * ALPHA:.1f} false "
              f"'reproduced' and as many false 'contradicted' are expected by chance at {ALPHA}; 'after Holm' "
              f"is the verdict on Holm-adjusted p over all {2 * tested} one-sided tests (family-wise error "
@@ -127,11 +139,12 @@ def claims_table(summary: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in shown:
         diff = "-" if c["diff"] is None else f"{c['diff']:+.2f}"
-        if c["ci95"] is not None:
-            diff += f" [{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+        if c["ci90"] is not None:
+            diff += f" [{c['ci90'][0]:+.2f}, {c['ci90'][1]:+.2f}]"
+        p = _p(c["p"]) + (" (two-sided)" if c["p"] is not None and c["p_opposite"] is None else "")
         lines.append("| " + " | ".join([
             c["name"], c["source"], f"{c['metric']} ({c['direction']} better)", _side(c["better"]),
-            _side(c["other"]), diff, _p(c["p"]), c["verdict"], c["verdict_holm"]]) + " |")
+            _side(c["other"]), diff, p, c["verdict"], c["verdict_holm"]]) + " |")
     statements = dict.fromkeys((c["name"].split("/")[0], c["statement"]) for c in shown)  # once per claim
     lines += ["", "What each claim says (the paper's numbers):", ""] + [f"- `{n}`: {st}" for n, st in statements]
     missing = [c["name"] for c in claims if c["verdict"] == "not measured"]
@@ -161,7 +174,9 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
 
     def series(key, group):
         m = [c["metrics"].get(key) if group in c["report"] else None for c in cells]
-        return (np.array([s["mean"] if s else np.nan for s in m]), np.array([s["std"] if s else 0.0 for s in m]))
+        # std None: one seed, no error bar
+        return (np.array([s["mean"] if s else np.nan for s in m]),
+                np.array([(s["std"] or 0.0) if s else 0.0 for s in m]))
 
     panels = [("recon", "PSNR (dB), higher is better",
                [(k, h) for k, h, g in _columns(summary) if k.startswith("psnr")])]

@@ -1,22 +1,30 @@
-"""The paper's claims tested over seeds: Welch's t, a 95 % CI of the difference and a verdict per claim.
+"""The paper's claims tested over seeds: Welch's t, CIs of the difference and a verdict per claim.
 
 A claim (experiments/ablate_grid.py) says cell A beats cell B on a metric. With per-seed values a, b:
 
     d    = mean(a) - mean(b)                (lower-better metric, rFID: mean(b) - mean(a)); d > 0: the paper's way
     se   = sqrt(va/na + vb/nb)              va, vb: sample variances (ddof 1)
     df   = se^4 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1))                    Welch-Satterthwaite
-    CI95 = d -+ t(0.975, df) * se           two-sided
+    CI90 = d -+ t(0.95, df) * se            two-sided 90 %: its bounds are the two one-sided tests at ALPHA
+    CI95 = d -+ t(0.975, df) * se           two-sided 95 % (kept in results.json)
     p    = P(T_df >= d/se)                  one-sided Welch test in the paper's direction
     p_opposite = P(T_df <= d/se)            the same test the other way
 
 Verdict at ALPHA = 0.05: "reproduced" if p < ALPHA, "contradicted" if p_opposite < ALPHA, otherwise "not
-resolved at this scale". A one-sided p < 0.05 is a 90 % two-sided interval that excludes 0, so a
-"reproduced" can come with a CI95 that touches 0. Fewer than 2 seeds on a side: no test, "not resolved
-(needs >= 2 seeds)"; a cell that ran without the metric (rFID without --inception-weights): "not measured"; a
-cell with no finished seed (failed, or not run yet): "not run"; a NaN or inf value (a diverged run): no test.
+resolved at this scale". A one-sided p < 0.05 is exactly a CI90 that excludes 0 on that side, so the report
+prints the CI90 beside the verdict (a CI95 could touch 0 beside a "reproduced"). Fewer than 2 seeds on a side:
+no test, "not resolved (needs >= 2 seeds)"; a cell that ran without the metric (rFID without
+--inception-weights): "not measured"; a cell with no finished seed (failed, or not run yet): "not run"; a
+NaN or inf value (a diverged run): no test.
 Both sides constant (se = 0, e.g. 100 % usage on every seed): t = 0 if the means are equal (p = 0.5 both
-ways, not resolved), else t = +-inf (p = 0 towards the observed difference, 1 against it, CI95 = [d, d]):
-the seeds show no spread, so the difference is exact at this scale.
+ways, not resolved), else t = +-inf (p = 0 towards the observed difference, 1 against it, CIs = [d, d]):
+the seeds show no spread, so the difference is exact at this scale. A side whose values are all equal counts
+as exactly constant (variance 0, mean = its value): np.var and np.mean of n equal floats can be off by an
+ulp, and two such sides gave a t of order 1 from rounding alone.
+
+A claim of kind "difference" (the paper states no direction, e.g. Table 6 joint vs contrastive-only) gets d,
+both CIs and a two-sided p = 2 min(p, p_opposite) in `p`, no `p_opposite` and the verdict "difference only";
+it is not one of Holm's tests.
 
 Multiple comparisons: each claim can give a false verdict with probability 2 x ALPHA when there is no real
 effect (ALPHA each way), so of m claims about m x ALPHA false "reproduced" and as many false "contradicted"
@@ -36,27 +44,34 @@ REPRODUCED, CONTRADICTED = "reproduced", "contradicted"
 UNRESOLVED, FEW_SEEDS, NOT_MEASURED = "not resolved at this scale", "not resolved (needs >= 2 seeds)", "not measured"
 NOT_RUN = "not run (a cell has no finished seed)"
 NON_FINITE = "not resolved (a seed's value is NaN or inf: a run diverged)"
+DIFFERENCE_ONLY = "difference only (no direction claimed)"
 
 
 def welch(a: list[float], b: list[float]) -> dict[str, Any]:
-    """Welch's t-test of mean(a) > mean(b) (>= 2 values each): difference, se, df, t, CI95, both one-sided p."""
+    """Welch's t-test of mean(a) > mean(b) (>= 2 values each): difference, se, df, t, CI90, CI95, both one-sided
+    p."""
     import numpy as np
     from scipy import stats
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     na, nb = len(a), len(b)
     assert na >= 2 and nb >= 2, "Welch's test needs two values per side"
-    d = float(a.mean() - b.mean())
-    ua, ub = a.var(ddof=1) / na, b.var(ddof=1) / nb  # squared standard errors of the two means
+
+    def mean_var(x):  # all equal: exactly constant (np.mean/np.var of equal floats can be off by an ulp)
+        return (float(x[0]), 0.0) if np.ptp(x) == 0 else (float(x.mean()), float(x.var(ddof=1)))
+
+    (ma, va), (mb, vb) = mean_var(a), mean_var(b)
+    d = ma - mb
+    ua, ub = va / na, vb / nb  # squared standard errors of the two means
     se = math.sqrt(ua + ub)
     if se == 0.0:  # both sides constant: t = 0 or +-inf (see the module docstring); df and t are left out
         p_greater = 0.5 if d == 0.0 else float(d < 0)
-        return {"diff": d, "se": 0.0, "df": None, "t": None, "ci95": [d, d], "p_greater": p_greater,
-                "p_less": 1.0 - p_greater, "constant": True}
+        return {"diff": d, "se": 0.0, "df": None, "t": None, "ci90": [d, d], "ci95": [d, d],
+                "p_greater": p_greater, "p_less": 1.0 - p_greater, "constant": True}
     df = (ua + ub) ** 2 / (ua ** 2 / (na - 1) + ub ** 2 / (nb - 1))
     t = d / se
-    half = float(stats.t.ppf(1 - ALPHA / 2, df)) * se
-    return {"diff": d, "se": se, "df": float(df), "t": t, "ci95": [d - half, d + half],
+    h90, h95 = (float(stats.t.ppf(1 - alpha / 2, df)) * se for alpha in (2 * ALPHA, ALPHA))
+    return {"diff": d, "se": se, "df": float(df), "t": t, "ci90": [d - h90, d + h90], "ci95": [d - h95, d + h95],
             "p_greater": float(stats.t.sf(t, df)), "p_less": float(stats.t.cdf(t, df)), "constant": False}
 
 
@@ -102,8 +117,8 @@ def evaluate_claims(claims: list[Claim], cells: list[dict[str, Any]]) -> list[di
         rec: dict[str, Any] = {
             "name": c.name, "source": c.source, "statement": c.statement, "metric": c.metric,
             "direction": c.direction, "better": {"cell": c.better, **sides["better"]},
-            "other": {"cell": c.other, **sides["other"]}, "diff": None, "ci95": None, "df": None, "t": None,
-            "p": None, "p_opposite": None}
+            "other": {"cell": c.other, **sides["other"]}, "kind": c.kind, "diff": None, "ci90": None, "ci95": None,
+            "df": None, "t": None, "p": None, "p_opposite": None}
         ran = {n: by_name[n]["seeds"] if n in by_name else [] for n in (c.better, c.other)}
         ran_without = [n for n in (c.better, c.other) if ran[n] and c.metric not in by_name[n]["metrics"]]
         if not all(ran.values()):
@@ -119,15 +134,18 @@ def evaluate_claims(claims: list[Claim], cells: list[dict[str, Any]]) -> list[di
                 rec["diff"] = sum(a) / len(a) - sum(b) / len(b)
             if len(a) >= 2 and len(b) >= 2:
                 w = welch(a, b)
-                rec.update(diff=w["diff"], ci95=w["ci95"], df=w["df"], t=w["t"], p=w["p_greater"],
+                rec.update(diff=w["diff"], ci90=w["ci90"], ci95=w["ci95"], df=w["df"], t=w["t"], p=w["p_greater"],
                            p_opposite=w["p_less"])
             rec["verdict"] = verdict(rec["p"], rec["p_opposite"])
+            if c.kind == "difference" and rec["p"] is not None:
+                rec.update(p=min(1.0, 2 * min(rec["p"], rec["p_opposite"])), p_opposite=None,
+                           verdict=DIFFERENCE_ONLY)
         out.append(rec)
-    tested = [r for r in out if r["p"] is not None]
+    tested = [r for r in out if r["p_opposite"] is not None]
     adjusted = holm([r["p"] for r in tested] + [r["p_opposite"] for r in tested])
     for r, p, q in zip(tested, adjusted[:len(tested)], adjusted[len(tested):]):
         r.update(p_holm=p, p_opposite_holm=q, verdict_holm=verdict(p, q))
     for r in out:
-        if r["p"] is None:
+        if r["p_opposite"] is None:
             r.update(p_holm=None, p_opposite_holm=None, verdict_holm=r["verdict"])
     return out

@@ -313,9 +313,10 @@ def test_cpu_grid_claims_cover_the_paper_and_name_its_cells():
                 ("base", "causal-proj", "probe_top1")]
     assert [e for e in expected if e not in pairs] == []
     assert {c.source for c in grid.claims} >= {"Table 6", "Table 7", "Table 8", "Fig. 3", "issue #5"}
-    # --cells keeps only the claims whose two cells remain
-    grid.keep_cells({"base", "recon-only", "linear-proj"})
-    assert {(c.better, c.other) for c in grid.claims} == {("base", "recon-only"), ("base", "linear-proj")}
+    # the summary of some cells (--cells) keeps only the claims whose two cells it shows
+    kept = ablate_grid.present_claims(grid.claims, [c for c in grid.cells if c.name in {"base", "recon-only",
+                                                                                        "linear-proj"}])
+    assert {(c.better, c.other) for c in kept} == {("base", "recon-only"), ("base", "linear-proj")}
 
 
 def test_yaml_grid_gets_the_paper_claims_of_its_cells_and_its_own(tmp_path):
@@ -383,3 +384,212 @@ def test_a_failed_run_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="seed 1 failed"):
         ablate.run(*ablate.parse_args(args))
     assert len(started) == 2, started
+
+
+# ---- review fixes: claim directions, kill-and-change, subset reruns, Ctrl-C, corrupt files ------------------
+def test_a_grid_files_claim_takes_its_metrics_direction_and_a_wrong_one_is_refused(tmp_path):
+    """A file's rFID claim without `direction` was tested as higher-better, so a claim that held read
+    'contradicted'; it now takes rFID's own direction, and a file that states the other one is refused."""
+    from experiments.ablate_stats import REPRODUCED, evaluate_claims
+
+    cells = [{"name": "base", "args": []}, {"name": "wide", "args": ["--model.quantizer.codebook-size", "128"]}]
+    claim = {"name": "wide-rfid", "source": "mine", "statement": "wider codebooks give a lower rFID",
+             "better": "wide", "other": "base", "metric": "rfid"}
+    grid = ablate_grid.load_grid(str(_write_grid(tmp_path / "g.yaml", cells, claims=[claim])), None)
+    c = next(c for c in grid.claims if c.name == "wide-rfid")
+    assert c.direction == "lower"
+    r = evaluate_claims([c], _cells({"wide": {"rfid": [1.0, 1.1, 0.9]}, "base": {"rfid": [2.0, 2.1, 1.9]}}))[0]
+    assert r["verdict"] == REPRODUCED and r["diff"] == pytest.approx(1.0)
+    bad = _write_grid(tmp_path / "bad.yaml", cells, claims=[{**claim, "direction": "higher"}])
+    with pytest.raises(ValueError, match="claim 'wide-rfid': rfid is lower-is-better") as e:
+        ablate_grid.load_grid(str(bad), None)
+    assert str(bad) in str(e.value)
+
+
+def _killed_training(cmd, port, log, **kw):
+    """run_logged of a training killed after step 2: a checkpoint, no export, no result."""
+    from pathlib import Path
+
+    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+    run_dir.mkdir(parents=True)
+    (run_dir / "latest").write_text("step-00000002")
+    raise RuntimeError("training failed")
+
+
+def test_a_half_trained_run_is_not_resumed_with_other_arguments(tmp_path, monkeypatch):
+    """Killed mid-training, then its switch changed in the grid file: the rerun resumed the old checkpoint under
+    the new arguments. fingerprint.json, written before training, now refuses it and says what differs."""
+    def plan_for(clip):
+        grid = _write_grid(tmp_path / "g.yaml", [{"name": "x", "args": ["--loss.clip", clip]}])
+        return ablate.make_plan(*ablate.parse_args(_args(tmp_path / "out", grid, "--dry-run")), None)
+
+    monkeypatch.setattr(ablate, "run_logged", _killed_training)
+    plan = plan_for("0")
+    with pytest.raises(RuntimeError, match="training failed"):
+        ablate.run_cell(plan, plan.run_cells[0], 0)
+    cell_dir = tmp_path / "out" / "cells" / "x" / "seed0"
+    assert json.loads((cell_dir / "fingerprint.json").read_text()) == plan.fingerprint(plan.run_cells[0], 0)
+
+    resumed = mock.Mock(side_effect=RuntimeError("resumed"))
+    monkeypatch.setattr(ablate, "run_logged", resumed)
+    plan = plan_for("1")
+    with pytest.raises(ValueError, match=r"fingerprint\.json.*--loss\.clip 0 -> 1.*delete .*seed0") as e:
+        ablate.run_cell(plan, plan.run_cells[0], 0)
+    assert str(cell_dir / "fingerprint.json") in str(e.value) and not resumed.called
+    plan = plan_for("0")  # the arguments it was started with resume it
+    with pytest.raises(RuntimeError, match="resumed"):
+        ablate.run_cell(plan, plan.run_cells[0], 0)
+
+
+def test_constant_sides_with_different_seed_counts_resolve_nothing():
+    """n equal floats have np.mean/np.var off by an ulp for some n: two constant, equal sides got a verdict from
+    rounding (e.g. 0.7 x 3 vs 0.7 x 2). An all-equal side is now exactly constant."""
+    from experiments.ablate_grid import Claim
+    from experiments.ablate_stats import UNRESOLVED, evaluate_claims
+
+    for x, na, nb in [(0.7, 3, 2), (0.1, 7, 10), (57.7, 3, 5), (81.32702392002724, 7, 10), (1 / 3, 10, 2)]:
+        cells = _cells({"A": {"m": [x] * na}, "B": {"m": [x] * nb}})
+        r = evaluate_claims([Claim("c", "s", "x", "A", "B", "m")], cells)[0]
+        assert (r["verdict"], r["diff"], r["p"], r["p_opposite"]) == (UNRESOLVED, 0.0, 0.5, 0.5), (x, na, nb)
+
+
+def test_table6_joint_vs_contrastive_only_is_a_difference_without_a_verdict():
+    """The paper's Table 6 has contrastive-only ahead on 5 of 6 understanding columns (joint ahead on VQAv2 by
+    0.19): it claims no direction, so the grid reports the difference and a two-sided p, with no verdict and no
+    place among Holm's tests."""
+    from scipy import stats
+
+    from experiments.ablate_stats import DIFFERENCE_ONLY, evaluate_claims, holm
+
+    grid = ablate_grid.load_grid("cpu", "debug")
+    table6 = [c for c in grid.claims if c.name.startswith("table6-joint-vs-contrastive-only")]
+    assert table6 and {c.kind for c in table6} == {"difference"} and "no direction" in table6[0].statement
+    assert {c.kind for c in grid.claims if c not in table6} == {"directional"}
+    a, b, x = [50.0, 51.0, 53.0], [40.0, 41.5, 42.0], [48.0, 49.0, 50.5]
+    cells = _cells({"base": {"zeroshot_top1": a}, "contrastive-only": {"zeroshot_top1": b},
+                    "rq-4x64": {"zeroshot_top1": x}})
+    directional = ablate_grid.Claim("d", "s", "x", "base", "rq-4x64", "zeroshot_top1")
+    diff, other = evaluate_claims([table6[0], directional], cells)
+    assert diff["verdict"] == diff["verdict_holm"] == DIFFERENCE_ONLY and diff["p_opposite"] is None
+    assert diff["p"] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue) and diff["p"] < 0.05
+    assert other["p_holm"] == pytest.approx(holm([other["p"], other["p_opposite"]])[0])  # a family of 2 tests
+
+
+def test_the_printed_interval_agrees_with_the_verdict():
+    """The verdict is a one-sided test at 0.05, a 90 % two-sided interval; the table printed the 95 % CI, which
+    can include 0 beside 'reproduced'. It prints the CI90 now, and says so."""
+    from scipy import stats
+
+    from experiments.ablate_grid import Claim
+    from experiments.ablate_report import claims_table
+    from experiments.ablate_stats import REPRODUCED, evaluate_claims
+
+    a, b = [19.5, 20.4, 19.8, 20.9, 20.2], [19.6, 19.2, 20.0, 19.4, 19.8]
+    r = evaluate_claims([Claim("a-vs-b/psnr", "T", "A beats B", "A", "B", "psnr")], _cells({"A": {"psnr": a},
+                                                                                           "B": {"psnr": b}}))[0]
+    assert r["verdict"] == REPRODUCED and r["ci95"][0] < 0 < r["ci90"][0]
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert r["ci90"] == pytest.approx(list(ref.confidence_interval(0.90)))
+    assert r["ci95"] == pytest.approx(list(ref.confidence_interval(0.95)))
+    table = claims_table({"claims": [r]})
+    assert f"+{r['diff']:.2f} [+{r['ci90'][0]:.2f}, +{r['ci90'][1]:.2f}]" in table and "difference [90 % CI]" in table
+
+
+def _fake_training(cmd, port, log, **kw):
+    """run_logged of a finished training (no model): the export and the trainer's last loss."""
+    import time
+    from pathlib import Path
+
+    time.sleep(0.05)
+    run_dir = Path(cmd[cmd.index("--run-dir") + 1])
+    (run_dir / "export").mkdir(parents=True)
+    (run_dir / "export" / "model.safetensors").write_bytes(b"")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    (run_dir / "latest").write_text(f"step-{int(cmd[cmd.index('--total-steps') + 1]):08d}")
+
+
+def _fake_eval(plan, export, cell_dir):
+    seed = int(cell_dir.name.removeprefix("seed"))
+    return {"psnr": 10.0 + 0.1 * seed + (2.0 if cell_dir.parent.name == "base" else 0.0)}
+
+
+def test_a_rerun_of_some_cells_or_seeds_keeps_the_others_in_the_results(tmp_path, monkeypatch):
+    """results.json summarised only the cells and seeds of the last run: a --cells (or fewer --seeds) rerun of a
+    finished grid dropped the other cells' rows and every claim that needs them. Finished results with other
+    settings stay out."""
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "base", "args": []},
+                                             {"name": "recon-only", "args": ["--loss.clip", "0"]}])
+    out = tmp_path / "out"
+    full = ablate.run(*ablate.parse_args(_args(out, grid, "--seeds", "0", "1")))
+    assert [(c["name"], c["seeds"]) for c in full["cells"]] == [("base", [0, 1]), ("recon-only", [0, 1])]
+    for extra in (["--cells", "base"], ["--seeds", "1"], ["--cells", "recon-only", "--seeds", "0"]):
+        again = ablate.run(*ablate.parse_args(_args(out, grid, *extra)))
+        assert again == full, extra
+        assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(full))
+    assert "| table6-joint-vs-recon-only/psnr |" in (out / "results.md").read_text()
+    # finished runs with other settings (here, another --steps) stay out of the summary
+    other = ablate.run(*ablate.parse_args(_args(out, grid, "--cells", "recon-only", "--seeds", "2", "--steps", "4")))
+    assert [(c["name"], c["seeds"]) for c in other["cells"]] == [("recon-only", [2])]
+
+
+def test_ctrl_c_with_two_jobs_starts_no_queued_run(tmp_path, monkeypatch):
+    """Ctrl-C during `--jobs 2`: leaving the executor's `with` waited for every queued run, so the queue went on.
+    Now the two running runs end and no other starts."""
+    import signal
+    import threading
+    import time
+
+    started = []
+
+    def run_cell(plan, cell, seed):
+        if not started:  # SIGINT to the main thread (where Python raises it) while runs 1 and 2 are going
+            threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        started.append(seed)
+        time.sleep(1.0)  # well past the SIGINT, so no run ends (and frees a worker) before it
+        return {"cell": cell.name, "seed": seed, "metrics": {"train_seconds": 0, "eval_seconds": 0}}, True
+
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results: {})
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    args = _args(tmp_path / "out", "cpu", "--cells", "base", "--seeds", *map(str, range(8)), "--jobs", "2")
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run(*ablate.parse_args(args))
+    assert len(started) == 2, started
+
+
+def test_a_corrupt_result_names_the_file(tmp_path, monkeypatch):
+    """A truncated result.json ended the CLI with a bare JSONDecodeError message."""
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("would train")))
+    path = tmp_path / "out" / "cells" / "base" / "seed0" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"cell": "base", "seed": 0, "metr')
+    with pytest.raises(SystemExit) as e:
+        ablate.main(_args(tmp_path / "out", "cpu", "--cells", "base"))
+    assert str(path) in str(e.value) and "delete it to evaluate that run again" in str(e.value)
+
+
+def test_a_re_evaluation_keeps_the_training_time_and_one_seed_has_no_std(tmp_path, monkeypatch):
+    """Deleting result.json re-evaluates a trained run: its train_seconds became the ~0 s of finding the training
+    done; it keeps the training's own figure now. A metric over one seed stores std null (was 0.0, a spread
+    that was never measured), and results.md points at the harness's log, log.txt."""
+    from experiments import ablate_report
+
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "base", "args": []}])
+    plan = ablate.make_plan(*ablate.parse_args(_args(tmp_path / "out", grid, "--dry-run")), None)
+    first, ran = ablate.run_cell(plan, plan.run_cells[0], 0)
+    assert ran and first["metrics"]["train_seconds"] >= 0.05
+    (tmp_path / "out" / "cells" / "base" / "seed0" / "result.json").unlink()
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("trained again")))
+    again, ran = ablate.run_cell(plan, plan.run_cells[0], 0)
+    assert ran and again["metrics"]["train_seconds"] == first["metrics"]["train_seconds"]
+
+    summary = ablate_report.summarize(plan, [again])
+    assert summary["cells"][0]["metrics"]["psnr"]["std"] is None
+    table = ablate_report.markdown_table(summary)
+    assert "see log.txt" in table and "ablate.log" not in table
