@@ -668,10 +668,10 @@ def test_packed_samples_are_not_targets_of_each_other(tok):
     pairs = [(t, int(lab)) for t, lab in enumerate(packed["labels"][0, 1:]) if lab != -100]
     alone = [(start + t, lab) for s, start in zip(samples, starts) for t, lab in enumerate(s.labels[1:]) if lab != -100]
     assert pairs == alone
-    # unpacked rows are unchanged: labels exactly as templated, first label included
+    # unpacked rows: labels as templated but the first (at the row's start it is never a target either way)
     padded = collate(samples)
     for b, s in enumerate(samples):
-        assert padded["labels"][b, :len(s.labels)].tolist() == s.labels
+        assert padded["labels"][b, :len(s.labels)].tolist() == [-100] + s.labels[1:]
 
 
 def test_resume_refuses_a_changed_file_list(tok, tmp_path, caplog):
@@ -752,3 +752,12 @@ def test_truncated_documents_are_counted(tok, tmp_path):
     src = TextSource(cfg("text", str(f), shuffle=False, text_overflow="truncate"), [f], tok, max_len=8)
     assert [len(s.input_ids) for s, _ in src.stream(infinite=False)][1:] == [8, 8]
     assert src.stats()["truncated"] == 2  # the tails of two documents were dropped, uncounted before
+
+
+def test_left_padding_does_not_train_a_pad_to_predict_the_first_token(tok):
+    """With padding_side='left' the first label of the shorter row sat after a pad, which was trained to predict
+    it (34 targets against 33 unpadded)."""
+    a, b = T.text_samples(tok, "a short one"), T.text_samples(tok, "a much longer document than the other one")
+    both, alone_a, alone_b = (int((collate(s, padding_side="left")["labels"][:, 1:] != -100).sum())
+                              for s in (a + b, a, b))
+    assert both == alone_a + alone_b

@@ -105,11 +105,10 @@ def collate(samples: list[Sample], pad_id: int = 0, padding_side: str = "right",
             n = len(ids)
             input_ids[b, pos:pos + n] = torch.tensor(ids)
             labels[b, pos:pos + n] = torch.tensor(labs)
-            if pack_to is not None:
-                # The loss pairs position t with label t + 1, so a sample's first label would be the target
-                # of the previous sample's last token (a text window's first label is a mid-document
-                # token). Alone in a row it is never a target; packed it must not be either.
-                labels[b, pos] = -100
+            # The loss pairs position t with label t + 1, so a sample's first label would be the target of
+            # what precedes it: the previous sample's last token when packed (a text window's first label is a
+            # mid-document token), a pad when left-padded. At the start of a row it is never a target.
+            labels[b, pos] = -100
             attention_mask[b, pos:pos + n] = 1
             position_ids[b, pos:pos + n] = torch.arange(n)
             for off, c, g in imgs:
