@@ -73,12 +73,51 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
     assert [m["step"] for m in longer] == list(range(1, 9)) and longer[:6] == a
     assert longer[6]["lr"] == pytest.approx(o["lr"] * warmup_cosine(6, 8, int(o["warmup_frac"] * 8), o["end_ratio"]))
     assert "--total-steps 8 (was 6)" in (full / "log.txt").read_text()
+    assert "the GAN started at step 1 (0.3 of the first 6 steps) and keeps that start" in (full / "log.txt").read_text()
     # rewinding to step 3 and dying before the next save: `latest` names step 3, so --resume auto continues the
     # rewound run (it named step 8, and auto jumped back to the run abandoned, with steps 4-5 lost from the metrics)
     p = deepspeed_module("unitok.train", _args(full, shards, "--total-steps", "8", "--no-export", "--resume",
                                                str(full / "step-00000003"), "--debug.kill-at-step", "4"), check=False)
     assert p.returncode != 0 and (full / "latest").read_text() == "step-00000003"
     assert "holds 2 checkpoints after step 3" in (full / "log.txt").read_text()
+
+
+def test_an_extended_run_keeps_the_gan_it_has_started(tmp_path, caplog):
+    """--total-steps raised on resume moved the GAN's start with it (a fraction of the total): 6 -> 30 steps at
+    step 6 switched the GAN off again until step 9, and its warmup restarted."""
+    import logging
+    from types import SimpleNamespace
+
+    from unitok.train import TokenizerTask
+
+    class Engine:
+        def __init__(self):
+            self.lr_scheduler = SimpleNamespace(lr_lambdas=[None, None])  # decayed and non-decayed groups
+
+        def load_checkpoint(self, folder, tag):
+            pass
+
+    ckpt = tmp_path / "step-00000006"
+    for tag in ("tokenizer", "disc"):
+        (ckpt / tag).mkdir(parents=True)
+    log = logging.getLogger("t")
+    for step, kept in ((6, True), (1, False)):  # the GAN of a 6-step run starts at 0.3 x 6 = 1.8
+        task = TokenizerTask.__new__(TokenizerTask)
+        task.cfg = SimpleNamespace(total_steps=30, gan=SimpleNamespace(start_frac=0.3, warmup_frac=0.03),
+                                   optim=SimpleNamespace(end_ratio=0.1))
+        task.disc_engine = Engine()
+        task.engines = {"tokenizer": Engine(), "disc": task.disc_engine}
+        task.gan_total = 30
+        with caplog.at_level(logging.WARNING):
+            assert task.load_checkpoint(ckpt, {"task": {"gan_total": 6}}, step, log) is True
+        if kept:
+            assert task.gan_total == 6 and task.gan_state(7).active and task.gan_state(7).warm == 1.0
+            assert "the GAN started at step 1 (0.3 of the first 6 steps) and keeps that start" in caplog.text
+            assert "it would be off until step 9" in caplog.text
+            lambdas = task.disc_engine.lr_scheduler.lr_lambdas  # the cosine from the old start, no warmup to redo
+            assert len(lambdas) == 2 and [f(0) for f in lambdas] == [1.0, 1.0]
+        else:  # not started yet: it starts at 0.3 of the new total
+            assert task.gan_total == 30 and not task.gan_state(7).active
 
 
 @pytest.mark.slow

@@ -175,6 +175,7 @@ class TokenizerTask(Task):
         from runtime.ds_config import resolve_precision
 
         self.bf16 = resolve_precision(cfg.precision) == "bf16"
+        self.gan_total = cfg.total_steps  # the total the GAN's start and warmup are fractions of (see load_checkpoint)
         # A part whose output no loss reads is not run: the decoder when no pixel loss and no GAN is on
         # (contrastive-only training), the text tower when the contrastive weight is 0 (reconstruction only).
         # The encoder's gradients are the same either way (those losses contributed exact zeros to them); the
@@ -221,7 +222,7 @@ class TokenizerTask(Task):
 
         if self.disc_engine is None:
             return None
-        return gan_schedule(step, self.cfg.total_steps, self.cfg.gan.start_frac, self.cfg.gan.warmup_frac)
+        return gan_schedule(step, self.gan_total, self.cfg.gan.start_frac, self.cfg.gan.warmup_frac)
 
     def generator_losses(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Forward the tokenizer; return loss terms (scalars), "loss" (the objective), and "rec"
@@ -346,7 +347,32 @@ class TokenizerTask(Task):
     def state_dict(self):
         # usage_steps is a non-persistent buffer (the released weights have none), but it sets the usage EMA's
         # decay and whether the next step overwrites it: a resume must continue it, not restart at 0
-        return {"gan_rng": self.rng.get_state(), "usage_steps": int(self.model.quantizer.usage_steps)}
+        return {"gan_rng": self.rng.get_state(), "usage_steps": int(self.model.quantizer.usage_steps),
+                "gan_total": self.gan_total}
+
+    def load_checkpoint(self, ckpt, rank_state, step, log):
+        """As the loop's; a run resumed with another --total-steps after its GAN started keeps the GAN's start and
+        warmup where they were (as fractions of the new total they would move, and could switch it off again:
+        a 78k-step run extended to 100k at step 30k would drop the GAN for about 7500 steps)."""
+        exact = super().load_checkpoint(ckpt, rank_state, step, log)
+        g, was = self.cfg.gan, (rank_state.get("task") or {}).get("gan_total")
+        if exact and self.disc_engine is not None and was is not None and was != self.cfg.total_steps:
+            from runtime.optim import warmup_cosine
+            from unitok.losses import gan_schedule
+
+            now = gan_schedule(step, self.cfg.total_steps, g.start_frac, g.warmup_frac).active
+            if gan_schedule(step, was, g.start_frac, g.warmup_frac).active:
+                self.gan_total = was
+                start = int(g.start_frac * was)
+                d_total, d_warm = max(1, self.cfg.total_steps - start), int(g.warmup_frac * was)
+                sched = self.disc_engine.lr_scheduler  # (one lambda per parameter group)
+                sched.lr_lambdas = [lambda s: warmup_cosine(s, d_total, d_warm, self.cfg.optim.end_ratio)] * len(
+                    sched.lr_lambdas)
+                log.warning(f"the GAN started at step {start} ({g.start_frac:g} of the first {was} steps) and keeps "
+                            f"that start and its warmup; its learning rate decays to step {self.cfg.total_steps}"
+                            + ("" if now else f" (as a fraction of {self.cfg.total_steps} steps it would be off "
+                                              f"until step {int(g.start_frac * self.cfg.total_steps)})"))
+        return exact
 
     def load_state_dict(self, state):
         self.rng.set_state(state["gan_rng"])
