@@ -227,8 +227,13 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
         raise ValueError(f"{src} lacks {len(lost)} weights of the model, e.g. {lost[:6]}: an incomplete download "
                          f"(every shard of its model.safetensors.index.json present?) or another architecture")
     if get_rank() == 0:
+        from runtime.checkpoint import CheckpointManager
+
         fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in missing})
-        log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})")
+        resume = getattr(cfg, "resume", None)
+        resuming = resume not in (None, "", "none") and CheckpointManager(cfg.run_dir).resolve(resume) is not None
+        log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})"
+                 + ("; the checkpoint resumed below replaces every weight" if resuming else ""))
     if not zero3:
         model.to(dtype)
     got = {p.dtype for p in model.parameters()}

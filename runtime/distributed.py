@@ -68,7 +68,7 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         backend, device = "gloo", torch.device("cpu")
-        warn_once("no GPU: using the gloo backend and fp32 on CPU")
+        warn_once("no GPU: using the gloo backend on CPU")
         share_cpu_cores()
     if not dist.is_initialized():
         _import_group_default_modules()

@@ -83,9 +83,12 @@ def wandb_run_id(run_dir: str | os.PathLike) -> str:
 
 
 class MetricSink:
-    """none | tensorboard | wandb; rank 0 only. Imports lazily."""
+    """none | tensorboard | wandb; rank 0 only. Imports lazily. A best-effort copy of metrics.jsonl's log steps:
+    a kill -9 can lose what the writer had not flushed (an offline wandb run's whole history), and wandb keeps a
+    resumed run's values for steps it already has (the steps after a checkpoint, replayed)."""
 
-    def __init__(self, kind: str, run_dir: str | os.PathLike, config: dict[str, Any], project: str):
+    def __init__(self, kind: str, run_dir: str | os.PathLike, config: dict[str, Any], project: str,
+                 start_step: int = 0):
         if kind not in ("none", "tensorboard", "wandb"):
             raise ValueError(f"metrics sink must be none, tensorboard or wandb, got {kind!r}")
         self.kind = kind if is_main_process() else "none"
@@ -93,7 +96,8 @@ class MetricSink:
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            # a resume replays the steps after its checkpoint: purge_step hides the earlier events of those steps
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
             self._tb.add_text("config", f"```\n{config}\n```")
         elif self.kind == "wandb":
             import wandb

@@ -262,12 +262,19 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
     try:
-        task = build(cfg, info, log)
+        try:
+            task = build(cfg, info, log)
+        except Exception as e:
+            log.error(f"the run failed to start: {type(e).__name__}: {e}")
+            raise
         stopped = None
         try:
             last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
         except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
             stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
+        except Exception as e:  # log.txt ended at the last step line: say so there (the traceback is on stderr)
+            log.error(f"the run failed: {type(e).__name__}: {e}")
+            raise
         finally:  # also on a crash, whose traceback keeps the task until the at-exit end_job lets it go
             _destroy_engines(task)
         del task  # with no reference left here, end_job's collection frees the engines and then the group
@@ -377,7 +384,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
         write_json_atomic(run_dir / "config.json", {"config": run_config, "git_sha": git_sha()})
         if unreadable := truncate_metrics(metrics_file, step):  # drop lines of steps that were lost with a crash
             log.warning(f"{metrics_file}: dropped {unreadable} lines that do not parse (a write cut short)")
-    sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project)
+    sink = MetricSink(cfg.metrics, run_dir, run_config, project=task.project, start_step=step)
     progress = Progress(step, cfg.total_steps, info.device)
     main_engine = next(iter(task.engines.values()))
     kill = cfg.debug
@@ -398,7 +405,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
     bad_in_row = 0
     while step < cfg.total_steps:
         micro_scalars: list[dict[str, float]] = []
-        hashes, samples, tokens = [], 0, 0
+        hashes, samples, tokens, skipped = [], 0, 0, 0
         lr = float(main_engine.get_lr()[0])  # the rate this step's update uses (the scheduler steps after it)
         while len(micro_scalars) < cfg.grad_accum:
             batch = next(batches)
@@ -409,9 +416,10 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
                 out["loss"] = out["loss"] * float("nan")
             if not finite_everywhere(out["loss"]):
                 bad = {k: v for k, v in scalars(out).items() if not math.isfinite(v)}
-                log.warning(f"step {step}: non-finite loss on some rank (here: {bad}); micro batch skipped on "
+                log.warning(f"step {step + 1}: non-finite loss on some rank (here: {bad}); micro batch skipped on "
                             "every rank")
                 bad_in_row += 1
+                skipped += 1
                 if cfg.nan_policy == "stop" or bad_in_row >= MAX_BAD_IN_A_ROW:
                     raise StopRun(f"{bad_in_row} non-finite micro batch(es) in a row (--nan-policy {cfg.nan_policy})")
                 continue
@@ -432,6 +440,8 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
             if cfg.nan_policy == "stop":
                 raise StopRun(f"step {step}: non-finite gradient norm (--nan-policy stop)")
         record["lr"] = lr
+        if skipped:
+            record["skipped_micro_batches"] = skipped  # (non-finite loss; replaced by the next micro batches)
         task.after_step(step, record, batch, out)
         if cfg.compile:
             record.update(graph_counts())

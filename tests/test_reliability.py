@@ -440,3 +440,21 @@ def test_a_failed_save_removes_its_temporary_folder_and_says_where(tmp_path):
                                            r"are kept"):
         ckpts.save(4, write, {}, {"step": 4})
     assert sorted(p.name for p in ckpts.run_dir.iterdir()) == ["latest", "step-00000002"]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+    """A resume replays the steps after its checkpoint: TensorBoard drew them twice (11 points for 6 steps after a
+    kill and a rewind), the abandoned values included."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from runtime.log import MetricSink
+
+    for start, steps, value in ((0, range(1, 6), 1.0), (3, range(4, 7), 2.0), (3, range(4, 7), 3.0)):
+        sink = MetricSink("tensorboard", tmp_path, {"seed": 0}, project="test", start_step=start)
+        for s in steps:
+            sink.log({"loss": value}, step=s)
+        sink.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 3.0), (5, 3.0),
+                                                               (6, 3.0)]

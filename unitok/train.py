@@ -295,10 +295,10 @@ class TokenizerTask(Task):
             return {}
         if not finite_everywhere(disc["total"]):
             if self.cfg.nan_policy == "stop":
-                raise StopRun(f"step {step}: non-finite discriminator loss {float(disc['total'])}")
+                raise StopRun(f"step {step + 1}: non-finite discriminator loss {float(disc['total'])}")
             from runtime.log import get_logger
 
-            get_logger().warning(f"step {step}: non-finite discriminator loss {float(disc['total'])}; this micro "
+            get_logger().warning(f"step {step + 1}: non-finite discriminator loss {float(disc['total'])}; this micro "
                                  "batch adds nothing to the discriminator's step")
             # a zero loss on its parameters instead: the discriminator engine still counts the micro batch, so
             # its accumulation boundary stays the generator's (skipping it put every later step out of line)
