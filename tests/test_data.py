@@ -170,8 +170,41 @@ def test_config_and_loader_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         ImageTextLoader(_cfg([str(tmp_path / "missing.tar")]))
     state = ImageTextLoader(_cfg(shards)).state_dict()
-    with pytest.raises(ValueError, match="exact resume"):
+    with pytest.raises(ValueError, match=r"other data settings \(seed: 0 -> 1\); an exact resume"):
         ImageTextLoader(_cfg(shards, seed=1)).load_state_dict(state)
+    # another shard list of the same length and first name (a file replaced, another dataset numbered alike):
+    # the saved positions index the old list, and it resumed silently (20 % of an epoch skipped, some twice)
+    other = write_shards(tmp_path / "other", num_shards=3, samples_per_shard=2, size=32)
+    (tmp_path / "other" / "00001.tar").rename(tmp_path / "other" / "00009.tar")
+    swapped = [other[0], str(tmp_path / "other" / "00009.tar")]
+    with pytest.raises(ValueError, match=r"other data settings \(shard_names: \w+ -> \w+\)"):
+        ImageTextLoader(_cfg(swapped)).load_state_dict(state)
+    older = {**state, "fingerprint": {k: v for k, v in state["fingerprint"].items() if k != "shard_names"}}
+    ImageTextLoader(_cfg(shards)).load_state_dict(older)  # a checkpoint of an earlier version still resumes
+
+
+def test_an_epoch_without_one_full_batch_raises_instead_of_waiting_forever(tmp_path):
+    """Shards without captions (img2dataset run without a caption column), or fewer usable samples per worker
+    than a batch: every epoch was empty and the loader restarted it forever; the run hung without a word."""
+    rng = random.Random(0)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for i in range(6):
+            buf = io.BytesIO()
+            draw_shape("circle", "red", "white", 32, rng).save(buf, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": buf.getvalue()})  # no txt
+    loader = ImageTextLoader(_cfg([str(tmp_path / "00000.tar")], local_batch_size=2))
+    with pytest.raises(RuntimeError, match=r"rank 0: a whole epoch over its share of the 1 shards gave no batch of 2 "
+                                           r"usable samples: .*'missing_text': 6"):
+        next(iter(loader))
+    # a resumed epoch may end without a batch (saved at its last one): that is not an error
+    shards = write_shards(tmp_path / "ok", num_shards=1, samples_per_shard=4, size=32)
+    ok = ImageTextLoader(_cfg(shards, local_batch_size=2))
+    it = iter(ok)
+    next(it), next(it)
+    state = ok.state_dict()
+    again = ImageTextLoader(_cfg(shards, local_batch_size=2))
+    again.load_state_dict(state)
+    assert list(again) == [] and len(list(again)) == 2  # the rest of epoch 0 (none), then epoch 1
 
 
 def test_real_image_modes_decode_like_extraction_and_warnings_name_shard_and_key(tmp_path):

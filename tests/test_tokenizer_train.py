@@ -35,6 +35,8 @@ def test_two_ranks_kill_and_resume_is_exact(tmp_path, shards):
     a = _metrics(full)
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
     assert "g" in a[-1] and "d_loss" in a[-1]  # the GAN is active after 30% of training
+    # the data counts of all ranks, by reason (they were only in the log line's total)
+    assert a[-1]["data"]["samples"] >= 6 * 2 * 4 and a[-1]["data"]["decode_errors"] == 0
     assert sorted(p.name for p in full.iterdir() if p.name.startswith("step-")) == ["step-00000003",
                                                                                      "step-00000006"]
     tok = load_tokenizer(full / "export")

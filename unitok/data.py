@@ -35,10 +35,10 @@ Design choices (the release differs; see REFERENCE.md 4.9 and 9):
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -394,15 +394,6 @@ class _EpochStream(IterableDataset):
 
 
 # ---- the loader ----------------------------------------------------------------------------
-_WARNED: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=3)
-
-
 class ImageTextLoader:
     """Resumable, counted image-text batches for one rank.
 
@@ -432,9 +423,6 @@ class ImageTextLoader:
         if len(self.shards) < need:
             raise ValueError(f"{len(self.shards)} shards cannot feed {world_size} rank(s) x "
                              f"{max(1, cfg.num_workers)} worker(s); need at least {need}")
-        if world_size > 1 and cfg.train and cfg.num_batches_per_epoch == 0:
-            _warn_once("one-pass epochs on several ranks: ranks may get different numbers of batches "
-                       "and stall a collective at the epoch end; set data.num_batches_per_epoch")
         self.epoch, self.batches = 0, 0
         self._positions: dict[int, dict] = {}
         self._last_worker = -1
@@ -449,6 +437,7 @@ class ImageTextLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=cfg.pin_memory and torch.cuda.is_available(),
                             persistent_workers=False, worker_init_fn=worker_stop_signals)
+        fresh, before = not self._positions, self.stats.as_dict()
         for item in loader:
             meta = item.pop("meta")
             w = int(meta["worker"])
@@ -458,6 +447,12 @@ class ImageTextLoader:
             if item:
                 self.batches += 1
                 yield item
+        if fresh and self.batches == 0:  # every later epoch would be as empty: the run would wait forever
+            now = self.stats.as_dict()
+            raise RuntimeError(f"rank {self.rank}: a whole epoch over its share of the {len(self.shards)} shards gave "
+                               f"no batch of {cfg.local_batch_size} usable samples: "
+                               f"{ {k: now[k] - before.get(k, 0) for k in now} } (a sample needs an image and a "
+                               "caption: `txt`); check the shards, or lower data.local-batch-size / data.num-workers")
         self.epoch, self.batches = self.epoch + 1, 0
         self._positions, self._last_worker = {}, -1
 
@@ -474,10 +469,12 @@ class ImageTextLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` of a loader with the same config, shards, rank and world size."""
-        if state.get("fingerprint") != self._fingerprint():
-            raise ValueError("data loader state was saved with a different seed / shard list / batch size / "
-                             f"worker count / rank layout: {state.get('fingerprint')} vs {self._fingerprint()}; "
-                             "an exact resume needs the same ones")
+        saved, now = state.get("fingerprint") or {}, self._fingerprint()
+        differ = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}  # (older states lack keys)
+        if not saved or differ:
+            what = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in differ.items()) or "none recorded"
+            raise ValueError(f"the data loader's state was saved with other data settings ({what}); an exact resume "
+                             "needs the same seed, shard list, batch size, worker count and rank layout")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
         self._last_worker = int(state["last_worker"])
         self._positions = {int(w): dict(p) for w, p in state["workers"].items()}
@@ -485,7 +482,10 @@ class ImageTextLoader:
 
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cfg
+        # the shard list by name (not path: a dataset may move), whole: the saved positions index its order
+        names = hashlib.sha1("\n".join(os.path.basename(s) for s in self.shards).encode()).hexdigest()[:16]
         return {"seed": c.seed, "num_shards": len(self.shards), "first_shard": os.path.basename(self.shards[0]),
+                "shard_names": names,
                 "local_batch_size": c.local_batch_size, "num_workers": max(1, c.num_workers),
                 "rank": self.rank, "world_size": self.world_size, "train": c.train,
                 "num_batches_per_epoch": c.num_batches_per_epoch}

@@ -342,7 +342,11 @@ class TokenizerTask(Task):
         return total
 
     def on_log(self, step, record, tokens_per_s):
-        return f" | skipped samples (all ranks) {self.data_stats().skipped}", {}
+        stats = self.data_stats()
+        record["data"] = stats.as_dict()  # metrics.jsonl: counts by reason, all ranks, since the run's start
+        reasons = ", ".join(f"{k} {v}" for k, v in stats.counts.items() if k != "samples" and v)
+        return f" | skipped samples (all ranks) {stats.skipped}" + (f" ({reasons})" if reasons else ""), {
+            f"skipped/{k}": v for k, v in stats.counts.items() if k != "samples"}
 
     def state_dict(self):
         # usage_steps is a non-persistent buffer (the released weights have none), but it sets the usage EMA's
