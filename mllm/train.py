@@ -509,7 +509,8 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
     loader = MixtureLoader(recipe, text_tok, rank=info.rank, world_size=info.world_size, seed=cfg.seed,
                            micro_batch_size=cfg.micro_batch, max_len=cfg.max_len, pack=cfg.pack,
                            pad_id=text_tok.pad_token_id, num_workers=cfg.num_workers,
-                           boi_id=model.config.boi_token_id, eoi_id=model.config.eoi_token_id)
+                           boi_id=model.config.boi_token_id, eoi_id=model.config.eoi_token_id,
+                           codebooks=(model.config.num_codebooks, model.config.codebook_size))
     return MllmTask(cfg, engine, loader, info)
 
 

@@ -761,3 +761,19 @@ def test_left_padding_does_not_train_a_pad_to_predict_the_first_token(tok):
     both, alone_a, alone_b = (int((collate(s, padding_side="left")["labels"][:, 1:] != -100).sum())
                               for s in (a + b, a, b))
     assert both == alone_a + alone_b
+
+
+def test_codes_the_model_cannot_embed_are_skipped_as_corrupt(tok, tmp_path):
+    """A shard of another tokenizer (more codes, or other sub-code count) without a manifest crashed the forward
+    with a bare IndexError (a device-side assert on a GPU)."""
+    big = codes_for(0).astype(np.uint16)
+    big[0, 0, 0] = 4096
+    items = pair_items(2) + [{"key": "big", "codes": big, "txt": "x"},
+                             {"key": "k3", "codes": codes_for(1)[:3], "txt": "y"}]
+    shard = write_code_shard(tmp_path / "p/00000.tar", items)
+    src = PairSource(cfg("pairs", str(shard), shuffle=False), [shard], tok, max_len=256, codebooks=(K, 4096))
+    assert [r.key.split(":")[1] for r in src] == ["img00000", "img00001"]
+    assert src.stats()["skipped"]["corrupt"] == 2
+    assert any("the model's codebooks hold 4096 codes" in e for e in src.stats()["examples"]["corrupt"])
+    assert any(f"3 sub-codes per position, the model {K}" in e for e in src.stats()["examples"]["corrupt"])
+    assert len(list(PairSource(cfg("pairs", str(shard)), [shard], tok, max_len=256))) == 4  # unchecked without it

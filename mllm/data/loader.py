@@ -55,7 +55,8 @@ class _MixtureStream:
         r = loader.recipe
         self.sources: list[Source] = [
             build_source(r, cfg, loader.tokenizer, seed=loader.seed, max_len=loader.max_len, boi_id=loader.boi_id,
-                         eoi_id=loader.eoi_id, index_cache=index_cache) for cfg in r.sources]
+                         eoi_id=loader.eoi_id, index_cache=index_cache, codebooks=loader.codebooks)
+            for cfg in r.sources]
         self.budget_mode = r.mode == "budget"
         self.weights = [float(c.weight or 0.0) for c in r.sources]
         self.local_budgets = [self._local_budget(c.budget) for c in r.sources] if self.budget_mode else []
@@ -195,13 +196,14 @@ class MixtureLoader:
 
     Iterating yields batch dicts (`collate` output). Each new `iter()` continues from the current
     state (after the last batch handed out), so `state_dict()` can be saved at any step. `boi_id` /
-    `eoi_id` are the model config's image markers (default: the release's 3/4).
+    `eoi_id` are the model config's image markers (default: the release's 3/4); `codebooks` its (sub-codes per
+    position, codes per sub-codebook): codes outside them are skipped as corrupt.
     """
 
     def __init__(self, recipe: Recipe | str | os.PathLike, tokenizer, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, micro_batch_size: int = 1, max_len: int = 2048, pack: bool = True, pad_id: int = 0,
                  num_workers: int = 0, infinite: bool = True, boi_id: int = T.BOI_TOKEN_ID,
-                 eoi_id: int = T.EOI_TOKEN_ID):
+                 eoi_id: int = T.EOI_TOKEN_ID, codebooks: tuple[int, int] | None = None):
         if not isinstance(recipe, Recipe):
             recipe = load_recipe(Path(recipe))
         else:
@@ -215,6 +217,7 @@ class MixtureLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.micro_batch_size, self.max_len, self.pack, self.pad_id = micro_batch_size, max_len, pack, pad_id
         self.num_workers, self.infinite, self.boi_id, self.eoi_id = num_workers, infinite, boi_id, eoi_id
+        self.codebooks = codebooks
         self.num_splits = world_size * max(1, num_workers)
         check_budgets(recipe, world_size, num_workers)
         self._snapshots: dict[int, dict[str, Any]] = {}  # logical worker -> stream snapshot

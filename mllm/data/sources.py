@@ -173,11 +173,13 @@ class Source:
     kind = ""
 
     def __init__(self, cfg: SourceConfig, files: list[Path], tokenizer=None, *, seed: int = 0,
-                 max_len: int | None = None, boi_id: int = T.BOI_TOKEN_ID, eoi_id: int = T.EOI_TOKEN_ID):
+                 max_len: int | None = None, boi_id: int = T.BOI_TOKEN_ID, eoi_id: int = T.EOI_TOKEN_ID,
+                 codebooks: tuple[int, int] | None = None):
         if not files:
             raise ValueError(f"source {cfg.name!r} has no files")
         self.cfg, self.files, self.tokenizer = cfg, list(files), tokenizer
         self.seed, self.max_len, self.boi_id, self.eoi_id = seed, max_len, boi_id, eoi_id
+        self.codebooks = codebooks  # (K sub-codes per position, codes per sub-codebook) of the model, if known
         self.counters: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
         """skip reason -> ids of its first MAX_EXAMPLES samples"""
@@ -275,6 +277,18 @@ class Source:
             read += n_records - self._probe_left
             self._probe_left = None
         return read, usable, [self.files[i] for i in picks]
+
+    def check_codes(self, codes: np.ndarray) -> np.ndarray:
+        """`codes` if the model can embed them; ValueError otherwise (counted as corrupt by the caller). Out of
+        range, they crashed the forward with a bare IndexError on CPU, a device-side assert on a GPU."""
+        if self.codebooks is not None:
+            k, v = self.codebooks
+            if codes.shape[0] != k:
+                raise ValueError(f"codes have {codes.shape[0]} sub-codes per position, the model {k}")
+            if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= v):
+                raise ValueError(f"codes range over [{int(codes.min())}, {int(codes.max())}], the model's codebooks "
+                                 f"hold {v} codes (another tokenizer's shards?)")
+        return codes
 
     # -- iteration
     def _check_len(self, s: Sample, key: str) -> Sample | None:
@@ -586,7 +600,7 @@ class PairSource(Source):
             self.skip("missing_image", f"{key} has no codes.npy")
             return None
         try:
-            codes = decode_codes(s["codes.npy"])
+            codes = self.check_codes(decode_codes(s["codes.npy"]))
         except ValueError as e:
             self.skip("corrupt", f"{key}: {e}")
             return None
@@ -832,6 +846,8 @@ class InstructionSource(Source):
         for p in paths:
             try:
                 codes = self.index.load(p) if self.image_files else None
+                if codes is not None:
+                    self.check_codes(codes)
             except ValueError as e:
                 self.skip("corrupt", f"{where}: {e}")
                 return None
@@ -860,9 +876,9 @@ SOURCE_CLASSES = {"text": TextSource, "pairs": PairSource, "t2i": T2ISource, "in
 
 def build_source(recipe: Recipe, cfg: SourceConfig, tokenizer=None, *, seed: int = 0, max_len: int | None = None,
                  boi_id: int = T.BOI_TOKEN_ID, eoi_id: int = T.EOI_TOKEN_ID,
-                 index_cache: dict | None = None) -> Source:
+                 index_cache: dict | None = None, codebooks: tuple[int, int] | None = None) -> Source:
     """Instantiate the reader of one recipe source."""
-    kw: dict[str, Any] = dict(seed=seed, max_len=max_len, boi_id=boi_id, eoi_id=eoi_id)
+    kw: dict[str, Any] = dict(seed=seed, max_len=max_len, boi_id=boi_id, eoi_id=eoi_id, codebooks=codebooks)
     if cfg.kind == "instructions":
         kw.update(image_files=recipe.image_files(cfg), index_path=recipe.image_index(cfg), index_cache=index_cache)
     return SOURCE_CLASSES[cfg.kind](cfg, recipe.files(cfg), tokenizer, **kw)
