@@ -36,6 +36,7 @@ for a Llama-3 tokenizer, whose ids 3/4 are ordinary text, its first two reserved
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -114,10 +115,16 @@ def image_marker_ids(tokenizer) -> tuple[int, int]:
                      "<|reserved_special_token_N|> tokens (Llama-3)")
 
 
+# transformers sets `split_special_tokens` on the shared Rust tokenizer before each encode: two threads (the web
+# chat's) could tokenise a template's "</s>" as text, or a prompt's "</s>" as eos, in each other's setting
+_TOKENIZE_LOCK = threading.Lock()
+
+
 def _tokenize(tokenizer, text: str, **kw):
     """tokenizer(text) without special tokens; ValueError for text that is not valid Unicode."""
     try:
-        return tokenizer(text, add_special_tokens=False, **kw)
+        with _TOKENIZE_LOCK:
+            return tokenizer(text, add_special_tokens=False, **kw)
     except (TypeError, UnicodeError):
         # json.loads accepts lone surrogate escapes ("\ud83d", half an emoji in scraped data); the fast
         # tokenizer then raises a TypeError that names no cause. Callers skip ValueErrors per record.
