@@ -391,12 +391,14 @@ class MllmTask(Task):
         if self.peak is not None and tokens_per_s > 0:
             mfu = flops_per_step(self.model, int(tokens_per_s), self.seq) / (self.peak * self.info.world_size)
             suffix += f" | mfu {100 * mfu:.1f}%"
+            record["mfu"] = mfu  # (it was only in the console line)
         stats = self.data_stats()
         suffix += f" | pad {100 * stats['pad_ratio']:.1f}%\ndata (all ranks): {format_stats(stats)}"
         record["data"] = stats
         skipped = {f"skipped/{name}/{r}": n for name, src in stats["sources"].items()
                    for r, n in src["skipped"].items() if n}
-        return suffix, {"pad_ratio": stats["pad_ratio"], **skipped}
+        extra = {"pad_ratio": stats["pad_ratio"], **skipped}
+        return suffix, extra | ({"mfu": record["mfu"]} if "mfu" in record else {})
 
     def save_extra(self, tmp):
         from runtime.distributed import is_main_process

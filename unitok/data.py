@@ -205,6 +205,11 @@ class SkipStats:
     def __repr__(self) -> str:
         return "SkipStats(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
 
+    def __str__(self) -> str:
+        """What the logs print: '120 usable samples; skipped 3 (decode_errors 2, missing_text 1)'."""
+        why = ", ".join(f"{k} {self.counts[k]}" for k in SKIP_KINDS if self.counts[k])
+        return f"{self.counts['samples']} usable samples; skipped {self.skipped}" + (f" ({why})" if why else "")
+
 
 def _counting_handler(stats: SkipStats, kind: str):
     """A webdataset handler: count the error, warn for the first few, continue."""
