@@ -777,3 +777,25 @@ def test_codes_the_model_cannot_embed_are_skipped_as_corrupt(tok, tmp_path):
     assert any("the model's codebooks hold 4096 codes" in e for e in src.stats()["examples"]["corrupt"])
     assert any(f"3 sub-codes per position, the model {K}" in e for e in src.stats()["examples"]["corrupt"])
     assert len(list(PairSource(cfg("pairs", str(shard)), [shard], tok, max_len=256))) == 4  # unchecked without it
+
+
+def test_a_conversation_too_long_keeps_its_leading_rounds(tok, tmp_path):
+    """A 40-turn conversation over max_len was dropped whole as too_long, with all 20 answers."""
+    turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": ("<image>\n" if i == 0 else "") + f"turn {i} " * 6}
+             for i in range(40)]
+    short = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "hello"}]
+    f = write_jsonl(tmp_path / "c.jsonl", [{"id": "long", "image": "a.jpg", "conversations": turns},
+                                           {"id": "huge", "conversations": [{"from": "human", "value": "q " * 300},
+                                                                            {"from": "gpt", "value": "a"}]},
+                                           {"id": "short", "image": "a.jpg", "conversations": short}])
+    codes = write_code_shard(tmp_path / "codes/00000.tar", [{"key": "a", "codes": codes_for(0), "txt": "",
+                                                             "json": {"path": "a.jpg"}}])
+    src = InstructionSource(cfg("instructions", str(f), shuffle=False), [f], tok, max_len=200, image_files=[codes])
+    samples = [s for s, _ in src.stream(infinite=False)]
+    st = src.stats()
+    assert len(samples) == 2 and st["truncated_conversation"] == 1 and st["skipped"]["too_long"] == 1
+    kept = samples[0]
+    assert 150 < kept.expanded_length() <= 200 and kept.input_ids[-1] == tok.eos_token_id  # ends on a whole answer
+    assert IMAGE_TOKEN_INDEX in kept.input_ids and len(kept.images) == 1
+    whole = T.conversation_sample(tok, turns, [codes_for(0)])
+    assert kept.input_ids == whole.input_ids[:len(kept.input_ids)]  # a prefix of the whole conversation

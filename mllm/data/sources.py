@@ -858,12 +858,32 @@ class InstructionSource(Source):
         self.count("records")
         return InstructionRecord(where, obj["conversations"], images)
 
+    def _leading_rounds(self, record) -> Sample | None:
+        """The longest run of leading turns (whole question-answer rounds, with every image) that fits max_len,
+        counted as truncated_conversation; None when not even the first round fits. The rest of the conversation
+        was dropped with its first rounds (LLaVA cuts the tokens at its max length, mid-answer or mid-image)."""
+        turns = record.conversations
+        images = [t.get("value", "").count(T.IMAGE_PLACEHOLDER) for t in turns]
+        for n in range(len(turns) - 1, 1, -1):
+            if sum(images[:n]) != sum(images):  # an image's turn cut: it would move to the front
+                continue
+            try:
+                s = T.conversation_sample(self.tokenizer, turns[:n], record.images, self.cfg.template)
+            except ValueError:  # the cut dropped an image's placeholder, or left no answer
+                continue
+            if s.expanded_length() <= self.max_len:
+                self.count("truncated_conversation")
+                return s
+        return None
+
     def to_samples(self, record, epoch, shard, index):
         try:
             s = T.conversation_sample(self.tokenizer, record.conversations, record.images, self.cfg.template)
         except ValueError as e:
             self.skip("malformed", f"{record.key}: {e}")
             return []
+        if self.max_len is not None and s.expanded_length() > self.max_len:
+            s = self._leading_rounds(record) or s  # the first whole rounds that fit, else too_long below
         if self._check_len(s, record.key) is None:
             return []
         self.count("with_image" if record.images else "text_only")
