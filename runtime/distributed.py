@@ -339,7 +339,10 @@ _WARNED: set[str] = set()
 
 
 def warn_once(msg: str) -> None:
-    """Warn once per process per message (settings that are ignored or fall back)."""
+    """Warn once per process per message (settings that are ignored or fall back), in log.txt too."""
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(msg, stacklevel=2)
+        from runtime.log import note_to_file
+
+        note_to_file(msg)

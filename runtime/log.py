@@ -22,6 +22,7 @@ import torch.distributed as dist
 from runtime.distributed import is_main_process
 
 _LOGGER_NAME = "unitok_mllm"
+_NOTES: list[str] = []  # warn_once's messages from before log.txt was opened (start-up's)
 
 
 def setup_logging(run_dir: str | os.PathLike | None) -> logging.Logger:
@@ -40,10 +41,22 @@ def setup_logging(run_dir: str | os.PathLike | None) -> logging.Logger:
             fh = logging.FileHandler(Path(run_dir) / "log.txt")
             fh.setFormatter(fmt)
             log.addHandler(fh)
+            for msg in _NOTES:
+                note_to_file(msg)
     else:
         log.setLevel(logging.WARNING)
         log.addHandler(logging.StreamHandler(sys.stderr))
     return log
+
+
+def note_to_file(msg: str) -> None:
+    """A warning (already on stderr) into rank 0's log.txt too, or kept until setup_logging opens it."""
+    if msg not in _NOTES:
+        _NOTES.append(msg)
+    log = get_logger()
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, f"warning: {msg}", None, None))
 
 
 def get_logger() -> logging.Logger:

@@ -458,3 +458,22 @@ def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 3.0), (5, 3.0),
                                                                (6, 3.0)]
+
+
+def test_warn_once_messages_reach_log_txt(tmp_path, recwarn):
+    """'--precision bf16 on CPU', 'random VGG16 trunk', 'flash-attn is not available', 'no GPU' went to stderr
+    only: log.txt, the run's record, did not say what ran."""
+    import uuid
+
+    from runtime.distributed import warn_once
+    from runtime.log import setup_logging
+
+    early, late = f"early {uuid.uuid4()}", f"late {uuid.uuid4()}"
+    warn_once(early)  # before the log file exists (init_distributed's 'no GPU')
+    setup_logging(tmp_path)
+    warn_once(late)
+    warn_once(late)
+    text = (tmp_path / "log.txt").read_text()
+    assert f"warning: {early}" in text and text.count(f"warning: {late}") == 1
+    assert sum(late in str(w.message) for w in recwarn) == 1  # still a Python warning, once
+    setup_logging(None)
