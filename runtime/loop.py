@@ -232,6 +232,7 @@ def _settings_changed(ckpt: Path, cfg) -> str:
     flags = ("ds_config", "precision")
     if cfg is None or all(saved.get(f) == getattr(cfg, f, None) for f in flags):
         return ""
+
     def fmt(get):
         return " ".join(f"--{f.replace('_', '-')} {get(f)}" for f in flags)
     return (f"; it was written with {fmt(saved.get)} and this run has {fmt(lambda f: getattr(cfg, f))}: a resume "
@@ -246,8 +247,8 @@ def _batches(loader) -> Iterator[Any]:
 
 
 def run(cfg: RunConfig, build) -> dict[str, Any]:
-    """A whole run: start-up (process group, the run folder's lock, logging), `build(cfg, info, log) -> Task`, `fit`,
-    then the teardown of the process group it created (its threads stop here, not in the interpreter's
+    """A whole run: start-up (process group, the run folder's lock, logging), `build(cfg, info, log) -> Task`,
+    `fit`, then the teardown of the process group it created (its threads stop here, not in the interpreter's
     finalisation: runtime.distributed); a caller's group is theirs to keep."""
     import dataclasses
 

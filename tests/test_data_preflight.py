@@ -213,7 +213,8 @@ def test_probe_refuses_a_source_whose_records_give_no_sample(tmp_path, tok, capl
     write_code_shard(root / "pairs/00000.tar", pair_items(4))
     pairs = Recipe("r", [SourceConfig(name="pairs", kind="pairs", paths=["pairs/*.tar"], weight=1.0)],
                    root=str(root))
-    with pytest.raises(ValueError, match=r"source 'pairs'.*none of 4 gives a training sample \(max_len 4\): too_long 4"):
+    with pytest.raises(ValueError, match=r"source 'pairs'.*none of 4 gives a training sample \(max_len 4\): "
+                                         r"too_long 4"):
         probe(pairs, tok, 4)
     assert probe(pairs, tok, 256) == {"pairs": (4, 4)}
     # mostly bad: passes with a warning that names the reasons

@@ -322,9 +322,10 @@ def test_a_second_job_in_a_run_folder_is_refused(tmp_path):
     from runtime.run import lock_run_dir, unlock_run_dir
 
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from runtime.run import lock_run_dir; "
-                               f"assert lock_run_dir({str(run)!r}) is None; print('held', flush=True); sys.stdin.read()"],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hold = (f"import sys; from runtime.run import lock_run_dir; assert lock_run_dir({str(run)!r}) is None; "
+            "print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         problem = lock_run_dir(run)
