@@ -85,7 +85,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shlex
 import shutil
@@ -98,6 +97,7 @@ from typing import Any, Literal
 from experiments.ablate_grid import Cell, Grid, load_grid
 from experiments.ablate_report import claims_table, markdown_table, write_outputs
 from runtime.launch import deepspeed_cmd, free_port, run_logged
+from runtime.run import write_json_atomic
 
 RECON_KEYS = ("psnr", "ssim", "mean_usage_pct", "mean_perplexity", "rfid", "is")
 ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5", "probe_top1")  # understanding: zero-shot and linear probe
@@ -341,12 +341,6 @@ def read_json(path: Path, advice: str) -> Any:
         raise ValueError(f"{path} is not valid JSON ({e}); {advice}") from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # whole or not at all (result.json is the marker of a finished cell)
-
-
 def read_result(path: Path) -> dict[str, Any]:
     """A (cell, seed)'s result.json."""
     return read_json(path, "delete it to evaluate that run again (its training in train/ is kept)")
@@ -401,7 +395,7 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
                              f"({fingerprint_diff(started, fp)}); rerun with those, or delete {cell_dir} to start "
                              "that run over")
     else:
-        _write_json(fp_path, fp)
+        write_json_atomic(fp_path, fp)
     seconds_path = cell_dir / "train_seconds.json"  # a re-evaluation (result.json deleted) keeps the figure
     t0 = time.time()
     if not _trained(run_dir, plan.steps):
@@ -411,7 +405,7 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
         if not (run_dir / "export" / "model.safetensors").is_file():
             raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
                                f"see {cell_dir / 'train.log'}")
-        _write_json(seconds_path, {"train_seconds": round(time.time() - t0, 2)})
+        write_json_atomic(seconds_path, {"train_seconds": round(time.time() - t0, 2)})
     t1 = time.time()
     metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
     t2 = time.time()
@@ -424,7 +418,7 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
 
     result = {"cell": cell.name, "group": cell.group, "seed": seed, "args": cell.args, "report": list(cell.report),
               "metrics": metrics, "fingerprint": fp, "host": describe_host()}  # where its seconds were measured
-    _write_json(result_path, result)
+    write_json_atomic(result_path, result)  # whole or not at all: the marker of a finished cell
     return result, True
 
 
