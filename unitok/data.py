@@ -205,10 +205,14 @@ class SkipStats:
     def __repr__(self) -> str:
         return "SkipStats(" + ", ".join(f"{k}={v}" for k, v in self.counts.items()) + ")"
 
+    def skipped_line(self) -> str:
+        """'3 (decode_errors 2, missing_text 1)': the total skipped and its reasons."""
+        why = ", ".join(f"{k} {self.counts[k]}" for k in SKIP_KINDS if self.counts[k])
+        return f"{self.skipped}" + (f" ({why})" if why else "")
+
     def __str__(self) -> str:
         """What the logs print: '120 usable samples; skipped 3 (decode_errors 2, missing_text 1)'."""
-        why = ", ".join(f"{k} {self.counts[k]}" for k in SKIP_KINDS if self.counts[k])
-        return f"{self.counts['samples']} usable samples; skipped {self.skipped}" + (f" ({why})" if why else "")
+        return f"{self.counts['samples']} usable samples; skipped {self.skipped_line()}"
 
 
 def _counting_handler(stats: SkipStats, kind: str):

@@ -162,6 +162,16 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def disc_lr_lambda(cfg: TrainConfig, gan_total: int):
+    """The discriminator's lr multiplier per discriminator step: warmup and cosine from the GAN's start (a fraction
+    of `gan_total`, the total the GAN's schedule was set by) to `cfg.total_steps`."""
+    from runtime.optim import warmup_cosine
+
+    start = int(cfg.gan.start_frac * gan_total)
+    d_total, d_warm = max(1, cfg.total_steps - start), int(cfg.gan.warmup_frac * gan_total)
+    return lambda s: warmup_cosine(s, d_total, d_warm, cfg.optim.end_ratio)
+
+
 # ---- the task ----------------------------------------------------------------------------------
 class TokenizerTask(Task):
     """The tokenizer engine, the discriminator engine and the losses, driven by runtime/loop.py."""
@@ -344,8 +354,7 @@ class TokenizerTask(Task):
     def on_log(self, step, record, tokens_per_s):
         stats = self.data_stats()
         record["data"] = stats.as_dict()  # metrics.jsonl: counts by reason, all ranks, since the run's start
-        reasons = ", ".join(f"{k} {v}" for k, v in stats.counts.items() if k != "samples" and v)
-        return f" | skipped samples (all ranks) {stats.skipped}" + (f" ({reasons})" if reasons else ""), {
+        return f" | skipped samples (all ranks) {stats.skipped_line()}", {
             f"skipped/{k}": v for k, v in stats.counts.items() if k != "samples"}
 
     def state_dict(self):
@@ -361,17 +370,14 @@ class TokenizerTask(Task):
         exact = super().load_checkpoint(ckpt, rank_state, step, log)
         g, was = self.cfg.gan, (rank_state.get("task") or {}).get("gan_total")
         if exact and self.disc_engine is not None and was is not None and was != self.cfg.total_steps:
-            from runtime.optim import warmup_cosine
             from unitok.losses import gan_schedule
 
             now = gan_schedule(step, self.cfg.total_steps, g.start_frac, g.warmup_frac).active
             if gan_schedule(step, was, g.start_frac, g.warmup_frac).active:
                 self.gan_total = was
                 start = int(g.start_frac * was)
-                d_total, d_warm = max(1, self.cfg.total_steps - start), int(g.warmup_frac * was)
                 sched = self.disc_engine.lr_scheduler  # (one lambda per parameter group)
-                sched.lr_lambdas = [lambda s: warmup_cosine(s, d_total, d_warm, self.cfg.optim.end_ratio)] * len(
-                    sched.lr_lambdas)
+                sched.lr_lambdas = [disc_lr_lambda(self.cfg, was)] * len(sched.lr_lambdas)
                 log.warning(f"the GAN started at step {start} ({g.start_frac:g} of the first {was} steps) and keeps "
                             f"that start and its warmup; its learning rate decays to step {self.cfg.total_steps}"
                             + ("" if now else f" (as a fraction of {self.cfg.total_steps} steps it would be off "
@@ -453,7 +459,7 @@ def build(cfg: TrainConfig, info, log):
 
     from runtime.compile import compile_blocks, refuse_with_zero3
     from runtime.ds_config import load_ds_config, resolve_precision
-    from runtime.optim import lambda_scheduler, param_groups, warmup_cosine
+    from runtime.optim import lambda_scheduler, param_groups
     from unitok.losses import ContrastiveLoss, DiffAug, PerceptualLoss
     from unitok.models.discriminator import DinoDiscriminator
     from unitok.models.unitok import BLOCK_TYPES, UniTok
@@ -484,9 +490,7 @@ def build(cfg: TrainConfig, info, log):
         disc = DinoDiscriminator(g.dino_weights, random_backbone=g.random_backbone, backbone=g.backbone)
         disc.backbone.to(info.device)
         d_opt = o.adamw(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas)
-        start = int(g.start_frac * cfg.total_steps)
-        d_total, d_warm = max(1, cfg.total_steps - start), int(g.warmup_frac * cfg.total_steps)
-        d_sched = lambda_scheduler(d_opt, lambda s: warmup_cosine(s, d_total, d_warm, o.end_ratio))
+        d_sched = lambda_scheduler(d_opt, disc_lr_lambda(cfg, cfg.total_steps))
         d_ds = load_ds_config(cfg.ds_config, micro_batch=cfg.data.local_batch_size, grad_accum=cfg.grad_accum,
                               world_size=info.world_size, grad_clip=o.grad_clip, precision=precision)
         disc_engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=d_opt, lr_scheduler=d_sched, config=d_ds)
