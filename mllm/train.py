@@ -96,6 +96,15 @@ class MllmTrainConfig(RunConfig):
     mllm: dict[str, int] = field(default_factory=dict)
     """Extra UniMLLMConfig fields for a new model, e.g. `--mllm depth_num_layers 3`."""
 
+    reshards_on_resume = True
+    new_stream_hint = (", or go on from this checkpoint's weights with new flags: export it (python -m mllm.export "
+                       "--checkpoint CKPT --out DIR) and start a new run from it with --init-from DIR (the "
+                       "optimizer, the schedule and the data stream restart)")
+
+    @staticmethod
+    def stream_flags(config):
+        return {f"--{k.replace('_', '-')}": config[k] for k in ("seed", "micro_batch", "max_len", "pack", "num_workers")}
+
     def __post_init__(self):
         super().__post_init__()
         self.trainable = tuple(self.trainable)

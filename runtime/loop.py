@@ -28,7 +28,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 
@@ -89,6 +89,17 @@ class RunConfig:
     the network is noticed only after this."""
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection for tests."""
+
+    reshards_on_resume: ClassVar[bool] = False
+    """True: a checkpoint of another number of ranks loads its consolidated weights (and the data restarts)."""
+    new_stream_hint: ClassVar[str] = ""
+    """How to go on with other data settings than the checkpoint's (appended to the refusal)."""
+
+    @staticmethod
+    def stream_flags(config: dict[str, Any]) -> dict[str, Any]:
+        """The flags (as `--name`) that place the data stream's saved position, read from a resolved config
+        dict (`dataclasses.asdict`): an exact resume needs the checkpoint's values."""
+        return {}
 
     def __post_init__(self):
         for name in ("total_steps", "grad_accum", "save_every", "keep_last", "log_every", "dist_timeout_min"):
@@ -259,11 +270,14 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     from runtime.run import start_run, unlock_run_dir
 
     caller_group = dist.is_initialized()
-    CheckpointManager(cfg.run_dir, cfg.keep_last).resolve(cfg.resume)  # a bad --resume fails before anything starts
+    # a bad --resume fails before anything starts
+    resume_from = CheckpointManager(cfg.run_dir, cfg.keep_last).resolve(cfg.resume)
     resolved = dataclasses.asdict(cfg)
     info, log = start_run(cfg.run_dir, cfg.seed, cfg.dist_timeout_min)
     try:
         try:
+            if resume_from is not None:
+                refuse_unresumable(cfg, resolved, resume_from, info.world_size)
             task = build(cfg, info, log)
         except Exception as e:
             log.error(f"the run failed to start: {type(e).__name__}: {e}")
@@ -286,6 +300,30 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
     if stopped is not None:
         raise SystemExit(*stopped)
     return last
+
+
+def refuse_unresumable(cfg: RunConfig, resolved: dict[str, Any], ckpt: Path, world_size: int) -> None:
+    """Refuse, before any model is built, a resume that the loaders or the engines would refuse only once
+    built (minutes for a 7B model): another number of ranks where the trainer cannot reshard, or other data
+    flags than the checkpoint's where the data stream continues exactly."""
+    from runtime.checkpoint import CheckpointManager
+
+    saved_world = int(CheckpointManager.load_rank_state(ckpt).get("world_size", world_size))
+    if saved_world != world_size:
+        if cfg.reshards_on_resume:
+            return  # weights only: the data stream restarts, so its flags may change
+        raise ValueError(f"{ckpt} was written by {saved_world} ranks and this run has {world_size}; "
+                         "resume with the same number of ranks")
+    try:
+        saved = CheckpointManager.load_trainer_state(ckpt).get("config") or {}
+        was = cfg.stream_flags(saved)
+    except (KeyError, TypeError):  # a checkpoint of an older version without these flags: the loader checks
+        return
+    now = cfg.stream_flags(resolved)
+    if diff := [f"{k} {_plain(now[k])} (the checkpoint has {_plain(was[k])})" for k in now
+                if was.get(k) is not None and _plain(was[k]) != _plain(now[k])]:
+        raise ValueError(f"--resume {ckpt}: the data stream continues at its saved position, which these flags "
+                         f"place: {', '.join(diff)}. Resume with the checkpoint's values{cfg.new_stream_hint}")
 
 
 def _destroy_engines(task: Task) -> None:

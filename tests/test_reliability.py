@@ -1,8 +1,10 @@
 """Reliability: safe loading everywhere, config validation before any engine starts, the NaN guard."""
 import json
+import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -478,3 +480,55 @@ def test_warn_once_messages_reach_log_txt(tmp_path, recwarn):
     assert f"warning: {early}" in text and text.count(f"warning: {late}") == 1
     assert sum(late in str(w.message) for w in recwarn) == 1  # still a Python warning, once
     setup_logging(None)
+
+
+def test_a_resume_with_other_data_flags_or_ranks_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """A changed --micro-batch (MLLM) or --data.local-batch-size (tokenizer), or the tokenizer on another number of
+    ranks, was refused only by the loader or the engine, after the model and its engines were built (minutes for
+    a 7B model), and the message offered no way forward."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    import runtime.run
+    from mllm.train import MllmTrainConfig
+    from runtime.loop import run
+    from unitok.train import TrainConfig
+
+    def checkpoint(cfg, world_size):
+        ckpt = Path(cfg.run_dir) / "step-00000004"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "config": dataclasses.asdict(cfg)}))
+        torch.save({"world_size": world_size}, ckpt / "rank00000.pt")
+
+    built = []
+    monkeypatch.setattr(runtime.run, "start_run", lambda *a: (SimpleNamespace(world_size=1), logging.getLogger("t")))
+
+    def attempt(cfg):
+        built.clear()
+        with pytest.raises((ValueError, LookupError)) as e:
+            run(cfg, lambda *a: built.append(1) or (_ for _ in ()).throw(LookupError("built")))
+        return str(e.value)
+
+    mllm = MllmTrainConfig(run_dir=str(tmp_path / "mllm"), micro_batch=4, num_workers=2)
+    checkpoint(mllm, 1)
+    msg = attempt(dataclasses.replace(mllm, micro_batch=8, max_len=1024))
+    assert not built and re.search(r"--micro-batch 8 \(the checkpoint has 4\), --max-len 1024 \(the checkpoint has "
+                                   r"2048\)\. Resume with the checkpoint's values, or .*mllm.export.*--init-from", msg)
+    assert attempt(dataclasses.replace(mllm, num_workers=2)) == "built" and built  # unchanged: built
+    (Path(mllm.run_dir) / "step-00000004" / "rank00000.pt").unlink()
+    torch.save({"world_size": 2}, Path(mllm.run_dir) / "step-00000004" / "rank00000.pt")
+    assert attempt(dataclasses.replace(mllm, micro_batch=8)) == "built"  # another world size: weights only
+
+    tok = TrainConfig(run_dir=str(tmp_path / "tok"))
+    tok.data.num_workers = 0
+    checkpoint(tok, 1)
+    other = dataclasses.replace(tok, data=dataclasses.replace(tok.data, num_workers=1))
+    assert attempt(other) == "built"  # 0 workers stream as 1 does
+    other = dataclasses.replace(tok, data=dataclasses.replace(tok.data, local_batch_size=32, seed=1))
+    msg = attempt(other)
+    assert not built and "--data.seed 1 (the checkpoint has 0), --data.local-batch-size 32 (the checkpoint has 64)" in msg
+    torch.save({"world_size": 2}, Path(tok.run_dir) / "step-00000004" / "rank00000.pt")
+    msg = attempt(tok)
+    assert not built and "written by 2 ranks and this run has 1; resume with the same number of ranks" in msg

@@ -111,6 +111,13 @@ class TrainConfig(RunConfig):
     """Local open_clip checkpoint whose visual trunk and text tower initialise the model (the paper's
     CLIP-init variant); random init when unset."""
 
+    @staticmethod
+    def stream_flags(config):
+        d = config["data"]
+        return {"--data.seed": d["seed"], "--data.local-batch-size": d["local_batch_size"],
+                "--data.num-workers": max(1, d["num_workers"]),  # (0 loads in one process: a stream like 1's)
+                "--data.train": d["train"], "--data.num-batches-per-epoch": d["num_batches_per_epoch"]}
+
     def __post_init__(self):
         super().__post_init__()
         if self.num_decode < 0 or self.image_every < 0:
