@@ -261,6 +261,96 @@ def test_predictions_are_written_before_scoring(tmp_path):
     assert [(r["question_id"], r["answer"]) for r in rows] == [("color/0.jpg#0", "Yes"), ("color/0.jpg#1", "Yes")]
 
 
+class _CrashingEngine(_YesEngine):
+    """Answers "Yes", and raises at its `crash_at`-th answer call (a CUDA OOM, a killed rank)."""
+
+    def __init__(self, crash_at=None):
+        self.calls, self.crash_at, self.asked = 0, crash_at, []
+
+    def answer(self, prompts, max_new_tokens, sampling):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("CUDA out of memory")
+        self.asked += prompts
+        return super().answer(prompts, max_new_tokens, sampling)
+
+
+def test_a_crashed_run_keeps_its_answers_and_a_rerun_answers_only_the_rest(tmp_path):
+    """Answers were held in memory until the final gather: one late error (an OOM, a corrupt image, a killed
+    rank) lost every answer of a run of hours, and OUT was not even created."""
+    from mllm.evaluate import InferenceConfig, load_mme, run_benchmark
+
+    bench = load_mme(_mme_folder(tmp_path / "MME", 5), "")  # 10 questions, 4 batches of 3
+    out, cfg = tmp_path / "out", InferenceConfig(batch_size=3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_benchmark(_CrashingEngine(crash_at=3), bench, cfg, out, {"model": "m1"})
+    journal = out / "partial" / "rank00000.jsonl"
+    assert len(journal.read_text().splitlines()) == 6
+    with open(journal, "a") as f:
+        f.write('{"index": 6, "question_id": "col')  # a line a kill cut short
+    with pytest.raises(ValueError, match=r"partial holds the answers of an interrupted run with other settings "
+                                         r"\(model: 'm1' -> 'm2'\): rerun with those .* or remove"):
+        run_benchmark(_CrashingEngine(), bench, cfg, out, {"model": "m2"})
+    engine = _CrashingEngine()
+    rows, metrics = run_benchmark(engine, bench, cfg, out, {"model": "m1"})
+    assert engine.asked == [q.prompt for q in bench.questions[6:]]  # only the 4 the crash left
+    assert [r["question_id"] for r in rows] == [q.qid for q in bench.questions] and metrics["num_missing"] == 0
+    assert [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()] == rows
+    assert not (out / "partial").exists()  # done: the next run into OUT starts over
+    engine = _CrashingEngine()
+    run_benchmark(engine, bench, cfg, out, {"model": "m2"})
+    assert len(engine.asked) == 10
+
+
+def test_mme_prompts_follow_llavas_question_file(tmp_path):
+    """MME's own "Please answer yes or no." was kept before the short-answer suffix; LLaVA's llava_mme.jsonl
+    (and lmms-eval) drop it."""
+    from mllm.evaluate import load_mme
+    from mllm.evaluate.common import DEFAULT_SUFFIX
+
+    (tmp_path / "OCR").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "OCR" / "0.jpg")
+    (tmp_path / "OCR" / "0.txt").write_text("Is the word in the logo \"high\"? Please answer yes or no.\tYes\n"
+                                            "Is the word in the logo \"low\"?  Please answer yes or no.\tNo\n")
+    assert [q.prompt for q in load_mme(tmp_path, DEFAULT_SUFFIX).questions] == [
+        'Is the word in the logo "high"?\nAnswer the question using a single word or phrase.',
+        'Is the word in the logo "low"?\nAnswer the question using a single word or phrase.']
+    assert load_mme(tmp_path, "").questions[0].prompt == 'Is the word in the logo "high"? Please answer yes or no.'
+
+
+def test_input_files_without_a_field_are_named(tmp_path):
+    """A wrong file (LLaVA's label-less llava_pope_test.jsonl, the annotations given as --questions, an EvalAI
+    predictions file) failed with a bare "error: 'label'"."""
+    from mllm.evaluate import load_gqa, load_pope
+    from mllm.evaluate.runner import InferenceConfig
+
+    f = tmp_path / "llava_pope_test.jsonl"
+    f.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "category": "random"}))
+    with pytest.raises(ValueError, match=r"llava_pope_test.jsonl: a record has no 'label' field; expected POPE's "
+                                         r"coco_pope_<category>.json .*has no labels"):
+        load_pope([f], tmp_path, "")
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": ["yes"]}]}))
+    with pytest.raises(ValueError, match=r"annotations.json: .*expected VQAv2 questions|annotations.json: a record "
+                                         r"has no 'question_id' field"):
+        load_vqav2(ann, tmp_path, None, "")
+    gqa = tmp_path / "testdev_balanced_questions.json"
+    gqa.write_text(json.dumps({"1": {"imageId": "n1", "question": "?", "answer": "yes"}}))
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"questionId": "1", "image": "n1.jpg", "text": "?"}))
+    with pytest.raises(ValueError, match=r"q.jsonl: a record has no 'question_id' field; expected LLaVA question"):
+        load_gqa(gqa, tmp_path, q, "")
+    with pytest.raises(ValueError, match="log_every must be >= 1"):
+        InferenceConfig(log_every=0)  # it crashed rank 0 after the first batch (the others waited in the gather)
+
+
+def test_bad_benchmark_files_fail_before_the_model_loads(tmp_path, capsys):
+    with mock.patch("mllm.engine.MLLMEngine.load", side_effect=AssertionError("the model was loaded")):
+        assert eval_main(["--task", "gqa", *_M, "--annotations", str(tmp_path / "typo.json"), "--images",
+                          str(tmp_path)]) == 1
+    assert "file not found: " in capsys.readouterr().err
+
+
 # ---- generation imports ------------------------------------------------------------------------
 def test_geneval_import_summary(tmp_path):
     rows = [{"tag": "single_object", "correct": True, "metadata": "m1"},

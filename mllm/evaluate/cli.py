@@ -16,7 +16,8 @@ from typing import Annotated, Literal, get_args
 from tyro.conf import OmitArgPrefixes, UseAppendAction
 
 from mllm.engine import EngineConfig, EngineOptions, ImageGenConfig
-from mllm.evaluate.common import DEFAULT_SUFFIX, Benchmark, markdown_table, read_json_or_jsonl, write_results
+from mllm.evaluate.common import (DEFAULT_SUFFIX, Benchmark, fields_of, markdown_table, read_json_or_jsonl,
+                                  write_results)
 from mllm.evaluate.generation import GenerationRun
 from mllm.evaluate.runner import InferenceConfig
 from runtime.cli import parse, refuse_changed, strip_launcher_args
@@ -195,7 +196,9 @@ def run(cfg: EvalConfig) -> dict | None:
         rows = read_json_or_jsonl(cfg.predictions, records=True)
         if not rows:
             raise ValueError(f"{cfg.predictions}: no predictions")
-        preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
+        with fields_of(cfg.predictions, "this runner's predictions.jsonl or LLaVA's answers JSON lines "
+                                        "({'question_id', 'answer' or 'text'})"):
+            preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
         qids = [q.qid for q in bench.first(cfg.inference.limit)]
         extra = {f"{bench.name}_submission.json": bench.submission(preds)} if bench.submission else {}
         if bench.score is None:  # test-dev: the server scores the submission file
@@ -213,12 +216,13 @@ def run(cfg: EvalConfig) -> dict | None:
     from mllm.evaluate.runner import dist_info
 
     dist_info()  # join the process group first: it pins this rank's GPU, which the model then loads onto
+    bench = load_benchmark(cfg) if cfg.task in UNDERSTANDING else None  # bad inputs fail before the model loads
     engine = MLLMEngine.load(cfg.engine)
-    if cfg.task in UNDERSTANDING:
+    if bench is not None:
         from mllm.evaluate.runner import run_benchmark
 
-        bench = load_benchmark(cfg)
-        result = run_benchmark(engine, bench, cfg.inference, cfg.out)  # writes predictions.jsonl before scoring
+        # keeps answers in OUT/partial as they come (a rerun continues them), predictions.jsonl before scoring
+        result = run_benchmark(engine, bench, cfg.inference, cfg.out, {"engine": {k: v for k, v in _config_dict(cfg)["engine"].items() if k != "device"}})
         if result is None:
             return None
         rows, metrics = result

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -90,6 +92,18 @@ def read_json_or_jsonl(path: str | Path, records: bool = False) -> Any:
     return data
 
 
+@contextmanager
+def fields_of(path: str | Path, expected: str):
+    """A record of `path` without a field the parser reads (a KeyError, or a TypeError of a wrong shape) ->
+    ValueError naming the file, the field and the format expected (bare 'label' otherwise: cli prints it)."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{path}: a record has no {e.args[0]!r} field; expected {expected}") from None
+    except TypeError as e:
+        raise ValueError(f"{path}: unexpected record shape ({e}); expected {expected}") from None
+
+
 def with_suffix(question: str, suffix: str) -> str:
     """Append the answer-format instruction unless the question already carries it."""
     question = question.strip()
@@ -132,10 +146,18 @@ def write_predictions(out_dir: str | Path, rows: list[dict]) -> Path:
     """Write OUT/predictions.jsonl; call on rank 0 only, before scoring, so a scoring error keeps the answers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    _write_atomic(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return out / "predictions.jsonl"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`text` into `path` whole or not at all (a kill mid-write leaves the earlier file)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
@@ -151,9 +173,9 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
         write_predictions(out, predictions)
         num_predictions = len(predictions)
     for name, content in (extra_files or {}).items():
-        (out / name).write_text(json.dumps(content, indent=1))
+        _write_atomic(out / name, json.dumps(content, indent=1))
     doc = {"task": task, "metrics": metrics, "config": config, "git_sha": git_sha(),
            "num_predictions": num_predictions}
-    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
-    (out / "results.md").write_text(markdown_table(task, metrics))
+    _write_atomic(out / "results.md", markdown_table(task, metrics))
+    _write_atomic(out / "results.json", json.dumps(doc, indent=2, default=str))
     return out / "results.json"

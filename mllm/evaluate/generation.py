@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mllm.evaluate.common import read_json_or_jsonl
+from mllm.evaluate.common import fields_of, read_json_or_jsonl
 from runtime.distributed import barrier, clear_outputs
 
 
@@ -85,10 +85,11 @@ def load_mjhq_prompts(path: str | Path) -> list[tuple[str, str, str]]:
     data = read_json_or_jsonl(path)
     if isinstance(data, dict) and "prompt" in data and "id" in data:
         data = [data]  # a one-line JSONL
-    if isinstance(data, dict):
-        rows = [(str(k), v["prompt"], v.get("category", "")) for k, v in data.items()]
-    else:
-        rows = [(str(r["id"]), r["prompt"], r.get("category", "")) for r in data]
+    with fields_of(path, "MJHQ's meta_data.json ({id: {'prompt', 'category'}}) or JSON lines {'id', 'prompt'}"):
+        if isinstance(data, dict):
+            rows = [(str(k), v["prompt"], v.get("category", "")) for k, v in data.items()]
+        else:
+            rows = [(str(r["id"]), r["prompt"], r.get("category", "")) for r in data]
     if not rows:
         raise ValueError(f"no prompts in {path}")
     return rows
@@ -259,7 +260,8 @@ def genai_import(scores_file: str | Path, skills_file: str | Path) -> dict:
     if isinstance(data, dict) and set(data) == {"id", "score"}:
         data = [data]  # a one-line JSONL
     if isinstance(data, list):
-        data = {str(r["id"]): r["score"] for r in data}
+        with fields_of(scores_file, "{id: score} JSON or JSON lines {'id', 'score'}"):
+            data = {str(r["id"]): r["score"] for r in data}
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{scores_file}: expected {{id: score}} JSON or JSONL lines {{'id', 'score'}}")
     scores = {str(k).zfill(5) if str(k).isdigit() else str(k): float(v) for k, v in data.items()}

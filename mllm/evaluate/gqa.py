@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, fields_of, read_json_or_jsonl, with_suffix
 
 
 def normalize_gqa(text: str) -> str:
@@ -35,14 +35,16 @@ def load_gqa(annotations: str | Path, images: str | Path, questions: str | Path 
     ann = read_json_or_jsonl(Path(annotations))
     if not isinstance(ann, dict) or not all(isinstance(v, dict) and "answer" in v for v in list(ann.values())[:5]):
         raise ValueError(f"{annotations}: expected testdev_balanced_questions.json ({{qid: {{..., 'answer'}}}})")
-    gold = {str(k): str(v["answer"]) for k, v in ann.items()}
+    with fields_of(annotations, "testdev_balanced_questions.json ({qid: {'imageId', 'question', 'answer'}})"):
+        gold = {str(k): str(v["answer"]) for k, v in ann.items()}
+        if questions is None:
+            qs = [Question(str(k), images / f"{v['imageId']}.jpg", with_suffix(v["question"], suffix))
+                  for k, v in ann.items()]
     if questions is not None:
         rows = read_json_or_jsonl(Path(questions), records=True)
-        qs = [Question(str(r["question_id"]), images / r["image"], with_suffix(r.get("text", r.get("question", "")),
-                                                                                suffix)) for r in rows]
-    else:
-        qs = [Question(str(k), images / f"{v['imageId']}.jpg", with_suffix(v["question"], suffix))
-              for k, v in ann.items()]
+        with fields_of(questions, "LLaVA question JSON lines {'question_id', 'image', 'text'}"):
+            qs = [Question(str(r["question_id"]), images / r["image"],
+                           with_suffix(r.get("text", r.get("question", "")), suffix)) for r in rows]
     missing = [q.qid for q in qs if q.qid not in gold]
     if missing:
         raise ValueError(f"{len(missing)} questions have no answer in {annotations} (e.g. {missing[:3]})")

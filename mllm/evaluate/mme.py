@@ -11,12 +11,16 @@ Rules (the official MME eval_tool `calculation.py`, as LLaVA runs it):
     sums (and listed), so partial runs are visible as such. --limit N answers the first N questions and
     the other question of the last image (acc+ needs both).
 
+Prompts: MME's question without its trailing "Please answer yes or no." plus the short-answer suffix, as in
+LLaVA's llava_mme.jsonl (with --prompt-suffix "" the question is MME's own).
+
 Files: images = the official MME_Benchmark_release_version/ folder. Per subtask folder either
   <task>/images/<name>.{jpg,png} + <task>/questions_answers_YN/<name>.txt, or
   <task>/<name>.{jpg,png} + <task>/<name>.txt; each .txt holds two lines "question<TAB>Yes|No".
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mllm.evaluate.common import Benchmark, Question, count_missing, with_suffix
@@ -25,6 +29,12 @@ PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".PNG")
+
+
+def mme_question(question: str, suffix: str) -> str:
+    """The question as LLaVA's llava_mme.jsonl puts it: with the short-answer suffix, MME's own trailing
+    "Please answer yes or no." is dropped (lmms-eval does the same); without one, the question is MME's."""
+    return re.sub(r"\s*Please answer yes or no\.\s*$", "", question) if suffix else question
 
 
 def parse_mme(text: str) -> str:
@@ -111,7 +121,7 @@ def load_mme(root: str | Path, suffix: str) -> Benchmark:
                     raise ValueError(f"{txt}:{i + 1}: expected 'question<TAB>Yes|No', got {line!r}")
                 qid = f"{task}/{image.name}#{i}"
                 gold[qid] = (task, image.name, label)
-                qs.append(Question(qid, image, with_suffix(question, suffix), task))
+                qs.append(Question(qid, image, with_suffix(mme_question(question, suffix), suffix), task))
     if not qs:
         raise ValueError(f"no MME subtask folders ({', '.join(PERCEPTION + COGNITION)}) under {root}")
     return Benchmark("mme", qs, score=lambda preds, qids: score_mme(preds, {q: gold[q] for q in qids}),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, fields_of, read_json_or_jsonl, with_suffix
 
 MISSING = "missing"
 """The parsed answer of a question without a prediction (neither yes nor no)."""
@@ -75,14 +75,16 @@ def load_pope(question_files: list[str | Path], images: str | Path, suffix: str)
     qs, gold = [], {}
     for f in map(Path, question_files):
         m = re.match(r"coco_pope_(\w+)\.json$", f.name)
-        for r in read_json_or_jsonl(f, records=True):
-            cat = r.get("category") or (m.group(1) if m else f.stem)
-            label = str(r["label"]).strip().lower()
-            if label not in ("yes", "no"):
-                raise ValueError(f"{f}: label must be yes or no, got {r['label']!r}")
-            qid = f"{cat}/{r['question_id']}"
-            if qid in gold:
-                raise ValueError(f"duplicate POPE question {qid}")
-            gold[qid] = (cat, label)
-            qs.append(Question(qid, images / r["image"], with_suffix(r["text"], suffix), cat))
+        with fields_of(f, "POPE's coco_pope_<category>.json lines {'question_id', 'image', 'text', 'label'} "
+                          "(LLaVA's llava_pope_test.jsonl has no labels)"):
+            for r in read_json_or_jsonl(f, records=True):
+                cat = r.get("category") or (m.group(1) if m else f.stem)
+                label = str(r["label"]).strip().lower()
+                if label not in ("yes", "no"):
+                    raise ValueError(f"{f}: label must be yes or no, got {r['label']!r}")
+                qid = f"{cat}/{r['question_id']}"
+                if qid in gold:
+                    raise ValueError(f"duplicate POPE question {qid}")
+                gold[qid] = (cat, label)
+                qs.append(Question(qid, images / r["image"], with_suffix(r["text"], suffix), cat))
     return Benchmark("pope", qs, score=lambda preds, qids: score_pope(preds, {q: gold[q] for q in qids}))

@@ -5,16 +5,25 @@ Inference per question follows REFERENCE.md 6.10: the image is padded to a squar
 "<image>\\n" + question (+ the short-answer instruction); decoding is greedy with the KV-cached
 `mllm.generate.answer`, left-padded batches of --batch-size (the release runs batch 1; batching with
 left padding and per-row position ids gives the same greedy answers), `skip_special_tokens`.
-Multi-rank: under torchrun/deepspeed (RANK/WORLD_SIZE set) rank r answers questions r, r+W, ...;
-the rows are gathered to rank 0 (`all_gather_object`), which alone writes the predictions, then scores
-and writes the results.
+Multi-rank: under torchrun/deepspeed (RANK/WORLD_SIZE set) rank r answers questions r, r+W, ... of those
+not yet answered; the rows are gathered to rank 0 (`all_gather_object`), which alone writes the predictions,
+then scores and writes the results.
+
+Nothing is lost to a crash: with an output folder, each rank appends its answers to OUT/partial/rankNNNNN.jsonl
+batch by batch, and a rerun with the same model and settings answers only the questions missing there
+(OUT/partial/run.json holds those settings; a rerun with others is refused). OUT/partial goes once
+OUT/predictions.jsonl is written.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mllm.evaluate.common import Benchmark, Question, write_predictions
 
@@ -33,8 +42,8 @@ class InferenceConfig:
     """Progress line every N batches (rank 0, stderr)."""
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if self.batch_size < 1 or self.max_new_tokens < 1 or self.log_every < 1:
+            raise ValueError("batch_size, max_new_tokens and log_every must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
 
@@ -65,11 +74,12 @@ def gather_rows(rows: list[dict]) -> list[dict] | None:
 
 
 def answer_questions(engine, questions: list[Question], cfg: InferenceConfig, rank: int = 0,
-                     world: int = 1) -> list[dict]:
-    """This rank's share of `questions` -> rows {"index", "question_id", "category", "prompt", "answer"}."""
+                     world: int = 1, done: set[int] = frozenset(), journal: Path | None = None) -> list[dict]:
+    """This rank's share of the `questions` whose index is not in `done` -> rows {"index", "question_id",
+    "category", "prompt", "answer"}; with `journal`, each batch's rows are appended to it as they come."""
     from mllm.generate import SamplingConfig
 
-    mine = list(enumerate(questions))[rank::world]
+    mine = [(i, q) for i, q in enumerate(questions) if i not in done][rank::world]
     rows: list[dict] = []
     start = time.time()
     for b, i in enumerate(range(0, len(mine), cfg.batch_size)):
@@ -83,19 +93,69 @@ def answer_questions(engine, questions: list[Question], cfg: InferenceConfig, ra
         codes = engine.encode_images(images)
         prompts = [engine.chat_sample([q.prompt], [c]) for (_, q), c in zip(batch, codes)]
         answers = engine.answer(prompts, cfg.max_new_tokens, SamplingConfig(temperature=0))
-        rows += [{"index": idx, "question_id": q.qid, "category": q.category, "prompt": q.prompt, "answer": a}
-                 for (idx, q), a in zip(batch, answers)]
+        new = [{"index": idx, "question_id": q.qid, "category": q.category, "prompt": q.prompt, "answer": a}
+               for (idx, q), a in zip(batch, answers)]
+        if journal is not None:
+            with open(journal, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in new))
+        rows += new
         if rank == 0 and (b + 1) % cfg.log_every == 0:
             print(f"[eval] rank 0: {len(rows)}/{len(mine)} questions, {time.time() - start:.0f}s", file=sys.stderr,
                   flush=True)
     return rows
 
 
-def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig,
-                  out: str | Path | None = None) -> tuple[list[dict], dict | None] | None:
+def read_partial(folder: Path, questions: list[Question], settings: dict[str, Any]) -> dict[int, dict]:
+    """Rows of an interrupted run from folder/rank*.jsonl ({index: row}); a line cut short by a kill, or one
+    that answers another question at its index, is ignored (answered again). ValueError when folder/run.json
+    holds other settings; a new folder gets this run's."""
+    from runtime.run import write_json_atomic
+
+    meta = folder / "run.json"
+    if meta.is_file():
+        was = json.loads(meta.read_text())
+        if was != settings:
+            diff = [f"{k}: {was.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(was) | set(settings))
+                    if was.get(k) != settings.get(k)]
+            raise ValueError(f"{folder} holds the answers of an interrupted run with other settings ({'; '.join(diff)}):"
+                             f" rerun with those to continue it, or remove {folder} (or choose another --out) to start "
+                             "over")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(meta, settings)
+    rows: dict[int, dict] = {}
+    for f in sorted(folder.glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                q = questions[r["index"]]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            if r.get("question_id") == q.qid and r.get("prompt") == q.prompt and isinstance(r.get("answer"), str):
+                rows[r["index"]] = r
+    return rows
+
+
+def _journal(folder: Path, rank: int) -> Path:
+    """This rank's answer file, ending with a newline (a kill may have cut its last line short)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank{rank:05d}.jsonl"
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return path
+
+
+def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig, out: str | Path | None = None,
+                  settings: dict[str, Any] | None = None) -> tuple[list[dict], dict | None] | None:
     """Answer (sharded), gather and score. Returns (rows in question order, metrics or None) on rank 0,
-    None on other ranks. With `out`, rank 0 writes OUT/predictions.jsonl before scoring, so that a scoring
-    error does not lose the answers of a long run."""
+    None on other ranks. With `out`, answers are kept in OUT/partial as they come and a rerun continues them
+    (`settings`, e.g. the model, must then be the same: the module docstring), and rank 0 writes
+    OUT/predictions.jsonl before scoring, so that a scoring error does not lose them either."""
+    import torch.distributed as dist
+
     rank, world = dist_info()
     questions = bench.first(cfg.limit)
     if not questions:
@@ -104,12 +164,38 @@ def run_benchmark(engine, bench: Benchmark, cfg: InferenceConfig,
     missing = [q.image for q in questions if not q.image.is_file()]
     if missing:
         raise FileNotFoundError(f"{bench.name}: {len(missing)} image(s) not found, e.g. {missing[0]}")
-    rows = gather_rows(answer_questions(engine, questions, cfg, rank, world))
+    earlier: dict[int, dict] = {}
+    journal = None
+    if out is not None:
+        folder = Path(out) / "partial"
+        settings = {"benchmark": bench.name, "max_new_tokens": cfg.max_new_tokens, **(settings or {})}
+        verdict: list[Any] = [None]
+        if rank == 0:
+            try:
+                earlier = read_partial(folder, questions, settings)
+                verdict = [sorted(earlier)]
+            except ValueError as e:
+                verdict = [str(e)]
+        if world > 1:  # rank 0 alone reads the files, so every rank splits the same remaining questions
+            dist.broadcast_object_list(verdict, src=0)
+        if isinstance(verdict[0], str):
+            raise ValueError(verdict[0])
+        done = set(verdict[0])
+        if rank == 0 and done:
+            print(f"[eval] {len(done)} of {len(questions)} questions answered by an earlier run ({folder}); answering "
+                  f"the other {len(questions) - len(done)}", file=sys.stderr, flush=True)
+        journal = _journal(folder, rank)
+    else:
+        done = set()
+    rows = gather_rows(answer_questions(engine, questions, cfg, rank, world, done, journal))
     if rows is None:
         return None
-    rows.sort(key=lambda r: r.pop("index"))
+    rows = sorted([*earlier.values(), *rows], key=lambda r: r["index"])
+    for r in rows:
+        r.pop("index")
     if out is not None:
         write_predictions(out, rows)
+        shutil.rmtree(Path(out) / "partial", ignore_errors=True)
     if bench.score is None:
         return rows, None
     return rows, bench.score({r["question_id"]: r["answer"] for r in rows}, [q.qid for q in questions])

@@ -1,6 +1,7 @@
 """VQAv2 and TextVQA: answer normalisation and the 10-annotator soft accuracy.
 
-Rules (official VQA evaluation, GT-Vision-Lab/VQA `vqaEval.py`, the version EvalAI runs):
+Rules (official VQA evaluation, GT-Vision-Lab/VQA `vqaEval.py`; the EvalAI challenge's copy, Cloud-CV's,
+strips punctuation by other rules, so a server's score may differ from a local one slightly):
   normalise(answer):
     1. newlines and tabs -> spaces, strip;
     2. punctuation: for each of  ; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !  -- delete it when it is
@@ -43,7 +44,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, count_missing, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import Benchmark, Question, count_missing, fields_of, read_json_or_jsonl, with_suffix
 
 # The official contraction table (VQA vqaEval.py), as data.
 CONTRACTIONS = {
@@ -178,9 +179,11 @@ def _answers(entry: dict) -> list[str]:
 
 def _llava_questions(path: Path, images: Path, suffix: str) -> list[Question]:
     rows = read_json_or_jsonl(path, records=True)
-    return [Question(str(r["question_id"]), images / r["image"], with_suffix(r.get("text", r.get("question", "")),
-                                                                                suffix), r.get("category", ""))
-            for r in rows]
+    with fields_of(path, "LLaVA question JSON lines {'question_id', 'image', 'text'} (or the official questions "
+                         "JSON with a 'questions' list)"):
+        return [Question(str(r["question_id"]), images / r["image"],
+                         with_suffix(r.get("text", r.get("question", "")), suffix), r.get("category", ""))
+                for r in rows]
 
 
 def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Path | None,
@@ -192,14 +195,17 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
     if isinstance(data, dict) and "questions" in data:
         subtype = data.get("data_subtype", "val2014")
         subtype = {"test-dev2015": "test2015"}.get(subtype, subtype)  # test-dev's images are test2015's
-        qs = [Question(str(q["question_id"]), images / f"COCO_{subtype}_{int(q['image_id']):012d}.jpg",
-                       with_suffix(q["question"], suffix)) for q in data["questions"]]
+        with fields_of(questions, "the official VQAv2 questions JSON ({'questions': [{'question_id', 'image_id', "
+                                  "'question'}]})"):
+            qs = [Question(str(q["question_id"]), images / f"COCO_{subtype}_{int(q['image_id']):012d}.jpg",
+                           with_suffix(q["question"], suffix)) for q in data["questions"]]
     else:
         qs = _llava_questions(questions, images, suffix)
     submission = vqav2_submission
     if submission_questions is not None:
         every = vqav2_question_ids(submission_questions)
-        outside = [q.qid for q in qs if q.qid not in set(every)]
+        known = set(every)
+        outside = [q.qid for q in qs if q.qid not in known]
         if outside:  # before the model runs, not after
             raise ValueError(f"{len(outside)} of the {len(qs)} questions of {questions} are not in "
                              f"{submission_questions} (e.g. {outside[:3]}): give the test2015 questions of their split")
@@ -209,8 +215,9 @@ def load_vqav2(questions: str | Path, images: str | Path, annotations: str | Pat
     ann = read_json_or_jsonl(Path(annotations))
     if not isinstance(ann, dict) or "annotations" not in ann:
         raise ValueError(f"{annotations}: expected the official VQAv2 annotation JSON with an 'annotations' list")
-    gold = {str(a["question_id"]): {"answers": _answers(a), "answer_type": a.get("answer_type", "")}
-            for a in ann["annotations"]}
+    with fields_of(annotations, "the official VQAv2 annotation JSON ({'annotations': [{'question_id', 'answers'}]})"):
+        gold = {str(a["question_id"]): {"answers": _answers(a), "answer_type": a.get("answer_type", "")}
+                for a in ann["annotations"]}
     missing = [q.qid for q in qs if q.qid not in gold]
     if missing:
         raise ValueError(f"{len(missing)} questions have no annotation (e.g. {missing[:3]}): questions and "
@@ -256,12 +263,14 @@ def load_textvqa(annotations: str | Path, images: str | Path, questions: str | P
     ann = read_json_or_jsonl(Path(annotations))
     if not isinstance(ann, dict) or "data" not in ann:
         raise ValueError(f"{annotations}: expected TextVQA_0.5.1_val.json with a 'data' list")
-    gold = {str(d["question_id"]): _answers(d) for d in ann["data"]}
+    with fields_of(annotations, "TextVQA_0.5.1_val.json ({'data': [{'question_id', 'image_id', 'question', "
+                                "'answers'}]})"):
+        gold = {str(d["question_id"]): _answers(d) for d in ann["data"]}
+        by_image = {(str(d["image_id"]), d["question"].lower()): str(d["question_id"]) for d in ann["data"]}
     if questions is not None:
         qs = _llava_questions(Path(questions), images, suffix)
         # LLaVA's llava_textvqa_val_v051_ocr.jsonl holds the image id in `question_id` (several questions per
         # image): its eval_textvqa.py finds the annotation by (image id, question lower-cased)
-        by_image = {(str(d["image_id"]), d["question"].lower()): str(d["question_id"]) for d in ann["data"]}
         qs = [q if q.qid in gold else dataclasses.replace(q, qid=by_image.get((q.qid, textvqa_question(q.prompt)),
                                                                               q.qid)) for q in qs]
     else:
