@@ -1,12 +1,16 @@
 # Sourced by launch/*.sh: run the `deepspeed` launcher with the cluster layout taken from the environment.
-#   NGPU         processes per node (default 8)
+#   NGPU         processes per node (default: the hostfile's slots, else every GPU of this machine)
 #   HOSTFILE     lines "host slots=N" (default /job/hostfile; a missing file means this node only)
 #   NNODES       nodes of the hostfile to use (default -1: all)
 #   MASTER_ADDR  address of node 0 (default: DeepSpeed's own, 127.0.0.1 on one node and node 0's
 #                `hostname -I` over ssh for a hostfile); MASTER_PORT its port (default: the script's)
 #   NODE_RANK    set it to start one launcher per node without ssh (DeepSpeed's --no_ssh): run the same
 #                command on every node with the same HOSTFILE, NODE_RANK=0..N-1 and node 0's MASTER_ADDR
-#                (required). Unset: the launcher on node 0 starts the other nodes over ssh/pdsh.
+#                (required). Unset: the launcher on node 0 starts the other nodes over ssh/pdsh. pdsh hands
+#                the other nodes one shell string: the arguments are quoted for it here (a '/data/{0..9}.tar'
+#                pattern reaches the ranks as written), and this shell's WANDB_*, HF_*, OMP_NUM_THREADS,
+#                DS_ACCELERATOR, GLOO_*, TORCH_*, LD_LIBRARY_PATH, ... go into a DS_ENV_FILE (DeepSpeed itself
+#                passes on only PYTHON*, NCCL*, UCX*, MV2*, MLFLOW*), unless DS_ENV_FILE is already set.
 #   CUDA_VISIBLE_DEVICES  on one node (no hostfile): the GPUs used (the first NGPU of them). DeepSpeed drops
 #                it when given --num_gpus and numbers the GPUs 0..N-1, so they are passed as --include.
 # CPU-only machines: DS_ACCELERATOR=cpu. SLURM: launch/slurm.sbatch runs any launch/*.sh this way.
@@ -19,6 +23,10 @@ ds_launch() {
     shift
     local hostfile=${HOSTFILE:-/job/hostfile}
     local args=(--hostfile "$hostfile" --master_port "${MASTER_PORT:-$port}")
+    if [[ -n "${NGPU:-}" && ! "$NGPU" =~ ^[1-9][0-9]*$ ]]; then  # 0 started no rank and exited 0
+        echo "deepspeed_env.sh: NGPU=$NGPU; give the processes per node as a positive number" >&2
+        exit 2
+    fi
     # A fixed 127.0.0.1 sent every node of a pdsh launch to its own loopback: only an explicit one is passed
     if [[ -n "${MASTER_ADDR:-}" ]]; then
         args+=(--master_addr "$MASTER_ADDR")
@@ -32,10 +40,59 @@ ds_launch() {
         gpus=("${gpus[@]:0:${NGPU:-${#gpus[@]}}}")
         args+=(--include "localhost:$(IFS=,; echo "${gpus[*]}")")
     else
-        args+=(--num_nodes "${NNODES:--1}" --num_gpus "${NGPU:-8}")
+        args+=(--num_nodes "${NNODES:--1}")
+        [[ -z "${NGPU:-}" ]] || args+=(--num_gpus "$NGPU")  # unset: the hostfile's slots or the GPU count
     fi
     if [[ -n "${NODE_RANK:-}" ]]; then
         args+=(--no_ssh --node_rank "$NODE_RANK")
+    elif _ds_over_pdsh "$hostfile"; then
+        _DS_ARGS=("$@")
+        _ds_pdsh_setup || exit 2
+        set -- "${_DS_QUOTED[@]}"
     fi
     exec deepspeed "${args[@]}" "$@"
+}
+
+_ds_over_pdsh() {  # DeepSpeed starts the nodes over pdsh: a hostfile of more than one (used) host, no NODE_RANK
+    [[ -f "$1" ]] || return 1
+    local n
+    n=$(grep -cvE '^[[:space:]]*(#|$)' "$1" || true)
+    if (( ${NNODES:--1} > 0 && n > NNODES )); then n=$NNODES; fi
+    (( n > 1 ))
+}
+
+_ds_pdsh_setup() {  # _DS_ARGS -> _DS_QUOTED; DS_ENV_FILE exported
+    # pdsh runs `cd CWD; python -m deepspeed.launcher.launch ARGS` through each node's shell, and DeepSpeed
+    # quotes only arguments that hold a space ("..."): a bare one was brace-, glob- and $-expanded there
+    # ('/data/{00000000..00140146}.tar' became 140147 words and an "Argument list too long").
+    if [[ "$PWD" =~ [[:space:]] ]]; then
+        echo "deepspeed_env.sh: the working directory '$PWD' holds a space, which DeepSpeed's pdsh command does" \
+             "not quote (the nodes would run in \$HOME): start from another folder" >&2
+        return 1
+    fi
+    local a
+    _DS_QUOTED=()
+    for a in "${_DS_ARGS[@]}"; do
+        if [[ $a == *" "* ]]; then  # DeepSpeed wraps it in "..." (escaping "): what expands inside is escaped
+            a=${a//\\/\\\\}; a=${a//\$/\\\$}; a=${a//\`/\\\`}
+            _DS_QUOTED+=("$a")
+        else
+            _DS_QUOTED+=("$(printf '%q' "$a")")
+        fi
+    done
+    [[ -z "${DS_ENV_FILE:-}" ]] || return 0  # the user's own file
+    local file name v
+    file=$(mktemp "${TMPDIR:-/tmp}/deepspeed_env.XXXXXX")
+    {   # DeepSpeed reads KEY=VALUE lines into `export KEY=VALUE;` of the pdsh command, a value with other
+        # characters than [\w@%+=:,./-] in "...": what expands inside those is escaped
+        for name in $(compgen -e); do
+            v=${!name}
+            if [[ $name =~ ^(WANDB_|HF_|HUGGINGFACE_|TRANSFORMERS_|TOKENIZERS_|GLOO_|TORCH_|OMP_|MKL_|DS_ACCELERATOR$|LD_LIBRARY_PATH$|CUDA_HOME$) && $v != *$'\n'* ]]; then
+                v=${v//\\/\\\\}; v=${v//\$/\\\$}; v=${v//\`/\\\`}; v=${v//\"/\\\"}
+                printf '%s=%s\n' "$name" "$v"
+            fi
+        done
+        cat ~/.deepspeed_env ./.deepspeed_env 2>/dev/null | grep -vE '^[[:space:]]*$' || true  # DeepSpeed's own
+    } > "$file"
+    export DS_ENV_FILE=$file
 }

@@ -19,10 +19,18 @@
 set -euo pipefail
 set +o posix  # the last `wait` reads the status bash kept for a reaped child (POSIX mode forgets it)
 : "${SLURM_NODEID:?run this under srun (SLURM_NODEID is not set)}"
-HOSTFILE=$(bash launch/hostfile_from_slurm.sh)
+HOSTFILE=$(bash "$(dirname "${BASH_SOURCE[0]}")/hostfile_from_slurm.sh")
 MASTER_ADDR=$(head -1 "$HOSTFILE" | cut -d" " -f1)
 NGPU=$(head -1 "$HOSTFILE" | sed "s/.*slots=//")
 export HOSTFILE MASTER_ADDR NGPU NODE_RANK=$SLURM_NODEID
+# DeepSpeed's launcher sets each rank's CUDA_VISIBLE_DEVICES to the hostfile's slots 0..NGPU-1: where SLURM gave
+# this job other GPUs of a shared node (no device cgroup), the ranks would run on another job's GPUs
+if [[ "${CUDA_VISIBLE_DEVICES:-}" =~ ^[0-9]+(,[0-9]+)*$ && "$CUDA_VISIBLE_DEVICES" != "$(seq -s, 0 $((NGPU - 1)))" ]]; then
+    echo "slurm_node.sh: SLURM gave this job GPUs $CUDA_VISIBLE_DEVICES of $(hostname), and DeepSpeed's launcher" \
+         "would use GPUs 0-$((NGPU - 1)): request whole nodes (sbatch --exclusive) or have the cluster constrain" \
+         "devices (cgroup.conf ConstrainDevices=yes)" >&2
+    exit 2
+fi
 
 group=
 warned=0

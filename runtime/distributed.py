@@ -59,6 +59,37 @@ def launcher_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def rendezvous(env, world: int) -> tuple[str, str]:
+    """(address, port) of rank 0 where no launcher set MASTER_ADDR: loopback alone or on one node; under a
+    SLURM step (`srun python -m ...`) the step's first node and a port from the job id. mpirun across nodes
+    passes no address on (DeepSpeed's --launcher openmpi neither): refused, since every node would wait on its
+    own loopback until the timeout."""
+    if world == 1:
+        return "127.0.0.1", str(_free_port())
+    if "SLURM_STEP_ID" in env and (nodes := env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")):
+        from runtime.slurm import expand_nodelist
+
+        return expand_nodelist(nodes)[0], str(10000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    local = env.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if local is not None and local != env.get("OMPI_COMM_WORLD_SIZE"):
+        raise RuntimeError(f"mpirun started {env.get('OMPI_COMM_WORLD_SIZE')} ranks on several nodes and set no "
+                           "MASTER_ADDR: pass node 0's address and a free port (mpirun -x MASTER_ADDR=HOST -x "
+                           "MASTER_PORT=PORT), or start one deepspeed launcher per node (launch/deepspeed_env.sh)")
+    return "127.0.0.1", "29500"
+
+
+def _export_rendezvous(rank: int, world: int, local: int) -> None:
+    """What torch's env:// rendezvous needs, where SLURM/MPI launched us or we run alone (DeepSpeed engines need
+    a process group even with one rank: a private one on loopback)."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"], port = rendezvous(os.environ, world)
+        os.environ.setdefault("MASTER_PORT", port)
+    os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
+
+
 def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
     """Initialise the process group once (idempotent) and seed `seed + rank`; collectives (and the
     rendezvous) fail after `timeout_min` minutes without the missing rank."""
@@ -72,13 +103,7 @@ def init_distributed(seed: int = 0, timeout_min: float = 30) -> DistInfo:
         share_cpu_cores()
     if not dist.is_initialized():
         _import_group_default_modules()
-        # Expose what torch's env:// rendezvous needs when SLURM/MPI launched us, or when we run alone
-        # (DeepSpeed engines need a process group even with one rank: a private one on loopback).
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500" if world > 1 else str(_free_port()))
+        _export_rendezvous(rank, world, local)
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
         atexit.register(_end_job_at_exit)
     import deepspeed
@@ -172,6 +197,7 @@ def job_barrier(world: int, timeout_min: float) -> None:
     if world > 1:
         if not dist.is_initialized():
             _import_group_default_modules()
+            _export_rendezvous(*launcher_env())
             dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
             atexit.register(_end_job_at_exit)
         dist.barrier()

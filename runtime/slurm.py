@@ -80,6 +80,9 @@ def hosts_of_allocation(env: dict[str, str]) -> list[str]:
 def slots_per_node(env: dict[str, str]) -> int:
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
         if env.get(name):
+            if not env[name].isdigit() or int(env[name]) < 1:  # slots=0: DeepSpeed started no rank and exited 0
+                raise SystemExit(f"{name}={env[name]}: no processes to start per node; request GPUs "
+                                 "(--gpus-per-node) or tasks per node (--ntasks-per-node)")
             return int(env[name])
     raise SystemExit("neither SLURM_GPUS_ON_NODE nor SLURM_NTASKS_PER_NODE is set: request GPUs "
                      "(--gpus-per-node) or tasks per node (--ntasks-per-node)")

@@ -107,3 +107,22 @@ def test_launcher_env_reads_slurm_only_inside_a_step(monkeypatch, env, expected)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert launcher_env() == expected
+    from unitok.extract import dist_env
+
+    assert dist_env() == expected  # extraction read RANK/WORLD_SIZE only: under srun every task did all shards
+
+
+def test_ranks_started_without_a_launcher_address_meet_at_node_0():
+    """`srun python -m mllm.train` over nodes, or `deepspeed --launcher openmpi` (which passes no address on):
+    every rank met at 127.0.0.1:29500, so each node past the first waited on its own loopback for 30 min."""
+    from runtime.distributed import rendezvous
+
+    step = {"SLURM_STEP_ID": "0", "SLURM_JOB_ID": "123456", "SLURM_STEP_NODELIST": "gpu-b[07-08],gpu-c1",
+            "SLURM_JOB_NODELIST": "gpu-a1,gpu-b[07-08],gpu-c1"}
+    assert rendezvous(step, 24) == ("gpu-b07", str(10000 + 123456 % 20000))
+    assert rendezvous({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 8) == ("127.0.0.1", "29500")
+    with pytest.raises(RuntimeError, match=r"mpirun started 16 ranks on several nodes and set no MASTER_ADDR: .*"
+                                           r"-x MASTER_ADDR=HOST"):
+        rendezvous({"OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 16)
+    addr, port = rendezvous(step, 1)  # alone: a private group on loopback, whatever the job
+    assert addr == "127.0.0.1" and port != "29500"

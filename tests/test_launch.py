@@ -1,4 +1,5 @@
 """runtime.launch: the job environment, the command lines and the /dev/shm leak check, on trivial jobs."""
+import json
 import os
 import shlex
 import shutil
@@ -111,6 +112,9 @@ def test_hostfile_from_slurm_without_and_with_scontrol(tmp_path):
     assert (tmp_path / "hostfile.77").read_text() == "gpu-a1 slots=2\ngpu-a2 slots=2\ngpu-b5 slots=2\n"
     p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "n[1-2]"}, [str(bins)])
     assert p.returncode != 0 and "SLURM_GPUS_ON_NODE" in p.stderr and "SLURM_NTASKS_PER_NODE" in p.stderr
+    # 0 slots: DeepSpeed started no rank and exited 0 (the job ended COMPLETED with nothing trained)
+    p = _hostfile_script(tmp_path, {"SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "0"}, [str(bins)])
+    assert p.returncode != 0 and "SLURM_GPUS_ON_NODE=0: no processes to start per node" in p.stderr
     # when scontrol exists it is the authority
     (bins / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'x1\\nx2\\n'\n")
     (bins / "scontrol").chmod(0o755)
@@ -145,24 +149,36 @@ def test_nodes_writing_the_same_hostfile_at_once_all_succeed(tmp_path):
 
 def test_sbatch_example_starts_one_launcher_per_node(tmp_path):
     """launch/slurm.sbatch under a stand-in srun that runs its command once per node, as srun does with
-    SLURM_NODEID set: each node gets the same hostfile, its NODE_RANK, node 0 as master and its slots."""
-    bins = tmp_path / "bin"
-    bins.mkdir()
+    SLURM_NODEID set: each node gets the same hostfile, its NODE_RANK, node 0 as master and its slots. sbatch
+    runs a copy of the script from its spool folder, and the job may be submitted from any folder (the script
+    once found launch/slurm_node.sh only from the checkout's root: exit 127, no requeue)."""
+    bins, launch, spool, submit = (tmp_path / d for d in ("bin", "checkout/launch", "spool", "submit"))
+    for d in (bins, launch, spool, submit):
+        d.mkdir(parents=True)
     (bins / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
                                'for i in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$i "$@"; done\n')
-    stub = tmp_path / "stub.sh"  # stands for launch/mllm_stage1.sh: prints what deepspeed_env.sh would read
+    for name in ("slurm_node.sh", "hostfile_from_slurm.sh"):
+        (launch / name).symlink_to(ROOT / "launch" / name)
+    shutil.copy(ROOT / "launch/slurm.sbatch", spool / "slurm_script")
+    stub = launch / "stub.sh"  # stands for launch/mllm_stage1.sh: prints what deepspeed_env.sh would read
     stub.write_text('echo "node=$NODE_RANK nnodes=$NNODES ngpu=$NGPU master=$MASTER_ADDR:$MASTER_PORT '
-                    'hosts=$(cut -d" " -f1 "$HOSTFILE" | paste -sd,) args=$*"\n')
+                    'hosts=$(cut -d" " -f1 "$HOSTFILE" | paste -sd,) args=$* cwd=$PWD"\n')
     for f in (bins / "srun", stub):
         f.chmod(0o755)
     env = {"PATH": f"{bins}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_SUBMIT_DIR": str(ROOT),
-           "SLURM_JOB_NODELIST": "gpu-a[1-2],gpu-b5", "SLURM_GPUS_ON_NODE": "4"}
-    p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), str(stub), "--run-dir", "runs/x"], env=env,
-                       capture_output=True, text=True, timeout=60)
+           "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_SUBMIT_DIR": str(submit),
+           "SLURM_JOB_NODELIST": "gpu-a[1-2],gpu-b5", "SLURM_GPUS_ON_NODE": "4", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(["bash", str(spool / "slurm_script"), str(stub), "--run-dir", "runs/x"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == [f"node={i} nnodes=3 ngpu=4 master=gpu-a1:24242 hosts=gpu-a1,gpu-a2,gpu-b5 "
-                                     "args=--run-dir runs/x" for i in range(3)]
+    # the port: below the kernel's ephemeral range (32768-60999), where 20000 + id % 20000 often fell
+    assert p.stdout.splitlines() == [f"node={i} nnodes=3 ngpu=4 master=gpu-a1:14242 hosts=gpu-a1,gpu-a2,gpu-b5 "
+                                     f"args=--run-dir runs/x cwd={submit}" for i in range(3)]
+    # the GPUs SLURM gives a job on a shared node without a device cgroup: DeepSpeed would use 0-3 instead
+    for gpus, ok in (("0,1,2,3", True), ("4,5,6,7", False)):
+        p = subprocess.run(["bash", str(spool / "slurm_script"), str(stub)], env={**env, "CUDA_VISIBLE_DEVICES": gpus},
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert (p.returncode == 0) == ok and ("SLURM gave this job GPUs 4,5,6,7" in p.stderr) != ok, p.stderr
     p = subprocess.run(["bash", str(ROOT / "launch/slurm.sbatch"), str(stub)], env={"PATH": env["PATH"]},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "run this under sbatch" in p.stderr
@@ -195,9 +211,12 @@ def test_sbatch_requeues_only_what_continues_from_the_new_checkpoint(tmp_path, r
 @pytest.mark.parametrize("env,expected", [
     # one node: DeepSpeed's own 127.0.0.1; a hostfile over pdsh: node 0's address, found by DeepSpeed over ssh
     # (a fixed 127.0.0.1 sent every other node to its own loopback)
-    ({}, "--num_nodes -1 --num_gpus 8"),
-    ({"HOSTFILE": "{hostfile}"}, "--num_nodes -1 --num_gpus 8"),
-    ({"HOSTFILE": "{hostfile}", "MASTER_ADDR": "10.0.0.1"}, "--master_addr 10.0.0.1 --num_nodes -1 --num_gpus 8"),
+    # without NGPU, DeepSpeed takes the hostfile's slots or this machine's GPUs (a default of 8 overrode them: 8
+    # ranks on 4-GPU nodes, two per GPU)
+    ({}, "--num_nodes -1"),
+    ({"NGPU": "4"}, "--num_nodes -1 --num_gpus 4"),
+    ({"HOSTFILE": "{hostfile}", "NNODES": "1"}, "--num_nodes 1"),
+    ({"HOSTFILE": "{hostfile}", "MASTER_ADDR": "10.0.0.1", "NNODES": "1"}, "--master_addr 10.0.0.1 --num_nodes 1"),
     ({"HOSTFILE": "{hostfile}", "MASTER_ADDR": "10.0.0.1", "NODE_RANK": "1", "NNODES": "2", "NGPU": "4"},
      "--master_addr 10.0.0.1 --num_nodes 2 --num_gpus 4 --no_ssh --node_rank 1"),
     # the GPUs a shared machine gives this job (DeepSpeed drops CUDA_VISIBLE_DEVICES beside --num_gpus)
@@ -225,6 +244,47 @@ def test_deepspeed_env_refuses_a_launcher_per_node_without_master_addr(tmp_path)
     p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
                        env={"PATH": os.environ["PATH"], "NODE_RANK": "1"}, capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "NODE_RANK=1 (a launcher per node) needs MASTER_ADDR" in p.stderr
+    p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
+                       env={"PATH": os.environ["PATH"], "NGPU": "0"}, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "NGPU=0; give the processes per node as a positive number" in p.stderr  # 0 ranks
+
+
+def test_a_pdsh_launch_hands_the_nodes_the_arguments_and_environment_as_given(tmp_path):
+    """pdsh runs one shell string on each node, and DeepSpeed quotes only arguments with a space: the README's
+    '/data/{00000000..00140146}.tar' was brace-expanded there (140147 words, "Argument list too long"), a glob
+    was expanded, $HOME replaced; and WANDB_MODE, OMP_NUM_THREADS, DS_ACCELERATOR, HF_* reached no rank. The real
+    `deepspeed` runner and node launcher run here; pdsh and ssh are stand-ins that do what they do (one string
+    through a login shell in $HOME with the remote machine's own environment)."""
+    bins, home, raw = tmp_path / "bin", tmp_path / "home", tmp_path / "raw"
+    for d in (bins, home, raw):
+        d.mkdir()
+    (raw / "a.tar").touch()
+    (raw / "b.tar").touch()
+    (bins / "ssh").write_text("#!/bin/sh\nexit 0\n")  # DeepSpeed's reachability check
+    (bins / "pdsh").write_text('#!/usr/bin/env bash\nwhile [[ $1 == -S || $1 == -f || $1 == -w ]]; do '
+                               '[[ $1 == -S ]] && shift || shift 2; done\ncmd="$*"\ncd "$HOME"\n'
+                               'exec env -i HOME="$HOME" PATH=/usr/bin:/bin bash -c "${cmd//%n/0}"\n')
+    for f in ("ssh", "pdsh"):
+        (bins / f).chmod(0o755)
+    (tmp_path / "probe_rank.py").write_text(
+        "import json, os, sys\nprint('PROBE', json.dumps({'argv': sys.argv[1:], 'cwd': os.getcwd(), 'env': {k: "
+        "os.environ.get(k) for k in ('DS_ACCELERATOR', 'WANDB_MODE', 'OMP_NUM_THREADS', 'HF_HOME')}}), flush=True)\n")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=1\nnode-b slots=1\n")
+    given = ["--data.shards", "/data/{00000000..00140146}.tar", "--input", f"{raw}/*.tar", "--run-dir",
+             "runs/my $HOME run", "--x", "$HOME", "--quote", 'say "hi" `x`', "--empty", ""]
+    env = {**ds_env(), "PATH": f"{bins}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HOME": str(home), "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "HOSTFILE": str(hostfile),
+           "MASTER_ADDR": "127.0.0.1", "NGPU": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "3",
+           "HF_HOME": "/scratch/my hf \"$USER\"", "TMPDIR": str(tmp_path)}
+    p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 --module probe_rank '
+                        '"$@"', "bash", *given], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    probe = [json.loads(line.split("PROBE ", 1)[1]) for line in p.stdout.splitlines() if "PROBE " in line]
+    assert len(probe) == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    assert probe[0]["argv"][1:] == given and probe[0]["argv"][0].startswith("--local_rank")
+    assert probe[0]["cwd"] == str(ROOT)
+    assert probe[0]["env"] == {"DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "3",
+                               "HF_HOME": "/scratch/my hf \"$USER\""}
 
 
 def test_a_timed_out_job_leaves_no_process_behind(tmp_path):
