@@ -108,9 +108,56 @@ def test_official_folder_loads_and_matches(tmp_path):
         "num_codebooks", "codebook_size", "code_dim", "embed_width", "embed_num_heads", "depth_num_layers",
         "depth_hidden_size", "depth_num_heads", "depth_intermediate_size")}})
     off.config_from_official = off_cfg
+    out, llama = tmp_path / "imported", tmp_path / "Llama-2-7b-hf"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (llama / "model-00001-of-00002.safetensors").write_bytes(b"weights")
     try:
         loaded = load_official_mllm(tmp_path)
+        # the import command into an existing model folder (or the release itself) replaced its files and left a
+        # hybrid; into a new folder it writes the release's bf16 (it wrote fp32: twice the size)
+        for bad, message in ((llama, "not an earlier export"), (tmp_path, "would delete")):
+            with pytest.raises((FileExistsError, ValueError), match=message):
+                off.main([str(tmp_path), str(bad)])
+        assert sorted(p.name for p in llama.iterdir()) == ["config.json", "model-00001-of-00002.safetensors"]
+        for _ in range(2):  # an earlier import is replaced
+            off.main([str(tmp_path), str(out)])
     finally:
         off.config_from_official = orig
     ids = torch.randint(5, 300, (1, 7))
     assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(out)
+    assert next(again.parameters()).dtype == torch.bfloat16 and not out.with_name("imported.tmp").exists()
+    assert torch.allclose(again(input_ids=ids).logits.float(), model(input_ids=ids).logits, atol=0.1)
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path):
+    """mllm.export took any folder with a config.json for an earlier export and deleted it: the Llama base or
+    the released folder given as --out was gone."""
+    from mllm.export import check_out_dir, replace_dir
+
+    base = tmp_path / "Llama-2-7b-hf"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(FileExistsError, match=r"Llama-2-7b-hf exists and it is not an earlier export"):
+        check_out_dir(base, [])
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "unitok_mllm"}))
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model"):
+        (export / name).touch()
+    check_out_dir(export, [])  # an earlier export: replaced
+    (export / "pytorch_model.bin").touch()
+    with pytest.raises(FileExistsError, match=r"it also holds \['pytorch_model.bin'\]"):
+        check_out_dir(export, [])
+    with pytest.raises(ValueError, match="would delete"):
+        check_out_dir(tmp_path, [tmp_path / "run" / "step-00000010"])
+    check_out_dir(tmp_path / "new", [])
+    new = tmp_path / "export.tmp"
+    new.mkdir()
+    (new / "config.json").write_text("{}")
+    replace_dir(new, export)
+    assert [p.name for p in export.iterdir()] == ["config.json"] and not new.exists()
+    assert not export.with_name("export.old").exists()

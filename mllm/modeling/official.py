@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from tyro.conf import Positional, arg
@@ -88,7 +89,8 @@ def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     with torch.device("meta"):
         model = UniMLLMForCausalLM(config)
     check_keys(expected_keys(model), {k: tuple(v.shape) for k, v in state.items()})
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    # popped one by one: each stored tensor goes as its converted copy comes (not both whole models at once)
+    model.load_state_dict({k: state.pop(k).to(dtype) for k in list(state)}, strict=True, assign=True)
     model.model.rotary_emb.to_empty(device="cpu")  # non-persistent buffers: rebuild on CPU
     model.model.rotary_emb.__init__(config)
     return model.eval()
@@ -101,15 +103,25 @@ class ImportConfig:
     official_dir: Annotated[Positional[str], arg(metavar="UNITOK_MLLM_DIR")]
     """The released FoundationVision/unitok_mllm folder (config.json + safetensors shards)."""
     out_dir: Annotated[Positional[str], arg(metavar="OUT_DIR")]
-    """Output folder."""
+    """Output folder (new, or an earlier import: replaced)."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Stored weight dtype (the release stores bf16; fp32 doubles the folder)."""
 
 
 def main(argv: list[str] | None = None) -> None:
     """Convert the released folder into a `unitok_mllm` folder that `from_pretrained` loads after `import mllm`."""
+    from mllm.export import DTYPES, check_out_dir, replace_dir
+
     cfg = parse(ImportConfig, argv, prog="python -m mllm.modeling.official", description=__doc__)
-    model = load_official_mllm(cfg.official_dir)
-    model.save_pretrained(cfg.out_dir)
-    print(f"wrote {cfg.out_dir}")
+    out = Path(cfg.out_dir)
+    check_out_dir(out, [Path(cfg.official_dir)], "OUT_DIR")  # before minutes of reading a 7B model
+    model = load_official_mllm(cfg.official_dir, DTYPES[cfg.dtype])
+    model.config.dtype = DTYPES[cfg.dtype]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    replace_dir(tmp, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
