@@ -11,10 +11,11 @@ What `fetch` guarantees, per file:
 - plain HTTPS (urllib): the body goes to `<dest>.part`; an interrupted transfer keeps it and the next
   run continues it with an HTTP Range request; then its sha256 is checked against the pin below and it
   is moved into place with one rename;
-- Hugging Face Hub (huggingface_hub): the repository listing at the pinned revision gives each file's
-  LFS sha256 (or, for a small non-LFS file, its git blob id); the file is downloaded under
-  `<to>/.partial/<name>/` (huggingface_hub resumes its own `.incomplete` files), checked the same way,
-  then renamed into place;
+- Hugging Face Hub: the repository listing at the pinned revision (huggingface_hub) gives each file's
+  LFS sha256 (or, for a small non-LFS file, its git blob id); the file comes from its resolve URL into
+  `<to>/.partial/<name>/<file>.part`, resumed by the next run like a plain HTTPS one, checked the same
+  way, then renamed into place. Where the listing cannot be had (offline: HF_HUB_OFFLINE, a machine the
+  files were copied to), an entry whose recorded files are all there with their size is kept;
 - a checksum mismatch deletes the downloaded file and says so (file, URL, expected, got);
 - a verified file is recorded in `<dest>.verified.json` (sha256, size, source, revision); while it keeps
   that size it is neither downloaded nor hashed again (`--recheck` hashes it again). A file already
@@ -53,6 +54,7 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,7 +70,11 @@ CHUNK = 1 << 20
 
 
 class WeightsError(RuntimeError):
-    """A download or verification failed; the message names the file and the URL."""
+    """A download or verification failed; the message names the file and the URL (`status`: the HTTP code)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -331,19 +337,35 @@ def download_url(url: str, dest: Path, sha256: str, size: int | None = None,
     os.replace(part, dest)
 
 
-def _transfer(url: str, part: Path, have: int, size: int | None, label: str, log: Callable[[str], None]) -> None:
+class _TokenStaysOnItsHost(urllib.request.HTTPRedirectHandler):
+    """urllib keeps every header across a redirect: the Hub's token would go to the storage host it redirects
+    to (whose signed URL also refuses a second credential). It is dropped when the host changes, as requests
+    (huggingface_hub's client) does."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+def _transfer(url: str, part: Path, have: int, size: int | None, label: str, log: Callable[[str], None],
+              token: str | None = None) -> None:
     """Append the body of `url` from byte `have` to `part` (a Range request when have > 0)."""
     headers = {"User-Agent": "unitok-mllm-weights/1", "Accept-Encoding": "identity"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     if have:
         headers["Range"] = f"bytes={have}-"
         log(f"  {label}: resuming at {have / CHUNK:.1f} MiB")
     try:
-        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+        resp = urllib.request.build_opener(_TokenStaysOnItsHost).open(urllib.request.Request(url, headers=headers),
+                                                                      timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing after `have`: the part is whole; the checksum decides
             return
         reason = "not found" if e.code == 404 else e.reason
-        raise WeightsError(f"HTTP {e.code} ({reason}) for {url}") from None
+        raise WeightsError(f"HTTP {e.code} ({reason}) for {url}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise WeightsError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
     with resp:
@@ -446,20 +468,42 @@ def _hub_listing(e: Entry) -> tuple[str, list[_HubFile]]:
     return info.sha, out
 
 
-def _hub_download(e: Entry, filename: str, commit: str, staging: Path) -> Path:
-    """One Hub file into the staging folder (huggingface_hub resumes its own partial file there)."""
-    from huggingface_hub import hf_hub_download
+def _hub_download(e: Entry, f: _HubFile, commit: str, staging: Path, log: Callable[[str], None]) -> Path:
+    """One Hub file into the staging folder, through its resolve URL (the token from HF_TOKEN or `hf auth
+    login`): an interrupted transfer keeps `<file>.part` and the next run continues it with a Range request.
+    (huggingface_hub's own download deletes its partial file on failure: a cut 10 GB shard started over.)"""
+    from huggingface_hub import get_token
 
-    url = f"{hub_endpoint()}/{e.repo}/resolve/{commit}/{filename}"
+    url = f"{hub_endpoint()}/{e.repo}/resolve/{commit}/{f.name}"
+    staged = staging / f.name
+    part = staged.with_name(staged.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if f.size is not None and have > f.size:  # longer than the real file: cannot be a prefix of it
+        part.unlink()
+        have = 0
     try:
-        return Path(hf_hub_download(e.repo, filename, revision=commit, local_dir=staging, endpoint=hub_endpoint()))
-    except Exception as err:  # noqa: BLE001 - see _hub_listing
-        raise _hub_error(e, err, url) from None
+        if f.size is None or have < f.size:
+            _transfer(url, part, have, f.size, f.name, log, get_token())
+    except WeightsError as err:
+        if err.status in (401, 403):
+            raise WeightsError(f"{e.repo} is gated: accept its license at {hub_endpoint()}/{e.repo} with your "
+                               "account, then run `hf auth login` (or set HF_TOKEN) on this machine") from None
+        raise
+    os.replace(part, staged)
+    return staged
 
 
 def _fetch_hub(e: Entry, to: Path, recheck: bool, log: Callable[[str], None]) -> Path:
     dest = to / e.dest
-    commit, files = _hub_listing(e)
+    try:
+        commit, files = _hub_listing(e)
+    except WeightsError as err:  # offline (HF_HUB_OFFLINE, a machine the files were copied to): the record
+        if (done := _verified_earlier(e, dest, recheck)) is None:
+            raise
+        log(f"{e.name}: cannot list {e.repo} ({err}); its {done} files verified earlier ({_read_record(dest)['source']}) "
+            "are in place, kept")
+        return dest
     if e.sha256 is not None and files[0].sha256 != e.sha256:
         raise WeightsError(f"{e.repo}@{commit} lists sha256 {files[0].sha256} for {files[0].name}, the pin is "
                            f"{e.sha256}; refusing it")
@@ -474,7 +518,7 @@ def _fetch_hub(e: Entry, to: Path, recheck: bool, log: Callable[[str], None]) ->
             continue
         url = f"{hub_endpoint()}/{e.repo}/resolve/{commit}/{f.name}"
         log(f"  downloading {url}")
-        staged = _hub_download(e, f.name, commit, staging)
+        staged = _hub_download(e, f, commit, staging, log)
         got = _file_record(staged, f.blob_id is not None)
         if not _matches(got, f.sha256, f.blob_id):
             staged.unlink()
@@ -492,6 +536,21 @@ def _fetch_hub(e: Entry, to: Path, recheck: bool, log: Callable[[str], None]) ->
     if staging.parent.is_dir() and not any(staging.parent.iterdir()):
         staging.parent.rmdir()
     return dest
+
+
+def _verified_earlier(e: Entry, dest: Path, recheck: bool) -> int | None:
+    """How many files an earlier fetch of `e` verified and recorded, when all of them are still there with
+    their recorded size (and, with --recheck, sha256); else None."""
+    rec = _read_record(dest)
+    if rec.get("entry") != e.name or not rec["files"]:
+        return None
+    for rel, r in rec["files"].items():
+        path = dest / rel if e.folder else dest
+        if not path.is_file() or path.stat().st_size != r.get("size"):
+            return None
+        if recheck and sha256_file(path) != r.get("sha256"):
+            return None
+    return len(rec["files"])
 
 
 # ---- fetch ---------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Hub:
     lfs: set[str] = field(default_factory=lambda: {"w.bin", "model.bin"})  # names listed as LFS files
     gated: set[str] = field(default_factory=set)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, Range)
+    tokens: list[str | None] = field(default_factory=list)  # Authorization header of each resolve request
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -90,7 +91,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
             listed = hub.listed.get(repo, hub.repos[repo])[filename]
             etag = sha(listed) if filename in hub.lfs else blob_id(listed)
-            return self._file(hub.repos[repo][filename], head, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'})
+            hub.tokens.append(self.headers.get("Authorization"))
+            cut = path in hub.break_once and not self.headers.get("Range")
+            hub.break_once.discard(path)
+            return self._file(hub.repos[repo][filename], head, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}, cut)
         if path in hub.files:
             cut = path in hub.break_once and not self.headers.get("Range")
             hub.break_once.discard(path)
@@ -338,6 +342,32 @@ def test_hub_missing_repo_missing_file_and_gated_repo_are_clear(hub, tmp_path):
     gone = hub_entry("gone", "org/has", files=("gone.bin",))
     result, _ = run([gone], tmp_path)
     assert result.failed[0][1] == f"HTTP 404 (not found) for {hub.base}/org/has/resolve/{COMMIT}/gone.bin"
+
+
+def test_an_interrupted_hub_download_resumes_and_files_verified_earlier_are_kept_offline(hub, tmp_path, monkeypatch):
+    """huggingface_hub's download deleted its partial file on failure: a cut 10 GB Llama shard started over from
+    byte 0. And offline (HF_HUB_OFFLINE, a machine the files were copied to) every Hub entry FAILED, although its
+    files were there and verified."""
+    weights = bytes(range(256)) * 64
+    hub.repos["org/big"] = {"w.bin": weights, "config.json": b"{}"}
+    path = f"/org/big/resolve/{COMMIT}/w.bin"
+    hub.break_once.add(path)
+    e = hub_entry("big", "org/big", files=("*",), folder=True)
+    result, log = run([e], tmp_path)
+    (_, msg), = result.failed
+    assert "ended after 8192 of 16384 bytes" in msg and "run the command again to resume" in msg
+    assert (tmp_path / ".partial" / "big" / "w.bin.part").stat().st_size == len(weights) // 2
+    result, log = run([e], tmp_path)
+    assert not result.failed, result.failed
+    assert [r[2] for r in gets(hub, path)] == [None, f"bytes={len(weights) // 2}-"] and "resuming at" in log
+    assert (tmp_path / "big" / "w.bin").read_bytes() == weights and not (tmp_path / ".partial").exists()
+    assert set(hub.tokens) == {"Bearer hf_test_token_not_real"}
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    result, log = run([e], tmp_path)
+    assert not result.failed and f"its 2 files verified earlier (org/big@{COMMIT}) are in place, kept" in log
+    (tmp_path / "big" / "w.bin").write_bytes(weights[:100])  # no longer what was verified: not accepted
+    result, _ = run([e], tmp_path)
+    assert result.failed and "cannot download http://127.0.0.1:9/api/models/org/big" in result.failed[0][1]
 
 
 def test_default_selection_skips_gated_entries():
