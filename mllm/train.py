@@ -141,6 +141,9 @@ class MllmTrainConfig(RunConfig):
                                     f"{fetch_hint('llama-2-7b')}")
         if out.init_from is not None and not (Path(out.init_from) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in --init-from {out.init_from} (expected an export folder)")
+        from runtime.zero_load import weight_files
+
+        weight_files(Path(out.init_from or out.llama_dir))  # a folder without weights: now, not once the model is built
         if out.tokenizer is not None and not Path(out.tokenizer).exists():
             raise FileNotFoundError(f"tokenizer checkpoint not found: {out.tokenizer}; for the released one, "
                                     f"{fetch_hint('unitok-tokenizer')}")
@@ -176,7 +179,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
     from mllm.modeling.modeling import default_attn_implementation
     from runtime.distributed import get_rank
-    from runtime.zero_load import load_into, read_safetensors
+    from runtime.zero_load import load_into, read_weights
 
     zero3 = ds["zero_optimization"].get("stage", 0) == 3
     src = Path(cfg.init_from or cfg.llama_dir)
@@ -218,7 +221,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
         model = UniMLLMForCausalLM(config)
     state = None
     if get_rank() == 0 or not zero3:
-        state = read_safetensors(src)
+        state = read_weights(src)
         if config.tie_word_embeddings:  # tied bases (Llama-3.2 1B/3B) save no lm_head: fill it, not re-init it
             state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
         if tok_model is not None:  # frozen codebooks + causal projection from the tokenizer

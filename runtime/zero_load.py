@@ -13,24 +13,28 @@ from pathlib import Path
 import torch
 
 
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of an HF folder: those its index names, else every *.safetensors."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {folder}")
-    return files
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of an HF folder: safetensors (those its index names, else every *.safetensors), else
+    PyTorch .bin files (bases such as lmsys/vicuna-7b-v1.5 ship only those), by the same rule."""
+    for index, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                           ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        if (folder / index).is_file():
+            return [folder / f for f in sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))]
+        if files := sorted(folder.glob(pattern)):
+            return files
+    raise FileNotFoundError(f"no weights in {folder} (model*.safetensors or pytorch_model*.bin)")
 
 
-def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors files (sharded or not)."""
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's weight files (sharded or not; .bin files are read without unpickling code)."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(folder):
-        state.update(load_file(str(f)))
+    for f in weight_files(folder):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}, named by the index of {folder}, is missing")
+        state.update(load_file(str(f)) if f.suffix == ".safetensors" else
+                     torch.load(f, map_location="cpu", weights_only=True, mmap=True))
     return state
 
 

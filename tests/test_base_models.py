@@ -168,6 +168,19 @@ def test_stage1_build_follows_the_base(tmp_path, llama3_dir, unitok):
     with pytest.raises(ValueError, match=r"cut lacks 9 weights of the model, e.g. \['model.layers.1."):
         build_model(SimpleNamespace(**{**vars(cfg), "llama_dir": str(tmp_path / "cut")}),
                     {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}, logging.getLogger(__name__))
+    # a base with PyTorch .bin shards only (lmsys/vicuna-7b-v1.5): refused once the model was built ("no
+    # safetensors weights"), although the README takes any Llama-architecture folder
+    bins = tmp_path / "bins"
+    shutil.copytree(llama3_dir, bins, ignore=shutil.ignore_patterns("*.safetensors"))
+    names = sorted(base)  # the layout older transformers wrote (transformers 5 writes safetensors only)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in shards.items():
+        torch.save({k: base[k] for k in keys}, bins / file)
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items()
+                                                                                 for k in ks}}))
+    model, _ = build_model(SimpleNamespace(**{**vars(cfg), "llama_dir": str(bins)}),
+                           {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}, logging.getLogger(__name__))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
 
 
 def test_image_marker_ids_per_tokenizer(tmp_path, llama3_dir):

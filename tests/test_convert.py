@@ -64,6 +64,13 @@ def test_official_file_loads_with_same_codes_and_pixels(tmp_path, monkeypatch):
     assert torch.equal(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
     causal = load_tokenizer(path, attn_mode="causal")
     assert causal.cfg.projection.attn_mode == "causal" and causal.quant_proj.attn.causal
+    # a snapshot of the Hub repository (its own config.json beside the .pth) given as a folder: it failed naming a
+    # missing model.safetensors
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text('{"architectures": ["UniTok"]}')
+    path.rename(tmp_path / "hub" / path.name)
+    path = tmp_path / "hub" / path.name
+    assert torch.equal(load_tokenizer(tmp_path / "hub").encode(x), model.encode(x))
     # CLI conversion writes our folder format
     main([str(path), str(tmp_path / "converted")])
     again = load_tokenizer(tmp_path / "converted")

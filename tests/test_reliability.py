@@ -67,6 +67,9 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path, capsys):
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"no weights in .*export \(model\*.safetensors or pytorch_model"):
+        parse_config(["--stage", "finetune", "--init-from", str(export)])  # before the model is built
+    (export / "model.safetensors").touch()
     assert parse_config(["--stage", "finetune", "--init-from", str(export)]).optim.lr == 2e-5
     assert parse_config(["--stage", "finetune", "--init-from", str(export), "--optim.lr", "1e-6"]).optim.lr == 1e-6
     with pytest.raises(SystemExit):  # not "use the stage's rate"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from unitok.models.unitok import CONFIG_NAME, UniTok
+from unitok.models.unitok import CONFIG_NAME, WEIGHTS_NAME, UniTok
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -14,10 +14,12 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a tokenizer in eval mode.
 
     `path` is this project's checkpoint folder (config.json + model.safetensors) or an official
-    `unitok_tokenizer.pth`. `attn_mode` applies to official files only (their keys do not record
+    `unitok_tokenizer.pth` (or a folder holding one .pth and no model.safetensors: the Hub repository's). `attn_mode` applies to official files only (their keys do not record
     it): "full" for the April 2025 release, "causal" for the February 2025 one.
     """
     path = Path(path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).is_file() and len(pths := sorted(path.glob("*.pth"))) == 1:
+        path = pths[0]  # a snapshot of the Hub repo FoundationVision/unitok_tokenizer: its config.json and the .pth
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is a folder without {CONFIG_NAME}; expected a UniTok checkpoint folder")
