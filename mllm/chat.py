@@ -225,8 +225,11 @@ class TerminalChat:
             except KeyboardInterrupt:
                 self._say("\n(Ctrl-C stops a running generation; /quit or Ctrl-D leaves)")
                 continue
-            if not self.handle(line):
-                return
+            try:
+                if not self.handle(line):
+                    return
+            except KeyboardInterrupt:  # outside a generation (reading or encoding an image): the session stays
+                self._say("\n[stopped]")  # (attach and a turn change nothing until they are done)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from mllm.data.collate import Sample
-from mllm.data.templates import IMAGE_PLACEHOLDER, chat_prompt, null_prompt_ids, t2i_prompt_ids
+from mllm.data.templates import IMAGE_PLACEHOLDER, chat_prompt, drop_special_text, null_prompt_ids, t2i_prompt_ids
 from mllm.generate import SamplingConfig, answer, generate_images
 # one image path for extraction and chat: a file gives the same codes in both
 from unitok.image_io import MAX_PIXELS, ImageTooLarge, load_image, preprocess, to_model_input
@@ -460,10 +460,14 @@ class MLLMEngine:
         for i, arr in enumerate(images):
             p = out / f"{stamp}-{slug}-{i}.png"
             n = 1
-            while p.exists():
-                p = out / f"{stamp}-{slug}-{i}-{n}.png"
-                n += 1
-            Image.fromarray(arr).save(p)
+            while True:  # the name is taken by creating the file: two processes in one second both found it free
+                try:
+                    with open(p, "xb") as f:
+                        Image.fromarray(arr).save(f, format="PNG")
+                    break
+                except FileExistsError:
+                    p = out / f"{stamp}-{slug}-{i}-{n}.png"
+                    n += 1
             paths.append(p.resolve())
         return paths
 
@@ -625,8 +629,10 @@ class ChatSession:
         the conversation was reset while it was answered."""
         if turn.conversation != self.conversation:
             return
-        # the placeholder marks the user's images: in a stored reply it would claim one more image next turn
-        self.history = turn.history + [Exchange(turn.question, turn.images, reply.replace(IMAGE_PLACEHOLDER, ""))]
+        # the placeholder marks the user's images: in a stored reply it would claim one more image next turn; a
+        # control token's text would end the turn inside the reply
+        reply = drop_special_text(self.engine.text_tokenizer, reply.replace(IMAGE_PLACEHOLDER, ""))
+        self.history = turn.history + [Exchange(turn.question, turn.images, reply)]
         self.pending = []
 
     # ---- images out -----------------------------------------------------------------------------

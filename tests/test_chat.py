@@ -473,6 +473,49 @@ def test_a_reply_holding_the_image_placeholder_does_not_break_the_next_turn(engi
     assert turn.sample.images == [] and conv.answer(turn).num_tokens <= 8
 
 
+def test_a_reply_spelling_a_control_token_does_not_break_the_next_turns(engine):
+    """The model can write "</s>" out of ordinary pieces (explaining HTML); stored as said, every later prompt
+    was refused ("a message contains the text tokenizer's control token") until /reset."""
+    from mllm.engine import ChatSession
+
+    conv = ChatSession(engine)
+    conv.commit(conv.prepare("How is text struck through?", 8), "Use <s>old</s> for that.")
+    assert conv.history[0].answer == "Use old for that."
+    turn = conv.prepare("And bold?", 8)
+    assert conv.answer(turn).num_tokens <= 8
+
+
+def test_generated_images_never_overwrite_each_other(engine, tmp_path, monkeypatch):
+    """Names were checked with exists() and then written: two processes in one second (parallel --generate runs
+    into one folder) both took the same name, one image was lost and both printed its path."""
+    from mllm.engine import MLLMEngine
+
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261206-120000")
+    (tmp_path / "20261206-120000-a-cat-0.png").write_bytes(b"the other process's image")
+    monkeypatch.setattr(Path, "exists", lambda self: False)  # the other process took the name after this check
+    paths = MLLMEngine.save_pngs(np.zeros((2, 4, 4, 3), np.uint8), tmp_path, "a cat")
+    monkeypatch.undo()
+    assert [p.name for p in paths] == ["20261206-120000-a-cat-0-1.png", "20261206-120000-a-cat-1.png"]
+    assert (tmp_path / "20261206-120000-a-cat-0.png").read_bytes() == b"the other process's image"
+    assert all(Image.open(p).size == (4, 4) for p in paths)
+
+
+def test_ctrl_c_while_an_image_is_read_keeps_the_session(engine, monkeypatch):
+    """Ctrl-C while /image read a large photo ended the chat with a traceback (the help says it never does)."""
+    import io
+
+    from mllm.chat import TerminalChat
+    from mllm.engine import SessionConfig
+
+    chat = TerminalChat(engine, SessionConfig(), out=io.StringIO())
+    lines = iter(["/image big.png", "/help", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr(chat.session, "attach", lambda paths: (_ for _ in ()).throw(KeyboardInterrupt()))
+    chat.run()  # returned at /quit: it raised KeyboardInterrupt out of run()
+    text = chat.out.getvalue()
+    assert "[stopped]" in text and "/reset" in text and chat.session.pending == []
+
+
 def test_an_answer_ends_at_the_image_marker_with_a_notice(engine, monkeypatch):
     """The image-start marker ends an answer (what follows are image codes read as text: NUL / SOH characters
     in the reply) and the session says how to draw. Made to happen: the marker is the token the tiny model

@@ -157,14 +157,25 @@ def encode_plain(tokenizer, text: str) -> list[int]:
     return list(_tokenize(tokenizer, plain(text), split_special_tokens=True)["input_ids"])
 
 
+def _special_text(tokenizer) -> str | None:
+    """A regex of the tokenizer's added-token strings ("<s>", "</s>"), or None."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+    return "|".join(map(re.escape, added)) if added else None
+
+
 def check_no_special_text(tokenizer, text: str) -> None:
     """ValueError when `text` holds one of the tokenizer's added-token strings ("</s>"): a rendered
     conversation is tokenised with them as control tokens (the template's own turn ends), so a message
     holding one would put an eos in the middle of a turn."""
-    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
-    if added and (m := re.search("|".join(map(re.escape, added)), text)):
+    if (pattern := _special_text(tokenizer)) and (m := re.search(pattern, text)):
         raise ValueError(f"a message contains the text tokenizer's control token {m.group(0)!r}, which only the "
                          "template may place")
+
+
+def drop_special_text(tokenizer, text: str) -> str:
+    """`text` without the tokenizer's added-token strings: a model's reply may spell "</s>" out of ordinary
+    pieces (explaining HTML), and kept in the history it would fail `check_no_special_text` every turn after."""
+    return re.sub(pattern, "", text) if (pattern := _special_text(tokenizer)) else text
 
 
 def encode_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[bool]]:
