@@ -216,7 +216,7 @@ def test_plan_inputs_globs_braces_side_files_and_name_clashes(tmp_path):
 def test_files_layout_splits_names_at_the_last_dot(tmp_path):
     """IMG_0001.edited.jpg is an image; cat.1.png and cat.2.png are two samples, each with its own caption;
     names that clean to one key (a.b, a_b) stay two samples."""
-    from unitok.image_sources import READERS, InputShard, ShardStats
+    from unitok.image_sources import InputShard, ShardStats, read_shard
 
     for name in ("IMG_0001.edited.jpg", "cat.1.png", "cat.2.png", "a.b.png", "a_b.png"):
         (tmp_path / name).write_bytes(b"image bytes")
@@ -227,9 +227,9 @@ def test_files_layout_splits_names_at_the_last_dot(tmp_path):
         (tmp_path / name).write_bytes(b"\0\1")
     shard = InputShard("files", str(tmp_path), "x.tar")
     got = {r.key: (r.image and r.image.name, r.caption, r.meta, r.skip)
-           for r in READERS["files"](shard, None, ShardStats(shard))}
+           for r in read_shard(shard, None, ShardStats(shard))}
     assert got == {"IMG_0001_edited": ("IMG_0001.edited.jpg", None, {"source": "phone"}, None),
-                   "a_b": ("a.b.png", None, {}, None), "a_b_": ("a_b.png", None, {}, None),
+                   "a_b": ("a.b.png", None, {}, None), "a_b_1": ("a_b.png", None, {}, None),
                    "cat_1": ("cat.1.png", b"the first cat", {}, None), "cat_2": ("cat.2.png", None, {}, None),
                    "lost": (None, b"a caption whose image is gone", {}, "no_image")}
 
@@ -317,7 +317,7 @@ def test_two_node_extraction_of_every_public_layout(formats, extracted):
     assert list(manifest["shards"]) == list(EXPECTED)
     assert {n: s["rank"] for n, s in manifest["shards"].items()} == {n: i % 2 for i, n in enumerate(EXPECTED)}
     assert manifest["totals"] == {"samples": 65, "dropped_aspect": 0, "undecodable": 10, "too_large": 0,
-                                  "no_image": 3, "missing_file": 2, "corrupt_members": 1}
+                                  "no_image": 3, "missing_file": 2, "corrupt_members": 1, "renamed_keys": 0}
     assert (manifest["image_size"], manifest["grid"], manifest["mode"]) == (32, [2, 2], "understanding")
     assert (manifest["num_codebooks"], manifest["codebook_size"], manifest["missing_shards"]) == (4, 64, [])
     assert manifest["ignored_inputs"]["count"] == 6  # coyo: 2 parquet + 2 stats; laion: 2 stats
@@ -474,6 +474,68 @@ def test_generation_mode_drops_wide_and_tall_and_counts_a_truncated_tar(formats,
     assert again["done"] == ["00009.tar"] and sorted(again["skipped"]) == ["00000.tar", "00001.tar"]
     assert _counts(again["manifest"]["shards"]["00009.tar"]) == {"samples": 8}
     assert (tmp_path / "gen/00009.tar").read_bytes() == (tmp_path / "gen/00000.tar").read_bytes()
+
+
+def test_repeated_parquet_keys_are_renamed_so_the_loader_reads_every_sample(formats, tmp_path, monkeypatch):
+    """A parquet whose `key` column repeats (x, x) or collides once cleaned (img.1, img_1), as hub sets may: each
+    sample keeps its codes under a key of its own, and the manifest counts what mllm.data's reader gets (it keeps
+    only the first of consecutive members sharing a key)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mllm.data.sources import read_tar_samples
+    from unitok.extract import main
+
+    _in_process(monkeypatch)
+    names = ["astronaut.jpg", "coffee.png", "camera_gray.jpg", "cmyk.jpg", "rgba.png"]
+    pf.img2dataset_parquet(tmp_path / "in", [(n, formats["items"][n]) for n in names], failed_per_shard=0)
+    src = tmp_path / "in/00000.parquet"
+    table = pq.read_table(src)
+    keys = ["img.1", "img_1", "x", "x", "x_1"]
+    pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys)), src)
+    man = main(["--tokenizer", str(formats["root"] / "tok"), "--input", str(src), "--output", str(tmp_path / "out"),
+                "--mode", "understanding", "--batch-size", "2", "--threads", "1"])["manifest"]
+    errors = []
+    got = read_tar_samples(tmp_path / "out/00000.tar", errors.append)
+    assert errors == [] and len(got) == man["totals"]["samples"] == 5
+    assert man["totals"]["renamed_keys"] == 3
+    assert man["examples"]["renamed_keys"] == [f"{src}:img_1", f"{src}:x", f"{src}:x_1"]
+    assert [s["__key__"] for s in got] == ["img_1", "img_1_1", "x", "x_1", "x_1_1"]  # in row order
+    assert [json.loads(s["json"])["key"] for s in got] == keys  # the json keeps the key as written
+    assert [s["txt"].decode() for s in got] == [caption_for(n) for n in names]
+
+
+def test_output_folder_holding_the_inputs_is_refused(formats, tmp_path, monkeypatch):
+    """--output set to the input folder (or a folder above it) would take each input tar for its own finished
+    code shard: refused before anything is written, naming the flag."""
+    import re
+
+    from unitok.extract import main
+
+    _in_process(monkeypatch)
+    raw = tmp_path / "raw"
+    pf.img2dataset_webdataset(raw / "coyo", list(formats["items"].items())[:3])
+    before = sorted(p.name for p in raw.rglob("*"))
+    for out in (raw / "coyo", raw):
+        with pytest.raises(ValueError, match=re.escape(f"--output {out} holds the input {raw}/coyo/00000.tar")):
+            main(["--tokenizer", str(formats["root"] / "tok"), "--input", str(raw / "coyo/*.tar"),
+                  "--output", str(out)])
+    assert sorted(p.name for p in raw.rglob("*")) == before  # no manifest, no sidecar
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path):
+    """A brace range with a missing shard is refused before any work, as one line and exit status 1."""
+    import subprocess
+    import sys
+
+    for name in ("00000.tar", "00002.tar"):
+        (tmp_path / name).write_bytes(b"")
+    res = subprocess.run([sys.executable, "-m", "unitok.extract", "--tokenizer", str(tmp_path / "tok"), "--input",
+                          str(tmp_path / "{00000..00002}.tar"), "--output", str(tmp_path / "out")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1] == f"error: input not found: {tmp_path}/00001.tar"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -16,7 +16,9 @@ chat and tokenizer training) and preprocessed by `unitok.image_io.preprocess`:
     understanding  pad to square with (122, 116, 104), resize to --size (bilinear) (REFERENCE 6.10);
                    every decodable image is kept (--max-aspect does not apply: giving it is an error)
 Skipped samples are counted per reason (SKIP_REASONS) with the first few sample ids, in each shard's
-<name>.stats.json sidecar and in the manifest, and warned with shard and key.
+<name>.stats.json sidecar and in the manifest, and warned with shard and key; so are samples whose key repeats
+in their shard (renamed_keys), which are kept under `<key>_1`, ... so that every key in a code shard is unique.
+OUT_DIR must be apart from the inputs: one that is or holds an input is refused.
 Rank r of w (RANK / WORLD_SIZE from torchrun or the deepspeed launcher) takes shards r, r + w, ... .
 Each finished shard is written atomically (tmp + rename) with its sidecar, and skipped on rerun, so a
 crashed job is simply started again; one whose input changed size since (a truncated shard downloaded
@@ -29,6 +31,7 @@ import io
 import json
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,8 +46,8 @@ from runtime.cli import parse, refuse_changed
 from runtime.distributed import end_job, job_barrier, share_cpu_cores
 # re-exported: older code imports the preprocessing from here
 from unitok.image_io import MAX_PIXELS, PAD_COLOR, ImageTooLarge, load_image, preprocess, to_model_input  # noqa: F401
-from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, READERS, SKIP_REASONS, InputShard,
-                                  RawSample, ShardStats, plan_inputs)
+from unitok.image_sources import (INPUT_FORMATS, NUM_EXAMPLES, RENAMED_KEYS, SKIP_REASONS, InputShard,
+                                  RawSample, ShardStats, plan_inputs, read_shard)
 
 log = logging.getLogger("unitok.extract")
 
@@ -199,7 +202,7 @@ def extract_shard(model, shard: InputShard, dst: Path, cfg: ExtractConfig, pool:
                 stats.counts["samples"] += 1
 
         batch: list[RawSample] = []
-        for raw in READERS[shard.kind](shard, cfg, stats):
+        for raw in read_shard(shard, cfg, stats):
             batch.append(raw)
             if len(batch) == cfg.batch_size:
                 flush(batch)
@@ -232,6 +235,17 @@ def dist_env(local_rank: int | None = None) -> tuple[int, int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world, local
+
+
+def check_output_apart(out: Path, shards: list[InputShard]) -> None:
+    """ValueError when OUT is, or holds, an input: a code shard named like its input tar would be that tar
+    (taken as already done, or written over it), and a later glob over the folder would take codes for inputs."""
+    root = out.resolve()
+    for s in shards:
+        p = Path(s.path).resolve()
+        if p == root or root in p.parents:
+            raise ValueError(f"--output {out} holds the input {s.path}: write the code shards to a folder apart "
+                             f"from the inputs")
 
 
 def check_output_compatible(out: Path, header: dict[str, Any]) -> None:
@@ -269,7 +283,7 @@ def write_manifest(cfg: ExtractConfig, shards: list[InputShard], header: dict[st
             per[s.name] = json.loads(side.read_text())
         else:
             missing.append(s.name)
-    totals = {k: sum(st.get(k, 0) for st in per.values()) for k in ("samples", *SKIP_REASONS)}
+    totals = {k: sum(st.get(k, 0) for st in per.values()) for k in ("samples", *SKIP_REASONS, RENAMED_KEYS)}
     examples: dict[str, list[str]] = {}
     for st in per.values():
         for r, ids in st.get("examples", {}).items():
@@ -291,6 +305,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
 
     rank, world, local = dist_env(cfg.local_rank)
     shards, ignored = plan_inputs(cfg)
+    check_output_apart(Path(cfg.output), shards)
     if ignored and rank == 0:
         log.info("ignored %d path(s) matched by the --input globs that are not inputs of the chosen format, "
                  "e.g. %s", len(ignored), ignored[0])
@@ -338,8 +353,9 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
                 st = extract_shard(model, s, out / s.name, cfg, pool, size, header, rank)
                 done.append(s.name)
                 skips = {r: st[r] for r in SKIP_REASONS if st[r]}
-                log.info("rank %d: %s -> %s: %d samples, skipped %s (%d/%d, %.1fs)", rank, s.path, s.name,
-                         st["samples"], skips or "none", i + 1, len(todo), time.time() - t0)
+                renamed = f", {st[RENAMED_KEYS]} repeated key(s) renamed" if st[RENAMED_KEYS] else ""
+                log.info("rank %d: %s -> %s: %d samples%s, skipped %s (%d/%d, %.1fs)", rank, s.path, s.name,
+                         st["samples"], renamed, skips or "none", i + 1, len(todo), time.time() - t0)
     job_barrier(world, cfg.barrier_timeout_min)
     result: dict[str, Any] = {"rank": rank, "done": done, "skipped": skipped}
     try:
@@ -358,10 +374,14 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI entry point."""
+    """Entry point; bad input raises FileNotFoundError / ValueError (`python -m` prints it as one line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input (a missing shard, a refused --output): one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,8 +1,9 @@
 """Where extraction's images come from: the public releases' image layouts -> raw samples.
 
 `plan_inputs(cfg)` turns --input patterns into units of work (`InputShard`, one output code shard
-each); `READERS[shard.kind](shard, cfg, stats)` yields that shard's `RawSample`s (image bytes or a
-file to read, caption, metadata), counting what it cannot read in `stats` (`ShardStats`).
+each); `read_shard(shard, cfg, stats)` yields that shard's `RawSample`s (image bytes or a file to
+read, caption, metadata) from `READERS[shard.kind]`, with keys made unique in the shard, counting what
+it cannot read and the keys it renames in `stats` (`ShardStats`).
 `cfg` is a `unitok.extract.ExtractConfig` (fields input, input_format, per_shard, caption_column,
 image_column, image_root). Decoding and tokenising are `unitok.extract`'s job.
 
@@ -53,6 +54,11 @@ SKIP_REASONS = ("dropped_aspect", "undecodable", "too_large", "no_image", "missi
 too_large: over --max-image-pixels; no_image: a sample / row / record without image data or path;
 missing_file: a parquet / jsonl image path that does not exist; corrupt_members: unreadable tar members,
 parquet row groups or jsonl lines (their samples are unknown)."""
+RENAMED_KEYS = "renamed_keys"
+"""Counted like a skip reason, but the sample is kept: its key (cleaned) repeats an earlier sample's of the
+shard (a hub parquet's `key` column with repeats, or `img.1` next to `img_1`), so it is written as
+`<key>_1`, `<key>_2`, ... (webdataset would merge or drop samples sharing a key). Its json keeps what
+the input recorded (a parquet's `key` column as written)."""
 NUM_EXAMPLES = 5  # sample ids kept (and warnings logged) per skip reason and shard
 CAPTION_COLUMNS = ("caption", "prompt", "text", "txt")
 JSONL_CAPTION_FIELDS = ("prompt", "caption", "text")
@@ -221,16 +227,23 @@ class ShardStats:
 
     def __init__(self, shard: InputShard):
         self.shard = shard
-        self.counts = {"samples": 0, **{r: 0 for r in SKIP_REASONS}}
-        self.examples: dict[str, list[str]] = {r: [] for r in SKIP_REASONS}
+        self.counts = {"samples": 0, **{r: 0 for r in SKIP_REASONS}, RENAMED_KEYS: 0}
+        self.examples: dict[str, list[str]] = {r: [] for r in (*SKIP_REASONS, RENAMED_KEYS)}
 
     def skip(self, reason: str, key: str, detail: str = "") -> None:
         """Count one skipped sample (or unreadable member) with the id `<input path>:<key>`."""
+        self._note(reason, key, f"skipped ({reason})" + (f": {detail}" if detail else ""))
+
+    def rename(self, key: str, new: str) -> None:
+        """Count one sample written as `new` because an earlier sample of the shard has `key`."""
+        self._note(RENAMED_KEYS, key, f"repeats an earlier sample's key: written as {new}")
+
+    def _note(self, reason: str, key: str, message: str) -> None:
         self.counts[reason] += 1
         if len(self.examples[reason]) < NUM_EXAMPLES:
             sid = f"{self.shard.path}:{key}"
             self.examples[reason].append(sid)
-            log.warning("%s skipped (%s)%s", sid, reason, f": {detail}" if detail else "")
+            log.warning("%s %s", sid, message)
 
 
 def _clean_key(key: str) -> str:
@@ -356,12 +369,8 @@ def _read_files(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Ite
             # a caption or metadata side file shares the image's stem (cat.1.txt)
             stem, ext = p.name.rsplit(".", 1)
             groups.setdefault(stem, {})[ext.lower()] = p
-    used: set[str] = set()
     for stem, members in groups.items():
-        key = _clean_key(stem)
-        while key in used:  # "a.b" and "a_b" clean to the same key: a tar must not hold it twice
-            key += "_"
-        used.add(key)
+        key = _clean_key(stem)  # "a.b" and "a_b" give one key: read_shard renames the second
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         caption = members["txt"].read_bytes() if "txt" in members else None
         meta: dict[str, Any] = {}
@@ -411,3 +420,22 @@ def _read_jsonl(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Ite
 
 
 READERS = {"webdataset": _read_webdataset, "parquet": _read_parquet, "files": _read_files, "jsonl": _read_jsonl}
+
+
+def read_shard(shard: InputShard, cfg: ExtractConfig, stats: ShardStats) -> Iterator[RawSample]:
+    """The shard's samples (READERS[shard.kind]) with unique keys: a key seen before in the shard becomes
+    `<key>_<n>` (the first n free), counted as renamed_keys. A code shard must not hold a key twice: webdataset
+    groups consecutive members by key, so the loader would read one sample (and errors) where the manifest
+    counts two. Skipped samples take their key too, so that the names do not depend on decoding."""
+    used: set[str] = set()
+    repeats: Counter[str] = Counter()  # per original key: the last suffix tried (keeps renaming linear)
+    for raw in READERS[shard.kind](shard, cfg, stats):
+        key = raw.key
+        while key in used:
+            repeats[raw.key] += 1
+            key = f"{raw.key}_{repeats[raw.key]}"
+        if key != raw.key:
+            stats.rename(raw.key, key)
+            raw.key = key
+        used.add(key)
+        yield raw
