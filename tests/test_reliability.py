@@ -529,9 +529,12 @@ def test_a_resume_with_other_data_flags_or_ranks_is_refused_before_the_model_is_
     checkpoint(tok, 1)
     other = dataclasses.replace(tok, data=dataclasses.replace(tok.data, num_workers=1))
     assert attempt(other) == "built"  # 0 workers stream as 1 does
-    other = dataclasses.replace(tok, data=dataclasses.replace(tok.data, local_batch_size=32, seed=1))
+    other = dataclasses.replace(tok, seed=1, data=dataclasses.replace(tok.data, local_batch_size=32))
     msg = attempt(other)
-    assert not built and "--data.seed 1 (the checkpoint has 0), --data.local-batch-size 32 (the checkpoint has 64)" in msg
+    assert not built and "--seed 1 (the checkpoint has 0), --data.local-batch-size 32 (the checkpoint has 64)" in msg
+    with pytest.raises(ValueError, match="--data.seed 3: the trainer seeds its data from --seed"):
+        TrainConfig(data=dataclasses.replace(tok.data, seed=3))  # a flag that was silently replaced
+    assert TrainConfig(seed=4).data.seed == 4
     torch.save({"world_size": 2}, Path(tok.run_dir) / "step-00000004" / "rank00000.pt")
     msg = attempt(tok)
     assert not built and "written by 2 ranks and this run has 1; resume with the same number of ranks" in msg

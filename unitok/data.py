@@ -73,7 +73,7 @@ class DataConfig:
     """open_clip model name whose tokenizer is used (the BPE vocabulary ships with open_clip; a name whose
     tokenizer open_clip downloads from the Hub, e.g. a SigLIP model, is refused)."""
     seed: int = 0
-    """Base seed of the shard shuffle, the sample shuffle and the random crops."""
+    """Base seed of the shard shuffle, the sample shuffle and the random crops (unitok.train: its --seed)."""
     train: bool = True
     """True: shuffles + RandomResizedCrop. False: fixed order + Resize/CenterCrop (validation)."""
     crop_scale: tuple[float, float] = (0.9, 1.0)

@@ -114,12 +114,15 @@ class TrainConfig(RunConfig):
     @staticmethod
     def stream_flags(config):
         d = config["data"]
-        return {"--data.seed": d["seed"], "--data.local-batch-size": d["local_batch_size"],
+        return {"--seed": config["seed"], "--data.local-batch-size": d["local_batch_size"],
                 "--data.num-workers": max(1, d["num_workers"]),  # (0 loads in one process: a stream like 1's)
                 "--data.train": d["train"], "--data.num-batches-per-epoch": d["num_batches_per_epoch"]}
 
     def __post_init__(self):
         super().__post_init__()
+        if self.data.seed not in (0, self.seed):  # one seed: the data's is --seed's (it was silently replaced)
+            raise ValueError(f"--data.seed {self.data.seed}: the trainer seeds its data from --seed; give --seed")
+        self.data.seed = self.seed
         if self.num_decode < 0 or self.image_every < 0:
             raise ValueError("num_decode and image_every must be >= 0")
         if self.data.img_size % 16:
@@ -505,7 +508,7 @@ def build(cfg: TrainConfig, info, log):
     if cfg.loss.lpips > 0:
         perceptual = PerceptualLoss(cfg.loss.lpips_weights, random_backbone=cfg.loss.lpips_random_backbone)
         perceptual.to(info.device)
-    loader = ImageTextLoader(dataclasses.replace(cfg.data, seed=cfg.seed), rank=info.rank, world_size=info.world_size)
+    loader = ImageTextLoader(cfg.data, rank=info.rank, world_size=info.world_size)
     return TokenizerTask(cfg, engine, disc_engine, perceptual, ContrastiveLoss(), DiffAug(), loader)
 
 
