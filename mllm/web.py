@@ -3,7 +3,7 @@
     python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860] [options]
         (python -m mllm.web --help: the loading flags of mllm.chat, the session flags, whose image
          settings --cfg-scale --temperature --top-k --top-p --num-images --candidates --seed are the sliders'
-         initial values)
+         initial values, and --max-upload-mb)
 
 Two tabs:
   Chat      upload an image (optional), type a question; answers stream in; the conversation is
@@ -20,12 +20,14 @@ history, the images attached to the next question, and its answer sampling gener
 This module is the gradio front end only. Both events share one queue (`concurrency_id="model"`, one
 job at a time), so requests never interleave on the model. The server binds 127.0.0.1 unless --host
 says otherwise; gradio analytics are off and the theme uses system fonts, so the page makes no outside
-requests. gradio is imported lazily. Endpoints (gradio API names): /ask, /reset, /generate.
+requests. Uploads reach the handler as stored (`image_input`), so `MLLMEngine.open_image` reads them as the
+terminal does. gradio is imported lazily. Endpoints (gradio API names): /ask, /reset, /generate.
 """
 from __future__ import annotations
 
 import os
 import queue
+import socket
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -56,6 +58,9 @@ class WebConfig:
     """TCP port."""
     max_num_images: int = 8
     """Upper end of the number-of-images slider."""
+    max_upload_mb: float | None = None
+    """Largest upload the server accepts, in MB; None = 4 bytes per pixel of --max-image-pixels (an
+    uncompressed RGBA image at that limit: 160 MB at the default 40 MP)."""
     extra: Annotated[dict, Suppress] = field(default_factory=dict)
     """Extra keyword arguments for `Blocks.launch` (tests; not a flag)."""
 
@@ -64,6 +69,14 @@ class WebConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.max_num_images < 1:
             raise ValueError("max_num_images must be >= 1")
+        if self.max_upload_mb is not None and self.max_upload_mb <= 0:
+            raise ValueError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
+
+    def max_upload_bytes(self) -> int:
+        """The upload limit gradio enforces (`launch(max_file_size=...)`)."""
+        if self.max_upload_mb is None:
+            return 4 * self.engine.max_image_pixels
+        return int(self.max_upload_mb * 1_000_000)
 
 
 def import_gradio():
@@ -74,6 +87,37 @@ def import_gradio():
     except ImportError as e:
         raise SystemExit("mllm.web needs gradio, which is not installed: pip install gradio") from e
     return gr
+
+
+def image_input(gr, **kwargs):
+    """A gr.Image whose handler gets the uploaded file itself, so that `MLLMEngine.open_image` reads it as the
+    terminal chat and extraction do. gr.Image's own preprocess opens every upload with PIL (a text file then
+    fails with a bare "Error" badge) and converts a non-RGB one: alpha lost to black, not white, a grayscale
+    or CMYK JPEG re-encoded lossily, a huge image decoded in full before --max-image-pixels is checked."""
+
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    stock = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path:  # already checked to lie in gradio's upload cache
+            return payload.path
+        return stock(payload)  # None, or a data: URL from an API client (type, mode as above)
+
+    # on the instance: gradio's component metaclass writes a .pyi stub beside the module of any subclass
+    image.preprocess = preprocess
+    return image
+
+
+def port_error(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None (checked before the model loads, which takes
+    minutes; gradio would only fail after it, with a traceback)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host.strip("[]"), port))
+    except OSError as e:
+        return f"cannot serve on {host}:{port}: {e.strerror or e} (choose another --port, or --host)"
+    return None
 
 
 class WebHandlers:
@@ -178,8 +222,8 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
         with gr.Tab("Chat", elem_id="tab-chat"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = gr.Image(type="filepath", label="Image (optional, goes with the next question)",
-                                     sources=["upload", "clipboard"], elem_id="image-input")
+                    image = image_input(gr, label="Image (optional, goes with the next question)",
+                                        sources=["upload", "clipboard"], elem_id="image-input")
                 with gr.Column(scale=2):
                     chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360)
                     question = gr.Textbox(label="Question", placeholder="What is in the image?", lines=2,
@@ -210,17 +254,20 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
                 with gr.Column(scale=1):
                     prompt = gr.Textbox(label="Prompt", placeholder="a red apple on a wooden table", lines=2,
                                         elem_id="gen-prompt")
-                    cfg_scale = gr.Slider(0.0, 20.0, value=g.cfg_scale, step=0.5, label="CFG scale (1 = off)",
-                                          elem_id="cfg-scale")
-                    temperature = gr.Slider(0.0, 2.0, value=g.temperature, step=0.05, label="Temperature",
-                                            elem_id="temperature")
-                    top_k = gr.Slider(0, engine.model.config.codebook_size, value=g.top_k, step=1,
+                    # Each range includes its flag's value: gradio refuses a value outside the range, so
+                    # Generate would fail on every click until the slider was moved.
+                    cfg_scale = gr.Slider(0.0, max(20.0, g.cfg_scale), value=g.cfg_scale, step=0.5,
+                                          label="CFG scale (1 = off)", elem_id="cfg-scale")
+                    temperature = gr.Slider(0.0, max(2.0, g.temperature), value=g.temperature, step=0.05,
+                                            label="Temperature", elem_id="temperature")
+                    top_k = gr.Slider(0, max(engine.model.config.codebook_size, g.top_k), value=g.top_k, step=1,
                                       label="Top-k (0 = off)", elem_id="top-k")
-                    top_p = gr.Slider(0.05, 1.0, value=g.top_p, step=0.01, label="Top-p (1 = off)", elem_id="top-p")
+                    top_p = gr.Slider(min(0.05, g.top_p), 1.0, value=g.top_p, step=0.01, label="Top-p (1 = off)",
+                                      elem_id="top-p")
                     seed = gr.Number(value=cfg.session.seed, precision=0, label="Seed", elem_id="seed")
                     num = gr.Slider(1, cfg.max_num_images, value=min(g.num_images, cfg.max_num_images), step=1,
                                     label="Number of images", elem_id="num-images")
-                    cands = gr.Slider(1, 16, value=g.candidates, step=1, elem_id="candidates",
+                    cands = gr.Slider(1, max(16, g.candidates), value=g.candidates, step=1, elem_id="candidates",
                                       label="Candidates per image (the tokenizer keeps its best match)")
                     gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
                 with gr.Column(scale=2):
@@ -241,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model and serve until interrupted; returns the exit status."""
     cfg = parse_args(argv)
     gr = import_gradio()
+    if err := port_error(cfg.host, cfg.port):  # at once, not after the model has loaded
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     torch.manual_seed(cfg.session.seed)
     try:
         engine = MLLMEngine.load(cfg.engine)
@@ -251,9 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     # System fonts: the default theme would fetch Google Fonts from the browser.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
-    print(f"serving on http://{cfg.host}:{cfg.port}", flush=True)
-    app.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, theme=theme,
-                       footer_links=[], **cfg.extra)
+    try:
+        app.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, theme=theme,
+                           footer_links=[], max_file_size=cfg.max_upload_bytes(), prevent_thread_lock=True,
+                           **cfg.extra)
+    except OSError:  # gradio's message names its own environment variable, not our flag
+        print(f"error: cannot serve on {cfg.host}:{cfg.port}: the port was taken while the model loaded "
+              "(choose another --port)", file=sys.stderr)
+        return 1
+    print(f"serving on http://{cfg.host}:{cfg.port}", flush=True)  # only now: launch has bound the port
+    app.block_thread()  # until Ctrl-C
     return 0
 
 

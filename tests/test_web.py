@@ -1,9 +1,12 @@
 """`python -m mllm.web` on a tiny random export: the event handlers in-process (one browser session =
 one `ChatSession`: its sampling generator is seeded once, the reply-limit notices reach the status line),
-then the served app driven in headless Chromium with selenium: a bad question, a question about an
-uploaded image, one generated image, and a screenshot."""
+the built app in-process (uploads reach the engine as uploaded, sliders hold their flags' values, a port in
+use), then the served app: its upload limit and a non-image's reason over HTTP, and in headless Chromium
+with selenium a bad question, a question about an uploaded image, one generated image, and a screenshot."""
+import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -36,15 +39,28 @@ def _missing() -> str | None:
 
 
 needs_browser = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+needs_gradio = pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="gradio is not installed")
 
 
 # ---- in-process: the handlers (no gradio, no browser) ----------------------------------------------------
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from mllm.engine import EngineConfig, MLLMEngine
+def tiny_export(tmp_path_factory):
+    """(export folder, tokenizer folder) of a tiny random MLLM."""
     from test_chat import make_tiny_export
 
-    export, tok = make_tiny_export(tmp_path_factory.mktemp("handlers"))
+    return make_tiny_export(tmp_path_factory.mktemp("handlers"))
+
+
+def _flags(tiny_export) -> list[str]:
+    export, tok = tiny_export
+    return ["--model", str(export), "--tokenizer", str(tok), "--device", "cpu", "--image-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export):
+    from mllm.engine import EngineConfig, MLLMEngine
+
+    export, tok = tiny_export
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model on a shared 2-core machine
     yield MLLMEngine.load(EngineConfig(model=str(export), tokenizer=str(tok), device="cpu", image_size=32))
@@ -140,7 +156,94 @@ def test_web_generate_reproduces_its_seed_and_reports_bad_input(engine, tmp_path
     assert len(items) == 2 and status.startswith("saved 2 image(s): ")
 
 
-# ---- the served app in a browser ---------------------------------------------------------------------------
+# ---- in-process: the built app (gradio, no browser) ----------------------------------------------------------
+def _component(app, elem_id: str):
+    return next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+@needs_gradio
+def test_web_uploads_reach_the_engine_as_uploaded(engine, tiny_export, tmp_path):
+    """The image box hands the handler the uploaded file itself, so the engine's loader reads it as the
+    terminal chat does. gr.Image's default (image_mode="RGB") converted non-RGB uploads first: transparency
+    became black instead of white, grayscale and CMYK JPEGs were re-encoded lossily, a huge image was decoded
+    in full before --max-image-pixels was checked, and a non-image failed with a bare "Error"."""
+    from gradio.data_classes import ImageData
+
+    from mllm.engine import SessionConfig
+    from mllm.web import WebHandlers, build_app, parse_args
+
+    app = build_app(engine, parse_args(_flags(tiny_export)))
+    box = _component(app, "image-input")
+
+    def upload(path):  # what gradio passes the ask handler for an uploaded file
+        return box.preprocess(ImageData(path=str(path), orig_name=path.name))
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (40, 40, 4), dtype=np.uint8)
+    rgba[:20, :, 3] = 0  # the top half is transparent over black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    gray = Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L")
+    gray.save(tmp_path / "gray.jpg")
+    gray.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    for f in ("rgba.png", "gray.jpg", "cmyk.jpg"):
+        assert upload(tmp_path / f) == str(tmp_path / f)  # the file itself, not a converted copy
+    assert (np.asarray(engine.open_image(upload(tmp_path / "rgba.png")))[:20] == 255).all()  # on white
+
+    h = WebHandlers(engine, SessionConfig(max_new_tokens=4, out_dir=str(tmp_path)))
+    Image.new("1", (7000, 7000)).save(tmp_path / "huge.png")  # 49 MP in 6 kB: over the 40 MP limit
+    (tmp_path / "notes.png").write_text("not an image")
+    for f, reason in (("huge.png", "error: image too large: "), ("notes.png", "error: not an image file: ")):
+        path = upload(tmp_path / f)  # gradio only stores the upload: the engine refuses it, with its reason
+        msgs, _, status, accepted = _last(h.ask(path, "What is in the image?", None, None))
+        assert status.startswith(reason) and not accepted and msgs == []
+
+
+@needs_gradio
+def test_web_sliders_include_their_flags_values(engine, tiny_export):
+    """Flags outside a slider's usual range widen it: gradio refuses a value outside the range, so every
+    Generate click failed ("Value 25 is greater than maximum value 20.0") until the slider was moved."""
+    from mllm.web import build_app, parse_args
+
+    flags = {"cfg-scale": 25, "temperature": 2.5, "top-k": 10**6, "top-p": 0.01, "candidates": 20}
+    argv = _flags(tiny_export) + [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+    app = build_app(engine, parse_args(argv))
+    for k, v in flags.items():
+        slider = _component(app, k)
+        assert slider.value == v and slider.preprocess(v) == v  # what a Generate click submits
+    assert _component(build_app(engine, parse_args(_flags(tiny_export))), "cfg-scale").maximum == 20.0
+
+
+@needs_gradio
+def test_web_port_in_use_is_one_line(tiny_export, monkeypatch, capsys):
+    """A port in use is refused in one line naming it and the flag, before the model loads; one taken while
+    the model loads, likewise (it printed "serving on ..." and then gradio's traceback)."""
+    import mllm.web
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        argv = _flags(tiny_export) + ["--port", str(port)]
+        assert mllm.web.main(argv) == 1
+        out, err = capsys.readouterr()
+        assert err == f"error: cannot serve on 127.0.0.1:{port}: Address already in use (choose another --port, " \
+                      "or --host)\n" and out == ""
+        monkeypatch.setattr(mllm.web, "port_error", lambda host, port: None)  # the port is taken later
+        assert mllm.web.main(argv) == 1
+        out, err = capsys.readouterr()
+        assert err.endswith(f"error: cannot serve on 127.0.0.1:{port}: the port was taken while the model loaded "
+                            "(choose another --port)\n") and "serving on" not in out
+
+
+def test_web_upload_limit_follows_the_pixel_limit(tiny_export):
+    from mllm.web import parse_args
+
+    assert parse_args(_flags(tiny_export)).max_upload_bytes() == 160_000_000  # 4 bytes a pixel, 40 MP
+    assert parse_args(_flags(tiny_export) + ["--max-image-pixels", "1000"]).max_upload_bytes() == 4000
+    assert parse_args(_flags(tiny_export) + ["--max-upload-mb", "1.5"]).max_upload_bytes() == 1_500_000
+
+
+# ---- the served app ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The web app on a free loopback port; yields (url, tmp dir); stopped at teardown."""
@@ -155,7 +258,7 @@ def server(tmp_path_factory):
     e["GRADIO_ANALYTICS_ENABLED"] = "False"
     proc = subprocess.Popen([sys.executable, "-m", "mllm.web", "--model", str(export), "--tokenizer", str(tok),
                              "--image-size", "32", "--device", "cpu", "--port", str(port), "--out-dir", str(d / "out"),
-                             "--max-new-tokens", "8"], cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT)
+                             "--max-new-tokens", "8", "--max-upload-mb", "1"], cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -179,6 +282,23 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@needs_gradio
+def test_served_app_limits_uploads_and_names_a_bad_one(server, tmp_path):
+    """The server refuses uploads over --max-upload-mb (gradio stored any size under /tmp/gradio), and a
+    file that is not an image gets the engine's reason in the status line (gradio answered "Error")."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    for size, code in ((1_100_000, 413), (900_000, 200)):
+        r = httpx.post(url + "gradio_api/upload", files={"files": ("big.png", b"\0" * size)}, timeout=60)
+        assert r.status_code == code, r.text
+    (tmp_path / "notes.png").write_text("not an image")
+    client = Client(url, verbose=False)
+    _, status, *_ = client.predict(handle_file(str(tmp_path / "notes.png")), "What is it?", [], api_name="/ask")
+    assert status.startswith("error: not an image file: ")
 
 
 @pytest.fixture
