@@ -236,6 +236,7 @@ def test_trainer_rejects_bad_data_before_building_the_model(tmp_path):
                       "    paths: web/*.txt\n    weight: 1\n")
     llama = tmp_path / "llama"
     _touch(llama / "config.json", b"{}")  # never read: the data check comes first
+    _touch(llama / "model.safetensors")  # (that the folder holds weights is checked with the flags)
     tokenizer = _touch(tmp_path / "tok.pth")
     env = {**ds_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
