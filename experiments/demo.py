@@ -505,6 +505,19 @@ def check_sizes(out: Path, sizes: DemoSizes) -> None:
     write_json_atomic(recorded, want)
 
 
+def check_seed(out: Path, seed: int) -> None:
+    """Refuse --seed N on a folder whose training steps ran with another seed: their finished steps would be
+    skipped, and the report would be the old seed's, silently."""
+    for step in ("tokenizer", "stage1", "stage2"):
+        try:
+            had = json.loads((out / step / "config.json").read_text())["config"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if had != seed:
+            raise RuntimeError(f"{out / step} was trained with --seed {had}: for --seed {seed}, rerun with --fresh "
+                               "or pass another --out")
+
+
 HEARTBEAT_S = 5.0
 """How often a running step's partial entry in timing.json is refreshed."""
 
@@ -534,6 +547,7 @@ def _run(out: Path, sizes: DemoSizes, ranks: int, fresh: bool, chat: bool, seed:
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
     check_sizes(out, sizes)
+    check_seed(out, seed)
     t0 = time.time()
     timing = out / "timing.json"
     times = json.loads(timing.read_text())["steps"] if timing.is_file() else {}
@@ -611,7 +625,7 @@ class DemoConfig:
     """Run the chat step (--no-chat skips it)."""
     seed: int = 0
     """Seed of the tokenizer and both MLLM stages (each rank adds its rank). The data and the held-out sets stay
-    the same; a resumed run keeps the seed its finished steps were trained with."""
+    the same; a folder trained with another seed is refused (--fresh, or another --out)."""
 
     def __post_init__(self):
         if self.ranks <= 0:

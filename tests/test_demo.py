@@ -120,6 +120,12 @@ def test_a_folder_of_other_sizes_is_not_resumed(tmp_path):
     (out / "sizes.json").write_text('{"num_images": 7')
     with pytest.raises(RuntimeError, match=r"sizes.json is unreadable .*--fresh"):
         demo.check_sizes(out, demo.DemoSizes())
+    # --seed N on a folder trained with another seed skipped every finished step and reported the old models
+    (out / "stage1").mkdir()
+    (out / "stage1" / "config.json").write_text(json.dumps({"config": {"seed": 0}}))
+    demo.check_seed(out, 0)
+    with pytest.raises(RuntimeError, match=r"stage1 was trained with --seed 0: for --seed 1, rerun with --fresh"):
+        demo.check_seed(out, 1)
 
 
 def test_an_interrupted_step_keeps_its_time_and_a_second_demo_is_refused(tmp_path, monkeypatch):
