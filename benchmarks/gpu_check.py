@@ -21,7 +21,7 @@ FAIL in each of its rows, and the exit status is 1 when any row failed.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -39,6 +39,33 @@ from runtime.cli import parse  # noqa: E402
 from runtime.launch import job_env  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
+NEEDED = ("tyro", "deepspeed", "transformers", "huggingface_hub", "open_clip", "timm", "lpips", "webdataset",
+          "pydantic", "unitok", "mllm")
+"""What the steps import: checked first, so that a machine without them fails in seconds, not step by step."""
+
+
+def missing_packages() -> str | None:
+    """Why the steps cannot run here (a package missing or below the project's floor), or None."""
+    gone = []
+    for name in NEEDED:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 (ImportError, or mllm's floor check: a RuntimeError)
+            gone.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not gone:
+        return None
+    return ("cannot import " + "; ".join(gone) + ". On a machine without internet: run `bash "
+            "benchmarks/gpu_wheels.sh` where PyPI is reachable and bring .whl/ along (gpu_check.sh installs it)")
+
+
+def flash_attn_version() -> str | None:
+    """flash-attn's version when it imports (an installed wheel built for another torch fails to: the trainer then
+    uses SDPA, and so must the table's labels), else None."""
+    try:
+        import flash_attn
+    except Exception:  # noqa: BLE001
+        return None
+    return getattr(flash_attn, "__version__", "?")
 
 
 @dataclass
@@ -107,7 +134,7 @@ def _num(x: float | None, digits: int = 2) -> str:
 def steps(cpu: bool, out: Path) -> list[Step]:
     """The four steps at GPU or CPU sizes."""
     py = sys.executable
-    flash = importlib.util.find_spec("flash_attn") is not None
+    flash = flash_attn_version() is not None
     tok_json, attn_json = out / "tokenizer.json", out / "attention.json"
     if cpu:
         tok = ["--presets", "debug", "--res", "48", "--batch", "2", "--iters", "1", "--gan-backbone", "debug",
@@ -129,7 +156,7 @@ def steps(cpu: bool, out: Path) -> list[Step]:
                 "--impls", "flash_attention_2", "sdpa"]
         timeouts = (140, 210, 90, 40)  # 480 s: the 8-minute budget
         tok_area = "tokenizer large, 256 px, bf16, batch 16"
-        attn_impl = "flash-attn" if flash else "SDPA (flash-attn not installed)"
+        attn_impl = "flash-attn" if flash else "SDPA (flash-attn not importable)"
         mllm_area = f"MLLM 1B-class, ZeRO-3, 1 GPU, bf16, {attn_impl}"
         gen_area, attn_area = "generation small, bf16", "attention flash-attn vs SDPA, bf16"
     cpu_mfu = "n/a on CPU"
@@ -213,6 +240,18 @@ def run_step(step: Step, out: Path, env: dict[str, str], scale: float = 1.0) -> 
     return [Row(area, fig, "-", f"FAIL ({why}; see {rel})") for area, fig in step.figures], seconds
 
 
+def step_env(cpu: bool) -> dict[str, str]:
+    """The steps' environment."""
+    env = {**job_env(cpu=cpu), "PYTHONUNBUFFERED": "1"}
+    if cpu:
+        # One thread per process: the CPU mode checks that every step runs, not speed, and on a shared 2-core
+        # machine torch's default threads oversubscribe it (spinning OpenMP threads made steps 10-100x slower).
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    else:  # a CPU habit's DS_ACCELERATOR=cpu would put DeepSpeed on its CPU accelerator beside NCCL ranks
+        env.pop("DS_ACCELERATOR", None)
+    return env
+
+
 def header(cpu: bool, out: Path) -> list[str]:
     """Machine, software and where the logs are."""
     import torch
@@ -220,12 +259,7 @@ def header(cpu: bool, out: Path) -> list[str]:
     from runtime.checkpoint import git_sha
 
     sha = git_sha()[:7]
-    if importlib.util.find_spec("flash_attn") is not None:
-        import flash_attn
-
-        fa = f"flash-attn {flash_attn.__version__}"
-    else:
-        fa = "flash-attn not installed"
+    fa = f"flash-attn {v}" if (v := flash_attn_version()) is not None else "flash-attn not importable"
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and not cpu else \
         f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     return [f"# gpu_check, {'CPU' if cpu else 'GPU'} mode, {time.strftime('%Y-%m-%d %H:%M')}: {dev}, "
@@ -234,6 +268,9 @@ def header(cpu: bool, out: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every step, print the table, return the exit status (1 when a row failed)."""
+    if problem := missing_packages():
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
     a = parse(Options, argv, prog="bash benchmarks/gpu_check.sh", description=__doc__)
     cpu = a.cpu or os.environ.get("GPU_CHECK_MODE", "").lower() == "cpu"
     import torch
@@ -244,11 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**job_env(cpu=cpu), "PYTHONUNBUFFERED": "1"}
-    if cpu:
-        # One thread per process: the CPU mode checks that every step runs, not speed, and on a shared 2-core
-        # machine torch's default threads oversubscribe it (spinning OpenMP threads made steps 10-100x slower).
-        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = step_env(cpu)
+    head = header(cpu, out) + ["", "| area | figure | value | status |", "|---|---|---|---|"]
+    print("\n".join(head), flush=True)
     rows, times = [], []
     for step in steps(cpu, out):
         print(f"[gpu_check] {step.name} (timeout {step.timeout_s * a.timeout_scale:.0f} s) ...", file=sys.stderr,
@@ -256,12 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         got, seconds = run_step(step, out, env, a.timeout_scale)
         rows += got
         times.append(f"{step.name} {seconds:.0f} s")
-    lines = header(cpu, out) + ["", "| area | figure | value | status |", "|---|---|---|---|"]
-    lines += [f"| {r.area} | {r.figure} | {r.value} | {r.status} |" for r in rows]
-    lines += ["", "# wall time: " + ", ".join(times)]
-    text = "\n".join(lines)
-    print(text)
-    (out / "table.md").write_text(text + "\n")
+        # each step's rows as soon as they exist: a run cut short (the machine's time) keeps what it measured
+        print("\n".join(f"| {r.area} | {r.figure} | {r.value} | {r.status} |" for r in got), flush=True)
+        table = head + [f"| {r.area} | {r.figure} | {r.value} | {r.status} |" for r in rows]
+        (out / "table.md").write_text("\n".join(table + ["", "# wall time: " + ", ".join(times)]) + "\n")
+    print("\n# wall time: " + ", ".join(times))
     return 1 if any(r.status.startswith("FAIL") for r in rows) else 0
 
 

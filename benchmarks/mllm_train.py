@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             "--run-dir", str(run), "--micro-batch", str(a.micro_batch), "--grad-accum", "1",
             "--max-len", str(a.max_len),
             "--num-workers", "0", "--total-steps", str(a.steps), "--save-every", str(a.steps), "--log-every", "1",
-            "--resume", "none", "--no-export", "--ds-config", a.ds_config], n, log)
+            "--resume", "none", "--no-export", "--no-save-final", "--ds-config", a.ds_config], n, log)
         text = log.read_text()
         mem = [float(x) for x in re.findall(r"rank \d+: model-state MB ([\d.]+)", text)][-n:]
         tps = [float(x) for x in re.findall(r"([\d.]+) tok/s", text)][1:]  # drop the first (warm-up) step

@@ -133,6 +133,29 @@ def test_gpu_check_needs_a_gpu_or_cpu_mode(tmp_path, monkeypatch, capsys):
     assert "--cpu" in capsys.readouterr().err
 
 
+def test_gpu_check_fails_at_once_without_its_packages_and_reads_a_broken_flash_attn(tmp_path, monkeypatch, capsys):
+    """On a bare GPU machine (no tyro, deepspeed, ...) the script died at its first import with a traceback; a
+    flash-attn wheel built for another torch (installed, failing on import) lost the whole table after 8 minutes,
+    and the MLLM row said flash-attn while the trainer used SDPA; an inherited DS_ACCELERATOR=cpu reached the GPU
+    steps."""
+    gc = load("gpu_check")
+    monkeypatch.setattr(gc, "NEEDED", (*gc.NEEDED, "no_such_package_xyz"))
+    assert gc.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot import no_such_package_xyz (ModuleNotFoundError" in err and "benchmarks/gpu_wheels.sh" in err
+    fake = tmp_path / "site" / "flash_attn"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gc.flash_attn_version() is None
+    steps = {s.name: s for s in gc.steps(cpu=False, out=tmp_path)}
+    assert steps["mllm"].figures[0][0].endswith("SDPA (flash-attn not importable)")
+    assert "flash-attn not importable" in gc.header(True, tmp_path)[0]
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert "DS_ACCELERATOR" not in gc.step_env(cpu=False) and gc.step_env(cpu=True)["DS_ACCELERATOR"] == "cpu"
+
+
 def test_demo_floors_freezes_only_the_named_steps(monkeypatch):
     """--frozen STEP appends learning rate 1e-9 to that step's trainer command line, and to no other."""
     from experiments import demo
@@ -178,3 +201,4 @@ def test_gpu_check_cpu_mode(tmp_path):
     assert all(r["value"] not in ("", "-") and r["status"] == "ok" for r in rows), table
     for step in ("tokenizer", "mllm", "generation", "attention"):
         assert (tmp_path / "logs" / f"{step}.log").is_file()
+    assert not list((tmp_path / "mllm").glob("run_*/step-*"))  # --no-save-final: no ZeRO-3 state written (12 GB at 1B)

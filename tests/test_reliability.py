@@ -64,6 +64,9 @@ def test_mllm_trainer_config_errors_name_the_problem(tmp_path, capsys):
         parse_config(["--stage", "finetune", "--init-from", str(tmp_path)])
     with pytest.raises(SystemExit):  # __post_init__ ValueError, reported by tyro
         parse_config(["--stage", "pretrain", "--trainable", "everything"])
+    with pytest.raises(SystemExit):
+        parse_config(["--stage", "pretrain", "--no-save-final"])
+    assert "--no-save-final needs --no-export" in capsys.readouterr().err
     export = tmp_path / "export"
     export.mkdir()
     (export / "config.json").write_text("{}")
