@@ -16,7 +16,8 @@ echo "$0 $*" >> "$FAKE_LOG"
 case "$1" in
   --version) echo "Python {version}.0" ;;
   -c) echo "{version}" ;;
-  -m) if [[ $2 == venv ]]; then /bin/mkdir -p "$3/bin" && /bin/cp "$0" "$3/bin/python"; fi ;;
+  -m) if [[ $2 == venv ]]; then /bin/mkdir -p "$3/bin" && /bin/cp "$0" "$3/bin/python"; fi
+      if [[ $2 == pip && -n "$FAKE_PIP_FAIL" && "$*" == *"$FAKE_PIP_FAIL"* ]]; then exit 1; fi ;;
 esac
 """
 
@@ -29,7 +30,7 @@ def _project(tmp_path, pythons: dict[str, str]):
     bin_.mkdir()
     shutil.copy(ROOT / "scripts" / "ensure_venv.sh", proj / "scripts")
     shutil.copy(ROOT / "pyproject.toml", proj)
-    for tool in ("dirname", "sed", "sort", "head", "touch", "grep"):
+    for tool in ("dirname", "sed", "sort", "head", "touch", "grep", "cksum", "rm"):
         (bin_ / tool).symlink_to(shutil.which(tool))
     for name, version in pythons.items():
         (bin_ / name).write_text(FAKE_PYTHON.format(version=version))
@@ -39,7 +40,7 @@ def _project(tmp_path, pythons: dict[str, str]):
 
 def _setup(proj, bin_, **env):
     log = proj.parent / "calls.log"
-    log.touch()
+    log.write_text("")  # this run's calls
     env = {"PATH": str(bin_), "FAKE_LOG": str(log), "HOME": str(proj.parent), **env}
     p = subprocess.run([shutil.which("bash"), str(proj / "scripts" / "ensure_venv.sh")], env=env,
                        capture_output=True, text=True, timeout=60)
@@ -82,7 +83,45 @@ def test_setup_refuses_an_existing_venv_on_an_old_python(tmp_path):
     p, calls = _setup(proj, bin_)
     assert p.returncode == 1
     assert ".venv has Python 3.10.0" in p.stderr and "remove .venv" in p.stderr
-    assert "pip" not in calls
+    assert "-m pip" not in calls
+
+
+def test_a_failed_install_is_not_marked_done_and_the_next_run_redoes_it(tmp_path):
+    """Each pip step ended in `|| true` and the stamp was written after an import check that an existing venv
+    passes with its old packages: a raised floor or a new dependency that failed to install (network down) was
+    never retried."""
+    proj, bin_ = _project(tmp_path, {"python3": "3.12"})
+    p, calls = _setup(proj, bin_)
+    assert p.returncode == 0, p.stderr
+    stamp = (proj / ".venv" / ".installed").read_text()
+    p, calls = _setup(proj, bin_)
+    assert p.returncode == 0 and "-m pip" not in calls  # up to date: nothing to do
+    with open(proj / "pyproject.toml", "a") as f:
+        f.write("\n# a changed dependency list\n")
+    p, calls = _setup(proj, bin_, FAKE_PIP_FAIL="-e .[dev,web]")
+    assert p.returncode == 1 and "pip install -e .[dev,web] failed: .venv is not up to date" in p.stderr
+    assert not (proj / ".venv" / ".installed").exists()
+    p, calls = _setup(proj, bin_)  # the next run tries again
+    assert p.returncode == 0 and "-e .[dev,web]" in calls
+    assert (proj / ".venv" / ".installed").read_text() != stamp
+    # another torch pair is installed and remembered; a later run without TORCH_SPEC keeps it
+    p, calls = _setup(proj, bin_, TORCH_SPEC="torch==2.9.1 torchvision==0.24.1")
+    assert p.returncode == 0 and "pip install -q torch==2.9.1 torchvision==0.24.1" in calls
+    p, calls = _setup(proj, bin_)
+    assert p.returncode == 0 and "-m pip" not in calls
+
+
+def test_a_venv_without_pip_is_made_again(tmp_path):
+    """An interrupted `python -m venv`, or Debian without python3.X-venv, leaves bin/python and no pip: every later
+    run failed with "No module named pip"."""
+    proj, bin_ = _project(tmp_path, {"python3": "3.12"})
+    (proj / ".venv" / "bin").mkdir(parents=True)
+    (proj / ".venv" / "bin" / "python").write_text("#!/bin/bash\nexit 1\n")  # cannot import pip
+    (proj / ".venv" / "bin" / "python").chmod(0o755)
+    p, calls = _setup(proj, bin_)
+    assert p.returncode == 0, p.stderr
+    assert ".venv is incomplete or its Python is gone or changed: recreating it" in p.stdout
+    assert f"{bin_}/python3 -m venv .venv" in calls and (proj / ".venv" / ".installed").is_file()
 
 
 def test_installed_packages_meet_the_floors():
