@@ -63,11 +63,16 @@ def unlock_run_dir(run_dir: str | os.PathLike) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """`obj` as indented JSON, whole or not at all (a temporary file renamed over `path`): a file that a resumed
-    run reads must not be half-written by a kill."""
+    """`obj` as indented JSON, whole or not at all (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=1))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path`, whole or not at all (a temporary file renamed over it): a file that a resumed run
+    reads must not be half-written by a kill."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:  # a write that fails (a full disk) leaves no temporary file either
         tmp.unlink(missing_ok=True)

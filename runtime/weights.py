@@ -320,14 +320,7 @@ def download_url(url: str, dest: Path, sha256: str, size: int | None = None,
 
     Raises WeightsError on an HTTP error, a refused connection, a truncated transfer (the part file is
     kept for the next run) or a checksum mismatch (the part file is deleted)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if size is not None and have > size:  # longer than the real file: cannot be a prefix of it
-        part.unlink()
-        have = 0
-    if size is None or have < size:
-        _transfer(url, part, have, size, dest.name, log)
+    part = _resume(url, dest, size, log)
     got = sha256_file(part)
     if got != sha256:
         n = part.stat().st_size
@@ -335,6 +328,20 @@ def download_url(url: str, dest: Path, sha256: str, size: int | None = None,
         raise WeightsError(f"checksum mismatch for {dest.name} from {url}: expected sha256 {sha256}, got {got} "
                            f"({n} bytes); the download was deleted")
     os.replace(part, dest)
+
+
+def _resume(url: str, dest: Path, size: int | None, log: Callable[[str], None], token: str | None = None) -> Path:
+    """`<dest>.part` holding the whole body of `url`: an earlier run's part is continued (a Range request), one
+    longer than `size` is started over. Not checked: the caller checks and renames it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if size is not None and have > size:  # longer than the real file: cannot be a prefix of it
+        part.unlink()
+        have = 0
+    if size is None or have < size:
+        _transfer(url, part, have, size, dest.name, log, token)
+    return part
 
 
 class _TokenStaysOnItsHost(urllib.request.HTTPRedirectHandler):
@@ -412,6 +419,11 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
 
 
+def _gated(e: Entry) -> WeightsError:
+    return WeightsError(f"{e.repo} is gated: accept its license at {hub_endpoint()}/{e.repo} with your account, "
+                        "then run `hf auth login` (or set HF_TOKEN) on this machine")
+
+
 def _hub_error(e: Entry, err: Exception, url: str) -> WeightsError:
     """A huggingface_hub exception -> one line naming the repository or the URL."""
     from huggingface_hub import errors
@@ -421,8 +433,7 @@ def _hub_error(e: Entry, err: Exception, url: str) -> WeightsError:
         return cls is not None and isinstance(err, cls)
 
     if _is("GatedRepoError"):
-        return WeightsError(f"{e.repo} is gated: accept its license at {hub_endpoint()}/{e.repo} with your account, "
-                            "then run `hf auth login` (or set HF_TOKEN) on this machine")
+        return _gated(e)
     if _is("RepositoryNotFoundError"):
         return WeightsError(f"repository {e.repo} not found at {hub_endpoint()} (or private without a token)")
     if _is("RevisionNotFoundError"):
@@ -476,19 +487,11 @@ def _hub_download(e: Entry, f: _HubFile, commit: str, staging: Path, log: Callab
 
     url = f"{hub_endpoint()}/{e.repo}/resolve/{commit}/{f.name}"
     staged = staging / f.name
-    part = staged.with_name(staged.name + ".part")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if f.size is not None and have > f.size:  # longer than the real file: cannot be a prefix of it
-        part.unlink()
-        have = 0
     try:
-        if f.size is None or have < f.size:
-            _transfer(url, part, have, f.size, f.name, log, get_token())
+        part = _resume(url, staged, f.size, log, get_token())
     except WeightsError as err:
         if err.status in (401, 403):
-            raise WeightsError(f"{e.repo} is gated: accept its license at {hub_endpoint()}/{e.repo} with your "
-                               "account, then run `hf auth login` (or set HF_TOKEN) on this machine") from None
+            raise _gated(e) from None
         raise
     os.replace(part, staged)
     return staged

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from runtime.run import write_text_atomic
 
 DEFAULT_SUFFIX = "\nAnswer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (its VQAv2/GQA/TextVQA/POPE/MME question files carry it)."""
@@ -146,18 +147,8 @@ def write_predictions(out_dir: str | Path, rows: list[dict]) -> Path:
     """Write OUT/predictions.jsonl; call on rank 0 only, before scoring, so a scoring error keeps the answers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     return out / "predictions.jsonl"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` whole or not at all (a kill mid-write leaves the earlier file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
@@ -173,9 +164,9 @@ def write_results(out_dir: str | Path, task: str, metrics: dict, config: dict,
         write_predictions(out, predictions)
         num_predictions = len(predictions)
     for name, content in (extra_files or {}).items():
-        _write_atomic(out / name, json.dumps(content, indent=1))
+        write_text_atomic(out / name, json.dumps(content, indent=1))
     doc = {"task": task, "metrics": metrics, "config": config, "git_sha": git_sha(),
            "num_predictions": num_predictions}
-    _write_atomic(out / "results.md", markdown_table(task, metrics))
-    _write_atomic(out / "results.json", json.dumps(doc, indent=2, default=str))
+    write_text_atomic(out / "results.md", markdown_table(task, metrics))
+    write_text_atomic(out / "results.json", json.dumps(doc, indent=2, default=str))
     return out / "results.json"
