@@ -3,7 +3,7 @@
     python -m mllm.web --model EXPORT_DIR --tokenizer TOKENIZER [--host 127.0.0.1] [--port 7860] [options]
         (python -m mllm.web --help: the loading flags of mllm.chat, the session flags, whose image
          settings --cfg-scale --temperature --top-k --top-p --num-images --candidates --seed are the sliders'
-         initial values, and --max-upload-mb)
+         initial values, --max-upload-mb and --upload-cache-hours)
 
 Two tabs:
   Chat      upload an image (optional), type a question; answers stream in; the conversation is
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -61,6 +62,9 @@ class WebConfig:
     max_upload_mb: float | None = None
     """Largest upload the server accepts, in MB; None = 4 bytes per pixel of --max-image-pixels (an
     uncompressed RGBA image at that limit: 160 MB at the default 40 MP)."""
+    upload_cache_hours: float = 24.0
+    """Uploads and shown images in gradio's cache folder (GRADIO_TEMP_DIR, else /tmp/gradio) are deleted
+    once this old (checked every hour, or as often as this is), and all of them when the server stops."""
     extra: Annotated[dict, Suppress] = field(default_factory=dict)
     """Extra keyword arguments for `Blocks.launch` (tests; not a flag)."""
 
@@ -71,12 +75,19 @@ class WebConfig:
             raise ValueError("max_num_images must be >= 1")
         if self.max_upload_mb is not None and self.max_upload_mb <= 0:
             raise ValueError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
+        if self.upload_cache_hours * 3600 < 1:
+            raise ValueError(f"upload_cache_hours must be at least one second, got {self.upload_cache_hours}")
 
     def max_upload_bytes(self) -> int:
         """The upload limit gradio enforces (`launch(max_file_size=...)`)."""
         if self.max_upload_mb is None:
             return 4 * self.engine.max_image_pixels
         return int(self.max_upload_mb * 1_000_000)
+
+    def delete_cache(self) -> tuple[int, int]:
+        """gradio's `Blocks(delete_cache=(every_s, age_s))`: without it every upload stayed on disk for good."""
+        age = round(self.upload_cache_hours * 3600)
+        return min(age, 3600), age
 
 
 def import_gradio():
@@ -216,7 +227,7 @@ def build_app(engine: MLLMEngine, cfg: WebConfig):
     gr = import_gradio()
     h = WebHandlers(engine, cfg.session)
     g = cfg.session.gen
-    with gr.Blocks(title="UniTok MLLM") as app:
+    with gr.Blocks(title="UniTok MLLM", delete_cache=cfg.delete_cache()) as app:
         gr.Markdown("## UniTok MLLM\nAsk about an image, or generate images from a prompt.")
         session = gr.State(None)  # this browser session's ChatSession (both tabs)
         with gr.Tab("Chat", elem_id="tab-chat"):
@@ -310,8 +321,14 @@ def main(argv: list[str] | None = None) -> int:
               "(choose another --port)", file=sys.stderr)
         return 1
     print(f"serving on http://{cfg.host}:{cfg.port}", flush=True)  # only now: launch has bound the port
-    app.block_thread()  # until Ctrl-C
+    # SIGTERM (kill, systemd, docker stop) stops it as Ctrl-C does: gradio's shutdown empties its cache.
+    signal.signal(signal.SIGTERM, lambda *_: _interrupt())
+    app.block_thread()  # until Ctrl-C or SIGTERM
     return 0
+
+
+def _interrupt():
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -48,14 +48,15 @@ def _slurm(*names: str) -> tuple[str, ...]:
     return names if "SLURM_STEP_ID" in os.environ else ()
 
 
-def launcher_env() -> tuple[int, int, int]:
+def launcher_env(local_default: int | None = 0) -> tuple[int, int, int | None]:
     """(rank, world_size, local_rank) from deepspeed/torchrun, MPI or SLURM-step variables; (0, 1, 0) alone.
-    mpirun inside an allocation: its own variables, not the allocation's."""
+    mpirun inside an allocation: its own variables, not the allocation's. `local_default` is the local rank
+    when no variable sets one (None lets a caller tell unset from 0)."""
     rank = _env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", *_slurm("SLURM_PROCID"), default=0)
     world = _env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", *_slurm("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
                      default=1)
     local = _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", *_slurm("SLURM_LOCALID"),
-                     default=0)
+                     default=local_default)
     return rank, world, local
 
 

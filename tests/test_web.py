@@ -3,6 +3,7 @@ one `ChatSession`: its sampling generator is seeded once, the reply-limit notice
 the built app in-process (uploads reach the engine as uploaded, sliders hold their flags' values, a port in
 use), then the served app: its upload limit and a non-image's reason over HTTP, and in headless Chromium
 with selenium a bad question, a question about an uploaded image, one generated image, and a screenshot."""
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,22 +245,34 @@ def test_web_upload_limit_follows_the_pixel_limit(tiny_export):
     assert parse_args(_flags(tiny_export) + ["--max-upload-mb", "1.5"]).max_upload_bytes() == 1_500_000
 
 
+def test_web_upload_cache_ages_out(engine, tiny_export):
+    """The app deletes gradio's cached uploads once older than --upload-cache-hours (it kept them for good)."""
+    from mllm.web import build_app, parse_args
+
+    assert build_app(engine, parse_args(_flags(tiny_export))).delete_cache == (3600, 86400)
+    assert build_app(engine, parse_args(_flags(tiny_export) + ["--upload-cache-hours", "0.25"])).delete_cache \
+        == (900, 900)
+    with pytest.raises(SystemExit) as e:
+        parse_args(_flags(tiny_export) + ["--upload-cache-hours", "0"])
+    assert e.value.code == 2
+
+
 # ---- the served app ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The web app on a free loopback port; yields (url, tmp dir); stopped at teardown."""
+@contextlib.contextmanager
+def serving(d, *flags):
+    """The web app on a free loopback port with a tiny export made in `d` (gradio's cache in d/gradio_cache);
+    yields (url, proc); stopped (SIGTERM) on exit."""
     from test_chat import env, make_tiny_export
 
-    d = tmp_path_factory.mktemp("web")
     export, tok = make_tiny_export(d)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(d / "photo.png")
     port = free_port()
     log = open(d / "server.log", "w")
     e = env()
     e["GRADIO_ANALYTICS_ENABLED"] = "False"
+    e["GRADIO_TEMP_DIR"] = str(d / "gradio_cache")
     proc = subprocess.Popen([sys.executable, "-m", "mllm.web", "--model", str(export), "--tokenizer", str(tok),
                              "--image-size", "32", "--device", "cpu", "--port", str(port), "--out-dir", str(d / "out"),
-                             "--max-new-tokens", "8", "--max-upload-mb", "1"], cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT)
+                             "--max-new-tokens", "8", *flags], cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -274,7 +288,7 @@ def server(tmp_path_factory):
             if time.time() > deadline:
                 raise AssertionError(f"server did not come up:\n{(d / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, d
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -282,6 +296,32 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The web app (upload limit 1 MB); yields (url, tmp dir); stopped at teardown."""
+    d = tmp_path_factory.mktemp("web")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 32, 3), dtype=np.uint8)).save(d / "photo.png")
+    with serving(d, "--max-upload-mb", "1") as (url, _):
+        yield url, d
+
+
+@needs_gradio
+def test_served_app_empties_its_upload_cache_on_sigterm(tmp_path):
+    """SIGTERM (kill, systemd, docker stop) stops the server through gradio's shutdown, which deletes the
+    uploads in its cache (the process died at once: every upload stayed in /tmp/gradio for good)."""
+    import httpx
+
+    cache = tmp_path / "gradio_cache"
+    with serving(tmp_path) as (url, proc):
+        r = httpx.post(url + "gradio_api/upload", files={"files": ("photo.png", b"x" * 100)}, timeout=60)
+        assert r.status_code == 200, r.text
+        upload = Path(r.json()[0])
+        assert upload.is_file() and cache in upload.parents
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert not upload.exists() and not [p for p in cache.rglob("*") if p.is_file()]
 
 
 @needs_gradio

@@ -226,11 +226,10 @@ def dist_env(local_rank: int | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's variables (deepspeed/torchrun, MPI, a SLURM step: as
     the trainers read them; 1 process if unset); `local_rank` (the deepspeed launcher's --local_rank argument)
     is used when no local rank is set."""
-    from runtime.distributed import _env_int, _slurm, launcher_env
+    from runtime.distributed import launcher_env
 
-    rank, world, local = launcher_env()
-    if _env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", *_slurm("SLURM_LOCALID"),
-                default=-1) < 0:
+    rank, world, local = launcher_env(local_default=None)
+    if local is None:
         local = rank if local_rank is None else local_rank
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
