@@ -369,7 +369,7 @@ def warn_once(msg: str) -> None:
     """Warn once per process per message (settings that are ignored or fall back), in log.txt too."""
     if msg not in _WARNED:
         _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=2)
         from runtime.log import note_to_file
 
-        note_to_file(msg)
+        note_to_file(msg)  # first: log.py's warnings hook then knows it is written
+        warnings.warn(msg, stacklevel=2)

@@ -12,7 +12,9 @@ import os
 import resource
 import sys
 import time
+import traceback
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ def setup_logging(run_dir: str | os.PathLike | None) -> logging.Logger:
             log.addHandler(fh)
             for msg in _NOTES:
                 note_to_file(msg)
+            _warnings_to_file()
     else:
         log.setLevel(logging.WARNING)
         log.addHandler(logging.StreamHandler(sys.stderr))
@@ -53,10 +56,37 @@ def note_to_file(msg: str) -> None:
     """A warning (already on stderr) into rank 0's log.txt too, or kept until setup_logging opens it."""
     if msg not in _NOTES:
         _NOTES.append(msg)
+    _to_file(logging.WARNING, f"warning: {msg}")
+
+
+def error_to_file(exc: BaseException) -> None:
+    """An exception's traceback into rank 0's log.txt (the console gets it from the interpreter, once)."""
+    tb = "".join(traceback.format_exception(exc)).rstrip()
+    _to_file(logging.ERROR, tb)
+
+
+def _to_file(level: int, text: str) -> None:
     log = get_logger()
     for h in log.handlers:
         if isinstance(h, logging.FileHandler):
-            h.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, f"warning: {msg}", None, None))
+            h.handle(log.makeRecord(log.name, level, __file__, 0, text, None, None))
+
+
+def _warnings_to_file() -> None:
+    """Python warnings (the libraries': transformers, deepspeed, torch) into log.txt as well as stderr, as
+    shown (the warnings filters still decide which); they reached the console only, lost with a detached job's
+    stderr. Installed once per process."""
+    shown = warnings.showwarning
+    if getattr(shown, "_unitok_log", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        shown(message, category, filename, lineno, file, line)
+        if str(message) not in _NOTES:  # warn_once's are written by note_to_file
+            _to_file(logging.WARNING, f"warning: {category.__name__}: {message} ({filename}:{lineno})")
+
+    showwarning._unitok_log = True
+    warnings.showwarning = showwarning
 
 
 def get_logger() -> logging.Logger:

@@ -271,6 +271,7 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
 
     from runtime.checkpoint import CheckpointManager
     from runtime.distributed import end_job
+    from runtime.log import error_to_file
     from runtime.run import start_run, unlock_run_dir
 
     caller_group = dist.is_initialized()
@@ -285,14 +286,16 @@ def run(cfg: RunConfig, build) -> dict[str, Any]:
             task = build(cfg, info, log)
         except Exception as e:
             log.error(f"the run failed to start: {type(e).__name__}: {e}")
+            error_to_file(e)
             raise
         stopped = None
         try:
             last = fit(cfg, task, info, log, resolved)  # ends with a barrier on every rank
         except SystemExit as stop:  # a stop every rank agreed on (a stop signal, --nan-policy): all of them are here
             stopped = (stop.code,)  # not the exception: its traceback holds fit's frame, and through it the task
-        except Exception as e:  # log.txt ended at the last step line: say so there (the traceback is on stderr)
+        except Exception as e:  # log.txt ended at the last step line: say so there, with the traceback
             log.error(f"the run failed: {type(e).__name__}: {e}")
+            error_to_file(e)
             raise
         finally:  # also on a crash, whose traceback keeps the task until the at-exit end_job lets it go
             _destroy_engines(task)

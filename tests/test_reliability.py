@@ -488,6 +488,28 @@ def test_warn_once_messages_reach_log_txt(tmp_path, recwarn):
     setup_logging(None)
 
 
+def test_library_warnings_reach_log_txt_and_stderr(tmp_path):
+    """A library's Python warning (transformers, deepspeed, torch) reached the console only: a detached job's
+    log.txt did not have it. It now goes to both, once per warning shown."""
+    code = """if True:
+        import sys, warnings
+        from runtime.distributed import warn_once
+        from runtime.log import setup_logging
+        warnings.simplefilter("default")
+        setup_logging(sys.argv[1])
+        setup_logging(sys.argv[1])  # installed once
+        warn_once("ours")
+        for _ in range(2):
+            warnings.warn("a library's deprecation", FutureWarning)
+        """
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "log.txt").read_text()
+    assert text.count("warning: FutureWarning: a library's deprecation (<string>:") == 1, text
+    assert text.count("ours") == 1 and "deprecation" in p.stderr
+
+
 def test_a_resume_with_other_data_flags_or_ranks_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
     """A changed --micro-batch (MLLM) or --data.local-batch-size (tokenizer), or the tokenizer on another number of
     ranks, was refused only by the loader or the engine, after the model and its engines were built (minutes for

@@ -191,8 +191,9 @@ def test_a_crashed_run_exits_with_its_error_and_frees_its_group(tmp_path, shards
     assert p.returncode != 0 and "RuntimeError: --debug.raise-at-step 2: the injected error" in out, out[-3000:]
     assert GROUP_OUTLIVED not in out and "terminate called" not in out, out[-3000:]
     # log.txt says so too (it ended at the last step's line, as if the run were still going)
-    assert "the run failed: RuntimeError: --debug.raise-at-step 2: the injected error" in (
-        tmp_path / "run" / "log.txt").read_text()
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "the run failed: RuntimeError: --debug.raise-at-step 2: the injected error" in log
+    assert "Traceback (most recent call last):" in log and 'raise RuntimeError(f"--debug.raise-at-step' in log
 
 
 STAND_IN_SRUN = """#!{python}
