@@ -4,7 +4,9 @@ On a GPU: flash-attn (`flash_attention_2`) against PyTorch SDPA in bf16; on CPU,
 SDPA against the eager implementation in fp32, so the same code path runs. Two inputs, the two ways the
 trainer and the generator call the model:
   padded  a left-padded batch with an attention mask (generation)
-  packed  one row holding two sequences, position ids restarting at 0, no mask (packed training rows)
+  packed  two rows of two sequences each (cut at other places), position ids restarting at 0, no mask: packed
+          training rows at --micro-batch 2 (transformers' flash path reads restarts in one row only; the
+          model passes flash-attn the sequence bounds over all rows itself)
 The figure is max |logits_a - logits_b| / max |logits_b| over the real positions; it passes at or below the
 tolerance of the dtype (bf16: 2e-2, fp32: 1e-4). Requesting flash-attn where the package is not installed
 prints a "flash-attn not installed" row and exits 0.
@@ -78,12 +80,12 @@ def inputs(vocab: int, seq: int, device: str) -> dict[str, dict]:
     ids[1, :pad] = 0
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
-    cut = seq // 3
-    pos = torch.cat([torch.arange(cut), torch.arange(seq - cut)]).unsqueeze(0)
+    pos = torch.stack([torch.cat([torch.arange(cut), torch.arange(seq - cut)]) for cut in (seq // 3, seq // 2)])
     return {
         "padded": {"args": {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, "real": mask.bool()},
-        "packed": {"args": {"input_ids": ids[:1].to(device), "position_ids": pos.to(device), "use_cache": False},
-                   "real": torch.ones(1, seq, dtype=torch.bool)},
+        "packed": {"args": {"input_ids": torch.randint(3, vocab, (2, seq), generator=g).to(device),
+                            "position_ids": pos.to(device), "use_cache": False},
+                   "real": torch.ones(2, seq, dtype=torch.bool)},
     }
 
 

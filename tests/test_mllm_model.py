@@ -294,35 +294,69 @@ def test_attention_implementation_selection(monkeypatch):
     assert [str(w.message) for w in caught] == ["flash-attn is not available: using PyTorch SDPA attention"]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])  # the two implementations that run on CPU
-def test_packed_rows_do_not_attend_across_samples(model, attn):
-    """A packed row (position ids restarting per sample, no mask: the layout flash-attention's varlen
-    path reads on a GPU) gives each sample exactly the logits it has alone."""
-    model.set_attn_implementation(attn)
-    assert model.config._attn_implementation == attn
+def _flash_stand_in(monkeypatch) -> dict:
+    """flash-attn's two kernels as exact PyTorch equivalents (no flash-attn or GPU here), so transformers' own
+    flash_attention_2 dispatch runs on CPU; returns the kernels' call counts."""
+    import transformers.modeling_flash_attention_utils as fau
+
+    calls = {"whole_row": 0, "varlen": 0}
+
+    def attend(q, k, v, causal, scale):  # (B, S, H, D), k/v with fewer heads (GQA)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=causal, scale=scale, enable_gqa=True).transpose(1, 2)
+
+    def flash_fn(q, k, v, causal=True, softmax_scale=None, **_):
+        calls["whole_row"] += 1
+        return attend(q, k, v, causal, softmax_scale)
+
+    def flash_varlen_fn(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, softmax_scale=None, **_):
+        calls["varlen"] += 1
+        cu = cu_seqlens_q.tolist()
+        return torch.cat([attend(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+                          for a, b in zip(cu[:-1], cu[1:])])
+
+    def process(**kw):
+        return {"causal": kw["is_causal"], "softmax_scale": kw.get("softmax_scale")}
+
+    monkeypatch.setattr(fau, "lazy_import_flash_attention",
+                        lambda *a, **k: ((flash_fn, flash_varlen_fn, None, None, None), (process, process)))
+    return calls
+
+
+# sdpa and eager run on CPU; flash_attention_2 (what a GPU with flash-attn gets) through exact stand-in kernels
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash_attention_2"])
+def test_packed_rows_do_not_attend_across_samples(model, attn, monkeypatch):
+    """Packed rows (position ids restarting per sample, no mask: several rows, as --micro-batch > 1 packs)
+    give each sample exactly the logits it has alone. Under flash_attention_2 transformers read restarting
+    position ids only in a batch of one row: with more, every sample attended to the ones before it in its row."""
+    calls = _flash_stand_in(monkeypatch) if attn == "flash_attention_2" else None
+    monkeypatch.setattr(model.config, "_attn_implementation", attn)
     samples = [Sample([1, 10, IMG, 11], [-100, 10, -100, 11], [_codes(4)], [True]),
                Sample([1, 20, 21, 22, 23], [-100, 20, 21, 22, 23]),
-               Sample([1, IMG, 30], [-100, -100, 30], [_codes(5, 1, 1)], [False])]
-    packed = collate(samples, pack_to=24)
-    assert packed["input_ids"].shape == (1, 24) and packed["attention_mask"] is None
+               Sample([1, IMG, 30], [-100, -100, 30], [_codes(5, 1, 1)], [False]),
+               Sample([1, 40, 41, 42, 43, 44, 45], [-100, 40, 41, 42, 43, 44, 45])]
+    packed = collate(samples, pack_to=9)  # rows: [7 positions + pad], [5 + 3 + pad], [7 + pad]
+    assert packed["input_ids"].shape == (3, 9) and packed["attention_mask"] is None
     emb = model.build_inputs_embeds(packed["input_ids"], packed["image_codes"], packed["image_lens"],
                                     packed["image_starts"])
-    logits = model(inputs_embeds=emb, position_ids=packed["position_ids"]).logits[0]
-    start = 0
-    for s in samples:
+    logits = model(inputs_embeds=emb, position_ids=packed["position_ids"]).logits
+    if calls is not None:
+        assert calls == {"whole_row": 0, "varlen": model.config.num_hidden_layers}
+    where = [(0, 0), (1, 0), (1, 5), (2, 0)]  # (row, start) of each sample
+    for s, (row, start) in zip(samples, where):
         alone = collate([s])
         e = model.build_inputs_embeds(alone["input_ids"], alone["image_codes"], alone["image_lens"],
                                       alone["image_starts"])
         ref = model(inputs_embeds=e, attention_mask=alone["attention_mask"],
                     position_ids=alone["position_ids"]).logits[0]
         n = ref.shape[0]
-        assert torch.allclose(logits[start:start + n], ref, atol=1e-5)
-        start += n
+        assert torch.allclose(logits[row, start:start + n], ref, atol=1e-5)
     # packed training loss equals the token-weighted combination computed on the padded batch
     keys = ("input_ids", "labels", "attention_mask", "position_ids", "image_codes", "image_lens",
             "image_starts", "image_gen")
     padded = collate(samples)
     lp = model(**{k: packed[k] for k in keys}).loss
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")  # padded: flash would unpad (no stand-in)
     lq = model(**{k: padded[k] for k in keys}).loss
     assert torch.allclose(lp, lq, atol=1e-5)
 

@@ -5,8 +5,9 @@ image, labels of the same length (-100 = unsupervised), and the images' codes in
 `collate` produces the batch contract documented in `mllm.modeling.modeling`:
     padded (one sample per row, right or left padding, attention_mask) or
     packed (several samples per row, position ids restart per sample, attention_mask None;
-            transformers turns restarting position ids into a block-diagonal causal mask under SDPA
-            and into varlen flash-attention, so samples never attend to each other; each sample's
+            transformers turns restarting position ids into a block-diagonal causal mask under SDPA,
+            and the model gives flash-attention the sequence bounds of all rows (`packed_flash_kwargs`),
+            so samples never attend to each other; each sample's
             first label is -100, as HF's DataCollatorWithFlattening, so no token predicts across
             samples and the loss equals the unpacked one).
 """

@@ -56,6 +56,20 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
+def packed_flash_kwargs(attn_implementation: str | None, position_ids: torch.Tensor) -> dict:
+    """Flash-attention's varlen arguments for packed rows (position ids restarting per sample): cu_seq_lens over
+    all rows flattened, so no sample attends to another. transformers infers them from position ids only for a
+    batch of ONE row; with --micro-batch > 1 it ran causal attention over each whole row, every sample reading
+    the ones before it (SDPA builds its block-diagonal mask from position ids for any number of rows). {} for
+    other attention implementations."""
+    if not attn_implementation or "flash" not in attn_implementation:
+        return {}
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)  # flattens the rows
+    return {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": int(max_q), "max_length_k": int(max_k)}
+
+
 class UniMLLMForCausalLM(LlamaForCausalLM):
     """Llama + `model.multi_embedder` (visual input) + `ar_head` (depth head for visual output)."""
 
@@ -109,6 +123,7 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
             # Packed rows: transformers builds the block-diagonal causal mask from restarting position
             # ids only when no cache is in play, so do not let it create one implicitly.
             use_cache = False
+            kwargs = {**packed_flash_kwargs(self.config._attn_implementation, position_ids), **kwargs}
         if inputs_embeds is None and cache is not None and cache.get_seq_length() > 0 and not has_images(image_codes):
             # A cached decoding step of text: every rank decodes in lockstep (generate.py's `synced`), so
             # skipping the embedder's dummy call here keeps the collectives equal on all ranks, and
