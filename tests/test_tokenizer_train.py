@@ -336,6 +336,43 @@ def test_adaptive_weight_matches_autograd_at_the_last_layer():
     assert torch.allclose(ours, ref, rtol=1e-4)
 
 
+def test_the_loader_batch_reaches_the_model_on_its_device(tmp_path):
+    """The loader yields (pinned) CPU tensors and DeepSpeed puts the model on the GPU: the task moves the batch
+    (it handed the CPU batch to the model: on a GPU the first step failed, "Expected all tensors to be on the
+    same device"). The GPU is simulated: FakeTensorMode, the model materialised on "cuda"."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from experiments.synthetic import write_shards
+    from unitok import UniTok, preset
+    from unitok.data import DataConfig, ImageTextLoader
+    from unitok.losses import ContrastiveLoss, DiffAug
+    from unitok.train import LossConfig, TokenizerTask, TrainConfig
+
+    write_shards(tmp_path, num_shards=1, samples_per_shard=4, size=32, seed=0)
+    data = DataConfig(shards=str(tmp_path / "00000.tar"), img_size=32, context_length=16, local_batch_size=4,
+                      num_workers=0)
+    batch = next(iter(ImageTextLoader(data, rank=0, world_size=1)))
+    assert {v.device.type for v in batch.values()} == {"cpu"}
+    fake = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())  # ShapeEnv: bincount's data-dependent size
+    with torch.device("meta"):
+        model = UniTok(preset("debug")).train()
+    with fake:
+        model.to_empty(device="cuda")
+    engine = SimpleNamespace(module=model, device=torch.device("cpu"), global_rank=0)
+    cfg = TrainConfig(preset="debug", model=preset("debug"), data=data,
+                      loss=dataclasses.replace(LossConfig(), lpips=0.0))
+    cfg.gan.enabled = False
+    task = TokenizerTask(cfg, engine, None, None, ContrastiveLoss(), DiffAug())
+    engine.device = torch.device("cuda", 0)
+    with fake:
+        out = task.forward(batch, 0)
+    assert out["loss"].device == engine.device and out["images"].device == engine.device
+
+
 @pytest.mark.parametrize("loss", [{"l1": 0.0, "l2": 0.0}, {"clip": 0.0}], ids=["contrastive-only", "recon-only"])
 def test_a_part_no_loss_reads_is_not_run_and_the_rest_gets_the_same_gradients(loss):
     """Contrastive-only training skips the decoder, reconstruction-only the text tower (the ablation grid's

@@ -291,26 +291,29 @@ class TokenizerTask(Task):
         return {**terms, "rec": None if rec is None else rec.detach(),
                 "codebook_usage": out["codebook_usage"].detach()}
 
-    def discriminator_losses(self, batch: dict[str, torch.Tensor], rec: torch.Tensor, step: int):
+    def discriminator_losses(self, images: torch.Tensor, rec: torch.Tensor, step: int):
         """hinge + bCR on real and (detached) reconstructed images, after the GAN start; else {}."""
         from unitok.losses import discriminator_loss
 
         gs = self.gan_state(step)
         if gs is None or not gs.active:
             return {}
-        real = batch["images"][: rec.shape[0]]
+        real = images[: rec.shape[0]]
         return discriminator_loss(lambda x: self.disc_engine(x, generator=self.rng), real, rec, self.diffaug,
                                   gs.fade, self.cfg.gan.bcr, generator=self.rng)
 
     # ---- the loop's interface (runtime/loop.py) ----
     def forward(self, batch, step):
-        return self.generator_losses(batch, step)
+        # The loader's tensors are on the CPU (pinned); the model is on the engine's device. "images" goes on in
+        # the output for the discriminator's step (backward).
+        batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+        return {**self.generator_losses(batch, step), "images": batch["images"]}
 
     def backward(self, out, batch, step):
         """Generator update, then the discriminator's on the same micro batch (after the GAN start)."""
         self.engine.backward(out["loss"])
         self.engine.step()
-        disc = self.discriminator_losses(batch, out["rec"], step)
+        disc = self.discriminator_losses(out["images"], out["rec"], step)
         if not disc:
             return {}
         if not finite_everywhere(disc["total"]):
@@ -342,7 +345,7 @@ class TokenizerTask(Task):
 
         self.model.clamp_logit_scale()
         record["usage_per_codebook"] = [round(float(u), 3) for u in out["codebook_usage"]]
-        self._last = (batch["images"], out["rec"])
+        self._last = (out["images"], out["rec"])
         if self.cfg.image_every and step % self.cfg.image_every == 0 and self.decodes and is_main_process():
             save_grid(Path(self.cfg.run_dir) / "images" / f"{step_name(step)}.png", *self._last)
 
@@ -368,7 +371,7 @@ class TokenizerTask(Task):
             f"skipped/{k}": v for k, v in stats.counts.items() if k != "samples"}
 
     def state_dict(self):
-        # usage_steps is a non-persistent buffer (the released weights have none), but it sets the usage EMA's
+        # usage_steps is not in the weights (the released ones have none), but it sets the usage EMA's
         # decay and whether the next step overwrites it: a resume must continue it, not restart at 0
         return {"gan_rng": self.rng.get_state(), "usage_steps": int(self.model.quantizer.usage_steps),
                 "gan_total": self.gan_total}
@@ -397,7 +400,7 @@ class TokenizerTask(Task):
     def load_state_dict(self, state):
         self.rng.set_state(state["gan_rng"])
         if "usage_steps" in state:  # (checkpoints of older versions: the EMA restarts, as it did)
-            self.model.quantizer.usage_steps.fill_(state["usage_steps"])
+            self.model.quantizer.usage_steps = int(state["usage_steps"])
 
     def finish(self, run_dir, ckpts, trained, log):
         from runtime.distributed import is_main_process

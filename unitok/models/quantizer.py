@@ -63,7 +63,7 @@ class _QuantizerBase(nn.Module):
         self.cfg = cfg
         self.num_codebooks, self.codebook_size = cfg.num_codebooks, cfg.codebook_size
         self.codebooks = nn.ModuleList(Codebook(cfg.codebook_size, cfg.code_dim) for _ in range(cfg.num_codebooks))
-        self.register_buffer("usage_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.usage_steps = 0  # usage EMA updates so far: a host int (a device buffer cost a sync per forward)
 
     def raw_weights(self) -> torch.Tensor:
         """(K, V, d) raw codebook weights."""
@@ -80,7 +80,7 @@ class _QuantizerBase(nn.Module):
         freq = counts / counts.sum(1, keepdim=True).clamp_min(1)
         usage = (freq > 0.01 / V).float().mean(1) * 100
         if self.training:
-            step = int(self.usage_steps)
+            step = self.usage_steps
             for k, cb in enumerate(self.codebooks):
                 if step == 0:
                     cb.vocab_usage.copy_(freq[k])

@@ -92,7 +92,8 @@ class UniTok(nn.Module):
         return self.logit_scale.device
 
     # ---- validation ----------------------------------------------------------------------
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor, values: bool = True) -> None:
+        """Type, shape and (with `values`: a host sync) the [-1, 1] range."""
         if not isinstance(images, torch.Tensor):
             raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3:
@@ -102,6 +103,8 @@ class UniTok(nn.Module):
             raise ValueError(f"image height and width must be positive multiples of {DOWNSAMPLE}, got {H}x{W}")
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        if not values:
+            return
         lo, hi = images.aminmax()
         if lo < -1.001 or hi > 1.001:
             raise ValueError(f"images must be in [-1, 1] (got min {lo.item():.3f}, max {hi.item():.3f}); "
@@ -187,7 +190,7 @@ class UniTok(nn.Module):
         codes (B, K, h, w), clip_image_features / clip_text_features (B, E) normalised (text None
         without texts), logit_scale (exp'ed scalar).
         """
-        self._check_images(images)
+        self._check_images(images, values=not self.training)  # training reads the loader's [-1, 1] images
         B, _, H, W = images.shape
         grid = (H // DOWNSAMPLE, W // DOWNSAMPLE)
         z = self.latent(images)
@@ -216,7 +219,7 @@ class UniTok(nn.Module):
 
     def reset_nonpersistent_buffers(self) -> None:
         """Rebuild buffers that are not in the state dict (after building on the meta device)."""
-        self.quantizer.usage_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.quantizer.usage_steps = 0
         self.text_encoder.attn_mask = self.text_encoder.build_causal_mask().to(self.device)
 
     # ---- checkpoint folder (config.json + model.safetensors) ------------------------------
