@@ -8,8 +8,9 @@ trainer and the generator call the model:
           training rows at --micro-batch 2 (transformers' flash path reads restarts in one row only; the
           model passes flash-attn the sequence bounds over all rows itself)
 The figure is max |logits_a - logits_b| / max |logits_b| over the real positions; it passes at or below the
-tolerance of the dtype (bf16: 2e-2, fp32: 1e-4). Requesting flash-attn where the package is not installed
-prints a "flash-attn not installed" row and exits 0.
+tolerance of the dtype (bf16: 2e-2, fp32: 1e-4). Requesting flash-attn where the package is not installed, or
+does not import (a wheel built for another torch: the trainer then uses SDPA), prints a "flash-attn not installed"
+or "not importable" row and exits 0.
 
     python benchmarks/attention_parity.py                                   # CPU: sdpa vs eager, fp32
     python benchmarks/attention_parity.py --device cuda --dtype bf16 --impls flash_attention_2 sdpa
@@ -27,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.generation import PRESETS as GEN_PRESETS  # noqa: E402
+from benchmarks.gpu_check import flash_attn_version  # noqa: E402
 from mllm import UniMLLMConfig, UniMLLMForCausalLM  # noqa: E402
 from runtime.cli import parse  # noqa: E402
 
@@ -94,9 +96,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = parse(Options, argv, prog="python benchmarks/attention_parity.py", description=__doc__)
     test, ref = a.impls
     label = f"{test} vs {ref}, {a.preset}, {a.dtype}, {a.device}"
-    if "flash_attention_2" in a.impls and importlib.util.find_spec("flash_attn") is None:
+    if "flash_attention_2" in a.impls and flash_attn_version() is None:
+        why = "not installed" if importlib.util.find_spec("flash_attn") is None else "not importable"
         rows = [{"case": "all", "impls": label, "error": None, "tolerance": TOLERANCE[a.dtype],
-                 "status": "flash-attn not installed"}]
+                 "status": f"flash-attn {why}"}]
     else:
         dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
         ref_model = build(a.preset, ref, a.device, dtype, None)

@@ -2,7 +2,7 @@
 
 Builds the demo assets (quick sizes: data, a debug tokenizer trained briefly, codes, a tiny Llama),
 then runs `mllm.train` through the deepspeed launcher for a few steps at each world size and reads
-the trainer's own log lines: "model-state MB" per rank (parameters + fp32 master + Adam moments this
+the trainer's own log lines: "model-state MiB" per rank (parameters + fp32 master + Adam moments this
 rank holds) and tokens/s (non-pad positions). On a GPU the trainer also prints MFU.
 
     python benchmarks/mllm_train.py [--out runs/bench_mllm] [--hidden 256] [--layers 4] [--steps 6]
@@ -44,11 +44,19 @@ class BenchConfig:
     """Training steps of the debug tokenizer whose codes feed the MLLM; 0 = an untrained one (its quality does
     not matter to the speed, and it saves a launch)."""
     steps: int = 6
-    """Training steps per world size."""
+    """Training steps per world size (the first is a warm-up, left out of tokens/s and MFU)."""
     ranks: tuple[int, ...] = (1, 2)
     """World sizes to measure."""
     ds_config: str = "zero3"
     """DeepSpeed config name."""
+
+    def __post_init__(self):
+        if self.steps < 2:
+            raise ValueError(f"--steps {self.steps}: at least 2 (the first is a warm-up, not measured)")
+
+
+def harmonic_mean(rates: list[float]) -> float:
+    return len(rates) / sum(1 / r for r in rates) if rates and min(rates) > 0 else 0.0
 
 
 def resize_llama(folder: Path, hidden: int, layers: int, heads: int, max_len: int) -> None:
@@ -121,15 +129,18 @@ def main(argv: list[str] | None = None) -> None:
             "--num-workers", "0", "--total-steps", str(a.steps), "--save-every", str(a.steps), "--log-every", "1",
             "--resume", "none", "--no-export", "--no-save-final", "--ds-config", a.ds_config], n, log)
         text = log.read_text()
-        mem = [float(x) for x in re.findall(r"rank \d+: model-state MB ([\d.]+)", text)][-n:]
-        tps = [float(x) for x in re.findall(r"([\d.]+) tok/s", text)][1:]  # drop the first (warm-up) step
-        mfu = re.findall(r"mfu ([\d.]+)%", text)
-        rows.append((n, max(mem), sum(tps) / max(1, len(tps)), mfu[-1] if mfu else "-"))
+        mem = [float(x) for x in re.findall(r"rank \d+: model-state MiB ([\d.]+)", text)][-n:]
+        # steps 2..N (the first is a warm-up). Every step trains the same number of positions, so the harmonic mean
+        # of the per-step rates is total tokens / total time (an arithmetic mean let a slow step count for less);
+        # MFU is proportional to the rate: the same mean over the same steps (it was the last step's alone).
+        tps = [float(x) for x in re.findall(r"([\d.]+) tok/s", text)][1:]
+        mfu = [float(x) for x in re.findall(r"mfu ([\d.]+)%", text)][1:]
+        rows.append((n, max(mem), harmonic_mean(tps), f"{harmonic_mean(mfu):.1f}" if mfu else "-"))
     base = rows[0][1]
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (gloo)"
     print(f"# {dev}; Llama {a.layers} x {a.hidden} ({a.heads} heads), {a.ds_config}, micro batch {a.micro_batch} x "
           f"{a.max_len} positions, {a.steps} steps")
-    print("| ranks | model-state MB per rank | vs 1 rank | tokens/s (all ranks) | MFU % |")
+    print("| ranks | model-state MiB per rank | vs 1 rank | tokens/s (all ranks) | MFU % |")
     print("|---|---|---|---|---|")
     for n, m, t, f in rows:
         print(f"| {n} | {m:.2f} | {m / base:.2f} | {t:.0f} | {f} |")

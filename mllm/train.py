@@ -381,7 +381,7 @@ class MllmTask(Task):
             from runtime.log import get_logger
 
             mem = model_state_bytes(self.engine)
-            get_logger().warning(f"rank {self.info.rank}: model-state MB {mem['total'] / 2**20:.2f} (params "
+            get_logger().warning(f"rank {self.info.rank}: model-state MiB {mem['total'] / 2**20:.2f} (params "
                                  f"{mem['params'] / 2**20:.2f}, fp32 master {mem['master'] / 2**20:.2f}, "
                                  f"moments {mem['moments'] / 2**20:.2f})")
 

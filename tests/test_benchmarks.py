@@ -154,6 +154,9 @@ def test_gpu_check_fails_at_once_without_its_packages_and_reads_a_broken_flash_a
     assert "flash-attn not importable" in gc.header(True, tmp_path)[0]
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert "DS_ACCELERATOR" not in gc.step_env(cpu=False) and gc.step_env(cpu=True)["DS_ACCELERATOR"] == "cpu"
+    # the attention step reads it as absent too: a skip row and exit 0 (it died with the ImportError: a FAIL row)
+    rows = load("attention_parity").main(["--impls", "flash_attention_2", "sdpa", "--json", str(tmp_path / "a.json")])
+    assert [(r["status"], r["error"]) for r in rows] == [("flash-attn not importable", None)]
 
 
 def test_demo_floors_freezes_only_the_named_steps(monkeypatch):

@@ -117,7 +117,7 @@ def test_bf16_nan_guard_kill_during_save_and_exact_resume(tmp_path, assets):
     assert "optimizer: AdamW (fused kernel)" in log
     assert "step 2: non-finite loss on some rank (here: {'loss': nan})" in log, log[-2000:]  # (it said step 1)
     # bf16 weights next to fp32 master copies: this rank's parameters take half the master's bytes
-    params, master = map(float, re.search(r"model-state MB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())
+    params, master = map(float, re.search(r"model-state MiB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())
     assert master > 0 and abs(2 * params - master) <= 0.02, (params, master)
     before = _metrics(run)
     assert [m["step"] for m in before] == [1, 2, 3, 4] and all(0 < m["loss"] < 100 for m in before)

@@ -162,7 +162,7 @@ def test_stage1_text_only_batches_on_zero3_kill_and_exact_resume(world, tmp_path
     # fp32 asked for (auto on CPU), fp32 partitions built: each rank's parameters take as many bytes as its
     # fp32 master copy (DeepSpeed's zero.Init once built bf16 partitions on CPU whatever the dtype asked for)
     assert "precision: fp32" in log
-    params, master = map(float, re.search(r"model-state MB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())
+    params, master = map(float, re.search(r"model-state MiB [\d.]+ \(params ([\d.]+), fp32 master ([\d.]+)", log).groups())
     assert master > 0 and params == master, (params, master)
     a = _metrics(full)
     assert [m["step"] for m in a] == list(range(1, 13))
