@@ -60,6 +60,14 @@ def test_perceptual_values_and_gradient(lpips_random):
     # parity with the lpips package's own forward (only the normalisation eps differs)
     ref = loss.lpips(x, y.detach()).mean()
     assert value.item() == pytest.approx(ref.item(), rel=1e-4)
+    # and its gradient with the package's; the target (the data) gets none: VGG16 no longer runs its input
+    # gradients for the targets (half of LPIPS's backward, discarded)
+    y_ref = y.detach().clone().requires_grad_(True)
+    loss.lpips(x, y_ref).mean().backward()
+    assert torch.allclose(y.grad, y_ref.grad, rtol=1e-3, atol=1e-3 * y_ref.grad.abs().max().item())
+    x_grad, y_again = x.clone().requires_grad_(True), y.detach().clone().requires_grad_(True)
+    loss(y_again, x_grad).backward()
+    assert x_grad.grad is None and torch.equal(y_again.grad, y.grad)
     # below lpr = 48 px the term is skipped
     assert loss(y[..., :40, :40], x[..., :40, :40]).item() == 0.0
 

@@ -142,10 +142,11 @@ class PerceptualLoss(nn.Module):
             return rec.new_zeros((), dtype=torch.float32)
         m = self.lpips
         with torch.autocast(device_type=rec.device.type, enabled=False):  # fp32, as in the release
-            B = rec.shape[0]
-            x = m.scaling_layer(torch.cat([target, rec]).float())  # (2B, 3, H, W)
+            # The target's features without a graph: in one 2B batch with rec, the backward ran VGG16's input
+            # gradients for the targets too (half of LPIPS's backward, thrown away) and kept their activations.
+            with torch.no_grad():
+                ref = [normalize_channels(f) for f in m.net(m.scaling_layer(target.float()))]
             total = rec.new_zeros((), dtype=torch.float32)
-            for feats, lin in zip(m.net(x), m.lins):  # feats (2B, C_l, H_l, W_l)
-                diff = (normalize_channels(feats[:B]) - normalize_channels(feats[B:])).square()
-                total = total + lin(diff).mean()
+            for t, feats, lin in zip(ref, m.net(m.scaling_layer(rec.float())), m.lins):  # (B, C_l, H_l, W_l)
+                total = total + lin((t - normalize_channels(feats)).square()).mean()
         return total
