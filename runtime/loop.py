@@ -136,9 +136,9 @@ def finite_everywhere(x: torch.Tensor) -> bool:
 
 
 def scalars(out: dict[str, Any]) -> dict[str, float]:
-    """The 0-d tensor (or float) entries of a task's output, as floats."""
+    """The 0-d tensor (or float) entries of a task's output, as floats (not the private "_" ones)."""
     return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in out.items()
-            if isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0)}
+            if not k.startswith("_") and (isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0))}
 
 
 def step_means(micro: list[dict[str, float]], weighted: dict[str, str]) -> dict[str, float | int | None]:
@@ -175,7 +175,8 @@ class Task:
     the step's record (`step_means`)."""
 
     def forward(self, batch: Any, step: int) -> dict[str, Any]:
-        """One micro batch: {"loss": objective, other 0-d tensors (logged), anything else (task-private)}."""
+        """One micro batch: {"loss": objective, other 0-d tensors (logged), anything else or named "_..."
+        (task-private)}."""
         raise NotImplementedError
 
     def backward(self, out: dict[str, Any], batch: Any, step: int) -> dict[str, Any]:

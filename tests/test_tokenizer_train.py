@@ -331,9 +331,63 @@ def test_adaptive_weight_matches_autograd_at_the_last_layer():
     rec = model(x)["img_rec"]
     nll = (rec - x).abs().mean() + (rec - x).square().mean()
     g = -(rec * torch.linspace(-1, 1, 32)).mean()  # a stand-in adversarial loss
+    ref = adaptive_weight(nll, g, model.decoder.last_layer_weight())  # (keeps the graphs, which ours frees)
     ours = task.adaptive_weight(nll, g, rec)
-    ref = adaptive_weight(nll, g, model.decoder.last_layer_weight())
     assert torch.allclose(ours, ref, rtol=1e-4)
+
+
+def test_a_gan_step_gets_the_gradient_of_its_logged_objective():
+    """During the GAN, the generator's backward reuses dL_nll/d rec and dL_g/d rec, which the adaptive weight
+    computes anyway, instead of running LPIPS's VGG16 and the discriminator backward a second time: every model
+    parameter gets the gradient of nll + vq + clip + g_weight * g (the logged loss), computed here directly."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from unitok import UniTok, preset
+    from unitok.data import DataConfig
+    from unitok.losses import ContrastiveLoss, DiffAug, PerceptualLoss, hinge_g_loss, reconstruction_loss
+    from unitok.models.discriminator import DinoDiscriminator
+    from unitok.train import GanConfig, LossConfig, TokenizerTask, TrainConfig
+
+    torch.manual_seed(0)
+    mcfg = preset("debug")
+    mcfg.img_size = 64  # LPIPS runs from 48 px
+    model = UniTok(mcfg).train()
+    disc = DinoDiscriminator(None, random_backbone=True, backbone="debug").train()
+    engine = SimpleNamespace(module=model, device=torch.device("cpu"), global_rank=0)
+    cfg = TrainConfig(preset="debug", model=mcfg, total_steps=100,
+                      data=DataConfig(img_size=64, context_length=mcfg.text.context_length),
+                      loss=dataclasses.replace(LossConfig(), lpips=1.0, lpips_random_backbone=True),
+                      gan=dataclasses.replace(GanConfig(), random_backbone=True, backbone="debug", start_frac=0.0,
+                                              warmup_frac=0.5))
+    task = TokenizerTask(cfg, engine, SimpleNamespace(module=disc), PerceptualLoss(None, random_backbone=True),
+                         ContrastiveLoss(), DiffAug())
+    batch = {"images": torch.rand(2, 3, 64, 64) * 2 - 1, "texts": torch.randint(1, 1000, (2, mcfg.text.context_length))}
+    step, rng0 = 20, task.rng.get_state()
+    assert task.gan_state(step).active and 0 < task.gan_state(step).warm < 1 and task.gan_state(step).fade > 0
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out = task.generator_losses(batch, step)
+    assert not out["loss"].requires_grad and out["lpips"] > 0
+    ours = grads(out["_objective"])
+    # the same forward (the GAN's generator replays its draws), with the loss written out and backpropagated
+    task.rng.set_state(rng0)
+    torch.manual_seed(0)
+    fwd = model(batch["images"], batch["texts"])
+    rec, c, gs = fwd["img_rec"], cfg.loss, task.gan_state(step)
+    nll = reconstruction_loss(rec, batch["images"], c.l1, c.l2)["rec"] + c.lpips * task.perceptual(rec, batch["images"])
+    g = hinge_g_loss(disc(task.diffaug(rec, gs.fade, task.rng), generator=task.rng).float())
+    loss = nll + c.vq * fwd["vq_loss"] + c.clip * task.contrastive(
+        fwd["clip_image_features"], fwd["clip_text_features"], fwd["logit_scale"]) + out["g_weight"] * g
+    assert torch.allclose(loss.detach(), out["loss"], rtol=1e-5)
+    ref = grads(loss)
+    assert ours.keys() == ref.keys() and len(ref) > 50
+    for n, r in ref.items():
+        assert torch.allclose(ours[n], r, rtol=1e-4, atol=1e-6 * r.abs().max().item()), n
 
 
 def test_the_loader_batch_reaches_the_model_on_its_device(tmp_path):
