@@ -49,10 +49,17 @@ at this scale (and after Holm). Table 6's joint vs contrastive-only, where the p
 reported as a difference with a two-sided p and no verdict.
 
 Layout (resumable: a (cell, seed) is finished when its result.json exists; a half-trained one
-resumes with `--resume auto`; a result, or a half-trained run, of different arguments is an error, not
-reused: fingerprint.json holds the arguments a run was started with):
+resumes with `--resume auto`). A result, or a half-trained run, of other arguments or of another world
+size (the ranks of a run, from --launcher, --ngpu and --launcher-args: the global batch is the local batch
+x ranks) is an error, not reused; every run of the grid is checked before any starts, and one error names
+them all. fingerprint.json holds the arguments a run was started with; result.json also records the run's
+world size, global batch and git SHA, and results.md warns of a cell that pools more than one SHA.
+A run that fails (its training or evaluation) does not stop the others: failed.json in its folder records
+the error, the exit code and the log, results.md marks the seed, and once the other runs are done the grid
+exits non-zero naming the failures. A rerun skips failed runs, so that a failure that repeats costs no
+time; --retry-failed runs them again (a transient out-of-memory), resuming from their last checkpoint.
     OUT_DIR/cells/<cell>/seed<k>/{fingerprint.json, train/, train.log, train_seconds.json, eval_1x/, eval_2x/,
-                                  result.json}
+                                  eval.log, result.json | failed.json}
     OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py): every
                                     finished result under OUT_DIR with this run's settings, of any seed and of
                                     any cell of the grid, so a --cells or --seeds rerun keeps the others' rows
@@ -147,8 +154,12 @@ class AblateConfig:
     jobs: int = 1
     """Runs at once (launcher none): each run's training and evaluation get (usable cores) // jobs torch threads.
     Tiny models use one core poorly: on 2 cores, 2 one-thread runs train 1.6x the samples/s of one two-thread run."""
+    retry_failed: bool = False
+    """Run again the runs that failed before (their folder holds failed.json; training resumes from its last
+    checkpoint), e.g. after a transient out-of-memory. Without it a rerun skips them, so that a failure that
+    repeats (a diverging run) costs no time; they stay marked in results.md and the run exits non-zero."""
     dry_run: bool = False
-    """Validate and print the training commands only."""
+    """Validate (the arguments, and the runs already under --out-dir) and print the training commands only."""
 
     def __post_init__(self):
         self.seeds, self.cells = tuple(self.seeds), tuple(self.cells)
@@ -230,6 +241,9 @@ class Plan:
     launcher_args: list[str]
     train_size: int = 0
     jobs: int = 1
+    world_size: int = 1
+    """Ranks of each training run (`launch_world_size`): the global batch is the local batch x grad_accum x this,
+    so a result of another world size is not this grid's."""
     run_cells: list[Cell] = field(default_factory=list)
     """The cells this run trains (--cells); the summary also shows the grid's other cells that have results."""
 
@@ -290,6 +304,53 @@ def _job(plan: Plan, module: str, argv: list[str]) -> tuple[list[str], int]:
     return deepspeed_cmd(module, argv, plan.ngpu, port, launcher_args=[*plan.launcher_args, *extra]), port
 
 
+def launch_world_size(launcher: str, ngpu: int, launcher_args: list[str]) -> int:
+    """The ranks a training run gets: 1 without a launcher; with deepspeed (which is given --num_gpus NGPU),
+    NGPU on each of --num_nodes nodes, else on every host of its hostfile (--hostfile, default /job/hostfile:
+    one `NAME slots=N` line per host), else on this machine alone."""
+    if launcher == "none":
+        return 1
+    nodes, hostfile = 0, "/job/hostfile"
+    rest = iter(launcher_args)
+    for a in rest:
+        flag, eq, value = a.partition("=")
+        if flag in ("--num_nodes", "--hostfile", "-H"):
+            value = value if eq else next(rest, "")
+            if flag != "--num_nodes":
+                hostfile = value
+            elif not value.lstrip("-").isdigit():
+                raise ValueError(f"--launcher-args: --num_nodes takes a number, got {value!r}")
+            else:
+                nodes = int(value)
+    if nodes <= 0:
+        path = Path(hostfile)
+        lines = path.read_text().splitlines() if path.is_file() else []
+        nodes = sum(bool(re.match(r"[^#\s]\S*\s+slots=\d+", line.strip())) for line in lines) or 1
+    return ngpu * nodes
+
+
+def run_world_size(run_dir: Path) -> int | None:
+    """The ranks that wrote a run's latest checkpoint (each writes its rank%05d.pt there, runtime/checkpoint.py);
+    None without a checkpoint."""
+    from runtime.checkpoint import CheckpointManager
+
+    ckpt = CheckpointManager(run_dir).latest()
+    ranks = len(list(ckpt.glob("rank?????.pt"))) if ckpt is not None else 0
+    return ranks or None
+
+
+def run_facts(run_dir: Path) -> dict[str, Any]:
+    """What a result records of its training beside the arguments: `world_size`, `global_batch` (local batch x
+    grad_accum x world size) and `git_sha` (train/config.json, written by the trainer at the run's last start:
+    the code that finished it); None where the run folder does not have it."""
+    path = run_dir / "config.json"
+    saved = read_json(path, f"delete {run_dir.parent} to start that run over") if path.is_file() else {}
+    cfg, world = saved.get("config") or {}, run_world_size(run_dir)
+    local = (cfg.get("data") or {}).get("local_batch_size")
+    return {"world_size": world, "global_batch": local * cfg.get("grad_accum", 1) * world if local and world else None,
+            "git_sha": saved.get("git_sha")}
+
+
 def _trained(run_dir: Path, total_steps: int) -> bool:
     """The final checkpoint and the export both exist. With the checkpoint alone (killed while exporting), the
     training command is run again: it resumes at the final step, trains nothing and exports."""
@@ -342,8 +403,10 @@ def read_json(path: Path, advice: str) -> Any:
 
 
 def read_result(path: Path) -> dict[str, Any]:
-    """A (cell, seed)'s result.json."""
-    return read_json(path, "delete it to evaluate that run again (its training in train/ is kept)")
+    """A (cell, seed)'s result.json. One written before results recorded `world_size`, `global_batch` and
+    `git_sha` gets them from its run folder (`run_facts`)."""
+    result = read_json(path, "delete it to evaluate that run again (its training in train/ is kept)")
+    return result if "world_size" in result else {**run_facts(path.parent / "train"), **result}
 
 
 def fingerprint_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
@@ -367,47 +430,129 @@ def fingerprint_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     return "; ".join(diffs) or "the order of the training arguments"
 
 
-def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
-    """Train (or resume) and evaluate one (cell, seed); -> (result, ran). Finished ones are read back."""
+def result_mismatch(plan: Plan, cell: Cell, seed: int, result: dict[str, Any]) -> str | None:
+    """How a finished result differs from what this run would write for (cell, seed), or None: other arguments
+    (the fingerprint), or another world size, which the arguments do not hold (--launcher, --ngpu,
+    --launcher-args) and which sets the global batch."""
+    fp = plan.fingerprint(cell, seed)
+    if result.get("fingerprint") != fp:
+        return f"other arguments than this run's ({fingerprint_diff(result.get('fingerprint'), fp)})"
+    if result.get("world_size") != plan.world_size:
+        return (f"another world size than this run's ({result.get('world_size') or 'unrecorded'} -> "
+                f"{plan.world_size} ranks: --launcher, --ngpu, --launcher-args)")
+    return None
+
+
+def reuse_problem(plan: Plan, cell: Cell, seed: int) -> str | None:
+    """Why the folder of (cell, seed) cannot serve this run, or None: a result, or a half-trained (or failed)
+    run, of other arguments or of another world size. A corrupt harness file is a ValueError."""
     cell_dir = plan.out_dir / "cells" / cell.name / f"seed{seed}"
     result_path = cell_dir / "result.json"
-    fp = plan.fingerprint(cell, seed)
     if result_path.is_file():
-        result = read_result(result_path)
-        if result.get("fingerprint") != fp:
-            raise ValueError(f"{result_path} was written with other arguments than this run's "
-                             f"({fingerprint_diff(result.get('fingerprint'), fp)}); use another --out-dir or "
-                             f"delete {cell_dir}")
-        return result, False
-    cell_dir.mkdir(parents=True, exist_ok=True)
+        if why := result_mismatch(plan, cell, seed, read_result(result_path)):
+            return f"{result_path} was written with {why}; use another --out-dir or delete {cell_dir}"
+        return None
     run_dir = cell_dir / "train"
     # a run killed before its result resumes only under the arguments it was started with (the grid file may
     # have changed since): they are written before training starts
     fp_path = cell_dir / "fingerprint.json"
-    if run_dir.exists():
-        if not fp_path.is_file():
-            raise ValueError(f"{run_dir} has no {fp_path.name} (started by an earlier experiments.ablate), so "
-                             f"its arguments cannot be checked against this run's; delete {cell_dir} to start "
-                             "that run over")
-        started = read_json(fp_path, f"delete {cell_dir} to start that run over")
-        if started != fp:
-            raise ValueError(f"{fp_path}: {run_dir} was started with other arguments than this run's "
-                             f"({fingerprint_diff(started, fp)}); rerun with those, or delete {cell_dir} to start "
-                             "that run over")
-    else:
-        write_json_atomic(fp_path, fp)
+    if not run_dir.exists():
+        return None
+    if not fp_path.is_file():
+        return (f"{run_dir} has no {fp_path.name} (started by an earlier experiments.ablate), so its arguments "
+                f"cannot be checked against this run's; delete {cell_dir} to start that run over")
+    fp, started = plan.fingerprint(cell, seed), read_json(fp_path, f"delete {cell_dir} to start that run over")
+    if started != fp:
+        return (f"{fp_path}: {run_dir} was started with other arguments than this run's "
+                f"({fingerprint_diff(started, fp)}); rerun with those, or delete {cell_dir} to start that run over")
+    ranks = run_world_size(run_dir)
+    if ranks not in (None, plan.world_size):  # the trainer refuses it too, once started
+        return (f"{run_dir} was started on {ranks} ranks and this run has {plan.world_size} (--launcher, --ngpu, "
+                f"--launcher-args); rerun with those, or delete {cell_dir} to start that run over")
+    return None
+
+
+def check_reusable(plan: Plan, runs: list[tuple[Cell, int]]) -> None:
+    """Every run's folder against the plan, before any run starts: one changed setting, found when the queue
+    reached its cell, stopped the grid after the runs before it had trained. One error names every problem."""
+    problems = []
+    for cell, seed in runs:
+        try:
+            problems.append(reuse_problem(plan, cell, seed))
+        except ValueError as e:  # a corrupt file
+            problems.append(str(e))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{len(problems)} of the {len(runs)} runs do not match this run's settings:\n  - "
+                         + "\n  - ".join(problems))
+
+
+class RunFailed(RuntimeError):
+    """A (cell, seed)'s training or evaluation failed: the grid goes on with its other runs, and failed.json in
+    the run's folder records it (`record`)."""
+
+    def __init__(self, message: str, log: Path):
+        super().__init__(message)
+        m = re.search(r"failed with exit code (-?\d+)", message)  # runtime.launch's message of a job's exit
+        self.log, self.exit_code = log, int(m[1]) if m else None
+
+    def record(self) -> dict[str, Any]:
+        return {"error": str(self).splitlines()[0], "exit_code": self.exit_code, "log": str(self.log)}
+
+
+@contextlib.contextmanager
+def _stage(cell_dir: Path, log: str):
+    """A run's training or evaluation: an error inside becomes RunFailed naming the stage's log, written to
+    cell_dir/failed.json."""
+    try:
+        yield
+    except Exception as e:
+        failed = RunFailed(str(e) or type(e).__name__, cell_dir / log)
+        write_json_atomic(cell_dir / "failed.json", failed.record())
+        raise failed from e
+
+
+def failed_run(cell_dir: Path) -> dict[str, Any] | None:
+    """A run's failed.json, if it failed and did not finish since."""
+    path = cell_dir / "failed.json"
+    if not path.is_file() or (cell_dir / "result.json").is_file():
+        return None
+    return read_json(path, f"delete it (that run is then trained again with {cell_dir / 'train'})")
+
+
+def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
+    """Train (or resume) and evaluate one (cell, seed); -> (result, ran). Finished ones are read back. A failed
+    training or evaluation raises RunFailed."""
+    if problem := reuse_problem(plan, cell, seed):
+        raise ValueError(problem)
+    cell_dir = plan.out_dir / "cells" / cell.name / f"seed{seed}"
+    result_path = cell_dir / "result.json"
+    if result_path.is_file():
+        return read_result(result_path), False
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cell_dir / "train"
+    fp = plan.fingerprint(cell, seed)
+    if not run_dir.exists():  # before training starts: a killed run resumes only under these (reuse_problem)
+        write_json_atomic(cell_dir / "fingerprint.json", fp)
     seconds_path = cell_dir / "train_seconds.json"  # a re-evaluation (result.json deleted) keeps the figure
     t0 = time.time()
     if not _trained(run_dir, plan.steps):
-        cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
-        run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}",
-                   env=plan.env())
-        if not (run_dir / "export" / "model.safetensors").is_file():
-            raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
-                               f"see {cell_dir / 'train.log'}")
+        with _stage(cell_dir, "train.log"):
+            cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
+            run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}",
+                       env=plan.env())
+            if not (run_dir / "export" / "model.safetensors").is_file():
+                raise RuntimeError(f"training of cell {cell.name} seed {seed} wrote no export; "
+                                   f"see {cell_dir / 'train.log'}")
         write_json_atomic(seconds_path, {"train_seconds": round(time.time() - t0, 2)})
+    facts = run_facts(run_dir)
+    if facts["world_size"] != plan.world_size:  # a launch that launch_world_size misread: stop the grid
+        raise ValueError(f"training of cell {cell.name} seed {seed} ran on {facts['world_size']} ranks where this "
+                         f"run expects {plan.world_size}: give the launcher's node count, --launcher-args="
+                         f"'--num_nodes N' (a rerun with it uses this training)")
     t1 = time.time()
-    metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
+    with _stage(cell_dir, "eval.log"):
+        metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
     t2 = time.time()
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][-1]
     train_seconds = (read_json(seconds_path, "delete it (the training time is then not recorded)")["train_seconds"]
@@ -417,14 +562,17 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
     from runtime.distributed import describe_host
 
     result = {"cell": cell.name, "group": cell.group, "seed": seed, "args": cell.args, "report": list(cell.report),
-              "metrics": metrics, "fingerprint": fp, "host": describe_host()}  # where its seconds were measured
+              "metrics": metrics, "fingerprint": fp, **facts,
+              "host": describe_host()}  # where its seconds were measured
     write_json_atomic(result_path, result)  # whole or not at all: the marker of a finished cell
+    (cell_dir / "failed.json").unlink(missing_ok=True)  # a retry that succeeded
     return result, True
 
 
 def finished_results(plan: Plan, skip: set[tuple[str, int]], log) -> list[dict[str, Any]]:
     """The finished results under out_dir of the grid's (cell, seed)s outside `skip` (this run's), written with
-    this run's settings: a --cells or --seeds rerun summarised only itself and dropped the other cells' claims."""
+    this run's settings (`result_mismatch`): a --cells or --seeds rerun summarised only itself and dropped the
+    other cells' claims."""
     found, other = [], []
     for cell in plan.grid.cells:
         for path in sorted((plan.out_dir / "cells" / cell.name).glob("seed*/result.json")):
@@ -432,10 +580,23 @@ def finished_results(plan: Plan, skip: set[tuple[str, int]], log) -> list[dict[s
             if not m or (cell.name, int(m[1])) in skip:
                 continue
             result = read_result(path)
-            (found if result.get("fingerprint") == plan.fingerprint(cell, int(m[1])) else other).append(result)
+            (other if result_mismatch(plan, cell, int(m[1]), result) else found).append(result)
     if other:
         log.info(f"results leave out {len(other)} finished run(s) under {plan.out_dir} with other settings")
     return found
+
+
+def failed_runs(plan: Plan) -> dict[tuple[str, int], dict[str, Any]]:
+    """(cell, seed) -> failed.json of the grid's runs under out_dir that failed with this run's arguments."""
+    failed = {}
+    for cell in plan.grid.cells:
+        for fp_path in sorted((plan.out_dir / "cells" / cell.name).glob("seed*/fingerprint.json")):
+            m = re.fullmatch(r"seed(-?\d+)", fp_path.parent.name)
+            record = failed_run(fp_path.parent) if m else None
+            started = record and read_json(fp_path, f"delete {fp_path.parent} to start that run over")
+            if started and started == plan.fingerprint(cell, int(m[1])):
+                failed[cell.name, int(m[1])] = record
+    return failed
 
 
 # ---- entry -----------------------------------------------------------------------------------
@@ -473,6 +634,7 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
                 absolute(args.eval_images), absolute(args.zeroshot_dir), absolute(args.probe_dir), args.classnames,
                 absolute(args.inception_weights), args.eval_batch_size, args.launcher, args.ngpu,
                 shlex.split(args.launcher_args), jobs=args.jobs,
+                world_size=launch_world_size(args.launcher, args.ngpu, shlex.split(args.launcher_args)),
                 run_cells=[c for c in grid.cells if not args.cells or c.name in args.cells])
     for where, args_ in [("grid train_args", grid.train_args), ("arguments", user_args),
                          *[(f"cell {c.name!r}", c.args) for c in plan.run_cells]]:
@@ -510,7 +672,8 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
 
 
 def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
-    """Run (or resume) the grid; returns the summary."""
+    """Run (or resume) the grid; returns the summary. Runs that fail do not stop the others: the grid ends with
+    a RuntimeError naming them, after the results are written."""
     from runtime.log import setup_logging
 
     out_dir = Path(args.out_dir)
@@ -519,54 +682,87 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
     plan = make_plan(args, user_args, log)
     todo = [(c, s) for c in plan.run_cells for s in plan.seeds]
     log.info(f"grid {plan.grid.name}: {len(plan.run_cells)} cells x {len(plan.seeds)} seeds = {len(todo)} runs, "
-             f"preset {plan.grid.base_preset}, {plan.steps} steps, launcher {plan.launcher}, out {plan.out_dir}")
+             f"preset {plan.grid.base_preset}, {plan.steps} steps, launcher {plan.launcher} with {plan.world_size} "
+             f"rank(s) per run, out {plan.out_dir}")
+    check_reusable(plan, todo)
     if args.dry_run:
         for c, s in todo:
             cmd, _ = _job(plan, "unitok.train", plan.train_argv(c, s))
             log.info(f"[dry run] {c.name} seed {s}: {shlex.join(cmd)}")
         return {}
+    failed = failed_runs(plan)
+    skipped = [] if args.retry_failed else [(c, s) for c, s in todo if (c.name, s) in failed]
+    if skipped:
+        log.info(f"skipping {len(skipped)} run(s) that failed before (--retry-failed runs them again): "
+                 + ", ".join(f"{c.name} seed {s}" for c, s in skipped))
+    queue = [x for x in todo if x not in skipped]
     done: dict[int, dict[str, Any]] = {}
+    n_ended = 0
     others = finished_results(plan, {(c.name, s) for c, s in todo}, log)
     t_start = time.time()
 
+    def ended(cell: Cell, seed: int, line: str) -> None:  # under the lock
+        nonlocal n_ended
+        n_ended += 1
+        log.info(f"[{n_ended}/{len(queue)}] {cell.name} seed {seed}: {line}")
+        write_outputs(plan, others + [done[j] for j in sorted(done)], list(failed))
+
     def one(i: int) -> None:
-        cell, seed = todo[i]
+        cell, seed = queue[i]
         t = time.time()
-        result, ran = run_cell(plan, cell, seed)
+        try:
+            result, ran = run_cell(plan, cell, seed)
+        except RunFailed as e:
+            with lock:
+                failed[cell.name, seed] = e.record()
+                ended(cell, seed, f"FAILED: {e.record()['error']} (see {e.log}); the other runs go on")
+            return
         m = result["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1", "probe_top1") if k in m)
         train = "?" if m["train_seconds"] is None else f"{m['train_seconds']:.0f}"  # trained by an earlier version
         how = (f"done in {time.time() - t:.0f} s (train {train} s, eval {m['eval_seconds']:.0f} s)"
                if ran else "finished before, skipped")
         with lock:
+            failed.pop((cell.name, seed), None)  # retried (--retry-failed)
             done[i] = result
-            log.info(f"[{len(done)}/{len(todo)}] {cell.name} seed {seed}: {how} | {shown}")
-            write_outputs(plan, others + [done[j] for j in sorted(done)])
+            ended(cell, seed, f"{how} | {shown}")
 
     import threading
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     lock = threading.Lock()
-    # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too); the first failure, of whichever
-    # run, stops new runs (awaited in order, a later run's failure went unseen while an earlier one trained),
-    # the ones already started finish, and it is raised
+    # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too). A run that fails (RunFailed) is
+    # recorded and the queue goes on: with --jobs 1 the next queued run starts. Any other error, of whichever run
+    # (a launch whose world size was misread, a fault of this harness), stops new runs (awaited in order, a later
+    # run's error went unseen while an earlier one trained), the ones already started finish, and it is raised
     with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
-        futures = [pool.submit(one, i) for i in range(len(todo))]
+        futures = [pool.submit(one, i) for i in range(len(queue))]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C: no queued run starts (leaving `with` waited for every queued run)
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
-        if failed is not None:
+        error = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
+        if error is not None:
             for g in futures:
                 g.cancel()
-            raise failed.exception()
-    summary = write_outputs(plan, others + [done[j] for j in sorted(done)])
+            raise error.exception()
+    summary = write_outputs(plan, others + [done[j] for j in sorted(done)], list(failed))
     from runtime.distributed import describe_host
 
     log.info(f"grid done in {time.time() - t_start:.0f} s on {describe_host()} -> {plan.out_dir / 'results.md'}\n"
              + markdown_table(summary) + "\n" + claims_table(summary))
+    if failures := [(c, s) for c, s in todo if (c.name, s) in failed]:
+        def why(c: Cell, s: int) -> str:
+            r = failed[c.name, s]
+            before = "skipped, failed before: " if (c, s) in skipped else ""
+            code = "" if r["exit_code"] is None else f"exit code {r['exit_code']}, "
+            return f"{c.name} seed {s} ({before}{code}log {r['log']})"
+
+        raise RuntimeError(f"{len(failures)} of the {len(todo)} runs failed: "
+                           f"{'; '.join(why(c, s) for c, s in failures)}. Their folders hold failed.json and "
+                           "results.md marks them, beside the other runs' results. A rerun skips them; "
+                           "--retry-failed runs them again (training resumes from its last checkpoint)")
     return summary
 
 

@@ -1,7 +1,8 @@
 """The ablation grid's results: per-cell statistics over seeds, the claim tests, the markdown tables and the plot.
 
-    OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds; `claims`: one record per
-                           claim of the grid (experiments/ablate_stats.py)
+    OUT_DIR/results.json   per cell: mean, std, min, max and the values over seeds, the seeds whose run failed
+                           and the results' code versions (git SHAs); `claims`: one record per claim of the grid
+                           (experiments/ablate_stats.py)
     OUT_DIR/results.md     the cell table (mean +- std) and the claim table (difference, CI90, p, verdict)
     OUT_DIR/results.png    reconstruction (PSNR at 1x and 2x, rFID) and understanding (zero-shot and
                            linear-probe top-1) per cell
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
     from experiments.ablate import Plan
@@ -30,14 +31,16 @@ def metric_stats(vals: list[float]) -> dict[str, Any]:
             "max": float(a.max()), "values": vals}
 
 
-def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(plan: Plan, results: list[dict[str, Any]], failed: Iterable[tuple[str, int]] = ()) -> dict[str, Any]:
     """Group per cell: `metric_stats` of each metric, over the grid's cells that this run trains or that have a
-    result. A cell of this run with no result yet (failed, or not run) is kept with no seeds, so the tables
-    show it. Seeds are in ascending order."""
+    result or a failed run (`failed`: (cell, seed)s). A cell of this run with no result yet (failed, or not run)
+    is kept with no seeds, so the tables show it. Seeds are in ascending order; `failed_seeds` are the cell's
+    failed runs, `git_shas` the code versions of its results (train/config.json's)."""
     from experiments.ablate_grid import present_claims
 
     results = sorted(results, key=lambda r: r["seed"])
-    names = {c.name for c in plan.run_cells} | {r["cell"] for r in results}
+    failed = sorted(failed, key=lambda x: x[1])
+    names = {c.name for c in plan.run_cells} | {r["cell"] for r in results} | {c for c, _ in failed}
     shown = [c for c in plan.grid.cells if c.name in names]
     cells = []
     for cell in shown:
@@ -48,7 +51,9 @@ def summarize(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
             stats[k] = metric_stats([float(r["metrics"][k]) for r in rs
                                      if isinstance(r["metrics"].get(k), (int, float))])
         cells.append({"name": cell.name, "group": cell.group, "note": cell.note, "args": cell.args,
-                      "report": list(cell.report), "seeds": [r["seed"] for r in rs], "metrics": stats})
+                      "report": list(cell.report), "seeds": [r["seed"] for r in rs],
+                      "failed_seeds": [s for c, s in failed if c == cell.name],
+                      "git_shas": sorted({r["git_sha"] for r in rs if r.get("git_sha")}), "metrics": stats})
     from experiments.ablate_stats import evaluate_claims
 
     seeds = sorted({*plan.seeds, *(r["seed"] for r in results)})
@@ -84,14 +89,22 @@ def markdown_table(summary: dict[str, Any]) -> str:
     lines = [f"Grid `{summary['grid']}`, preset `{summary['base_preset']}`, {summary['steps']} steps, "
              f"seeds {summary['seeds']}; mean {PM} std over seeds (min/max in results.json). "
              "'-': not reported for that cell (Table 6 reports reconstruction for recon-only and zero-shot "
-             "for contrastive-only); 0 seeds: not finished (failed, or not run yet: see log.txt).", "",
+             "for contrastive-only); seeds: how many finished, and the seeds whose run failed (left out; "
+             "failed.json in the run's folder names its log); 0 seeds: none finished (see log.txt).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in summary["cells"]:
         row = [c["name"], c["group"]]
         for key, _, group in cols:
             row.append(_fmt(c["metrics"].get(key)) if group in c["report"] else "-")
-        row += [str(len(c["seeds"])), c["note"] or " ".join(c["args"]) or "-"]
+        bad = ", ".join(map(str, c["failed_seeds"]))
+        row += [f"{len(c['seeds'])} (failed: seed {bad})" if bad else str(len(c["seeds"])),
+                c["note"] or " ".join(c["args"]) or "-"]
         lines.append("| " + " | ".join(row) + " |")
+    for c in summary["cells"]:
+        if len(c["git_shas"]) > 1:
+            lines += ["", f"Warning: cell {c['name']} pools results of {len(c['git_shas'])} code versions (git "
+                          f"{', '.join(sha[:10] for sha in c['git_shas'])}): its spread, and its differences to "
+                          "other cells, may be the code's (result.json's git_sha per seed)."]
     for key, what in (("zeroshot_classes", "Zero-shot"), ("probe_classes", "Linear-probe")):
         n = [c["metrics"][key]["mean"] for c in summary["cells"] if key in c["metrics"]]
         if n:
@@ -155,7 +168,10 @@ def claims_table(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> bool:
-    """Bar charts (mean, std error bars) of reconstruction and understanding accuracy per cell -> PNG."""
+    """Bar charts (mean, std error bars) of reconstruction and understanding accuracy per cell -> PNG; none (False)
+    before a run has finished (only failed ones, so far)."""
+    if not any(c["metrics"] for c in summary["cells"]):
+        return False
     try:
         import matplotlib
     except ImportError:
@@ -219,9 +235,10 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_outputs(plan: Plan, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """results.json, results.md, results.png under out_dir."""
-    summary = summarize(plan, results)
+def write_outputs(plan: Plan, results: list[dict[str, Any]],
+                  failed: Iterable[tuple[str, int]] = ()) -> dict[str, Any]:
+    """results.json, results.md, results.png under out_dir; `failed`: the (cell, seed)s whose run failed."""
+    summary = summarize(plan, results, failed)
     (plan.out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     (plan.out_dir / "results.md").write_text(markdown_table(summary) + "\n" + claims_table(summary))
     plot(summary, plan.out_dir / "results.png")

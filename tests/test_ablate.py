@@ -1,6 +1,7 @@
 """`experiments.ablate`: a 2-cell grid end to end on CPU (single process): kill and resume, skipping finished
 cells, results files; grid validation."""
 import json
+import re
 import warnings
 from unittest import mock
 
@@ -31,11 +32,15 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
         {"name": "recon-only", "group": "Table 6", "args": ["--loss.clip", "0"], "report": ["recon"]},
     ])
     out = tmp_path / "out"
-    # a run killed (kill -9) after step 2 of 3 leaves a half-trained cell that the next run resumes
-    with pytest.raises(RuntimeError, match="training of cell base seed 0 failed"):
-        ablate.run(*ablate.parse_args(_args(out, grid, "--debug.kill-at-step", "2")))
+    # a training killed (kill -9) after step 2 of 3 is a failed run with a half-trained cell; the next run with
+    # --retry-failed resumes it (a rerun without skips it)
+    with pytest.raises(RuntimeError, match=r"1 of the 1 runs failed: base seed 0 \(exit code -?\d+, log .*train\.log"):
+        ablate.run(*ablate.parse_args(_args(out, grid, "--cells", "base", "--debug.kill-at-step", "2")))
     assert (out / "cells" / "base" / "seed0" / "train" / "latest").read_text() == "step-00000002"
-    summary = ablate.run(*ablate.parse_args(_args(out, grid, "--jobs", "2")))  # resumes one, trains the other beside it
+    assert (out / "cells" / "base" / "seed0" / "failed.json").is_file()
+    # resumes one, trains the other beside it
+    summary = ablate.run(*ablate.parse_args(_args(out, grid, "--jobs", "2", "--retry-failed")))
+    assert not (out / "cells" / "base" / "seed0" / "failed.json").exists()
     assert "resumed from" in (out / "cells" / "base" / "seed0" / "train.log").read_text()
     steps = [json.loads(x)["step"] for x in (out / "cells" / "base" / "seed0" / "train" / "metrics.jsonl").open()]
     assert steps == [1, 2, 3]
@@ -48,6 +53,8 @@ def test_two_cell_grid_runs_end_to_end_and_skips_finished_cells(tmp_path):
         result = json.loads((out / "cells" / c["name"] / "seed0" / "result.json").read_text())
         seed0 = result["metrics"]
         assert result["host"] and seed0["train_seconds"] > 0  # a run's time says what it ran on
+        # the trainer's own record: one rank, batch 4, the checkout's commit (or 'unknown' outside git)
+        assert (result["world_size"], result["global_batch"]) == (1, 4) and result["git_sha"]
         run_dir = out / "cells" / c["name"] / "seed0" / "train"
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert m["train_loss"]["values"] == [last["loss"]] and seed0["train_loss"] == last["loss"]
@@ -355,9 +362,11 @@ def test_bad_claim_is_a_clear_error_naming_the_file(tmp_path, claims, match):
     assert not (tmp_path / "out" / "cells").exists()
 
 
-def test_a_failed_run_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch):
-    """--jobs 2: the second run fails while the first still trains; no queued run starts after that (the
-    runs were awaited in order, so the queue went on until the first one ended)."""
+def test_an_error_other_than_a_runs_failure_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch):
+    """--jobs 2: the second run ends in an error that every run would meet (here, a launch whose world size was
+    misread) while the first still trains; no queued run starts after that (the runs were awaited in order, so
+    the queue went on until the first one ended). A run's own failure (RunFailed) lets the queue go on: the
+    next test."""
     import threading
 
     started, first_may_end = [], threading.Event()
@@ -365,7 +374,7 @@ def test_a_failed_run_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch)
     def run_cell(plan, cell, seed):
         started.append((cell.name, seed))
         if len(started) == 2:
-            raise RuntimeError("training of cell x seed 1 failed")
+            raise ValueError("training of cell base seed 1 ran on 16 ranks where this run expects 8")
         if len(started) == 1:
             assert first_may_end.wait(30)
         return {"cell": cell.name, "seed": seed, "metrics": {"train_seconds": 0, "eval_seconds": 0}}, True
@@ -379,11 +388,49 @@ def test_a_failed_run_stops_the_queue_whichever_run_it_is(tmp_path, monkeypatch)
     original_cancel = Future.cancel
     monkeypatch.setattr(Future, "cancel", release_after_failure)
     monkeypatch.setattr(ablate, "run_cell", run_cell)
-    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results: {})
+    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results, failed: {})
     args = _args(tmp_path / "out", "cpu", "--cells", "base", "--seeds", "0", "1", "2", "3", "--jobs", "2")
-    with pytest.raises(RuntimeError, match="seed 1 failed"):
+    with pytest.raises(ValueError, match="seed 1 ran on 16 ranks"):
         ablate.run(*ablate.parse_args(args))
     assert len(started) == 2, started
+
+
+def test_a_failed_run_lets_the_others_run_and_a_rerun_skips_it_unless_told(tmp_path, monkeypatch):
+    """The first failing run raised at once and no later run started; a rerun resumed it first, so a failure
+    that repeats blocked the grid for good. The other runs now finish; failed.json records the failure,
+    results.md marks the seed and the grid exits non-zero naming it. A rerun skips it; --retry-failed runs it."""
+    def training(cmd, port, log, **kw):
+        if "/cells/bad/seed0/" in cmd[cmd.index("--run-dir") + 1]:
+            raise RuntimeError(f"training of cell bad seed 0 failed with exit code 3\nfull log {log}; last lines:\n")
+        _fake_training(cmd, port, log, **kw)
+
+    monkeypatch.setattr(ablate, "run_logged", training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "bad", "args": ["--loss.clip", "0"]},
+                                             {"name": "base", "args": []}])
+    out, bad = tmp_path / "out", tmp_path / "out" / "cells" / "bad" / "seed0"
+    args = _args(out, grid, "--seeds", "0", "1")
+    with pytest.raises(SystemExit, match=r"error: 1 of the 4 runs failed: bad seed 0 \(exit code 3, log "
+                                         + re.escape(f"{bad / 'train.log'}). ") + ".*--retry-failed"):
+        ablate.main(args)
+    assert json.loads((bad / "failed.json").read_text()) == {
+        "error": "training of cell bad seed 0 failed with exit code 3", "exit_code": 3, "log": str(bad / "train.log")}
+    summary = json.loads((out / "results.json").read_text())
+    assert [(c["name"], c["seeds"], c["failed_seeds"]) for c in summary["cells"]] == [
+        ("bad", [1], [0]), ("base", [0, 1], [])]  # the runs queued after the failure ran
+    row = next(r for r in (out / "results.md").read_text().splitlines() if r.startswith("| bad |"))
+    assert "| 1 (failed: seed 0) |" in row
+
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("trained again")))
+    with pytest.raises(SystemExit, match=r"1 of the 4 runs failed: bad seed 0 \(skipped, failed before: exit code 3"):
+        ablate.main(args)
+    assert json.loads((out / "results.json").read_text()) == summary
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)  # a transient failure: it trains now
+    again = ablate.run(*ablate.parse_args([*args, "--retry-failed"]))
+    assert [(c["name"], c["seeds"], c["failed_seeds"]) for c in again["cells"]] == [
+        ("bad", [0, 1], []), ("base", [0, 1], [])]
+    assert not (bad / "failed.json").exists() and (bad / "result.json").is_file()
 
 
 # ---- review fixes: claim directions, kill-and-change, subset reruns, Ctrl-C, corrupt files ------------------
@@ -495,8 +542,12 @@ def test_the_printed_interval_agrees_with_the_verdict():
     assert f"+{r['diff']:.2f} [+{r['ci90'][0]:.2f}, +{r['ci90'][1]:.2f}]" in table and "difference [90 % CI]" in table
 
 
+FAKE_SHA = "0123456789abcdef0123456789abcdef01234567"  # the git SHA of _fake_training's config.json
+
+
 def _fake_training(cmd, port, log, **kw):
-    """run_logged of a finished training (no model): the export and the trainer's last loss."""
+    """run_logged of a finished training (no model): the export, the trainer's last loss, its config.json and a
+    final checkpoint with a rank file per rank (deepspeed's --num_gpus on one node, else 1)."""
     import time
     from pathlib import Path
 
@@ -505,7 +556,14 @@ def _fake_training(cmd, port, log, **kw):
     (run_dir / "export").mkdir(parents=True)
     (run_dir / "export" / "model.safetensors").write_bytes(b"")
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-    (run_dir / "latest").write_text(f"step-{int(cmd[cmd.index('--total-steps') + 1]):08d}")
+    step = f"step-{int(cmd[cmd.index('--total-steps') + 1]):08d}"
+    (run_dir / step).mkdir()
+    for rank in range(int(cmd[cmd.index("--num_gpus") + 1]) if "--num_gpus" in cmd else 1):
+        (run_dir / step / f"rank{rank:05d}.pt").write_bytes(b"")
+    (run_dir / "latest").write_text(step)
+    local = int(cmd[len(cmd) - 1 - cmd[::-1].index("--data.local-batch-size") + 1])  # the last one: tyro's
+    (run_dir / "config.json").write_text(json.dumps({"config": {"grad_accum": 1, "data": {"local_batch_size": local}},
+                                                     "git_sha": FAKE_SHA}))
 
 
 def _fake_eval(plan, export, cell_dir):
@@ -552,7 +610,7 @@ def test_ctrl_c_with_two_jobs_starts_no_queued_run(tmp_path, monkeypatch):
         return {"cell": cell.name, "seed": seed, "metrics": {"train_seconds": 0, "eval_seconds": 0}}, True
 
     monkeypatch.setattr(ablate, "run_cell", run_cell)
-    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results: {})
+    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results, failed: {})
     monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
     args = _args(tmp_path / "out", "cpu", "--cells", "base", "--seeds", *map(str, range(8)), "--jobs", "2")
     with pytest.raises(KeyboardInterrupt):
@@ -593,3 +651,89 @@ def test_a_re_evaluation_keeps_the_training_time_and_one_seed_has_no_std(tmp_pat
     assert summary["cells"][0]["metrics"]["psnr"]["std"] is None
     table = ablate_report.markdown_table(summary)
     assert "see log.txt" in table and "ablate.log" not in table
+
+
+# ---- review fixes: world size, every run checked first, code versions ------------------------------------------
+def test_a_result_of_another_world_size_is_not_reused(tmp_path, monkeypatch):
+    """A result trained on 1 rank was reused, and pooled, by a grid launched on 8 (the fingerprint holds the
+    arguments, not --launcher, --ngpu or --launcher-args; the global batch is local batch x ranks). result.json
+    records the run's world size, global batch and git SHA; a result of another world size is refused, and left
+    out of the results, like one of other arguments, and so is a half-trained run."""
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "base", "args": []}])
+    out = tmp_path / "out"
+
+    def plan_for(*extra):
+        return ablate.make_plan(*ablate.parse_args(_args(out, grid, "--dry-run", *extra)), None)
+
+    one = plan_for()
+    cell = one.run_cells[0]
+    result, _ = ablate.run_cell(one, cell, 0)
+    assert (one.world_size, result["world_size"], result["global_batch"], result["git_sha"]) == (1, 1, 4, FAKE_SHA)
+    hosts = tmp_path / "hostfile"  # deepspeed's format: the hosts' GPUs are --ngpu each
+    hosts.write_text("# workers\nnode-a slots=8\nnode-b slots=8\n\nnode-c slots=8\n")
+    ds = ("--launcher", "deepspeed", "--ngpu", "2")
+    for extra, ranks in [(ds, 2), ((*ds, f"--launcher-args=--hostfile {hosts}"), 6),
+                         ((*ds, f"--launcher-args=--hostfile={hosts} --num_nodes 2"), 4)]:
+        plan = plan_for(*extra)
+        assert plan.world_size == ranks, extra
+        with pytest.raises(ValueError, match=rf"another world size than this run's \(1 -> {ranks} ranks"):
+            ablate.run_cell(plan, cell, 0)
+        log = mock.Mock()
+        assert ablate.finished_results(plan, set(), log) == []
+        assert "leave out 1 finished run(s)" in log.info.call_args[0][0]
+    assert ablate.finished_results(plan_for("--launcher", "deepspeed", "--ngpu", "1"), set(), mock.Mock()) == [result]
+    # a result.json of an earlier experiments.ablate gets them from its run folder
+    path = out / "cells" / "base" / "seed0" / "result.json"
+    path.write_text(json.dumps({k: v for k, v in result.items() if k not in ("world_size", "global_batch", "git_sha")}))
+    assert ablate.read_result(path) == result
+
+    # a launch on more ranks than planned (a hostfile it did not read) stops the grid after its training
+    four = plan_for(*ds, "--launcher-args=--num_nodes 2")
+    with pytest.raises(ValueError, match="seed 1 ran on 2 ranks where this run expects 4.*--num_nodes"):
+        ablate.run_cell(four, cell, 1)
+    with pytest.raises(ValueError, match=r"(?s)1 of the 2 runs do not match.*seed1/train was started on 2 ranks and "
+                                         r"this run has 1"):
+        ablate.check_reusable(one, [(cell, 0), (cell, 1)])
+
+
+def test_changed_settings_are_found_for_every_run_before_any_starts(tmp_path, monkeypatch):
+    """The check of a finished run's settings ran when the queue reached its cell: the unfinished runs queued
+    before it trained first, then the grid stopped at the first mismatch (and a fix showed the next one). Every
+    run is checked before any starts now, and one error names them all."""
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+
+    def grid(clip):
+        return _write_grid(tmp_path / "g.yaml", [{"name": "a", "args": ["--loss.clip", clip]},
+                                                 {"name": "b", "args": ["--loss.clip", clip]}])
+
+    out = tmp_path / "out"
+    ablate.run(*ablate.parse_args(_args(out, grid("0"), "--seeds", "1")))
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("trained")))
+    for extra in ((), ("--dry-run",)):
+        with pytest.raises(ValueError, match="2 of the 4 runs do not match this run's settings") as e:
+            ablate.run(*ablate.parse_args(_args(out, grid("1"), "--seeds", "0", "1", *extra)))
+        for c in "ab":
+            assert f"{out / 'cells' / c / 'seed1' / 'result.json'} was written with other arguments" in str(e.value)
+        assert "--loss.clip 0 -> 1" in str(e.value)
+    assert not (out / "cells" / "a" / "seed0").exists()  # nothing started
+
+
+def test_a_cell_pooling_results_of_two_code_versions_is_named_in_the_report(tmp_path):
+    """Results of different code versions were pooled without notice. Each result records the git SHA of its
+    training (train/config.json's), and results.md warns of a cell whose results have more than one."""
+    from experiments import ablate_report
+
+    plan = ablate.make_plan(*ablate.parse_args(_args(tmp_path / "out", "cpu", "--cells", "base", "recon-only",
+                                                    "--dry-run")), None)
+    old, new = "a" * 40, "b" * 40
+    base = {"cell": "base", "seed": 0, "metrics": {"psnr": 9.5}, "git_sha": old}
+    results = [base, {**base, "seed": 1, "git_sha": new}, {**base, "cell": "recon-only"},
+               {**base, "cell": "recon-only", "seed": 1}]
+    summary = ablate_report.summarize(plan, results)
+    assert [c["git_shas"] for c in summary["cells"]] == [[old, new], [old]]
+    warned = [line for line in ablate_report.markdown_table(summary).splitlines() if line.startswith("Warning")]
+    assert len(warned) == 1 and "cell base pools results of 2 code versions (git aaaaaaaaaa, bbbbbbbbbb)" in warned[0]
