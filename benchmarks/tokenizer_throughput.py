@@ -144,11 +144,14 @@ class LocalEngine:
     global_rank = 0
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, device: torch.device,
-                 grad_clip: float | None):
+                 grad_clip: float | None, bf16: bool = False):
         self.module, self.optimizer, self.device, self.grad_clip = module, optimizer, device, grad_clip
+        self.bf16 = bf16
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        # the trainer's discriminator engine runs its forward under DeepSpeed's bf16 autocast (torch_autocast)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -203,7 +206,7 @@ def build_task(job: Job, device: torch.device):
         g = cfg.gan
         disc = DinoDiscriminator(None, random_backbone=True, backbone=g.backbone).to(device).train()
         d_opt = o.adamw(param_groups(disc, g.weight_decay), lr=g.lr, betas=g.betas)
-        disc_engine = LocalEngine(disc, d_opt, device, o.grad_clip)
+        disc_engine = LocalEngine(disc, d_opt, device, o.grad_clip, bf16=cfg.precision == "bf16")
         perceptual = PerceptualLoss(None, random_backbone=True).to(device)
     return TokenizerTask(cfg, engine, disc_engine, perceptual, ContrastiveLoss(), DiffAug()), cfg
 

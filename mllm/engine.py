@@ -270,7 +270,7 @@ class MLLMEngine:
             model = load_official_mllm(model_dir, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                         attn_implementation=default_attn_implementation())
+                                                         attn_implementation=default_attn_implementation(dtype))
         model = model.to(device).eval()
         return cls(model, text_tokenizer, image_tokenizer, cfg.image_size, cfg.max_image_pixels)
 

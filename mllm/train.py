@@ -204,8 +204,8 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
                          "them (an official .pth: unitok.extract --attn-mode and --tokenizer-attn-mode must agree)")
     if config.pad_token_id is None:
         config.pad_token_id = text_tok.pad_token_id
-    config._attn_implementation = default_attn_implementation()
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    config._attn_implementation = default_attn_implementation(dtype)
     if zero3:
         # Partition at construction; skip random init (weights are loaded or initialised per module
         # in load_into, where each module's parameters are gathered).
@@ -247,7 +247,12 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
         log.info(f"initialised from {src}; {len(missing)} tensors start fresh ({', '.join(fresh)})"
                  + ("; the checkpoint resumed below replaces every weight" if resuming else ""))
     if not zero3:
+        rope = dict(model.model.rotary_emb.named_buffers(recurse=False))
         model.to(dtype)
+        # the rotary frequencies stay fp32, as ZeRO-3's construction and every inference load keep them: in bf16
+        # a ZeRO-0/2 run trained on rounded angles (0.6 rad off at position 512) and was served exact ones
+        for name, buf in rope.items():
+            setattr(model.model.rotary_emb, name, buf)
     got = {p.dtype for p in model.parameters()}
     if got != {dtype}:
         raise RuntimeError(f"the model holds parameters of {sorted(map(str, got))}, not the {dtype} that "
@@ -282,7 +287,9 @@ def log_partition(model, info, log) -> list[int]:
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     counts = [local]
     if info.world_size > 1:
-        t = torch.tensor([local], dtype=torch.long)
+        from runtime.distributed import collective_device
+
+        t = torch.tensor([local], dtype=torch.long, device=collective_device())  # NCCL has no CPU tensors
         gathered = [torch.zeros_like(t) for _ in range(info.world_size)]
         torch.distributed.all_gather(gathered, t)
         counts = [int(x) for x in gathered]

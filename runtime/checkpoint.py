@@ -51,8 +51,8 @@ def rng_state() -> dict[str, Any]:
     state = {"python": [py[0], list(py[1]), py[2]],
              "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer GPUs per rank (srun one per task)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -65,7 +65,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy(), *n[2:]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # written by older versions: one state per GPU the rank saw
+            i = torch.cuda.current_device()
+            cuda = cuda[i] if i < len(cuda) else None  # (restoring them all failed with fewer GPUs visible)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class CheckpointManager:

@@ -353,6 +353,24 @@ def rank0_verdict(problem: str | None) -> str | None:
     return problem
 
 
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must be: the current GPU under NCCL (which has no CPU tensors: "No backend
+    type associated with device type cpu"), else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks in place (through the GPU under NCCL); a no-op alone."""
+    if get_world_size() > 1:
+        y = x.to(collective_device())
+        dist.all_reduce(y)
+        if y is not x:
+            x.copy_(y.cpu())
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a no-op alone)."""
     if get_world_size() > 1:

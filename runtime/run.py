@@ -16,12 +16,24 @@ def start_run(run_dir: str | os.PathLike, seed: int, timeout_min: float):
     from runtime.log import setup_logging
 
     info = init_distributed(seed, timeout_min)
+    train_math(info.device)
     layout = rank_layout()
     if problem := rank0_verdict(lock_run_dir(run_dir) if is_main_process() else None):
         raise RuntimeError(problem)
     log = setup_logging(run_dir)
     log.info("ranks: %s", layout)
     return info, log
+
+
+def train_math(device) -> None:
+    """On a GPU, train as both releases do (REFERENCE: the tokenizer's "TF32 on; cudnn.benchmark on", the MLLM's
+    --tf32 True): fp32 matmuls and convolutions in TF32 (the fp32 parts: the tokenizer's quantizer path, fp32
+    runs), cuDNN picking its fastest convolution for the fixed shapes. Nothing on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 _LOCKS: dict[Path, Any] = {}  # run folder -> its open lock file, held by this process until `unlock_run_dir`

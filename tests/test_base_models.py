@@ -181,6 +181,13 @@ def test_stage1_build_follows_the_base(tmp_path, llama3_dir, unitok):
     model, _ = build_model(SimpleNamespace(**{**vars(cfg), "llama_dir": str(bins)}),
                            {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}, logging.getLogger(__name__))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    # ZeRO-2 in bf16 (the GPU default): bf16 parameters, the rotary frequencies fp32 and exact (cast with the
+    # model, a run trained on angles 0.6 rad off at position 512 and was served exact ones by the engine)
+    model, _ = build_model(cfg, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+                           logging.getLogger(__name__))
+    rope, ref = model.model.rotary_emb, LlamaForCausalLM.from_pretrained(llama3_dir).model.rotary_emb
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, ref.inv_freq)
 
 
 def test_image_marker_ids_per_tokenizer(tmp_path, llama3_dir):

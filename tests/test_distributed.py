@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from runtime.distributed import GROUP_OUTLIVED
 from runtime.launch import ROOT, ds_env, free_port
@@ -126,3 +127,34 @@ def test_ranks_started_without_a_launcher_address_meet_at_node_0():
         rendezvous({"OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 16)
     addr, port = rendezvous(step, 1)  # alone: a private group on loopback, whatever the job
     assert addr == "127.0.0.1" and port != "29500"
+
+
+def test_collectives_of_host_built_tensors_go_where_nccl_can_take_them(monkeypatch):
+    """NCCL (the group on GPUs) has no CPU tensors: mllm.train's log_partition (every multi-GPU MLLM run, at
+    start-up) and the generation export's image count built theirs on the CPU ("No backend type associated with
+    device type cpu"). They now ask collective_device, which names the current GPU under NCCL."""
+    from types import SimpleNamespace
+
+    import runtime.distributed as rd
+    from mllm.evaluate.generation import gather_count
+    from mllm.train import log_partition
+
+    monkeypatch.setattr(rd.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(rd.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(rd.torch.cuda, "current_device", lambda: 1)
+    assert rd.collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(rd.dist, "get_backend", lambda *a: "gloo")
+    assert rd.collective_device() == torch.device("cpu")
+
+    class Asked(Exception):
+        pass
+
+    def asked():
+        raise Asked
+
+    monkeypatch.setattr(rd, "collective_device", asked)
+    monkeypatch.setattr(rd, "get_world_size", lambda: 2)
+    for call in (lambda: log_partition(torch.nn.Linear(2, 2), SimpleNamespace(world_size=2), None),
+                 lambda: gather_count(3), lambda: rd.all_reduce_sum(torch.zeros(2))):
+        with pytest.raises(Asked):
+            call()

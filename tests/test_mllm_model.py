@@ -283,6 +283,9 @@ def test_attention_implementation_selection(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_attn_implementation() == "flash_attention_2"
+    assert default_attn_implementation(torch.bfloat16) == default_attn_implementation(torch.float16) \
+        == "flash_attention_2"
+    assert default_attn_implementation(torch.float32) == "sdpa"  # flash-attn has no fp32 kernels (silently)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(default_attn_implementation, "_warned", False, raising=False)
     with warnings.catch_warnings(record=True) as caught:

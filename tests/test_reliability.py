@@ -563,3 +563,48 @@ def test_a_resume_with_other_data_flags_or_ranks_is_refused_before_the_model_is_
     torch.save({"world_size": 2}, Path(tok.run_dir) / "step-00000004" / "rank00000.pt")
     msg = attempt(tok)
     assert not built and "written by 2 ranks and this run has 1; resume with the same number of ranks" in msg
+
+
+def test_a_resume_restores_its_own_gpu_rng_whatever_the_gpus_it_sees(monkeypatch):
+    """Each rank saved the RNG state of every GPU it saw and restored them all: resumed with as many ranks but
+    fewer GPUs visible to each (2 nodes x 8 as 4 x 4; srun --gpus-per-task=1), it failed with an IndexError.
+    A rank now keeps its own GPU's state (simulated GPUs: CPU generators behind torch.cuda's RNG calls)."""
+    import torch
+
+    from runtime.checkpoint import rng_state, set_rng_state
+
+    gens = [torch.Generator().manual_seed(i) for i in range(8)]
+    current = {"i": 3}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["i"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gens[current["i"]].get_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": gens[current["i"]].set_state(s))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [g.get_state() for g in gens])
+    saved = rng_state()
+    draw = torch.rand(4, generator=gens[3])
+    gens[:] = [torch.Generator().manual_seed(100)]  # resumed seeing one GPU, as device 0
+    current["i"] = 0
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(4, generator=gens[0]), draw)
+    old = {**saved, "cuda": [torch.Generator().manual_seed(i).get_state() for i in range(8)]}  # older checkpoints
+    set_rng_state(old)
+    assert torch.equal(torch.rand(4, generator=gens[0]), torch.rand(4, generator=torch.Generator().manual_seed(0)))
+
+
+def test_training_on_a_gpu_uses_tf32_as_the_releases_do():
+    """Both releases train with TF32 on (and cuDNN's benchmark): no setting did, so every fp32 matmul ran at full
+    precision, several times slower on A100/H100. On a CPU nothing changes."""
+    import torch
+
+    from runtime.run import train_math
+
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (m.allow_tf32, c.allow_tf32, c.benchmark)
+    try:
+        m.allow_tf32 = c.allow_tf32 = c.benchmark = False
+        train_math(torch.device("cpu"))
+        assert not m.allow_tf32 and not c.allow_tf32 and not c.benchmark
+        train_math(torch.device("cuda", 0))
+        assert m.allow_tf32 and c.allow_tf32 and c.benchmark
+    finally:
+        m.allow_tf32, c.allow_tf32, c.benchmark = before

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from runtime.cli import parse, refuse_changed
+from runtime.distributed import all_reduce_sum
 from runtime.run import write_json_atomic
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -411,7 +412,7 @@ def folder_features(model, folder: Path, size: int, batch_size: int = 32, rank: 
     from torchvision.datasets import ImageFolder
 
     paths = [Path(p) for p, _ in ImageFolder(str(folder)).samples]
-    return _reduce(image_features(model, paths, size, batch_size, rank, world))
+    return all_reduce_sum(image_features(model, paths, size, batch_size, rank, world))
 
 
 def linear_probe(model, folder: Path, size: int, batch_size: int = 32, rank: int = 0, world: int = 1,
@@ -437,20 +438,6 @@ def check_probe_classes(ds, folder: Path) -> None:
     if per_class.min() < 2:
         raise ValueError(f"--probe-dir {folder}: class {ds.classes[int(per_class.argmin())]!r} has "
                          f"{per_class.min()} image(s); the probe needs >= 2 per class (one to train, one to test)")
-
-
-def _reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum a CPU tensor over ranks in place (through the GPU under NCCL, which has no CPU tensors)."""
-    from runtime.distributed import get_world_size
-
-    if get_world_size() > 1:
-        import torch.distributed as dist
-
-        y = x.cuda() if dist.get_backend() == "nccl" else x
-        dist.all_reduce(y)
-        if y is not x:
-            x.copy_(y.cpu())
-    return x
 
 
 def run(args: TokenizerEvalConfig) -> dict:
@@ -486,8 +473,8 @@ def run(args: TokenizerEvalConfig) -> dict:
     clear_outputs([out / "metrics.json", *([out / "recon", out / "reference"] if args.images else [])])
     if args.images:
         r = evaluate_reconstruction(model, images, args.size, out, args.batch_size, rank, world)
-        sums = _reduce(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
-        counts = _reduce(r["counts"])
+        sums = all_reduce_sum(torch.tensor([r["n"], r["psnr_sum"], r["ssim_sum"]], dtype=torch.float64))
+        counts = all_reduce_sum(r["counts"])
         metrics.update(num_images=int(sums[0]), psnr=float(sums[1] / sums[0]), ssim=float(sums[2] / sums[0]))
         stats = codebook_stats(counts)
         metrics.update(codebook_usage_pct=stats["usage_pct"], codebook_perplexity=stats["perplexity"],
@@ -502,7 +489,7 @@ def run(args: TokenizerEvalConfig) -> dict:
     if args.zeroshot_dir:
         z = zero_shot(model, Path(args.zeroshot_dir), args.classnames, args.size, args.batch_size, rank, world,
                       shared, args.templates)
-        c = _reduce(torch.tensor([z["top1_correct"], z["top5_correct"], z["n"]], dtype=torch.float64))
+        c = all_reduce_sum(torch.tensor([z["top1_correct"], z["top5_correct"], z["n"]], dtype=torch.float64))
         metrics.update(zeroshot_top1=float(100 * c[0] / c[2]), zeroshot_top5=float(100 * c[1] / c[2]),
                        zeroshot_images=int(c[2]), zeroshot_classes=z["num_classes"])
     if args.probe_dir:

@@ -185,15 +185,9 @@ def geneval_export(engine, metadata_file: str | Path, out_dir: str | Path, gen_c
 
 def gather_count(n: int) -> int:
     """Sum of `n` over ranks."""
-    from runtime.distributed import get_world_size
+    from runtime.distributed import all_reduce_sum
 
-    if get_world_size() == 1:
-        return n
-    import torch.distributed as dist
-
-    t = torch.tensor([n], dtype=torch.long)
-    dist.all_reduce(t)
-    return int(t.item())
+    return int(all_reduce_sum(torch.tensor([n], dtype=torch.long)).item())
 
 
 def geneval_import(results_file: str | Path) -> dict:

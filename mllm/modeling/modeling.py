@@ -41,8 +41,12 @@ class UniMLLMOutput(CausalLMOutputWithPast):
     hidden_states_last: torch.Tensor | None = None
 
 
-def default_attn_implementation() -> str:
-    """flash_attention_2 when the package and a GPU are present, else sdpa (one warning)."""
+def default_attn_implementation(dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 when the package and a GPU are present and the model runs in bf16/fp16 (`dtype`; None:
+    it will be), else sdpa (one warning where flash-attn is missing). flash-attn has no fp32 kernels: chat and
+    evaluation at --dtype fp32 on a GPU failed at their first forward."""
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
     try:
         import flash_attn  # noqa: F401
 
@@ -202,7 +206,7 @@ class UniMLLMForCausalLM(LlamaForCausalLM):
         from mllm.modeling.base import config_from_base
 
         config = config_from_base(llama_dir, tokenizer, text_tokenizer, **mllm_fields)
-        config._attn_implementation = attn_implementation or default_attn_implementation()
+        config._attn_implementation = attn_implementation or default_attn_implementation(torch_dtype)
         model = cls(config)
         llama, info = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, output_loading_info=True)
         if info["missing_keys"]:  # transformers initialises them quietly (a folder without lm_head)

@@ -21,7 +21,7 @@ import torch
 from tyro.conf import Positional, arg
 
 from mllm.modeling.configuration import UniMLLMConfig
-from mllm.modeling.modeling import UniMLLMForCausalLM
+from mllm.modeling.modeling import UniMLLMForCausalLM, default_attn_implementation
 from runtime.weights import fetch_hint
 from runtime.cli import parse
 
@@ -85,6 +85,7 @@ def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
     if not cfg_file.is_file():
         raise FileNotFoundError(f"official MLLM config not found: {cfg_file}; {fetch_hint('unitok-mllm')}")
     config = config_from_official(json.loads(cfg_file.read_text()))
+    config._attn_implementation = default_attn_implementation(dtype)
     state = read_official_state(folder)
     with torch.device("meta"):
         model = UniMLLMForCausalLM(config)
