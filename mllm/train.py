@@ -282,6 +282,27 @@ def set_trainable(model, groups: tuple[str, ...]) -> None:
     emb.quantizer.requires_grad_(False)
 
 
+def compiled_blocks(pack: bool, attn_implementation: str | None) -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """--compile's (static, dynamic) block types: packed rows are all max_len long, so the LLM layers are static;
+    the depth head's batch (image positions) varies. Under flash-attn, packed rows pass each layer the batch's
+    sequence bounds (a tensor of samples + 1 entries and an int), which change with every batch: compiled, the
+    layers recompiled per batch and layer until dynamo's cache was full, so there they stay eager (flash-attn
+    is a fused kernel already) with a warning."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from mllm.modeling.depth_head import DepthLayer
+    from runtime.distributed import warn_once
+
+    llm = (LlamaDecoderLayer,)
+    if not pack:
+        return (), (DepthLayer, *llm)
+    if attn_implementation and "flash" in attn_implementation:
+        warn_once("--compile with flash-attn and packed rows: the LLM layers stay uncompiled (flash-attn's "
+                  "sequence bounds change with every packed batch, a recompile each); the depth head is compiled")
+        return (), (DepthLayer,)
+    return llm, (DepthLayer,)
+
+
 def log_partition(model, info, log) -> list[int]:
     """Log how many parameter elements each rank holds (ZeRO-3 partitions; other stages replicate)."""
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
@@ -505,14 +526,9 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
              f"ZeRO-{ds['zero_optimization'].get('stage', 0)}, world {info.world_size}, "
              f"global batch {ds['train_batch_size']} rows of {cfg.max_len}")
     log_partition(model, info, log)
-    if cfg.compile:  # packed rows are all max_len long: static LLM layers; the depth head's batch varies
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        from mllm.modeling.depth_head import DepthLayer
-
-        llm = (LlamaDecoderLayer,)
-        n = compile_blocks(model, static=llm if cfg.pack else (), dynamic=(DepthLayer,) + (() if cfg.pack else llm),
-                           backend=cfg.compile)
+    if cfg.compile:
+        static, dynamic = compiled_blocks(cfg.pack, model.config._attn_implementation)
+        n = compile_blocks(model, static=static, dynamic=dynamic, backend=cfg.compile)
         log.info(f"compile: {n} blocks ({cfg.compile})")
     if "offload_optimizer" in ds["zero_optimization"]:  # DeepSpeed's CPU Adam builds the optimizer itself
         if o.fused:

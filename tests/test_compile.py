@@ -125,3 +125,31 @@ def test_compile_is_refused_under_zero3():
         refuse_with_zero3("inductor", {"zero_optimization": {"stage": 3}})
     refuse_with_zero3("inductor", {"zero_optimization": {"stage": 2}})
     refuse_with_zero3(None, {"zero_optimization": {"stage": 3}})
+
+
+def test_mllm_compile_under_flash_attn_does_not_recompile_per_packed_batch(monkeypatch):
+    """Under flash-attn, packed rows pass every LLM layer the batch's sequence bounds, which change from batch to
+    batch: compiled, the layers recompiled per batch and per layer until dynamo's cache was full. --compile now
+    leaves them eager there (with a warning) and compiles the depth head. flash-attn's kernels: exact stand-ins."""
+    from test_mllm_model import _flash_stand_in
+
+    from mllm.train import compiled_blocks
+
+    calls = _flash_stand_in(monkeypatch)
+    with pytest.warns(UserWarning, match="--compile with flash-attn and packed rows: the LLM layers stay"):
+        static, dynamic = compiled_blocks(True, "flash_attention_2")
+    torch.manual_seed(0)
+    eager = UniMLLMForCausalLM(tiny_config()).train()
+    torch.manual_seed(0)
+    compiled = UniMLLMForCausalLM(tiny_config()).train()
+    for m in (eager, compiled):
+        m.config._attn_implementation = "flash_attention_2"
+    compile_blocks(compiled, static=static, dynamic=dynamic, backend="aot_eager")
+    for i in range(2):
+        _check_equal(_mllm_step(eager, mllm_batch(i)), _mllm_step(compiled, mllm_batch(i)), 1e-6)
+    seen = graph_counts()
+    assert seen["graph_breaks"] == 0 and seen["compiled_graphs"] > 0 and calls["varlen"] > 0
+    for i in range(2, 6):  # other sample lengths, so other sequence bounds, every batch
+        _check_equal(_mllm_step(eager, mllm_batch(i)), _mllm_step(compiled, mllm_batch(i)), 1e-6)
+    assert graph_counts() == seen
+    assert compiled_blocks(True, "sdpa")[0] and not compiled_blocks(False, "sdpa")[0]  # sdpa: the LLM compiles
