@@ -228,6 +228,47 @@ def test_real_image_modes_decode_like_extraction_and_warnings_name_shard_and_key
     assert rgba[:, :, 20:].mean() < 0.5
 
 
+def test_training_decodes_a_large_jpeg_reduced_and_nothing_else(tmp_path, monkeypatch):
+    """Training decodes a JPEG at least twice 2 x img_size on its short side at 1/2 or 1/4 scale (DCT domain),
+    keeping that short side >= 2 x img_size (a phone photo decoded every pixel for a 32- to 256-px crop: ~3x the
+    time), pixels close to the full decode's. Evaluation, PNGs and small JPEGs decode every pixel."""
+    import numpy as np
+    from PIL import Image
+
+    import unitok.image_io as io_mod
+    from real_data import _crop
+    from unitok.image_io import load_image
+
+    photo = io.BytesIO()
+    _crop("astronaut", 1200, 900).save(photo, "JPEG", quality=95)
+    big = photo.getvalue()
+    assert load_image(big).size == (1200, 900)
+    assert load_image(big, min_side=64).size == (300, 225)  # 1/4 at most (1/8 keeps only each block's mean)
+    assert load_image(big, min_side=300).size == (600, 450)  # 1/2: short side 450 >= 300
+    assert load_image(big, min_side=500).size == (1200, 900)  # under twice: every pixel
+    png = io.BytesIO()
+    Image.open(io.BytesIO(big)).save(png, "PNG")
+    assert load_image(png.getvalue(), min_side=64).size == (1200, 900)
+    for side in (64, 300):  # the pixels a crop is resized from: as the full decode's
+        a, b = (np.asarray(im.resize((64, 64), Image.BICUBIC), dtype=float)
+                for im in (load_image(big), load_image(big, min_side=side)))
+        assert 10 * np.log10(255 ** 2 / ((a - b) ** 2).mean()) > 45
+    sizes, real = [], io_mod.load_image
+
+    def spy(src, max_pixels=io_mod.MAX_PIXELS, min_side=None):
+        img = real(src, max_pixels, min_side)
+        sizes.append(img.size)
+        return img
+
+    monkeypatch.setattr(io_mod, "load_image", spy)
+    with wds.TarWriter(str(tmp_path / "big.tar")) as sink:
+        for i in range(2):
+            sink.write({"__key__": f"k{i}", "jpg": big, "txt": "an astronaut"})
+    for train in (True, False):
+        next(iter(ImageTextLoader(_cfg([str(tmp_path / "big.tar")], local_batch_size=2, train=train))))
+    assert sizes == [(300, 225)] * 2 + [(1200, 900)] * 2
+
+
 def test_val_transform_bounds_extreme_aspects_and_leaves_others_as_before(monkeypatch):
     """A 200000x2 image would be resized to 3.2e6 x 32 before the crop: beyond 4:1 the long side is centre-cropped
     first. Images up to 4:1 give exactly Resize + CenterCrop."""

@@ -2,7 +2,8 @@
 
 Shards use the DataComp layout: one tar member per field, `{key}.jpg|png|jpeg|webp|gif|bmp|tif|tiff`
 + `{key}.txt` (other members, e.g. `.json`, are ignored). Images are decoded by
-`unitok.image_io.load_image`, as extraction and chat decode them (first frame, alpha on white).
+`unitok.image_io.load_image`, as extraction and chat decode them (first frame, alpha on white); in
+training a JPEG at least 4 x img_size on its short side is decoded at 1/2 or 1/4 scale (`min_side`).
 Per rank and epoch (REFERENCE.md 4.8):
     shard list -> deterministic shuffle (seed, epoch) -> split by node -> split by worker
     -> tar to samples -> sample shuffle (buffer 5000, initial 1000, seeded) -> keep samples with
@@ -35,6 +36,7 @@ Design choices (the release differs; see REFERENCE.md 4.9 and 9):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -236,13 +238,14 @@ def _sample_id(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample -> image member as PIL RGB (`unitok.image_io.load_image`), `txt` as str."""
+def decode_sample(sample: dict, min_side: int | None = None) -> dict:
+    """Raw webdataset sample -> image member as PIL RGB (`unitok.image_io.load_image`; `min_side`: a large JPEG
+    decodes reduced, keeping its short side at least that), `txt` as str."""
     from unitok.image_io import load_image
 
     ext = next(k for k in IMAGE_KEYS if k in sample)
     try:
-        img = load_image(sample[ext])
+        img = load_image(sample[ext], min_side=min_side)
         txt = sample["txt"].decode("utf-8") if isinstance(sample["txt"], bytes) else str(sample["txt"])
     except Exception as exn:  # PIL raises many types for damaged files
         raise SampleDecodeError(f"{_sample_id(sample)}: cannot decode: {type(exn).__name__}: {exn}") from exn
@@ -337,8 +340,9 @@ class _EpochStream(IterableDataset):
             stats.counts["missing_text"] += has_image and not has_text
             return has_image and has_text
 
-        ds = ds.compose(positions).select(complete).map(decode_sample,
-                                                        handler=_counting_handler(stats, "decode_errors"))
+        # training crops are resized to img_size from >= 0.8 of the short side: decoding to 2x that is enough
+        decode = functools.partial(decode_sample, min_side=2 * cfg.img_size if cfg.train else None)
+        ds = ds.compose(positions).select(complete).map(decode, handler=_counting_handler(stats, "decode_errors"))
         return iter(ds)
 
     def _transform(self, sample: dict, rep: int) -> torch.Tensor:

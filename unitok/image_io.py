@@ -1,5 +1,6 @@
 """Image file bytes -> the RGB pixels the tokenizer sees. Extraction, chat and tokenizer training all
-read images through here, so one file gives the same pixels (and codes) everywhere.
+read images through here, so one file gives the same pixels (and codes) everywhere (tokenizer training may
+decode a large JPEG reduced, `min_side`: its random crops are resized down either way).
 
     load_image(bytes | path)          -> PIL RGB, first frame, alpha composited on white, fully decoded
     preprocess(img, mode, size)       -> uint8 (size, size, 3)
@@ -63,8 +64,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: int = MAX_PIXELS,
+               min_side: int | None = None) -> Image.Image:
     """Decode image file bytes (or a file path) into a fully loaded RGB image (see the module docstring).
+
+    `min_side` (tokenizer training only): a JPEG at least twice that on its short side is decoded at 1/2 or 1/4
+    scale in the DCT domain, keeping the short side >= min_side: a 4032x3024 photo decodes ~3x faster for a
+    256-px crop (the crop is resized down from >= 1.6x its size either way). Without it every pixel is decoded.
 
     Raises PIL.UnidentifiedImageError (not an image), OSError (truncated / damaged) or ImageTooLarge
     (a ValueError naming `max_pixels`)."""
@@ -82,6 +88,10 @@ def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixe
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLarge(w, h, max_pixels)
+        if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+            # the largest reduction leaving at least min_side, at most 1/4 (1/8 keeps only each block's mean)
+            k = min(min(w, h) / min_side, 4)
+            img.draft(None, (int(w / k), int(h / k)))
         # (frame 0 is the one open: counting frames would read the whole file and fail on a cut tail)
         img.load()  # decode now: a truncated file raises here, not later in a worker
         return to_rgb(img)
