@@ -8,9 +8,10 @@ both stages (in the spirit of torchtitan's Trainer and litgpt's fit):
 - the NaN/inf guard: a non-finite loss on any rank drops that micro batch on every rank (no backward,
   no engine step, so DeepSpeed's accumulation counters stay aligned) and takes the next one;
   `--nan-policy stop`, or 20 bad micro batches in a row, ends the run with exit code 3;
-- the per-step record (`run_dir/metrics.jsonl`, rank 0: losses averaged over the micro batches, a
-  task's per-token losses weighted by their token counts (`Task.weighted`), grad norm, lr, a hash of the
-  batches), the log line every `log_every` steps, the metric sink;
+- the per-step record (`run_dir/metrics.jsonl`, rank 0: losses averaged over its micro batches, a
+  task's per-token losses weighted by their token counts over every rank's micro batches (`Task.weighted`;
+  the counts are all ranks'), grad norm, lr, a hash of rank 0's batches), the log line every `log_every`
+  steps, the metric sink;
 - checkpoints every `save_every` steps and at the end (runtime/checkpoint.py's contract: each engine
   under its tag, then per-rank state `{data, rng, world_size, task}` and `trainer_state.json`);
 - stop signals (runtime/run.py's STOP_SIGNALS: SIGTERM, SIGUSR1; one rank's is enough): the step in
@@ -158,6 +159,28 @@ def step_means(micro: list[dict[str, float]], weighted: dict[str, str]) -> dict[
         else:
             have = [m[k] for m in micro if k in m]
             out[k] = sum(have) / len(have)
+    return out
+
+
+def all_rank_means(record: dict[str, Any], weighted: dict[str, str]) -> dict[str, float | int | None]:
+    """The weighted terms of this rank's step record over every rank's tokens, and their counts summed (a
+    collective: all ranks call it every step). Rank 0's alone were 1/world of the tokens, and null on a step
+    where rank 0 had none of a kind (an image loss at 64 ranks whenever rank 0's micro batches were text)."""
+    import torch.distributed as dist
+
+    from runtime.distributed import collective_device
+
+    terms = list(weighted)
+    flat = []
+    for t in terms:
+        n, v = record.get(weighted[t]) or 0, record.get(t)
+        flat += [v * n if v is not None and n else 0.0, float(n)]
+    x = torch.tensor(flat, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(x)
+    out: dict[str, float | int | None] = {}
+    for i, t in enumerate(terms):
+        total, n = x[2 * i:2 * i + 2].tolist()
+        out[t], out[weighted[t]] = (total / n if n > 0 else None), int(n)
     return out
 
 
@@ -479,6 +502,8 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
         step += 1
         progress.update(samples, tokens)  # this rank's: summed over ranks when the rates are logged
         record: dict[str, Any] = {"step": step, **step_means(micro_scalars, task.weighted)}
+        if info.world_size > 1 and task.weighted:
+            record.update(all_rank_means(record, task.weighted))
         norm = main_engine.get_global_grad_norm()
         # None where DeepSpeed keeps no norm (ZeRO 0); a non-finite norm means DeepSpeed skipped the update
         record["grad_norm"] = float(norm) if norm is not None and math.isfinite(norm) else None

@@ -135,6 +135,33 @@ def test_step_record_weights_per_token_losses_by_their_counts():
     assert step_means([{"loss": 1.0, "d_loss": 2.0}, {"loss": 3.0}], {}) == {"loss": 2.0, "d_loss": 2.0}
 
 
+def test_step_record_weights_per_token_losses_over_every_rank(monkeypatch):
+    """The logged text/image losses were rank 0's micro batches alone (1/world of the tokens), and the image loss
+    null on a step where rank 0 had no image though other ranks trained on images."""
+    import torch.distributed as dist
+
+    from runtime.loop import all_rank_means, step_means
+
+    weighted = {"text_loss": "text_tokens", "image_loss": "image_tokens"}
+    rank0 = step_means([{"loss": 6.0, "text_loss": 6.0, "image_loss": 0.0, "text_tokens": 30, "image_tokens": 0}],
+                       weighted)
+    rank1 = step_means([{"loss": 4.0, "text_loss": 5.0, "image_loss": 3.0, "text_tokens": 10, "image_tokens": 64}],
+                       weighted)
+    assert rank0["image_loss"] is None
+
+    def all_reduce(x, op=None):  # rank 0's view of a 2-rank sum: rank 1 sends what all_rank_means makes of its record
+        sent = []
+        monkeypatch.setattr(dist, "all_reduce", lambda y, op=None: sent.append(y.clone()))
+        all_rank_means(rank1, weighted)
+        monkeypatch.setattr(dist, "all_reduce", all_reduce)
+        x += sent[0]
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    both = all_rank_means(rank0, weighted)
+    assert both == {"text_loss": pytest.approx((6.0 * 30 + 5.0 * 10) / 40), "text_tokens": 40,
+                    "image_loss": pytest.approx(3.0), "image_tokens": 64}
+
+
 def test_mfu_peak_comes_from_the_device_table_or_the_flag(recwarn):
     from mllm.train import MllmTrainConfig, peak_flops
 
