@@ -267,10 +267,10 @@ class MLLMEngine:
         if cfg.official_mllm:
             from mllm.modeling.official import load_official_mllm
 
-            model = load_official_mllm(model_dir, dtype=dtype)
+            model = load_official_mllm(model_dir, dtype=dtype, device=device)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
-                                                         attn_implementation=default_attn_implementation(dtype))
+                                                         attn_implementation=default_attn_implementation(dtype, device))
         model = model.to(device).eval()
         return cls(model, text_tokenizer, image_tokenizer, cfg.image_size, cfg.max_image_pixels)
 

@@ -66,9 +66,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # written by older versions: one state per GPU the rank saw
-            i = torch.cuda.current_device()
-            cuda = cuda[i] if i < len(cuda) else None  # (restoring them all failed with fewer GPUs visible)
+        if isinstance(cuda, (list, tuple)):  # older versions: one state per GPU the rank saw, its own at its local
+            from runtime.distributed import launcher_env  # rank (restoring them all failed with fewer GPUs visible)
+
+            local = launcher_env()[2]
+            cuda = cuda[local] if local < len(cuda) else None
+            if cuda is None:
+                from runtime.distributed import warn_once
+
+                warn_once("the checkpoint holds no GPU RNG state for this rank's local rank: its GPU draws (dropout, "
+                          "drop path) restart rather than continue")
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
 

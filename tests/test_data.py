@@ -235,6 +235,7 @@ def test_training_decodes_a_large_jpeg_reduced_and_nothing_else(tmp_path, monkey
     import numpy as np
     from PIL import Image
 
+    import unitok.data as D
     import unitok.image_io as io_mod
     from real_data import _crop
     from unitok.image_io import load_image
@@ -246,9 +247,19 @@ def test_training_decodes_a_large_jpeg_reduced_and_nothing_else(tmp_path, monkey
     assert load_image(big, min_side=64).size == (300, 225)  # 1/4 at most (1/8 keeps only each block's mean)
     assert load_image(big, min_side=300).size == (600, 450)  # 1/2: short side 450 >= 300
     assert load_image(big, min_side=500).size == (1200, 900)  # under twice: every pixel
-    png = io.BytesIO()
+    png, mpo = io.BytesIO(), io.BytesIO()
     Image.open(io.BytesIO(big)).save(png, "PNG")
     assert load_image(png.getvalue(), min_side=64).size == (1200, 900)
+    # most phone photos are MPO (a JPEG holding a second image: a gain or depth map); frame 0 reduces the same
+    first = Image.open(io.BytesIO(big))
+    first.save(mpo, "MPO", save_all=True, append_images=[first.resize((300, 225))])
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    assert load_image(mpo.getvalue(), min_side=64).size == (300, 225)
+    # the reduction leaves every random crop at least img_size (never upsampled), whatever --data.crop-scale
+    for lo, size in ((0.9, 32), (0.08, 128)):  # (2 x img_size left crops of 0.08 at 127 px for 128)
+        cfg = _cfg("x.tar", img_size=size, crop_scale=(lo, 1.0))
+        img = load_image(big, min_side=D.draft_side(cfg))
+        assert (lo * img.width * img.height * 3 / 4) ** 0.5 >= size  # the smallest crop's short side (aspect 3:4)
     for side in (64, 300):  # the pixels a crop is resized from: as the full decode's
         a, b = (np.asarray(im.resize((64, 64), Image.BICUBIC), dtype=float)
                 for im in (load_image(big), load_image(big, min_side=side)))
@@ -266,6 +277,7 @@ def test_training_decodes_a_large_jpeg_reduced_and_nothing_else(tmp_path, monkey
             sink.write({"__key__": f"k{i}", "jpg": big, "txt": "an astronaut"})
     for train in (True, False):
         next(iter(ImageTextLoader(_cfg([str(tmp_path / "big.tar")], local_batch_size=2, train=train))))
+    assert D.draft_side(_cfg("x.tar")) == 78  # img_size 32, crop scale 0.9: 1/4 leaves 225
     assert sizes == [(300, 225)] * 2 + [(1200, 900)] * 2
 
 

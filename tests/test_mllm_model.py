@@ -286,6 +286,8 @@ def test_attention_implementation_selection(monkeypatch):
     assert default_attn_implementation(torch.bfloat16) == default_attn_implementation(torch.float16) \
         == "flash_attention_2"
     assert default_attn_implementation(torch.float32) == "sdpa"  # flash-attn has no fp32 kernels (silently)
+    assert default_attn_implementation(torch.bfloat16, "cpu") == "sdpa"  # nor CPU ones (--device cpu on a GPU host)
+    assert default_attn_implementation(torch.bfloat16, torch.device("cuda", 1)) == "flash_attention_2"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(default_attn_implementation, "_warned", False, raising=False)
     with warnings.catch_warnings(record=True) as caught:

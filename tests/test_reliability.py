@@ -613,9 +613,11 @@ def test_a_resume_restores_its_own_gpu_rng_whatever_the_gpus_it_sees(monkeypatch
     current["i"] = 0
     set_rng_state(saved)
     assert torch.equal(torch.rand(4, generator=gens[0]), draw)
-    old = {**saved, "cuda": [torch.Generator().manual_seed(i).get_state() for i in range(8)]}  # older checkpoints
+    # older checkpoints: one state per GPU the rank saw; its own is at its local rank (3 here), whatever it sees now
+    old = {**saved, "cuda": [torch.Generator().manual_seed(i).get_state() for i in range(8)]}
+    monkeypatch.setenv("LOCAL_RANK", "3")
     set_rng_state(old)
-    assert torch.equal(torch.rand(4, generator=gens[0]), torch.rand(4, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.rand(4, generator=gens[0]), torch.rand(4, generator=torch.Generator().manual_seed(3)))
 
 
 def test_training_on_a_gpu_uses_tf32_as_the_releases_do():

@@ -3,7 +3,7 @@
 Shards use the DataComp layout: one tar member per field, `{key}.jpg|png|jpeg|webp|gif|bmp|tif|tiff`
 + `{key}.txt` (other members, e.g. `.json`, are ignored). Images are decoded by
 `unitok.image_io.load_image`, as extraction and chat decode them (first frame, alpha on white); in
-training a JPEG at least 4 x img_size on its short side is decoded at 1/2 or 1/4 scale (`min_side`).
+training a large JPEG is decoded at 1/2 or 1/4 scale, every random crop still resized down (`draft_side`).
 Per rank and epoch (REFERENCE.md 4.8):
     shard list -> deterministic shuffle (seed, epoch) -> split by node -> split by worker
     -> tar to samples -> sample shuffle (buffer 5000, initial 1000, seeded) -> keep samples with
@@ -238,6 +238,12 @@ def _sample_id(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
 
 
+def draft_side(cfg: DataConfig) -> int:
+    """The short side a training image may be decoded down to (`load_image(min_side=)`): twice what keeps its
+    smallest random crop (area crop_scale[0], aspect 3:4) at img_size, so every crop is still resized down."""
+    return math.ceil(2 * cfg.img_size / math.sqrt(0.75 * cfg.crop_scale[0]))
+
+
 def decode_sample(sample: dict, min_side: int | None = None) -> dict:
     """Raw webdataset sample -> image member as PIL RGB (`unitok.image_io.load_image`; `min_side`: a large JPEG
     decodes reduced, keeping its short side at least that), `txt` as str."""
@@ -340,8 +346,7 @@ class _EpochStream(IterableDataset):
             stats.counts["missing_text"] += has_image and not has_text
             return has_image and has_text
 
-        # training crops are resized to img_size from >= 0.8 of the short side: decoding to 2x that is enough
-        decode = functools.partial(decode_sample, min_side=2 * cfg.img_size if cfg.train else None)
+        decode = functools.partial(decode_sample, min_side=draft_side(cfg) if cfg.train else None)
         ds = ds.compose(positions).select(complete).map(decode, handler=_counting_handler(stats, "decode_errors"))
         return iter(ds)
 

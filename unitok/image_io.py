@@ -70,7 +70,7 @@ def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixe
 
     `min_side` (tokenizer training only): a JPEG at least twice that on its short side is decoded at 1/2 or 1/4
     scale in the DCT domain, keeping the short side >= min_side: a 4032x3024 photo decodes ~3x faster for a
-    256-px crop (the crop is resized down from >= 1.6x its size either way). Without it every pixel is decoded.
+    256-px crop. Without it every pixel is decoded.
 
     Raises PIL.UnidentifiedImageError (not an image), OSError (truncated / damaged) or ImageTooLarge
     (a ValueError naming `max_pixels`)."""
@@ -88,7 +88,8 @@ def load_image(src: bytes | bytearray | memoryview | str | os.PathLike, max_pixe
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLarge(w, h, max_pixels)
-        if min_side and img.format == "JPEG" and min(w, h) >= 2 * min_side:
+        # (an MPO is a JPEG with a second image inside: most phone photos, gain or depth maps; frame 0 is the JPEG)
+        if min_side and img.format in ("JPEG", "MPO") and min(w, h) >= 2 * min_side:
             # the largest reduction leaving at least min_side, at most 1/4 (1/8 keeps only each block's mean)
             k = min(min(w, h) / min_side, 4)
             img.draft(None, (int(w / k), int(h / k)))

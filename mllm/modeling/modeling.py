@@ -41,11 +41,14 @@ class UniMLLMOutput(CausalLMOutputWithPast):
     hidden_states_last: torch.Tensor | None = None
 
 
-def default_attn_implementation(dtype: torch.dtype | None = None) -> str:
+def default_attn_implementation(dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> str:
     """flash_attention_2 when the package and a GPU are present and the model runs in bf16/fp16 (`dtype`; None:
-    it will be), else sdpa (one warning where flash-attn is missing). flash-attn has no fp32 kernels: chat and
-    evaluation at --dtype fp32 on a GPU failed at their first forward."""
+    it will be) on the GPU (`device`; None: it will be), else sdpa (one warning where flash-attn is missing).
+    flash-attn has no fp32 and no CPU kernels: chat and evaluation at --dtype fp32, or with --device cpu, on a GPU
+    machine failed at their first forward."""
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        return "sdpa"
+    if device is not None and torch.device(device).type != "cuda":
         return "sdpa"
     try:
         import flash_attn  # noqa: F401

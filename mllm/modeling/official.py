@@ -78,14 +78,16 @@ def check_keys(ours: dict[str, tuple], theirs: dict[str, tuple]) -> None:
                          f"{unknown[:8]} ({len(unknown)}), shape mismatch {bad[:8]} ({len(bad)})")
 
 
-def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> UniMLLMForCausalLM:
-    """Build a UniMLLMForCausalLM from the released folder; eval mode."""
+def load_official_mllm(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> UniMLLMForCausalLM:
+    """Build a UniMLLMForCausalLM from the released folder (on the CPU; `device`: where it will run, which
+    picks the attention implementation); eval mode."""
     folder = Path(folder)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"official MLLM config not found: {cfg_file}; {fetch_hint('unitok-mllm')}")
     config = config_from_official(json.loads(cfg_file.read_text()))
-    config._attn_implementation = default_attn_implementation(dtype)
+    config._attn_implementation = default_attn_implementation(dtype, device)
     state = read_official_state(folder)
     with torch.device("meta"):
         model = UniMLLMForCausalLM(config)
