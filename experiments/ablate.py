@@ -50,14 +50,20 @@ reported as a difference with a two-sided p and no verdict.
 
 Layout (resumable: a (cell, seed) is finished when its result.json exists; a half-trained one
 resumes with `--resume auto`). A result, or a half-trained run, of other arguments or of another world
-size (the ranks of a run, from --launcher, --ngpu and --launcher-args: the global batch is the local batch
-x ranks) is an error, not reused; every run of the grid is checked before any starts, and one error names
-them all. fingerprint.json holds the arguments a run was started with; result.json also records the run's
-world size, global batch and git SHA, and results.md warns of a cell that pools more than one SHA.
-A run that fails (its training or evaluation) does not stop the others: failed.json in its folder records
-the error, the exit code and the log, results.md marks the seed, and once the other runs are done the grid
-exits non-zero naming the failures. A rerun skips failed runs, so that a failure that repeats costs no
-time; --retry-failed runs them again (a transient out-of-memory), resuming from their last checkpoint.
+size (the ranks of a run, from --launcher, --ngpu and --launcher-args as deepspeed's runner reads them, with
+its own code, before any run starts: a command line it would refuse is an error then; the global batch is
+the local batch x ranks) is an error, not reused; every run of the grid is checked before any starts, and one
+error names them all. fingerprint.json holds the arguments a run was started with; result.json also records
+the run's world size (an earlier version's result without it takes it from its checkpoint or its log's
+"ranks:" line, else is used with a warning), global batch and git SHA, and results.md warns of a cell that
+pools more than one SHA. A run that fails (its training or evaluation) does not stop the others: failed.json
+in its folder records the error, the exit code, the log and the launch settings (launcher flags, world size),
+results.md marks the seed, and once the other runs are done the grid exits non-zero naming the failures. A
+rerun skips the runs that failed under its arguments and launch settings, so that a failure that repeats costs
+no time (one of other launcher flags runs again); --retry-failed runs them again (a transient out-of-memory),
+resuming from their last checkpoint. A job stopped by a signal is no failure (Ctrl-C, which reaches the jobs
+too, or a scheduler's SIGTERM: exit codes -2, -15, 130, 143, 138): nothing is recorded, no queued run starts,
+and a rerun resumes it.
     OUT_DIR/cells/<cell>/seed<k>/{fingerprint.json, train/, train.log, train_seconds.json, eval_1x/, eval_2x/,
                                   eval.log, result.json | failed.json}
     OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py): every
@@ -92,6 +98,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -257,6 +264,14 @@ class Plan:
 
         return {**job_env(), "OMP_NUM_THREADS": str(max(1, local_cores() // self.jobs))}
 
+    def launch(self) -> dict[str, Any]:
+        """How a run is launched, which the training arguments do not hold: failed.json records it, so that a
+        failure of other launcher settings is run again."""
+        if self.launcher == "none":
+            return {"launcher": "none", "world_size": 1}
+        return {"launcher": self.launcher, "ngpu": self.ngpu, "launcher_args": self.launcher_args,
+                "world_size": self.world_size}
+
     def train_argv(self, cell: Cell, seed: int) -> list[str]:
         """grid args < user args < the cell's switch (tyro: the last occurrence wins)."""
         run_dir = self.out_dir / "cells" / cell.name / f"seed{seed}" / "train"
@@ -304,29 +319,51 @@ def _job(plan: Plan, module: str, argv: list[str]) -> tuple[list[str], int]:
     return deepspeed_cmd(module, argv, plan.ngpu, port, launcher_args=[*plan.launcher_args, *extra]), port
 
 
-def launch_world_size(launcher: str, ngpu: int, launcher_args: list[str]) -> int:
-    """The ranks a training run gets: 1 without a launcher; with deepspeed (which is given --num_gpus NGPU),
-    NGPU on each of --num_nodes nodes, else on every host of its hostfile (--hostfile, default /job/hostfile:
-    one `NAME slots=N` line per host), else on this machine alone."""
-    if launcher == "none":
+def launch_world_size(plan: Plan) -> int:
+    """The ranks of a training run: 1 without a launcher; with deepspeed, what its runner makes of the training
+    command `_job` builds, by runner.main's own steps up to the launch (its parser, hostfile reader and host
+    filters): a later --num_gpus wins over --ngpu's, --num_nodes takes the hostfile's first N hosts, argparse takes
+    abbreviations (--hostf, -HFILE). A command line that deepspeed would refuse is a ValueError naming the flag
+    here, before any run: at launch it was every run's failure."""
+    if plan.launcher == "none":
         return 1
-    nodes, hostfile = 0, "/job/hostfile"
-    rest = iter(launcher_args)
-    for a in rest:
-        flag, eq, value = a.partition("=")
-        if flag in ("--num_nodes", "--hostfile", "-H"):
-            value = value if eq else next(rest, "")
-            if flag != "--num_nodes":
-                hostfile = value
-            elif not value.lstrip("-").isdigit():
-                raise ValueError(f"--launcher-args: --num_nodes takes a number, got {value!r}")
-            else:
-                nodes = int(value)
-    if nodes <= 0:
-        path = Path(hostfile)
-        lines = path.read_text().splitlines() if path.is_file() else []
-        nodes = sum(bool(re.match(r"[^#\s]\S*\s+slots=\d+", line.strip())) for line in lines) or 1
-    return ngpu * nodes
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher import runner
+
+    cmd, _ = _job(plan, "unitok.train", [])
+    flags = f"--ngpu {plan.ngpu} --launcher-args={shlex.join(plan.launcher_args)!r}"
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
+            args = runner.parse_args(cmd[1:])
+    except SystemExit:
+        said = buf.getvalue().strip().splitlines()[-1]  # argparse's usage, then "PROG: error: WHAT"
+        raise ValueError(f"{flags}: deepspeed's launcher rejects them: {said.partition('error: ')[2]}") from None
+    try:  # fetch_hostfile's own test (None); a missing file's warning is the launch's to give
+        pool = runner.fetch_hostfile(args.hostfile) if os.path.isfile(args.hostfile) else None
+    except ValueError as e:
+        raise ValueError(f"{flags}: deepspeed refuses the hostfile {args.hostfile} (--hostfile): {e}") from None
+    if not pool and not (args.include or args.exclude or args.num_nodes > 1 or args.num_gpus > 0):
+        if visible := os.environ.get(get_accelerator().visible_devices_envs()[0], ""):
+            args.include = f"localhost:{visible}"  # runner.main: one node's visible devices
+    if (args.num_nodes >= 0 or args.num_gpus >= 0) and (args.include or args.exclude):
+        raise ValueError(f"{flags}: deepspeed refuses --include/--exclude beside --num_gpus or --num_nodes, and "
+                         "experiments.ablate always gives it --num_gpus (--ngpu): set the GPUs per node with --ngpu "
+                         "and the nodes with --hostfile and --num_nodes")
+    if not pool:
+        if args.num_nodes > 1:
+            raise ValueError(f"{flags}: deepspeed refuses --num_nodes {args.num_nodes} without a hostfile of that many "
+                             f"hosts (--hostfile; {args.hostfile} is not a file)")
+        if not (count := get_accelerator().device_count()):
+            raise ValueError(f"{flags}: deepspeed finds no GPU here and no hostfile ({args.hostfile}, --hostfile) "
+                             "names other hosts: it refuses the launch")
+        pool = {"localhost": count}
+    try:
+        active = runner.parse_inclusion_exclusion(pool, args.include, args.exclude)
+    except ValueError as e:
+        raise ValueError(f"{flags}: deepspeed refuses --include/--exclude: {e}") from None
+    active = runner.apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
+    return sum(len(slots) for slots in active.values())
 
 
 def run_world_size(run_dir: Path) -> int | None:
@@ -339,13 +376,24 @@ def run_world_size(run_dir: Path) -> int | None:
     return ranks or None
 
 
+def logged_world_size(run_dir: Path) -> int | None:
+    """The ranks of a run's last start from the trainer's "ranks:" line (runtime/run.py: rank_layout's "node 0
+    (host a): ranks [0, 1] local [0, 1]; node 1 ..."), in its log.txt or else the harness's train.log beside it;
+    None without one. For a finished run whose checkpoints were deleted (a grid needs only the exports)."""
+    for log in (run_dir / "log.txt", run_dir.parent / "train.log"):
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        if starts := [line for line in lines if "ranks: node " in line]:
+            return sum(len(re.findall(r"\d+", r)) for r in re.findall(r"\): ranks \[([^\]]*)\]", starts[-1])) or None
+    return None
+
+
 def run_facts(run_dir: Path) -> dict[str, Any]:
-    """What a result records of its training beside the arguments: `world_size`, `global_batch` (local batch x
-    grad_accum x world size) and `git_sha` (train/config.json, written by the trainer at the run's last start:
-    the code that finished it); None where the run folder does not have it."""
+    """What a result records of its training beside the arguments: `world_size` (its checkpoint's, else its log's),
+    `global_batch` (local batch x grad_accum x world size) and `git_sha` (train/config.json, written by the
+    trainer at the run's last start: the code that finished it); None where the run folder does not have it."""
     path = run_dir / "config.json"
     saved = read_json(path, f"delete {run_dir.parent} to start that run over") if path.is_file() else {}
-    cfg, world = saved.get("config") or {}, run_world_size(run_dir)
+    cfg, world = saved.get("config") or {}, run_world_size(run_dir) or logged_world_size(run_dir)
     local = (cfg.get("data") or {}).get("local_batch_size")
     return {"world_size": world, "global_batch": local * cfg.get("grad_accum", 1) * world if local and world else None,
             "git_sha": saved.get("git_sha")}
@@ -433,13 +481,19 @@ def fingerprint_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 def result_mismatch(plan: Plan, cell: Cell, seed: int, result: dict[str, Any]) -> str | None:
     """How a finished result differs from what this run would write for (cell, seed), or None: other arguments
     (the fingerprint), or another world size, which the arguments do not hold (--launcher, --ngpu,
-    --launcher-args) and which sets the global batch."""
+    --launcher-args) and which sets the global batch. A result that cannot say its world size (an earlier
+    version's, its checkpoints and logs deleted) is a warning: refused, it asked to delete finished training."""
     fp = plan.fingerprint(cell, seed)
     if result.get("fingerprint") != fp:
         return f"other arguments than this run's ({fingerprint_diff(result.get('fingerprint'), fp)})"
-    if result.get("world_size") != plan.world_size:
-        return (f"another world size than this run's ({result.get('world_size') or 'unrecorded'} -> "
-                f"{plan.world_size} ranks: --launcher, --ngpu, --launcher-args)")
+    if result.get("world_size") is None:  # an earlier experiments.ablate's, its checkpoints and logs deleted
+        from runtime.distributed import warn_once
+
+        warn_once(f"the result of cell {cell.name} seed {seed} does not say on how many ranks it trained (no "
+                  f"checkpoint or log left); it is taken as of this run's world size ({plan.world_size})")
+    elif result["world_size"] != plan.world_size:
+        return (f"another world size than this run's ({result['world_size']} -> {plan.world_size} ranks: "
+                "--launcher, --ngpu, --launcher-args)")
     return None
 
 
@@ -487,27 +541,52 @@ def check_reusable(plan: Plan, runs: list[tuple[Cell, int]]) -> None:
                          + "\n  - ".join(problems))
 
 
+INTERRUPTED_EXIT_CODES = (-2, -15, 130, 143, 138)
+"""A job's exit by a signal, no fault of the run: killed by SIGINT or SIGTERM (-2, -15; Ctrl-C reaches the
+harness's jobs too), 128 + SIGINT (130), and the trainers' own stop on SIGTERM or SIGUSR1 (143, 138: they saved at
+the end of their step, and `--resume auto` continues; runtime/loop.py)."""
+
+
+def _exit_code(message: str) -> int | None:
+    """The exit code in runtime.launch's message of a job that failed, or None (another error)."""
+    m = re.search(r"failed with exit code (-?\d+)", message)
+    return int(m[1]) if m else None
+
+
 class RunFailed(RuntimeError):
     """A (cell, seed)'s training or evaluation failed: the grid goes on with its other runs, and failed.json in
-    the run's folder records it (`record`)."""
+    the run's folder records it (`record`) with the launch settings it failed under (`Plan.launch`)."""
 
-    def __init__(self, message: str, log: Path):
+    def __init__(self, message: str, log: Path, launch: dict[str, Any]):
         super().__init__(message)
-        m = re.search(r"failed with exit code (-?\d+)", message)  # runtime.launch's message of a job's exit
-        self.log, self.exit_code = log, int(m[1]) if m else None
+        self.log, self.launch, self.exit_code = log, launch, _exit_code(message)
 
     def record(self) -> dict[str, Any]:
-        return {"error": str(self).splitlines()[0], "exit_code": self.exit_code, "log": str(self.log)}
+        return {"error": str(self).splitlines()[0], "exit_code": self.exit_code, "log": str(self.log),
+                "launch": self.launch}
+
+
+class RunInterrupted(RuntimeError):
+    """A (cell, seed)'s job was stopped by a signal (`INTERRUPTED_EXIT_CODES`): not a failure, so nothing is
+    recorded (a failed.json marked Ctrl-C'd runs failed, and a rerun skipped them); it stops the grid, as Ctrl-C
+    does, and a rerun resumes the run."""
 
 
 @contextlib.contextmanager
-def _stage(cell_dir: Path, log: str):
+def _stage(cell_dir: Path, log: str, launch: dict[str, Any]):
     """A run's training or evaluation: an error inside becomes RunFailed naming the stage's log, written to
-    cell_dir/failed.json."""
+    cell_dir/failed.json; a job stopped by a signal is RunInterrupted and leaves no failed.json (that of an
+    earlier failure goes: the run is resumed, --retry-failed, and a rerun resumes it again)."""
     try:
         yield
     except Exception as e:
-        failed = RunFailed(str(e) or type(e).__name__, cell_dir / log)
+        message = str(e) or type(e).__name__
+        if (code := _exit_code(message)) in INTERRUPTED_EXIT_CODES:
+            (cell_dir / "failed.json").unlink(missing_ok=True)
+            what = message.partition(" failed with exit code")[0]  # runtime.launch's "WHAT failed with exit code N"
+            raise RunInterrupted(f"{what} was stopped by a signal (exit code {code}), not recorded as a failure; a "
+                                 f"rerun resumes it (log {cell_dir / log})") from e
+        failed = RunFailed(message, cell_dir / log, launch)
         write_json_atomic(cell_dir / "failed.json", failed.record())
         raise failed from e
 
@@ -537,7 +616,7 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
     seconds_path = cell_dir / "train_seconds.json"  # a re-evaluation (result.json deleted) keeps the figure
     t0 = time.time()
     if not _trained(run_dir, plan.steps):
-        with _stage(cell_dir, "train.log"):
+        with _stage(cell_dir, "train.log", plan.launch()):
             cmd, port = _job(plan, "unitok.train", plan.train_argv(cell, seed))
             run_logged(cmd, port, cell_dir / "train.log", what=f"training of cell {cell.name} seed {seed}",
                        env=plan.env())
@@ -546,12 +625,18 @@ def run_cell(plan: Plan, cell: Cell, seed: int) -> tuple[dict[str, Any], bool]:
                                    f"see {cell_dir / 'train.log'}")
         write_json_atomic(seconds_path, {"train_seconds": round(time.time() - t0, 2)})
     facts = run_facts(run_dir)
-    if facts["world_size"] != plan.world_size:  # a launch that launch_world_size misread: stop the grid
+    if facts["world_size"] is None:  # re-evaluated, its checkpoints and logs deleted
+        from runtime.distributed import warn_once
+
+        warn_once(f"{run_dir}: no checkpoint or log says on how many ranks it trained; its result is taken as of "
+                  f"this run's world size ({plan.world_size})")
+    elif facts["world_size"] != plan.world_size:  # a launch other than deepspeed's runner resolved here: stop
         raise ValueError(f"training of cell {cell.name} seed {seed} ran on {facts['world_size']} ranks where this "
-                         f"run expects {plan.world_size}: give the launcher's node count, --launcher-args="
-                         f"'--num_nodes N' (a rerun with it uses this training)")
+                         f"run expects {plan.world_size}: set the GPUs per node (--ngpu, or --num_gpus in "
+                         "--launcher-args) and the nodes (--hostfile, --num_nodes) to what the launch used (a rerun "
+                         "with them uses this training)")
     t1 = time.time()
-    with _stage(cell_dir, "eval.log"):
+    with _stage(cell_dir, "eval.log", plan.launch()):
         metrics = evaluate_cell(plan, run_dir / "export", cell_dir)
     t2 = time.time()
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line][-1]
@@ -587,14 +672,16 @@ def finished_results(plan: Plan, skip: set[tuple[str, int]], log) -> list[dict[s
 
 
 def failed_runs(plan: Plan) -> dict[tuple[str, int], dict[str, Any]]:
-    """(cell, seed) -> failed.json of the grid's runs under out_dir that failed with this run's arguments."""
+    """(cell, seed) -> failed.json of the grid's runs under out_dir that failed with this run's arguments and
+    launch settings (`Plan.launch`). A failure under other ones is not this run's to skip: a launcher flag that
+    deepspeed refused failed every run, and once fixed, each was still skipped as failed before."""
     failed = {}
     for cell in plan.grid.cells:
         for fp_path in sorted((plan.out_dir / "cells" / cell.name).glob("seed*/fingerprint.json")):
             m = re.fullmatch(r"seed(-?\d+)", fp_path.parent.name)
             record = failed_run(fp_path.parent) if m else None
             started = record and read_json(fp_path, f"delete {fp_path.parent} to start that run over")
-            if started and started == plan.fingerprint(cell, int(m[1])):
+            if started and started == plan.fingerprint(cell, int(m[1])) and record.get("launch") == plan.launch():
                 failed[cell.name, int(m[1])] = record
     return failed
 
@@ -634,8 +721,8 @@ def make_plan(args: AblateConfig, user_args: list[str], log) -> Plan:
                 absolute(args.eval_images), absolute(args.zeroshot_dir), absolute(args.probe_dir), args.classnames,
                 absolute(args.inception_weights), args.eval_batch_size, args.launcher, args.ngpu,
                 shlex.split(args.launcher_args), jobs=args.jobs,
-                world_size=launch_world_size(args.launcher, args.ngpu, shlex.split(args.launcher_args)),
                 run_cells=[c for c in grid.cells if not args.cells or c.name in args.cells])
+    plan.world_size = launch_world_size(plan)
     for where, args_ in [("grid train_args", grid.train_args), ("arguments", user_args),
                          *[(f"cell {c.name!r}", c.args) for c in plan.run_cells]]:
         flags = {a.split("=")[0].replace("_", "-") for a in args_}
@@ -708,15 +795,23 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
         write_outputs(plan, others + [done[j] for j in sorted(done)], list(failed))
 
     def one(i: int) -> None:
+        if stop.is_set():  # taken from the queue after the grid was stopped (the one worker of --jobs 1 took the
+            return         # next run at once, and trained it to its end before the error was raised)
         cell, seed = queue[i]
         t = time.time()
         try:
             result, ran = run_cell(plan, cell, seed)
         except RunFailed as e:
+            if interrupted.is_set():  # Ctrl-C reached its job too, whatever exit code its launcher made of it
+                (e.log.parent / "failed.json").unlink(missing_ok=True)
+                return
             with lock:
                 failed[cell.name, seed] = e.record()
                 ended(cell, seed, f"FAILED: {e.record()['error']} (see {e.log}); the other runs go on")
             return
+        except BaseException:
+            stop.set()  # before the error leaves this worker, so that no queued run starts
+            raise
         m = result["metrics"]
         shown = " ".join(f"{k} {m[k]:.2f}" for k in ("psnr", "psnr@2x", "zeroshot_top1", "probe_top1") if k in m)
         train = "?" if m["train_seconds"] is None else f"{m['train_seconds']:.0f}"  # trained by an earlier version
@@ -731,16 +826,22 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     lock = threading.Lock()
+    stop, interrupted = threading.Event(), threading.Event()  # no queued run starts; Ctrl-C
     # threads only wait on subprocesses (jobs > 1 evaluates in a subprocess too). A run that fails (RunFailed) is
     # recorded and the queue goes on: with --jobs 1 the next queued run starts. Any other error, of whichever run
-    # (a launch whose world size was misread, a fault of this harness), stops new runs (awaited in order, a later
-    # run's error went unseen while an earlier one trained), the ones already started finish, and it is raised
+    # (a launch whose world size was misread, a job stopped by a signal, a fault of this harness), stops new runs
+    # (awaited in order, a later run's error went unseen while an earlier one trained), the ones already started
+    # finish, and it is raised
     with ThreadPoolExecutor(max_workers=plan.jobs) as pool:
         futures = [pool.submit(one, i) for i in range(len(queue))]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
         except BaseException:  # Ctrl-C: no queued run starts (leaving `with` waited for every queued run)
+            interrupted.set()
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+            log.info("interrupted: no queued run starts, and the runs going now are not recorded as failed; a rerun "
+                     "resumes them")
             raise
         error = next((f for f in futures if f.done() and not f.cancelled() and f.exception() is not None), None)
         if error is not None:

@@ -415,7 +415,8 @@ def test_a_failed_run_lets_the_others_run_and_a_rerun_skips_it_unless_told(tmp_p
                                          + re.escape(f"{bad / 'train.log'}). ") + ".*--retry-failed"):
         ablate.main(args)
     assert json.loads((bad / "failed.json").read_text()) == {
-        "error": "training of cell bad seed 0 failed with exit code 3", "exit_code": 3, "log": str(bad / "train.log")}
+        "error": "training of cell bad seed 0 failed with exit code 3", "exit_code": 3, "log": str(bad / "train.log"),
+        "launch": {"launcher": "none", "world_size": 1}}
     summary = json.loads((out / "results.json").read_text())
     assert [(c["name"], c["seeds"], c["failed_seeds"]) for c in summary["cells"]] == [
         ("bad", [1], [0]), ("base", [0, 1], [])]  # the runs queued after the failure ran
@@ -689,13 +690,17 @@ def test_a_result_of_another_world_size_is_not_reused(tmp_path, monkeypatch):
     path.write_text(json.dumps({k: v for k, v in result.items() if k not in ("world_size", "global_batch", "git_sha")}))
     assert ablate.read_result(path) == result
 
-    # a launch on more ranks than planned (a hostfile it did not read) stops the grid after its training
-    four = plan_for(*ds, "--launcher-args=--num_nodes 2")
-    with pytest.raises(ValueError, match="seed 1 ran on 2 ranks where this run expects 4.*--num_nodes"):
+    # a launch on other ranks than deepspeed's runner resolves here (another node's hostfile) stops the grid after
+    # its training
+    four = plan_for(*ds, f"--launcher-args=--hostfile {hosts} --num_nodes 2")
+    with pytest.raises(ValueError, match="seed 1 ran on 2 ranks where this run expects 4: .*--ngpu, or --num_gpus"):
         ablate.run_cell(four, cell, 1)
     with pytest.raises(ValueError, match=r"(?s)1 of the 2 runs do not match.*seed1/train was started on 2 ranks and "
                                          r"this run has 1"):
         ablate.check_reusable(one, [(cell, 0), (cell, 1)])
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("launched")))
+    with pytest.raises(ValueError, match="started on 2 ranks and this run has 1"):  # checked before it launches
+        ablate.run_cell(one, cell, 1)
 
 
 def test_changed_settings_are_found_for_every_run_before_any_starts(tmp_path, monkeypatch):
@@ -737,3 +742,186 @@ def test_a_cell_pooling_results_of_two_code_versions_is_named_in_the_report(tmp_
     assert [c["git_shas"] for c in summary["cells"]] == [[old, new], [old]]
     warned = [line for line in ablate_report.markdown_table(summary).splitlines() if line.startswith("Warning")]
     assert len(warned) == 1 and "cell base pools results of 2 code versions (git aaaaaaaaaa, bbbbbbbbbb)" in warned[0]
+
+
+# ---- review fixes: Ctrl-C and stop signals, deepspeed's own world size, a failure's launch, stopping, old results --
+def _grid_runs(monkeypatch, tmp_path, training):
+    """A one-cell grid (its run_logged: `training`) and its run(*extra) -> the summary."""
+    monkeypatch.setattr(ablate, "run_logged", training)
+    monkeypatch.setattr(ablate, "evaluate_cell", _fake_eval)
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "base", "args": []}])
+    return lambda *extra: ablate.run(*ablate.parse_args(_args(tmp_path / "out", grid, *extra)))
+
+
+def _seed(cmd) -> int:
+    from pathlib import Path
+
+    return int(Path(cmd[cmd.index("--run-dir") + 1]).parent.name.removeprefix("seed"))
+
+
+@pytest.mark.parametrize("code", [1, -2])  # a launcher's exit under Ctrl-C, and a job's own
+def test_ctrl_c_records_no_run_as_failed_and_a_rerun_resumes_them(tmp_path, monkeypatch, code):
+    """Ctrl-C reaches the training jobs too (the terminal signals the foreground process group): their exit became
+    'failed with exit code -2', failed.json, and the next rerun skipped those runs as failed. Once the harness is
+    interrupted, nothing is recorded as failed, whatever exit code a job's launcher makes of it."""
+    import signal
+    import threading
+    import time
+
+    def training(cmd, port, log, **kw):
+        if _seed(cmd) == 0:  # while both runs train (--jobs 2): SIGINT to the main thread, where Python raises it
+            threading.Timer(0.1, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+        time.sleep(1.0)  # the jobs end after the harness saw Ctrl-C
+        raise RuntimeError(f"training of cell base seed {_seed(cmd)} failed with exit code {code}\nfull log {log}")
+
+    run = _grid_runs(monkeypatch, tmp_path, training)
+    with pytest.raises(KeyboardInterrupt):
+        run("--seeds", "0", "1", "--jobs", "2")
+    cells = tmp_path / "out" / "cells" / "base"
+    assert not list(cells.glob("seed*/failed.json"))
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)  # the rerun trains both
+    assert run("--seeds", "0", "1")["cells"][0]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("code", [-2, -15, 130, 143, 138])
+def test_a_job_stopped_by_a_signal_is_no_failure_and_stops_the_grid(tmp_path, monkeypatch, code):
+    """A training that saved and stopped on SIGTERM or SLURM's SIGUSR1 (exit 143, 138), or a job killed by SIGINT or
+    SIGTERM, was a failed run, skipped by the next rerun. It is an interruption now: no failed.json (an earlier
+    failure's goes), no queued run starts, the grid says so, and a rerun resumes it."""
+    started = []
+
+    def training(cmd, port, log, **kw):
+        started.append(_seed(cmd))
+        raise RuntimeError(f"training of cell base seed {_seed(cmd)} failed with exit code {code}\nfull log {log}")
+
+    run = _grid_runs(monkeypatch, tmp_path, training)
+    seed0 = tmp_path / "out" / "cells" / "base" / "seed0"
+    seed0.mkdir(parents=True)
+    (seed0 / "failed.json").write_text("{}")  # an earlier failure, retried now
+    with pytest.raises(RuntimeError, match=rf"training of cell base seed 0 was stopped by a signal \(exit code "
+                                           rf"{code}\), not recorded as a failure; a rerun resumes it"):
+        run("--seeds", "0", "1", "--retry-failed")
+    assert started == [0] and not (seed0 / "failed.json").exists()
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    assert run("--seeds", "0", "1")["cells"][0]["seeds"] == [0, 1]
+
+
+def test_launcher_args_are_read_as_deepspeeds_runner_reads_them(tmp_path):
+    """The world size was the harness's own reading of --launcher-args, which deepspeed's runner contradicted: a
+    later --num_gpus wins, --num_nodes stops at the hostfile's hosts, argparse takes abbreviations. It is the
+    runner's own resolution of the training command now, and a command line the runner refuses (which failed every
+    run at its launch) is an error naming the flag before any run."""
+    grid = _write_grid(tmp_path / "g.yaml", [{"name": "base", "args": []}])
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=8\nnode-b slots=8\n")
+    (tmp_path / "bad").write_text("node-a slots=8\nnode-b\n")
+
+    def world(launcher_args):
+        args = _args(tmp_path / "out", grid, "--dry-run", "--launcher", "deepspeed", "--ngpu", "8",
+                     f"--launcher-args={launcher_args}")
+        return ablate.make_plan(*ablate.parse_args(args), None).world_size
+
+    for launcher_args, ranks in [("", 8), (f"--hostfile {hosts}", 16), ("--num_gpus 4", 4), ("--num_accelerators=2", 2),
+                                 (f"--hostfile {hosts} --num_nodes 3", 16), (f"--hostf {hosts}", 16),
+                                 (f"-H{hosts}", 16), (f"--hostfile {hosts} --num_node 1", 8)]:
+        assert world(launcher_args) == ranks, launcher_args
+    for launcher_args, match in [("--include localhost:0", "refuses --include/--exclude beside --num_gpus"),
+                                 ("--num_nodes 2", "refuses --num_nodes 2 without a hostfile"),
+                                 (f"--hostfile {tmp_path / 'bad'}", "refuses the hostfile .*bad \\(--hostfile\\): "
+                                                                     "Hostfile contains a bad entry"),
+                                 ("--num 2", "rejects them: ambiguous option: --num could match")]:
+        with pytest.raises(ValueError, match=match):
+            world(launcher_args)
+    with pytest.raises(SystemExit, match="error: --ngpu 8 --launcher-args='--num_nodes 2': deepspeed refuses"):
+        ablate.main(_args(tmp_path / "out", grid, "--launcher", "deepspeed", "--ngpu", "8",
+                          "--launcher-args=--num_nodes 2"))
+    assert not (tmp_path / "out" / "cells").exists()  # nothing ran
+
+
+def test_a_failure_under_other_launch_settings_runs_again(tmp_path, monkeypatch):
+    """A launcher-level error (deepspeed refusing its hosts before any rank starts) failed every run; after the
+    flags were fixed, every run was still skipped as failed before (failed runs were matched on the training
+    arguments alone). failed.json records the launch settings, and a failure of other ones runs again."""
+    def refused(cmd, port, log, **kw):
+        raise RuntimeError(f"training of cell base seed {_seed(cmd)} failed with exit code 1\nfull log {log}")
+
+    run = _grid_runs(monkeypatch, tmp_path, refused)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=8\nnode-b slots=8\n")
+    on_hosts = ("--seeds", "0", "1", "--launcher", "deepspeed", "--ngpu", "2", f"--launcher-args=--hostfile {hosts}")
+    with pytest.raises(RuntimeError, match="2 of the 2 runs failed"):
+        run(*on_hosts)
+    seed0 = tmp_path / "out" / "cells" / "base" / "seed0"
+    record = json.loads((seed0 / "failed.json").read_text())
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("trained again")))
+    with pytest.raises(RuntimeError, match="2 of the 2 runs failed: base seed 0 \\(skipped, failed before"):
+        run(*on_hosts)  # the same settings: skipped
+    monkeypatch.setattr(ablate, "run_logged", _fake_training)
+    summary = run(*on_hosts[:-1])  # without the hostfile: run again
+    assert summary["cells"][0]["seeds"] == [0, 1] and summary["cells"][0]["failed_seeds"] == []
+    assert not (seed0 / "failed.json").exists() and record["launch"] == {
+        "launcher": "deepspeed", "ngpu": 2, "launcher_args": ["--hostfile", str(hosts)], "world_size": 4}
+
+
+def test_an_error_that_stops_the_grid_starts_no_further_run_with_one_job(tmp_path, monkeypatch):
+    """--jobs 1 (as with --launcher deepspeed): after a run's error that stops the grid, the single worker took the
+    next queued run at once and trained it to its end before the error was raised."""
+    import concurrent.futures
+
+    started = []
+
+    def run_cell(plan, cell, seed):
+        started.append(seed)
+        if seed == 0:
+            raise ValueError("training of cell base seed 0 ran on 4 ranks where this run expects 8")
+        return {"cell": cell.name, "seed": seed, "metrics": {"train_seconds": 0, "eval_seconds": 0}}, True
+
+    real_wait = concurrent.futures.wait
+
+    def slow_wait(*args, **kwargs):  # the main thread wakes after the worker could take the next run
+        done = real_wait(*args, **kwargs)
+        __import__("time").sleep(0.3)
+        return done
+
+    monkeypatch.setattr(concurrent.futures, "wait", slow_wait)
+    monkeypatch.setattr(ablate, "run_cell", run_cell)
+    monkeypatch.setattr(ablate, "write_outputs", lambda plan, results, failed: {})
+    monkeypatch.setattr(ablate, "prepare_synthetic", lambda *a, **k: None)
+    args = _args(tmp_path / "out", "cpu", "--cells", "base", "--seeds", "0", "1", "2", "--launcher", "deepspeed")
+    with pytest.raises(ValueError, match="seed 0 ran on 4 ranks"):
+        ablate.run(*ablate.parse_args(args))
+    assert started == [0]
+
+
+def test_an_old_result_without_checkpoints_takes_its_world_size_from_its_log(tmp_path, monkeypatch):
+    """A result.json of the previous version (no world_size) whose step checkpoints were deleted (a finished grid
+    needs only the exports) read world size None: refused with 'delete <cell_dir>' (finished training), or left
+    out of the results unsaid. Its world size comes from the trainer's 'ranks:' line (train/log.txt, else
+    train.log); with neither, it is used with a warning."""
+    import shutil
+
+    run = _grid_runs(monkeypatch, tmp_path, _fake_training)
+    run("--seeds", "0")
+    seed0 = tmp_path / "out" / "cells" / "base" / "seed0"
+    result = json.loads((seed0 / "result.json").read_text())
+    old = {k: v for k, v in result.items() if k not in ("world_size", "global_batch", "git_sha")}
+    (seed0 / "result.json").write_text(json.dumps(old))
+    shutil.rmtree(seed0 / "train" / "step-00000003")
+    monkeypatch.setattr(ablate, "run_logged", mock.Mock(side_effect=AssertionError("trained again")))
+    monkeypatch.setattr(ablate, "evaluate_cell", mock.Mock(side_effect=AssertionError("evaluated again")))
+
+    one = "12:00:00 ranks: node 0 (host a): ranks [0] local [0]\n"
+    two = "12:00:00 ranks: node 0 (host a): ranks [0] local [0]; node 1 (host b): ranks [1] local [0]\n"
+    (seed0 / "train" / "log.txt").write_text(two + "12:00:01 step 1/3 | loss 1.0\n" + one)  # the last start's
+    assert ablate.read_result(seed0 / "result.json")["world_size"] == 1
+    assert run("--seeds", "0")["cells"][0]["seeds"] == [0]
+    (seed0 / "train" / "log.txt").unlink()
+    (seed0 / "train.log").write_text(f"$ python -m unitok.train\n{two}")
+    assert ablate.read_result(seed0 / "result.json")["world_size"] == 2
+    with pytest.raises(ValueError, match=r"another world size than this run's \(2 -> 1 ranks"):
+        run("--seeds", "0")
+    (seed0 / "train.log").unlink()
+    with pytest.warns(UserWarning, match="cell base seed 0 does not say on how many ranks it trained"):
+        summary = run("--seeds", "0")
+    assert summary["cells"][0]["seeds"] == [0]
