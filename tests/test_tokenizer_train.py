@@ -138,6 +138,10 @@ def test_a_skipped_discriminator_micro_batch_keeps_its_accumulation_in_step(tmp_
     assert len(gan) >= 3 and all(r["disc_micro_steps"] == 2 * r["disc_global_steps"] for r in gan), m
     third = next(r for r in m if r["step"] == 3)
     assert 0.5 < third["d_hinge"] / sum(r["d_hinge"] for r in gan if r["step"] != 3) * (len(gan) - 1) < 2
+    # usage_per_codebook is the step's mean over its micro batches, as usage is (it was the last micro batch's)
+    per_codebook = [sum(r["usage_per_codebook"]) / len(r["usage_per_codebook"]) for r in m]
+    assert all(abs(u - r["usage"]) < 2e-3 for u, r in zip(per_codebook, m)), [(u, r["usage"]) for u, r in
+                                                                             zip(per_codebook, m)]
 
 
 @pytest.mark.slow

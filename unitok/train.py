@@ -204,6 +204,7 @@ class TokenizerTask(Task):
         self.decodes = c.l1 > 0 or c.l2 > 0 or (c.lpips > 0 and perceptual is not None) or disc_engine is not None
         self.uses_text = c.clip > 0
         self._last_conv_input: torch.Tensor | None = None
+        self._usage: list[torch.Tensor] = []  # per-codebook usage of this step's trained micro batches
         # The GAN's randomness (DiffAug, discriminator crops) has its own generator, saved with each
         # checkpoint: library code (e.g. a DataLoader iterator) also draws from the global RNG, and a
         # resumed run must replay exactly the same augmentations.
@@ -325,6 +326,7 @@ class TokenizerTask(Task):
         """Generator update, then the discriminator's on the same micro batch (after the GAN start)."""
         self.engine.backward(out["_objective"])
         self.engine.step()
+        self._usage.append(out["codebook_usage"])
         disc = self.discriminator_losses(out["images"], out["rec"], step)
         if not disc:
             return {}
@@ -356,7 +358,9 @@ class TokenizerTask(Task):
         from runtime.distributed import is_main_process
 
         self.model.clamp_logit_scale()
-        record["usage_per_codebook"] = [round(float(u), 3) for u in out["codebook_usage"]]
+        # the mean over the step's trained micro batches, as `usage` is (it was the last micro batch's alone)
+        record["usage_per_codebook"] = [round(u, 3) for u in torch.stack(self._usage).mean(0).tolist()]
+        self._usage.clear()
         self._last = (out["images"], out["rec"])
         if self.cfg.image_every and step % self.cfg.image_every == 0 and self.decodes and is_main_process():
             save_grid(Path(self.cfg.run_dir) / "images" / f"{step_name(step)}.png", *self._last)
