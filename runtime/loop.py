@@ -166,17 +166,14 @@ def all_rank_means(record: dict[str, Any], weighted: dict[str, str]) -> dict[str
     """The weighted terms of this rank's step record over every rank's tokens, and their counts summed (a
     collective: all ranks call it every step). Rank 0's alone were 1/world of the tokens, and null on a step
     where rank 0 had none of a kind (an image loss at 64 ranks whenever rank 0's micro batches were text)."""
-    import torch.distributed as dist
-
-    from runtime.distributed import collective_device
+    from runtime.distributed import all_reduce_sum
 
     terms = list(weighted)
     flat = []
     for t in terms:
         n, v = record.get(weighted[t]) or 0, record.get(t)
         flat += [v * n if v is not None and n else 0.0, float(n)]
-    x = torch.tensor(flat, dtype=torch.float64, device=collective_device())
-    dist.all_reduce(x)
+    x = all_reduce_sum(torch.tensor(flat, dtype=torch.float64))
     out: dict[str, float | int | None] = {}
     for i, t in enumerate(terms):
         total, n = x[2 * i:2 * i + 2].tolist()

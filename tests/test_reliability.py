@@ -140,8 +140,10 @@ def test_step_record_weights_per_token_losses_over_every_rank(monkeypatch):
     null on a step where rank 0 had no image though other ranks trained on images."""
     import torch.distributed as dist
 
+    import runtime.distributed
     from runtime.loop import all_rank_means, step_means
 
+    monkeypatch.setattr(runtime.distributed, "get_world_size", lambda: 2)
     weighted = {"text_loss": "text_tokens", "image_loss": "image_tokens"}
     rank0 = step_means([{"loss": 6.0, "text_loss": 6.0, "image_loss": 0.0, "text_tokens": 30, "image_tokens": 0}],
                        weighted)
