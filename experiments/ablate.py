@@ -63,7 +63,8 @@ rerun skips the runs that failed under its arguments and launch settings, so tha
 no time (one of other launcher flags runs again); --retry-failed runs them again (a transient out-of-memory),
 resuming from their last checkpoint. A job stopped by a signal is no failure (Ctrl-C, which reaches the jobs
 too, or a scheduler's SIGTERM: exit codes -2, -15, 130, 143, 138): nothing is recorded, no queued run starts,
-and a rerun resumes it.
+and a rerun resumes it. A SIGINT or SIGTERM sent to the harness alone, or its death (kill -9), stops its jobs
+as well: they get SIGTERM, save and exit (runtime/guard.py); the deepspeed runner alone passes no signal on.
     OUT_DIR/cells/<cell>/seed<k>/{fingerprint.json, train/, train.log, train_seconds.json, eval_1x/, eval_2x/,
                                   eval.log, result.json | failed.json}
     OUT_DIR/results.{json,md,png}   statistics over seeds, claim tests, tables and plot (ablate_report.py): every
@@ -110,7 +111,7 @@ from typing import Any, Literal
 
 from experiments.ablate_grid import Cell, Grid, load_grid
 from experiments.ablate_report import claims_table, markdown_table, write_outputs
-from runtime.launch import deepspeed_cmd, free_port, run_logged
+from runtime.launch import deepspeed_cmd, free_port, run_logged, stop_jobs
 from runtime.run import write_json_atomic
 
 RECON_KEYS = ("psnr", "ssim", "mean_usage_pct", "mean_perplexity", "rfid", "is")
@@ -840,6 +841,7 @@ def run(args: AblateConfig, user_args: list[str]) -> dict[str, Any]:
             interrupted.set()
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+            stop_jobs()  # a SIGINT sent to this process alone reached no job: the others' threads waited on
             log.info("interrupted: no queued run starts, and the runs going now are not recorded as failed; a rerun "
                      "resumes them")
             raise

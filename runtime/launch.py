@@ -19,6 +19,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -135,12 +137,64 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
 
 def _die_with_parent() -> None:
     """Run in the child before exec: SIGTERM it when the process that started it dies (Linux's
-    PR_SET_PDEATHSIG), so that a caller killed with -9 leaves no job training on in its folder; the deepspeed
-    launcher passes SIGTERM on to its ranks. Elsewhere a no-op."""
+    PR_SET_PDEATHSIG; it survives the exec), so that a caller killed with -9 leaves no job training on in its
+    folder: the child is runtime.guard, which stops the whole job. Elsewhere a no-op."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+_running: set[subprocess.Popen] = set()
+"""run_logged's guards now running (of every thread)."""
+_running_lock = threading.Lock()
+
+
+def stop_jobs() -> None:
+    """Ask every job run_logged is running (in any thread) to stop, as a scheduler would: its guard sends SIGTERM
+    to each of its processes (the trainers save and exit). For a caller interrupted on its main thread while other
+    threads wait on jobs (Ctrl-C reaches the jobs too; a SIGINT sent to the caller's pid alone does not)."""
+    with _running_lock:
+        jobs = list(_running)
+    for p in jobs:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+
+
+def _stop_and_wait(p: subprocess.Popen) -> None:
+    """Stop a guarded job and wait for all of it (the guard exits last); a second Ctrl-C kills it at once."""
+    import psutil
+
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+        p.wait()
+    except BaseException:
+        with contextlib.suppress(psutil.Error):
+            for q in [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
+                with contextlib.suppress(psutil.Error):
+                    q.kill()
+        p.wait()
+        raise
+
+
+def _tail(log_file: Path, offset: int, p: subprocess.Popen, echo: Callable[[str], None]) -> int:
+    """Pass each line the job appends to `log_file` after `offset` to `echo` until it exits -> its exit code."""
+    with open(log_file, "rb") as r:
+        r.seek(offset)
+        pending = b""
+        while True:
+            done = p.poll() is not None  # read once more after the exit: what the job wrote last
+            chunk = r.read()
+            *lines, pending = (pending + chunk).split(b"\n")  # whole lines: a character may span two reads
+            for line in lines:
+                echo(line.decode(errors="replace") + "\n")
+            if done:
+                if pending:
+                    echo(pending.decode(errors="replace"))
+                return p.returncode
+            if not chunk:
+                time.sleep(0.1)
 
 
 def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | None = None,
@@ -152,6 +206,8 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
     naming `what` with the log's last lines; a leaked /dev/shm workspace of `port` raises after it is
     removed. MASTER_PORT is set to `port`: a launcher sets the same from --master_port, and a job
     without one uses it for its private process group, which the leak check then finds.
+    The job runs under runtime.guard: when this process dies (kill -9 included) or this call is interrupted
+    (Ctrl-C, `stop_jobs()`), every process of the job gets SIGTERM and this call returns once all are gone.
     """
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -159,18 +215,24 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
     with open(log_file, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
+        # by its path: the guard needs only the standard library and psutil, whatever the job's PYTHONPATH.
+        # The job writes to the log file itself, echoed or not: through a pipe, its ranks' next print after this
+        # process died raised BrokenPipeError, in the middle of the save its stop asks for.
+        p = subprocess.Popen([sys.executable, str(ROOT / "runtime" / "guard.py"), *cmd], cwd=cwd, env=env,
+                             stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        with _running_lock:
+            _running.add(p)
         try:
             if echo is None:
-                returncode = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                            preexec_fn=_die_with_parent).returncode
+                returncode = p.wait()
             else:
-                with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, preexec_fn=_die_with_parent) as p:
-                    for line in p.stdout:
-                        f.write(line)
-                        echo(line)
-                returncode = p.returncode
+                returncode = _tail(log_file, f.tell(), p, echo)
+        except BaseException:
+            _stop_and_wait(p)
+            raise
         finally:
+            with _running_lock:
+                _running.discard(p)
             leaked = _sweep_shm(port)
 
     def tail() -> str:

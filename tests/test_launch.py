@@ -3,6 +3,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -301,28 +302,118 @@ def test_a_timed_out_job_leaves_no_process_behind(tmp_path):
     assert not psutil.pid_exists(rank) or psutil.Process(rank).status() == psutil.STATUS_ZOMBIE
 
 
-@pytest.mark.parametrize("echo", [False, True])
-def test_a_job_ends_with_the_process_that_started_it(tmp_path, echo):
-    """The demo killed with -9 left its training job running on in its folder (reparented to init): a rerun
-    in that window ran a second job there. The job now gets SIGTERM when its parent dies."""
+_RANK = """import os, signal, sys, time
+def stop(signum, frame):
+    open(sys.argv[1] + ".stopped", "w").close()  # a trainer saves here (runtime.run.StopSignals)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1], "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
     import psutil
 
-    pid_file = tmp_path / "job.pid"
-    job_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    deadline = time.time() + timeout
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+        time.sleep(0.1)
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 30) -> int:
+    deadline = time.time() + timeout
+    while not path.is_file() or not path.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    return int(path.read_text())
+
+
+@pytest.mark.parametrize("how,echo", [("kill -9", False), ("kill -9", True), ("SIGTERM", False), ("SIGINT", True)])
+def test_a_job_ends_with_the_process_that_started_it(tmp_path, how, echo):
+    """The demo or the ablation grid killed (-9 or SIGTERM), or sent SIGINT alone (`kill -INT PID`; Ctrl-C reaches
+    the jobs too), left the job's ranks training on in their folder: the deepspeed runner, which PR_SET_PDEATHSIG
+    stopped, passes no signal on in local mode (here bash, which neither does). Every process of the job now gets
+    SIGTERM (a trainer saves) from runtime.guard; after a SIGINT the caller returns once the job is gone."""
+    (tmp_path / "rank.py").write_text(_RANK)
+    pid_file = tmp_path / "rank.pid"
+    job = ["bash", "-c", f"{shlex.quote(sys.executable)} {tmp_path / 'rank.py'} {pid_file} & wait"]
     (tmp_path / "parent.py").write_text(
         "import sys\nfrom runtime.launch import free_port, run_logged\n"
-        f"run_logged([sys.executable, '-c', {job_code!r}], free_port(), {str(tmp_path / 'job.log')!r}"
-        f"{', echo=print' if echo else ''})\n")
+        f"run_logged({job!r}, free_port(), {str(tmp_path / 'job.log')!r}{', echo=print' if echo else ''})\n")
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE, text=True)
+    rank = _wait_for(pid_file, parent)
+    parent.send_signal({"kill -9": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}[how])
+    err = parent.communicate()[1]
+    if how == "SIGINT":
+        assert "KeyboardInterrupt" in err and _gone(rank, timeout=0)  # run_logged waited for the whole job
+    assert _gone(rank)
+    assert (tmp_path / "rank.pid.stopped").is_file()  # stopped by a SIGTERM, as a scheduler stops a job
+    assert "runtime.guard: received SIGTERM: SIGTERM sent to the job's processes" in (tmp_path / "job.log").read_text()
+
+
+def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path):
+    """experiments.ablate interrupted on its main thread while its worker threads wait on jobs: `stop_jobs()`."""
+    import threading
+
+    from runtime.launch import stop_jobs
+
+    (tmp_path / "rank.py").write_text(_RANK)
+    errors = {}
+
+    def one(k: int) -> None:
+        try:
+            run_logged([sys.executable, str(tmp_path / "rank.py"), str(tmp_path / f"{k}.pid")], free_port(),
+                       tmp_path / f"{k}.log", what=f"job {k}")
+        except RuntimeError as e:
+            errors[k] = str(e)
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while not all((tmp_path / f"{k}.pid").is_file() and (tmp_path / f"{k}.pid").read_text() for k in range(2)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    stop_jobs()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    # the trainers' exit code on a stop, which the ablation grid records as no failure
+    assert all(errors[k].startswith(f"job {k} failed with exit code 143") for k in range(2)), errors
+    assert all((tmp_path / f"{k}.pid.stopped").is_file() for k in range(2))
+
+
+def test_what_a_job_leaves_behind_is_stopped_with_it(tmp_path):
+    """A launcher that exits (or crashes) before its ranks: they no longer train on, orphaned; the exit code is the
+    launcher's, and a job killed by a signal reads as killed by it (the ablation grid's interrupted codes)."""
+    (tmp_path / "rank.py").write_text(_RANK)
+    pid_file = tmp_path / "rank.pid"
+    leader = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(tmp_path / 'rank.py')!r}, "
+              f"{str(pid_file)!r}]); time.sleep(0.5) if 0 else None\n"
+              f"while not open({str(pid_file)!r}, 'a+').tell(): time.sleep(0.05)")
+    run_logged([sys.executable, "-c", leader], free_port(), tmp_path / "job.log")
+    assert _gone(int(pid_file.read_text()), timeout=0) and (tmp_path / "rank.pid.stopped").is_file()
+    assert "exited (0) and left processes behind" in (tmp_path / "job.log").read_text()
+    with pytest.raises(RuntimeError, match="job failed with exit code -15"):
+        run_logged(["bash", "-c", "kill -TERM $$"], free_port(), tmp_path / "killed.log", what="job")
+
+
+@pytest.mark.slow
+def test_the_deepspeed_runner_s_ranks_stop_with_the_harness(tmp_path):
+    """The real launcher (`deepspeed`, 2 CPU ranks): its runner passes no signal on in local mode, so a harness
+    killed with -9 left both ranks training (observed before runtime.guard). Now each rank gets SIGTERM."""
+    (tmp_path / "rank.py").write_text(_RANK.replace("sys.argv[1]", "sys.argv[-1] + os.environ['LOCAL_RANK']"))
+    pids = [tmp_path / f"rank.pid{r}" for r in range(2)]
+    (tmp_path / "parent.py").write_text(
+        "from runtime.launch import deepspeed_cmd, ds_env, free_port, run_logged\n"
+        f"port = free_port()\nrun_logged(deepspeed_cmd({str(tmp_path / 'rank.py')!r}, [{str(tmp_path / 'rank.pid')!r}],"
+        f" 2, port, module=False), port, {str(tmp_path / 'job.log')!r}, env=ds_env())\n")
     parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 30
-    while not pid_file.is_file() or not pid_file.read_text():
-        assert time.time() < deadline and parent.poll() is None
-        time.sleep(0.1)
-    job = int(pid_file.read_text())
+    ranks = [_wait_for(p, parent, timeout=120) for p in pids]
     parent.kill()
     parent.wait()
-    deadline = time.time() + 10
-    while psutil.pid_exists(job) and psutil.Process(job).status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
-        time.sleep(0.1)
-    assert not psutil.pid_exists(job) or psutil.Process(job).status() == psutil.STATUS_ZOMBIE
+    assert all(_gone(r, timeout=30) for r in ranks)
+    assert all(Path(f"{p}.stopped").is_file() for p in pids)

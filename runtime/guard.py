@@ -1,0 +1,119 @@
+"""Run a job so that it stops with whoever started it: `python runtime/guard.py CMD ARGS...`.
+
+runtime.launch.run_logged starts every job of the demo and the ablation grid through this process. The
+`deepspeed` runner does not pass a signal on in local (one-node) mode: killed (by a SIGTERM, SIGINT or SIGKILL
+of the harness, which PR_SET_PDEATHSIG turns into a SIGTERM of the runner), it dies alone, and its launcher
+and ranks trained on, orphaned, holding the cores, the port and the run folder's lock. The guard instead:
+- is the job's subreaper (PR_SET_CHILD_SUBREAPER): a process of the job whose parent dies is re-parented here,
+  so "the job" is every process below the guard, found and reaped without polling;
+- on SIGTERM or SIGHUP (its parent's death included: runtime.launch sets PR_SET_PDEATHSIG before the exec)
+  sends SIGTERM to every process of the job, as a scheduler's stop does (the trainers save at the end of their
+  step and exit; their DataLoader workers ignore a SIGTERM not sent by their rank: runtime.run), and SIGKILL
+  to whatever is left STOP_GRACE_S later;
+- ignores SIGINT: a terminal's Ctrl-C reaches the job's own processes, which stop as they always did;
+- once the command's own process has exited, stops what it left behind the same way (a crashed runner's ranks);
+- exits as the command did (its exit code, or killed by the same signal), after every process of the job.
+Only the standard library and psutil (a deepspeed requirement): the guard starts in a few tens of ms.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+STOP_GRACE_S = 60
+"""Seconds from a stop's SIGTERM to the SIGKILL of what is left: the deepspeed launcher itself kills its ranks 30 s
+after passing a SIGTERM on, and a scheduler's default (SLURM KillWait) is 30 s as well."""
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _job() -> list:
+    """Every live process below the guard (psutil.Process), the re-parented orphans included; not the exited ones
+    that wait to be reaped (zombies)."""
+    import psutil
+
+    live = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                live.append(p)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return live
+
+
+def _signal_job(sig: int) -> list[int]:
+    """Send `sig` to every process of the job -> their pids."""
+    import psutil
+
+    pids = []
+    for p in _job():
+        try:
+            p.send_signal(sig)
+            pids.append(p.pid)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return pids
+
+
+def _say(msg: str) -> None:
+    try:
+        print(f"runtime.guard: {msg}", file=sys.stderr, flush=True)
+    except OSError:  # a closed output must not stop the guard (it runs in its signal handlers)
+        pass
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit("usage: python runtime/guard.py CMD [ARGS...]")
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    stopping = False
+
+    def kill_rest(signum, frame) -> None:
+        if pids := _signal_job(signal.SIGKILL):
+            _say(f"processes {pids} were still running {STOP_GRACE_S} s after the stop: killed")
+
+    def stop(why: str) -> None:
+        nonlocal stopping
+        if stopping:  # one stop: a repeat is no request to hurry (runtime.run.StopSignals)
+            return
+        stopping = True
+        if pids := _signal_job(signal.SIGTERM):
+            _say(f"{why}: SIGTERM sent to the job's processes {pids}")
+        signal.signal(signal.SIGALRM, kill_rest)
+        signal.alarm(STOP_GRACE_S)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, lambda signum, frame: stop(f"received {signal.Signals(signum).name}"))
+    try:
+        # the child does not inherit the ignored SIGINT: Ctrl-C must still reach the job
+        leader = subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    except OSError as e:
+        raise SystemExit(f"runtime.guard: cannot start {argv[0]!r}: {e}") from None
+    if stopping:  # asked to stop while it started
+        _signal_job(signal.SIGTERM)
+    code = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)  # the leader and every orphan re-parented here (the subreaper)
+        except ChildProcessError:  # nothing left below the guard
+            break
+        if pid == leader.pid:
+            code = leader.returncode = os.waitstatus_to_exitcode(status)
+            if not stopping and _job():
+                stop(f"{argv[0]} exited ({code}) and left processes behind")
+    signal.alarm(0)
+    if code is not None and code < 0:  # killed by a signal: end the same way, for the caller's returncode
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # these two have no handler to reset
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return 1 if code is None else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
