@@ -110,7 +110,9 @@ def expected_options(cls, instance=None) -> dict[str, object]:
 
 @pytest.mark.parametrize("module,pre,config", CLIS, ids=[f"{m} {' '.join(p)}".strip() for m, p, _ in CLIS])
 def test_help_lists_every_field_once_with_its_default(module, pre, config, capsys, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "400")  # one line per help row: defaults are not wrapped
+    # wide, so that few rows wrap; under 130, where tyro would put the option groups side by side once they
+    # pass 60 rows (mllm.evaluate.cli)
+    monkeypatch.setenv("COLUMNS", "129")
     main = load(module).main
     with pytest.raises(SystemExit) as e:
         main([*pre, "--help"])

@@ -344,6 +344,152 @@ def test_input_files_without_a_field_are_named(tmp_path):
         InferenceConfig(log_every=0)  # it crashed rank 0 after the first batch (the others waited in the gather)
 
 
+# ---- LLaVA's own answers files -------------------------------------------------------------------
+_LLAVA_SUFFIX = "\nAnswer the question using a single word or phrase."
+# (category, LLaVA's id offset in llava_pope_test.jsonl, [(image, object, label)]); LLaVA's file lists
+# adversarial 1.., random 10000001.., popular 20000001..; each coco_pope_<category>.json numbers from 1
+_POPE_SETS = [("adversarial", 0, [("310196", "snowboard", "yes"), ("310196", "person", "yes"),
+                                  ("310196", "car", "no"), ("210789", "truck", "yes")]),
+              ("random", 10000000, [("310196", "person", "yes"), ("310196", "broccoli", "no"),
+                                    ("210789", "cell phone", "no")]),
+              ("popular", 20000000, [("310196", "person", "yes"), ("310196", "dining table", "no"),
+                                     ("210789", "car", "yes"), ("210789", "chair", "no")])]
+_ANSWERS = ["Yes", "No", "Yes, there is a car.", "No.", "No, there is not", "Yes", "Yes", "no", "NO", "Yes"]
+
+
+def _llava_pope(root: Path):
+    """coco/coco_pope_<category>.json, LLaVA's llava_pope_test.jsonl, its answers file (model_vqa_loader lines)
+    and this runner's predictions.jsonl with the same answers."""
+    (root / "coco").mkdir(parents=True)
+    llava, answers, ours, k = [], [], [], 0
+    for cat, offset, items in _POPE_SETS:
+        coco = [{"question_id": i + 1, "image": f"COCO_val2014_000000{img}.jpg",
+                 "text": f"Is there a{'n' * (obj[0] in 'aeiou')} {obj} in the image?", "label": lab}
+                for i, (img, obj, lab) in enumerate(items)]
+        (root / "coco" / f"coco_pope_{cat}.json").write_text("".join(json.dumps(r) + "\n" for r in coco))
+        for r in coco:
+            lid = offset + r["question_id"]
+            llava.append({"question_id": lid, "image": r["image"], "text": r["text"] + _LLAVA_SUFFIX, "category": cat})
+            answers.append({"question_id": lid, "prompt": r["text"] + _LLAVA_SUFFIX, "text": _ANSWERS[k % 10],
+                            "answer_id": f"a{k}", "model_id": "llava-v1.5-7b", "metadata": {}})
+            ours.append({"question_id": f"{cat}/{r['question_id']}", "category": cat,
+                         "prompt": r["text"] + _LLAVA_SUFFIX, "answer": _ANSWERS[k % 10]})
+            k += 1
+    write = lambda name, rows: (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write("llava_pope_test.jsonl", llava)
+    write("llava-v1.5-7b.jsonl", answers)
+    write("predictions.jsonl", ours)
+    return answers
+
+
+def _rescore(task, root, files, predictions, *flags):
+    out = root / f"out_{Path(predictions).stem}"
+    code = eval_main(["--task", task, *files, "--predictions", str(predictions), "--out", str(out), *flags])
+    return code, (json.loads((out / "results.json").read_text())["metrics"] if code == 0 else None)
+
+
+def test_llava_pope_answers_score_like_the_runners_predictions(tmp_path, capsys):
+    """LLaVA's answers carry the ids of llava_pope_test.jsonl (one numbering over the categories), not the
+    coco_pope files' ids: every question counted as missing (an error naming no cause, in fact)."""
+    answers = _llava_pope(tmp_path)
+    questions = [w for cat, _, _ in _POPE_SETS
+                 for w in ("--questions", str(tmp_path / "coco" / f"coco_pope_{cat}.json"))]
+    llava = ["--llava-questions", str(tmp_path / "llava_pope_test.jsonl")]
+    code, ours = _rescore("pope", tmp_path, questions, tmp_path / "predictions.jsonl")
+    assert code == 0 and ours["num_missing"] == 0 and ours["num_questions"] == 11
+    adv, pop = ours["categories"]["adversarial"], ours["categories"]["popular"]
+    assert (adv["tp"], adv["fp"], adv["fn"]) == (1, 1, 2) and pop["fp"] == 2  # "NO" is a yes to LLaVA's parser
+    code, theirs = _rescore("pope", tmp_path, questions, tmp_path / "llava-v1.5-7b.jsonl", *llava)
+    assert code == 0 and theirs == ours
+    # merged out of order (chunks concatenated in another order): each answer still meets its own label
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in answers[::-1]))
+    assert _rescore("pope", tmp_path, questions, shuffled, *llava)[1] == ours
+    # a file cut short: the rest counts as wrong, and the warning names the count
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in answers[:8]))
+    code, m = _rescore("pope", tmp_path, questions, short, *llava)
+    assert code == 0 and m["num_missing"] == 3 and "answers 8 of the 11 questions" in capsys.readouterr().err
+
+
+def test_llava_pope_answers_that_cannot_be_matched_are_errors(tmp_path, capsys):
+    _llava_pope(tmp_path)
+    cat_file = lambda c: str(tmp_path / "coco" / f"coco_pope_{c}.json")  # noqa: E731
+    questions = [w for cat, _, _ in _POPE_SETS for w in ("--questions", cat_file(cat))]
+    answers = tmp_path / "llava-v1.5-7b.jsonl"
+    llava = ["--llava-questions", str(tmp_path / "llava_pope_test.jsonl")]
+    # without --llava-questions no id matches: the error names the file and the flag
+    assert _rescore("pope", tmp_path, questions, answers)[0] == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{answers}: none of its 11 question ids (e.g. '1') is a question of --task pope" in err
+    assert "give that file as --llava-questions" in err
+    # answers to another question file
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question_id": 30000001, "prompt": "?", "text": "Yes"}) + "\n")
+    assert _rescore("pope", tmp_path, questions, other, *llava)[0] == 1
+    assert f"{other}: 1 of its 1 question ids (e.g. 30000001) are not in --llava-questions" in capsys.readouterr().err
+    # answers to a category whose coco_pope file was not given
+    assert _rescore("pope", tmp_path, ["--questions", cat_file("random")], answers, *llava)[0] == 1
+    err = capsys.readouterr().err
+    assert "8 of its 11 answers are to questions of --llava-questions" in err
+    assert "category 'adversarial': give coco_pope_adversarial.json" in err
+    # this runner's predictions.jsonl given with LLaVA's question file
+    assert _rescore("pope", tmp_path, questions, tmp_path / "predictions.jsonl", *llava)[0] == 1
+    assert "(e.g. adversarial/1) are not in --llava-questions" in capsys.readouterr().err
+
+
+def _llava_mme(root: Path):
+    """MME_Benchmark_release_version/ (a flat and an images/ + questions_answers_YN/ subtask), LLaVA's answers to
+    its llava_mme.jsonl (an image's two questions share the id) and this runner's predictions.jsonl."""
+    mme = root / "MME_Benchmark_release_version"
+    (mme / "color").mkdir(parents=True)
+    (mme / "artwork" / "images").mkdir(parents=True)
+    (mme / "artwork" / "questions_answers_YN").mkdir()
+    items = {("color", "000000008277.jpg"): [("Is there a red coat in the image?", "Yes"),
+                                              ("Is there a yellow coat in the image?", "No")],
+             ("color", "000000012120.jpg"): [("Is there a white plate in the image?", "Yes"),
+                                              ("Is there a green plate in the image?", "No")],
+             ("artwork", "10002.jpg"): [("Is this artwork created by maris, jacob?", "Yes"),
+                                        ("Is this artwork created by bueckelaer, joachim?", "No")]}
+    answers, ours, said = [], [], iter(["Yes", "No", "Yes", "Yes", "No", "No"])
+    for (task, name), qa in items.items():
+        flat = task == "color"
+        img_dir, txt_dir = (mme / task,) * 2 if flat else (mme / task / "images", mme / task / "questions_answers_YN")
+        Image.new("RGB", (8, 8)).save(img_dir / name)
+        # MME's own instruction, once with the double space some of its files have
+        (txt_dir / f"{Path(name).stem}.txt").write_text(
+            "".join(f"{q}{'  ' if i else ' '}Please answer yes or no.\t{a}\n" for i, (q, a) in enumerate(qa)))
+        lid = f"{task}/{name}" if flat else f"{task}/images/{name}"
+        for i, (q, _) in enumerate(qa):
+            a = next(said)
+            answers.append({"question_id": lid, "prompt": q + _LLAVA_SUFFIX, "text": a, "answer_id": "x",
+                            "model_id": "llava-v1.5-13b", "metadata": {}})
+            ours.append({"question_id": f"{task}/{name}#{i}", "category": task, "prompt": q + _LLAVA_SUFFIX,
+                         "answer": a})
+    write = lambda name, rows: (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write("llava-v1.5-13b.jsonl", answers[::-1])  # the shared ids: only the prompt tells an image's pair apart
+    write("predictions.jsonl", ours)
+    return mme
+
+
+def test_llava_mme_answers_score_like_the_runners_predictions(tmp_path, capsys):
+    mme = ["--images", str(_llava_mme(tmp_path))]
+    code, ours = _rescore("mme", tmp_path, mme, tmp_path / "predictions.jsonl")
+    assert code == 0 and ours["num_missing"] == 0 and ours["subtasks"]["color"]["acc"] == 75.0
+    assert ours["subtasks"]["artwork"]["acc_plus"] == 0.0  # answered Yes to both: the pairing matters
+    code, theirs = _rescore("mme", tmp_path, mme, tmp_path / "llava-v1.5-13b.jsonl")
+    assert code == 0 and theirs == ours
+    # an answer to a question the folder does not hold: an error naming the file, not a silent miss
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"question_id": "OCR/0001.jpg", "prompt": "Is it?" + _LLAVA_SUFFIX, "text": "Yes"}))
+    assert _rescore("mme", tmp_path, mme, stray)[0] == 1
+    assert f"{stray}: 1 of its 1 answers match no question of the MME folder" in capsys.readouterr().err
+    # LLaVA's flag for POPE is refused with MME (its answers name their questions)
+    with pytest.raises(SystemExit):
+        eval_main(["--task", "mme", *mme, "--predictions", str(stray), "--llava-questions", "q.jsonl"])
+    assert "--llava-questions does not apply to --task mme" in " ".join(capsys.readouterr().err.split())
+
+
 def test_bad_benchmark_files_fail_before_the_model_loads(tmp_path, capsys):
     with mock.patch("mllm.engine.MLLMEngine.load", side_effect=AssertionError("the model was loaded")):
         assert eval_main(["--task", "gqa", *_M, "--annotations", str(tmp_path / "typo.json"), "--images",
@@ -523,6 +669,7 @@ _FID = ["--task", "fid", *_M, "--prompts", "meta.json", "--images", "mjhq", "--i
     ([*_POPE, "--candidates", "4"], "--candidates does not apply to --task pope"),
     ([*_POPE, "--predictions", "p.jsonl"], "--model, --tokenizer, --images do not apply to --task pope with "
                                            "--predictions"),
+    ([*_POPE, "--llava-questions", "llava_pope_test.jsonl"], "--llava-questions does not apply to --task pope"),
     (["--task", "mme", "--images", "MME", "--predictions", "p.jsonl", "--batch-size", "2"],
      "--batch-size does not apply to --task mme with --predictions"),
     ([*_FID, "--num-images", "2"], "--num-images does not apply to --task fid"),

@@ -15,7 +15,9 @@ Understanding (greedy answers, scored with each benchmark's own rules; see each 
   mme      --images MME_Benchmark_release_version                                        mllm.evaluate.mme
   options: --batch-size 8 --max-new-tokens 128 --limit N --prompt-suffix TEXT
            --predictions OUT/predictions.jsonl (re-score saved answers without the model; scores cover
-           the benchmark's questions, or the first --limit: an unanswered one counts as wrong, num_missing)
+           the benchmark's questions, or the first --limit: an unanswered one counts as wrong, num_missing;
+           LLaVA's own answers files score too: MME's as they are, POPE's with
+           --llava-questions llava_pope_test.jsonl, the file whose question ids they carry)
 
 Generation (release sampling defaults: --cfg-scale 7 --temperature 1 --top-k 0 --top-p 1; see
 mllm.evaluate.generation for the layouts):

@@ -46,7 +46,7 @@ _ANSWERS = ("prompt_suffix", "inference.batch_size", "inference.max_new_tokens",
             "inference.log_every")
 _IMAGES = ("inference.batch_size", "inference.limit", "seed", "gen.cfg_scale", "gen.temperature", "gen.top_k",
            "gen.top_p", "gen.num_images", "gen.candidates")
-_ALL = tuple(dict.fromkeys((*_MODEL, *_FILES, "predictions", *_ANSWERS, *_IMAGES)))  # in flag order, once
+_ALL = tuple(dict.fromkeys((*_MODEL, *_FILES, "predictions", "llava_questions", *_ANSWERS, *_IMAGES)))  # flag order
 
 
 @dataclass
@@ -78,7 +78,11 @@ class EvalConfig:
     phase expects the whole test2015 set)."""
     predictions: str | None = None
     """Score this predictions.jsonl instead of running the model (understanding tasks), over the benchmark's
-    questions (the first --limit): a question it does not answer counts as wrong (`num_missing`)."""
+    questions (the first --limit): a question it does not answer counts as wrong (`num_missing`). LLaVA's own
+    answers files score too: MME's as they are, POPE's with --llava-questions."""
+    llava_questions: str | None = None
+    """LLaVA's llava_pope_test.jsonl, whose question ids LLaVA's POPE answers file (--predictions) carries: its
+    answers are matched to the --questions files' questions by category, image and question (--task pope)."""
     prompts: str | None = None
     """Prompt set: MJHQ meta_data.json, GenEval evaluation_metadata.jsonl, GenAI prompts.txt/genai_image.json."""
     results: str | None = None
@@ -128,7 +132,9 @@ class EvalConfig:
         if self.task in UNDERSTANDING:
             if self.predictions is not None:  # scoring: no model; MME reads its questions from --images
                 # --limit: the questions a --limit run answered are the ones scored
-                return (files - ({"images"} if self.task != "mme" else set())) | {"predictions", "inference.limit"}
+                llava = {"llava_questions"} if self.task == "pope" else set()  # MME's answers name their questions
+                return (files - ({"images"} if self.task != "mme" else set())) | {"predictions", "inference.limit",
+                                                                                  *llava}
             return files | {*_MODEL, *_ANSWERS}
         if self.task in GENERATION:
             one_image = self.task in ("fid", "genai-export")  # FID and GenAI-Bench: one image per prompt
@@ -173,6 +179,31 @@ def load_benchmark(cfg: EvalConfig) -> Benchmark:
     return mme.load_mme(images, cfg.prompt_suffix)
 
 
+def read_predictions(cfg: EvalConfig, bench: Benchmark) -> tuple[dict[str, str], int]:
+    """--predictions -> ({question id of `bench`: answer}, lines read): this runner's predictions.jsonl, LLaVA's
+    answers under the benchmark's own ids (VQAv2, GQA), under llava_pope_test.jsonl's (with --llava-questions)
+    or under llava_mme.jsonl's (recognised: none of its ids is this runner's). A file none of whose ids is the
+    benchmark's is an error, not a run that scores every question as missing."""
+    from mllm.evaluate import mme, pope
+
+    rows = read_json_or_jsonl(cfg.predictions, records=True)
+    if not rows:
+        raise ValueError(f"{cfg.predictions}: no predictions")
+    if cfg.llava_questions:
+        return pope.from_llava(rows, cfg.predictions, cfg.llava_questions, bench.questions), len(rows)
+    with fields_of(cfg.predictions, "this runner's predictions.jsonl or LLaVA's answers JSON lines "
+                                    "({'question_id', 'answer' or 'text'})"):
+        preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
+    if bench.questions and not any(q.qid in preds for q in bench.questions):
+        if cfg.task == "mme":
+            return mme.from_llava(rows, cfg.predictions, bench.questions), len(rows)
+        hint = (" (LLaVA's POPE answers carry the ids of its llava_pope_test.jsonl: give that file as "
+                "--llava-questions)" if cfg.task == "pope" else "")
+        raise ValueError(f"{cfg.predictions}: none of its {len(preds)} question ids (e.g. {next(iter(preds))!r}) is "
+                         f"a question of --task {cfg.task} (such as {bench.questions[0].qid!r}){hint}")
+    return preds, len(rows)
+
+
 def _config_dict(cfg: EvalConfig) -> dict:
     """The resolved config as written into results.json."""
     return {**dataclasses.asdict(cfg), "engine": dataclasses.asdict(cfg.engine) if cfg.engine else None,
@@ -193,12 +224,7 @@ def run(cfg: EvalConfig) -> dict | None:
         bench = load_benchmark(cfg)
         if bench.score is None and bench.submission is None:
             raise ValueError(f"{cfg.task}: scoring needs --annotations")
-        rows = read_json_or_jsonl(cfg.predictions, records=True)
-        if not rows:
-            raise ValueError(f"{cfg.predictions}: no predictions")
-        with fields_of(cfg.predictions, "this runner's predictions.jsonl or LLaVA's answers JSON lines "
-                                        "({'question_id', 'answer' or 'text'})"):
-            preds = {str(r["question_id"]): r.get("answer", r.get("text", "")) for r in rows}
+        preds, num_rows = read_predictions(cfg, bench)
         qids = [q.qid for q in bench.first(cfg.inference.limit)]
         extra = {f"{bench.name}_submission.json": bench.submission(preds)} if bench.submission else {}
         if bench.score is None:  # test-dev: the server scores the submission file
@@ -209,7 +235,7 @@ def run(cfg: EvalConfig) -> dict | None:
                 print(f"warning: {cfg.predictions} answers {metrics['num_questions'] - metrics['num_missing']} of "
                       f"the {metrics['num_questions']} questions; the {metrics['num_missing']} others count as wrong",
                       file=sys.stderr)
-        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), extra_files=extra, num_predictions=len(rows))
+        write_results(cfg.out, cfg.task, metrics, _config_dict(cfg), extra_files=extra, num_predictions=num_rows)
         return metrics
 
     from mllm.engine import MLLMEngine

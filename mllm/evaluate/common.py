@@ -113,6 +113,12 @@ def with_suffix(question: str, suffix: str) -> str:
     return question + suffix
 
 
+def question_key(text: str) -> str:
+    """A question as matched across files: without LLaVA's short-answer instruction, whitespace collapsed (the text
+    of a LLaVA question file is the benchmark's question plus that instruction; this runner's prompt, the same)."""
+    return " ".join(text.replace(DEFAULT_SUFFIX.strip(), "").split())
+
+
 def flatten_metrics(metrics: dict, prefix: str = "") -> list[tuple[str, Any]]:
     """Nested metrics -> [(dotted name, scalar)]."""
     rows = []

@@ -17,13 +17,18 @@ LLaVA's llava_mme.jsonl (with --prompt-suffix "" the question is MME's own).
 Files: images = the official MME_Benchmark_release_version/ folder. Per subtask folder either
   <task>/images/<name>.{jpg,png} + <task>/questions_answers_YN/<name>.txt, or
   <task>/<name>.{jpg,png} + <task>/<name>.txt; each .txt holds two lines "question<TAB>Yes|No".
+
+LLaVA's answers (`--predictions`, recognised when no id is this runner's "<task>/<name>#<i>"): model_vqa_loader
+writes lines {"question_id", "prompt", "text", ...} with llava_mme.jsonl's ids "<task>/[images/]<name>", which an
+image's two questions share; as in LLaVA's convert_answer_to_mme.py, the prompt tells them apart.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, count_missing, with_suffix
+from mllm.evaluate.common import (DEFAULT_SUFFIX, Benchmark, Question, count_missing, fields_of, question_key,
+                                  with_suffix)
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
               "OCR")
@@ -126,3 +131,35 @@ def load_mme(root: str | Path, suffix: str) -> Benchmark:
         raise ValueError(f"no MME subtask folders ({', '.join(PERCEPTION + COGNITION)}) under {root}")
     return Benchmark("mme", qs, score=lambda preds, qids: score_mme(preds, {q: gold[q] for q in qids}),
                      group=lambda q: q.qid.rpartition("#")[0])  # --limit keeps both questions of an image
+
+
+def _llava_key(subtask: str, image: str, question: str) -> tuple[str, str, str]:
+    """(subtask, image stem, question without either answer instruction): how LLaVA's answer and this runner's
+    question meet (convert_answer_to_mme.py finds the ground truth by subtask, <stem>.txt and question)."""
+    return subtask, Path(image).stem, mme_question(question_key(question), DEFAULT_SUFFIX)
+
+
+def from_llava(rows: list[dict], answers: str | Path, questions: list[Question]) -> dict[str, str]:
+    """LLaVA's MME answers `rows` (read from `answers`) -> {"<task>/<name>#<i>": answer} for `questions`; an
+    answer that matches none of them is an error naming the file (never every question silently missing)."""
+    index: dict[tuple[str, str, str], str] = {}
+    for q in questions:
+        key = _llava_key(q.category, q.image.name, q.prompt)
+        if key in index:
+            raise ValueError(f"MME {q.image}: its two questions read alike; LLaVA's answers cannot tell them apart")
+        index[key] = q.qid
+    preds, unmatched = {}, []
+    with fields_of(answers, "this runner's predictions.jsonl or LLaVA's MME answers JSON lines {'question_id': "
+                            "'<subtask>/<image>', 'prompt', 'text'}"):
+        for r in rows:
+            lid = str(r["question_id"])
+            qid = index.get(_llava_key(lid.split("/")[0], lid, r["prompt"]))
+            if qid is None:
+                unmatched.append(lid)
+            else:
+                preds[qid] = r["text"]
+    if unmatched:
+        raise ValueError(f"{answers}: {len(unmatched)} of its {len(rows)} answers match no question of the MME "
+                         f"folder by subtask, image and prompt (e.g. question_id {unmatched[0]!r}); ids are this "
+                         "runner's '<subtask>/<image>#<i>' or LLaVA's llava_mme.jsonl '<subtask>/<image>'")
+    return preds

@@ -13,13 +13,21 @@ predictions or no positive labels) the metric is 0 instead of LLaVA's ZeroDivisi
 Files: questions = one or more of the official coco_pope_<category>.json files (JSON lines with
 "question_id", "image", "text", "label"); the category comes from the file name (or a "category"
 field). images = COCO val2014. Question ids repeat across categories, so ids are "<category>/<id>".
+
+LLaVA's answers (`--predictions` with `--llava-questions llava_pope_test.jsonl`): model_vqa_loader writes lines
+{"question_id", "prompt", "text", ...} whose ids are those of llava_pope_test.jsonl, one file for the three
+categories ({"question_id", "image", "text" + short-answer suffix, "category"}, numbered adversarial 1..,
+random 10000001.., popular 20000001..). LLaVA's eval_pope.py pairs a category's answers with the lines of
+coco_pope_<category>.json by position; here each LLaVA question is matched to a loaded question by category,
+image and question text, so a file cut short or merged out of order scores each answer against its own label.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from mllm.evaluate.common import Benchmark, Question, count_missing, fields_of, read_json_or_jsonl, with_suffix
+from mllm.evaluate.common import (Benchmark, Question, count_missing, fields_of, question_key, read_json_or_jsonl,
+                                  with_suffix)
 
 MISSING = "missing"
 """The parsed answer of a question without a prediction (neither yes nor no)."""
@@ -88,3 +96,42 @@ def load_pope(question_files: list[str | Path], images: str | Path, suffix: str)
                 gold[qid] = (cat, label)
                 qs.append(Question(qid, images / r["image"], with_suffix(r["text"], suffix), cat))
     return Benchmark("pope", qs, score=lambda preds, qids: score_pope(preds, {q: gold[q] for q in qids}))
+
+
+def from_llava(rows: list[dict], answers: str | Path, llava_questions: str | Path,
+               questions: list[Question]) -> dict[str, str]:
+    """LLaVA's answers `rows` (read from `answers`; ids of `llava_questions`) -> {"<category>/<id>": answer} for
+    `questions`. An id not in `llava_questions`, or one whose question no loaded coco_pope file holds, is an
+    error naming both files (never every question silently scored as missing)."""
+    pending: dict[tuple[str, str, str], list[str]] = {}  # a question loaded twice: LLaVA's copies match in order
+    for q in questions:
+        pending.setdefault((q.category, q.image.name, question_key(q.prompt)), []).append(q.qid)
+    ids: dict[str, str | None] = {}  # LLaVA's id -> this runner's (None: in no loaded file)
+    category: dict[str, str] = {}
+    with fields_of(llava_questions, "LLaVA's llava_pope_test.jsonl lines {'question_id', 'image', 'text', "
+                                    "'category'}"):
+        for r in read_json_or_jsonl(llava_questions, records=True):
+            lid = str(r["question_id"])
+            if lid in ids:
+                raise ValueError(f"{llava_questions}: question_id {lid} occurs twice")
+            same = pending.get((r["category"], Path(r["image"]).name, question_key(r["text"])))
+            ids[lid], category[lid] = (same.pop(0) if same else None), r["category"]
+    preds, unknown, outside = {}, [], []
+    with fields_of(answers, "LLaVA's answers JSON lines {'question_id', 'text'}"):
+        for r in rows:
+            lid = str(r["question_id"])
+            if lid not in ids:
+                unknown.append(lid)
+            elif ids[lid] is None:
+                outside.append(lid)
+            else:
+                preds[ids[lid]] = r["text"]
+    if unknown:
+        raise ValueError(f"{answers}: {len(unknown)} of its {len(rows)} question ids (e.g. {unknown[0]}) are not in "
+                         f"--llava-questions {llava_questions}: the answers are to another question file")
+    if outside:
+        cat = category[outside[0]]
+        raise ValueError(f"{answers}: {len(outside)} of its {len(rows)} answers are to questions of "
+                         f"--llava-questions {llava_questions} that no --questions file holds (e.g. question_id "
+                         f"{outside[0]}, category {cat!r}: give coco_pope_{cat}.json)")
+    return preds
