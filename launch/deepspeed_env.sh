@@ -14,10 +14,15 @@
 #   CUDA_VISIBLE_DEVICES  on one node (no hostfile): the GPUs used (the first NGPU of them). DeepSpeed drops
 #                it when given --num_gpus and numbers the GPUs 0..N-1, so they are passed as --include.
 # CPU-only machines: DS_ACCELERATOR=cpu. SLURM: launch/slurm.sbatch runs any launch/*.sh this way.
+# Stopping: on one node (and with NODE_RANK) the launcher runs under runtime/guard.py, which holds this script's
+# pid: a SIGTERM to it (`kill PID`) reaches every rank, which saves its step and exits (the deepspeed runner
+# alone passes no signal on in that mode: its ranks trained on, orphaned); Ctrl-C stops the ranks as before.
 # Failures: a rank that dies (kill -9, OOM, a crash) makes the others fail in their next collective and
 # every launcher exits, so the whole job stops. A node that drops off the network without closing its
 # connections is noticed after the trainers' --dist-timeout-min (default 30); extraction and packing
 # wait up to --barrier-timeout-min (default 24 h) at their final barrier, where ranks may end hours apart.
+_DS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
 ds_launch() {
     local port=$1
     shift
@@ -43,14 +48,16 @@ ds_launch() {
         args+=(--num_nodes "${NNODES:--1}")
         [[ -z "${NGPU:-}" ]] || args+=(--num_gpus "$NGPU")  # unset: the hostfile's slots or the GPU count
     fi
+    local guard=(python3 "$_DS_ROOT/runtime/guard.py")
     if [[ -n "${NODE_RANK:-}" ]]; then
         args+=(--no_ssh --node_rank "$NODE_RANK")
     elif _ds_over_pdsh "$hostfile"; then
         _DS_ARGS=("$@")
         _ds_pdsh_setup || exit 2
         set -- "${_DS_QUOTED[@]}"
+        guard=()  # the runner stops the nodes itself over pdsh (SIGTERM, then its pkill on every node)
     fi
-    exec deepspeed "${args[@]}" "$@"
+    exec "${guard[@]}" deepspeed "${args[@]}" "$@"
 }
 
 _ds_over_pdsh() {  # DeepSpeed starts the nodes over pdsh: a hostfile of more than one (used) host, no NODE_RANK

@@ -11,9 +11,11 @@ and ranks trained on, orphaned, holding the cores, the port and the run folder's
   step and exit; their DataLoader workers ignore a SIGTERM not sent by their rank: runtime.run), and SIGKILL
   to whatever is left STOP_GRACE_S later;
 - ignores SIGINT: a terminal's Ctrl-C reaches the job's own processes, which stop as they always did;
+- leaves a signal ignored when it was started with it ignored (nohup's SIGHUP), for the job too;
 - once the command's own process has exited, stops what it left behind the same way (a crashed runner's ranks);
 - exits as the command did (its exit code, or killed by the same signal), after every process of the job.
-Only the standard library and psutil (a deepspeed requirement): the guard starts in a few tens of ms.
+Linux only (elsewhere it runs the command as it is); the standard library alone, so any python3 runs it.
+launch/deepspeed_env.sh runs the deepspeed launcher under it too on one node (and per node with NODE_RANK).
 """
 from __future__ import annotations
 
@@ -28,31 +30,38 @@ after passing a SIGTERM on, and a scheduler's default (SLURM KillWait) is 30 s a
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _job() -> list:
-    """Every live process below the guard (psutil.Process), the re-parented orphans included; not the exited ones
-    that wait to be reaped (zombies)."""
-    import psutil
-
-    live = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                live.append(p)
-        except psutil.Error:  # exited meanwhile
-            pass
-    return live
+def _job() -> list[int]:
+    """The pids of every live process below the guard, the re-parented orphans included; not the exited ones that
+    wait to be reaped (zombies). From /proc, so that the guard needs only the standard library (the launch
+    scripts start it with whichever python3 is on PATH)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+                    state, ppid = f.read().rpartition(")")[2].split()[:2]
+            except (OSError, ValueError):  # exited meanwhile
+                continue
+            if state != "Z":
+                parent[int(d)] = int(ppid)
+    below, todo = [], [os.getpid()]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        below += kids
+        todo += kids
+    return below
 
 
 def _signal_job(sig: int) -> list[int]:
     """Send `sig` to every process of the job -> their pids."""
-    import psutil
-
     pids = []
-    for p in _job():
+    for pid in _job():
         try:
-            p.send_signal(sig)
-            pids.append(p.pid)
-        except psutil.Error:  # exited meanwhile
+            os.kill(pid, sig)
+            pids.append(pid)
+        except ProcessLookupError:  # exited meanwhile
             pass
     return pids
 
@@ -67,10 +76,11 @@ def _say(msg: str) -> None:
 def main(argv: list[str]) -> int:
     if not argv:
         raise SystemExit("usage: python runtime/guard.py CMD [ARGS...]")
-    if sys.platform.startswith("linux"):
-        import ctypes
+    if not sys.platform.startswith("linux"):  # no subreaper, no /proc: run the command as it is
+        os.execvp(argv[0], argv)
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
     stopping = False
 
     def kill_rest(signum, frame) -> None:
@@ -87,12 +97,16 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGALRM, kill_rest)
         signal.alarm(STOP_GRACE_S)
 
+    # A signal ignored by whoever started the guard stays ignored, for the job too: nohup's SIGHUP, and
+    # launch/slurm_node.sh's SIGTERM (it signals the job's whole process group itself)
+    ignored = {s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_IGN}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    for s in {signal.SIGTERM, signal.SIGHUP} - ignored:
         signal.signal(s, lambda signum, frame: stop(f"received {signal.Signals(signum).name}"))
+    restore_sigint = signal.SIGINT not in ignored  # Ctrl-C must still reach the job
     try:
-        # the child does not inherit the ignored SIGINT: Ctrl-C must still reach the job
-        leader = subprocess.Popen(argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        leader = subprocess.Popen(argv, preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                  if restore_sigint else None)
     except OSError as e:
         raise SystemExit(f"runtime.guard: cannot start {argv[0]!r}: {e}") from None
     if stopping:  # asked to stop while it started

@@ -417,3 +417,39 @@ def test_the_deepspeed_runner_s_ranks_stop_with_the_harness(tmp_path):
     parent.wait()
     assert all(_gone(r, timeout=30) for r in ranks)
     assert all(Path(f"{p}.stopped").is_file() for p in pids)
+
+
+@pytest.mark.slow
+def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path):
+    """`bash launch/X.sh ... &` then `kill PID` on one node: the pid was the deepspeed runner's, which died alone
+    and left the ranks training. It is runtime.guard's now: both ranks get SIGTERM (a trainer saves and exits)."""
+    (tmp_path / "rank.py").write_text(_RANK.replace("sys.argv[1]", "sys.argv[-1] + os.environ['LOCAL_RANK']"))
+    pids = [tmp_path / f"rank.pid{r}" for r in range(2)]
+    env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "NGPU": "2",
+           "HOSTFILE": str(tmp_path / "no_hostfile")}
+    launch = subprocess.Popen(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch {free_port()} '
+                               f'{tmp_path / "rank.py"} {tmp_path / "rank.pid"}'], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks = [_wait_for(p, launch, timeout=120) for p in pids]
+    launch.terminate()
+    out = launch.communicate(timeout=90)[0]
+    assert all(_gone(r, timeout=0) for r in ranks)  # the launch ended after its ranks
+    assert all(Path(f"{p}.stopped").is_file() for p in pids), out[-3000:]
+    assert "runtime.guard: received SIGTERM" in out
+
+
+def test_the_guard_keeps_an_ignored_hangup_ignored(tmp_path):
+    """`nohup bash launch/X.sh &`: closing the terminal must not stop the job (the guard would have caught the
+    SIGHUP that nohup ignores); a SIGTERM still does, and the guard exits as its command did (143)."""
+    (tmp_path / "rank.py").write_text(_RANK)
+    pid_file = tmp_path / "rank.pid"
+    guard = subprocess.Popen([sys.executable, str(ROOT / "runtime" / "guard.py"), sys.executable,
+                              str(tmp_path / "rank.py"), str(pid_file)],
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    rank = _wait_for(pid_file, guard)
+    guard.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert guard.poll() is None and not _gone(rank, timeout=0)
+    guard.terminate()
+    assert guard.wait(timeout=30) == 143 and _gone(rank, timeout=0)
+    assert (tmp_path / "rank.pid.stopped").is_file()
