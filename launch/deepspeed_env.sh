@@ -13,6 +13,11 @@
 #                passes on only PYTHON*, NCCL*, UCX*, MV2*, MLFLOW*), unless DS_ENV_FILE is already set.
 #   CUDA_VISIBLE_DEVICES  on one node (no hostfile): the GPUs used (the first NGPU of them). DeepSpeed drops
 #                it when given --num_gpus and numbers the GPUs 0..N-1, so they are passed as --include.
+#   LAUNCHER_ARGS  more options for the deepspeed launcher, split as a shell would (quotes, no expansion) and
+#                put after the ones above (a later option wins), e.g. "--exclude node-b:0,1",
+#                "--bind_cores_to_rank", or "--launcher openmpi --launcher_args '-x NCCL_DEBUG=INFO'": with a
+#                --launcher other than pdsh the arguments are not quoted for a shell and no DS_ENV_FILE is
+#                written (DeepSpeed hands mpirun/srun a list; pass variables with their own -x/--export).
 # CPU-only machines: DS_ACCELERATOR=cpu. SLURM: launch/slurm.sbatch runs any launch/*.sh this way.
 # Stopping: on one node (and with NODE_RANK) the launcher runs under runtime/guard.py, which holds this script's
 # pid: a SIGTERM to it (`kill PID`) reaches every rank, which saves its step and exits (the deepspeed runner
@@ -48,9 +53,27 @@ ds_launch() {
         args+=(--num_nodes "${NNODES:--1}")
         [[ -z "${NGPU:-}" ]] || args+=(--num_gpus "$NGPU")  # unset: the hostfile's slots or the GPU count
     fi
+    local extra=() launcher=pdsh i
+    if [[ -n "${LAUNCHER_ARGS:-}" ]]; then
+        # each word NUL-terminated, then "ok": a split that failed (an open quote) lacks it
+        mapfile -d '' extra < <(python3 -c 'import shlex, sys; print(*shlex.split(sys.argv[1]), "ok", sep="\0", end="")' \
+                                 "$LAUNCHER_ARGS" 2>/dev/null)
+        if [[ ${#extra[@]} -eq 0 || ${extra[-1]} != ok ]]; then
+            echo "deepspeed_env.sh: LAUNCHER_ARGS=$LAUNCHER_ARGS: a quote is not closed" >&2
+            exit 2
+        fi
+        unset 'extra[-1]'
+        for ((i = 0; i < ${#extra[@]}; i++)); do  # DeepSpeed's argparse: the last --launcher wins
+            [[ ${extra[i]} == --launcher && $((i + 1)) -lt ${#extra[@]} ]] && launcher=${extra[i + 1]}
+            [[ ${extra[i]} == --launcher=* ]] && launcher=${extra[i]#--launcher=}
+        done
+        args+=("${extra[@]}")
+    fi
     local guard=(python3 "$_DS_ROOT/runtime/guard.py")
     if [[ -n "${NODE_RANK:-}" ]]; then
         args+=(--no_ssh --node_rank "$NODE_RANK")
+    elif _ds_over_pdsh "$hostfile" && [[ ${launcher,,} != pdsh ]]; then
+        guard=()  # the runner starts the nodes through mpirun/srun, which pass a stop on themselves
     elif _ds_over_pdsh "$hostfile"; then
         _DS_ARGS=("$@")
         _ds_pdsh_setup || exit 2

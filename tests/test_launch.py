@@ -241,6 +241,38 @@ def test_deepspeed_env_passes_the_layout(tmp_path, env, expected):
     assert p.stdout.strip() == f"--hostfile {default} --master_port 1234 {expected} -m x --flag"
 
 
+@pytest.mark.parametrize("launcher_args,hosts,expected,env_file", [
+    # options of the runner the scripts had no way to pass; a later option wins over the scripts' own
+    ("--exclude 'node-b:0,1' --bind_cores_to_rank --master_port 7", 2,
+     ["--exclude", "node-b:0,1", "--bind_cores_to_rank", "--master_port", "7", "-m", "x", r"/d/\{0..2\}.tar"], True),
+    # mpirun/srun get a list from DeepSpeed: the arguments go as given, without pdsh's shell quoting or env file
+    ("--launcher openmpi --launcher_args '-x NCCL_DEBUG=INFO'", 2,
+     ["--launcher", "openmpi", "--launcher_args", "-x NCCL_DEBUG=INFO", "-m", "x", "/d/{0..2}.tar"], False),
+    ("--launcher=SLURM", 2, ["--launcher=SLURM", "-m", "x", "/d/{0..2}.tar"], False),
+    ("--bind_cores_to_rank", 1, ["--bind_cores_to_rank", "-m", "x", "/d/{0..2}.tar"], False),  # one node
+])
+def test_launcher_args_reach_the_deepspeed_runner(tmp_path, launcher_args, hosts, expected, env_file):
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "deepspeed").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\necho "env file: ${DS_ENV_FILE:-}"\n')
+    (bins / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"node-{h} slots=1\n" for h in "ab"[:hosts]))
+    p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x "/d/{{0..2}}.tar"'],
+                       env={"PATH": f"{bins}{os.pathsep}{os.environ['PATH']}", "HOSTFILE": str(hostfile),
+                            "MASTER_ADDR": "10.0.0.1", "LAUNCHER_ARGS": launcher_args, "TMPDIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    *argv, env_line = p.stdout.splitlines()
+    assert argv == ["--hostfile", str(hostfile), "--master_port", "1234", "--master_addr", "10.0.0.1", "--num_nodes",
+                    "-1", *expected]
+    assert (env_line != "env file: ") == env_file
+    p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
+                       env={"PATH": f"{bins}{os.pathsep}{os.environ['PATH']}", "LAUNCHER_ARGS": "--exclude 'a"},
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "LAUNCHER_ARGS=--exclude 'a: a quote is not closed" in p.stderr
+
+
 def test_deepspeed_env_refuses_a_launcher_per_node_without_master_addr(tmp_path):
     p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
                        env={"PATH": os.environ["PATH"], "NODE_RANK": "1"}, capture_output=True, text=True, timeout=30)
@@ -426,7 +458,8 @@ def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path):
     (tmp_path / "rank.py").write_text(_RANK.replace("sys.argv[1]", "sys.argv[-1] + os.environ['LOCAL_RANK']"))
     pids = [tmp_path / f"rank.pid{r}" for r in range(2)]
     env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "NGPU": "2",
-           "HOSTFILE": str(tmp_path / "no_hostfile")}
+           "HOSTFILE": str(tmp_path / "no_hostfile"),
+           "LAUNCHER_ARGS": f"--enable_each_rank_log '{tmp_path / 'rank logs'}'"}  # the real runner reads it
     launch = subprocess.Popen(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch {free_port()} '
                                f'{tmp_path / "rank.py"} {tmp_path / "rank.pid"}'], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -436,6 +469,7 @@ def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path):
     assert all(_gone(r, timeout=0) for r in ranks)  # the launch ended after its ranks
     assert all(Path(f"{p}.stopped").is_file() for p in pids), out[-3000:]
     assert "runtime.guard: received SIGTERM" in out
+    assert len(list((tmp_path / "rank logs").glob("*.log"))) == 2, out[-3000:]
 
 
 def test_the_guard_keeps_an_ignored_hangup_ignored(tmp_path):
