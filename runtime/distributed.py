@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -351,6 +352,20 @@ def rank0_verdict(problem: str | None) -> str | None:
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
     return problem
+
+
+def check_shared_outputs(count: Callable[[], int], expected: int, folder: str | os.PathLike, flag: str) -> None:
+    """Every rank wrote its share of `expected` files into `folder`, which rank 0 then reads whole (torch-fidelity,
+    a benchmark's scorer): RuntimeError on every rank when `count()`, called on rank 0, finds fewer. Where `folder`
+    was not shared, ranks of other nodes wrote theirs on their own disk, and FID was computed over rank 0's node's
+    images alone, without a word."""
+    problem = None
+    if is_main_process() and (n := count()) != expected:
+        problem = (f"{folder} holds {n} of the {expected} files the ranks wrote: the other ranks' are not there. "
+                   f"{flag} must be a folder every node shares (ranks of other nodes wrote theirs on their own "
+                   "disk); rank 0 reads them all")
+    if problem := rank0_verdict(problem):
+        raise RuntimeError(problem)
 
 
 def collective_device() -> torch.device:

@@ -158,3 +158,45 @@ def test_collectives_of_host_built_tensors_go_where_nccl_can_take_them(monkeypat
                  lambda: gather_count(3), lambda: rd.all_reduce_sum(torch.zeros(2))):
         with pytest.raises(Asked):
             call()
+
+
+SHARED_SCRIPT = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from runtime.distributed import check_shared_outputs, end_job, init_distributed
+init_distributed()
+rank, base, shared = dist.get_rank(), Path(sys.argv[1]), sys.argv[2] == "shared"
+folder = base / ("out" if shared else f"node{rank}/out")  # without a shared filesystem: each node's own disk
+folder.mkdir(parents=True, exist_ok=True)
+for j in range(rank, 6, 2):  # this rank's share of 6 images
+    (folder / f"{j:06d}.png").write_bytes(b"png")
+dist.barrier()
+try:
+    check_shared_outputs(lambda: sum(1 for _ in folder.glob("*.png")), 6, folder, "--out")
+    print("checked")
+except RuntimeError as e:
+    print("refused:", e)
+end_job()
+"""
+
+
+@pytest.mark.slow  # multi-process
+@pytest.mark.parametrize("shared", [True, False])
+def test_outputs_rank0_reads_whole_must_be_on_a_shared_folder(tmp_path, shared):
+    """rFID, FID and the GenEval / GenAI exports: each rank writes its images, then rank 0 reads the folder whole.
+    With --out on each node's own disk rank 0 scored its node's images alone, without a word; now every rank stops
+    with the same error (none hangs in a later collective)."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_SCRIPT, str(tmp_path), "shared" if shared else "local"],
+                              cwd=ROOT, env=ds_env() | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                                        "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    for out in outs:
+        if shared:
+            assert "checked" in out, out
+        else:
+            assert f"refused: {tmp_path}/node0/out holds 3 of the 6 files the ranks wrote" in out, out
+            assert "--out must be a folder every node shares" in out

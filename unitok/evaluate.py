@@ -442,7 +442,8 @@ def check_probe_classes(ds, folder: Path) -> None:
 
 def run(args: TokenizerEvalConfig) -> dict:
     """Evaluate and return the metrics dict (rank 0 also writes OUT_DIR/metrics.json)."""
-    from runtime.distributed import barrier, clear_outputs, get_rank, get_world_size, is_main_process, launcher_env
+    from runtime.distributed import (barrier, check_shared_outputs, clear_outputs, get_rank, get_world_size,
+                                     is_main_process, launcher_env)
     from unitok.loading import load_tokenizer
 
     # every input is checked before the tokenizer loads: a bad one found after the reconstruction pass would lose
@@ -481,8 +482,11 @@ def run(args: TokenizerEvalConfig) -> dict:
                        mean_usage_pct=float(np.mean(stats["usage_pct"])),
                        mean_perplexity=float(np.mean(stats["perplexity"])))
         barrier()
-        if args.inception_weights and is_main_process():
-            metrics.update(fid_is(out / "recon", out / "reference", Path(args.inception_weights)))
+        if args.inception_weights:
+            for d in (out / "recon", out / "reference"):  # both emptied above
+                check_shared_outputs(lambda: sum(1 for _ in d.glob("*.png")), metrics["num_images"], d, "--out")
+            if is_main_process():
+                metrics.update(fid_is(out / "recon", out / "reference", Path(args.inception_weights)))
     shared = None  # one encoding pass feeds both reads when the probe uses the zero-shot folder
     if args.zeroshot_dir and args.probe_dir and Path(args.zeroshot_dir).resolve() == Path(args.probe_dir).resolve():
         shared = folder_features(model, Path(args.probe_dir), args.size, args.batch_size, rank, world)

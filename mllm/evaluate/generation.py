@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 
 from mllm.evaluate.common import fields_of, read_json_or_jsonl
-from runtime.distributed import barrier, clear_outputs
+from runtime.distributed import barrier, check_shared_outputs, clear_outputs
 
 
 @dataclass
@@ -140,6 +140,8 @@ def run_fid(engine, prompts_file: str | Path, ref_dir: str | Path, weights: str 
     _generate_sharded(engine, [(pid, p) for pid, p, _ in rows], one, run, rank, world,
                       lambda pid, j, arr: Image.fromarray(arr).save(gen_dir / f"{pid}.png"))
     barrier()
+    check_shared_outputs(lambda: sum((gen_dir / f"{pid}.png").is_file() for pid, _, _ in rows), len(rows), gen_dir,
+                         "--out")
     if rank != 0:
         return None
     ref_out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,9 @@ def geneval_export(engine, metadata_file: str | Path, out_dir: str | Path, gen_c
         Image.fromarray(arr).save(out / pid / "samples" / f"{j:04d}.png")
 
     n = _generate_sharded(engine, [(pid, m["prompt"]) for pid, m in zip(ids, meta)], gen_cfg, run, rank, world, write)
-    total = gather_count(n)
+    total = gather_count(n)  # after every rank's last image: the collective waits for them all
+    check_shared_outputs(lambda: sum(1 for _ in out.glob("[0-9][0-9][0-9][0-9][0-9]/samples/*.png")), total, out,
+                         "--out")  # GenEval reads OUT whole (its stale folders were removed above)
     if rank != 0:
         return None
     return {"num_prompts": len(meta), "num_images": total, "images_per_prompt": gen_cfg.num_images,
@@ -238,10 +242,12 @@ def genai_export(engine, prompts_file: str | Path, out_dir: str | Path, gen_cfg,
     rows = every[:run.limit] if run.limit else every
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clear_outputs([out / f"{pid}.jpg" for pid, _ in every[len(rows):]])  # an earlier run's other prompts
+    # an earlier run's images: VQAScore reads OUT whole, and they would pass the count below
+    clear_outputs([out / f"{pid}.jpg" for pid, _ in every])
     n = _generate_sharded(engine, rows, gen_cfg, run, rank, world,
                           lambda pid, j, arr: Image.fromarray(arr).save(out / f"{pid}.jpg", quality=95))
     total = gather_count(n)
+    check_shared_outputs(lambda: sum((out / f"{pid}.jpg").is_file() for pid, _ in rows), total, out, "--out")
     if rank != 0:
         return None
     (out / "prompts.json").write_text(json.dumps(dict(rows), indent=1))
