@@ -13,11 +13,12 @@
 #                passes on only PYTHON*, NCCL*, UCX*, MV2*, MLFLOW*), unless DS_ENV_FILE is already set.
 #   CUDA_VISIBLE_DEVICES  on one node (no hostfile): the GPUs used (the first NGPU of them). DeepSpeed drops
 #                it when given --num_gpus and numbers the GPUs 0..N-1, so they are passed as --include.
-#   LAUNCHER_ARGS  more options for the deepspeed launcher, split as a shell would (quotes, no expansion) and
-#                put after the ones above (a later option wins), e.g. "--exclude node-b:0,1",
-#                "--bind_cores_to_rank", or "--launcher openmpi --launcher_args '-x NCCL_DEBUG=INFO'": with a
-#                --launcher other than pdsh the arguments are not quoted for a shell and no DS_ENV_FILE is
-#                written (DeepSpeed hands mpirun/srun a list; pass variables with their own -x/--export).
+#   LAUNCHER_ARGS  other options of the deepspeed launcher, split as a shell would (quotes, no expansion), e.g.
+#                "--exclude node-b:0,1", "--bind_cores_to_rank", or "--launcher openmpi --launcher_args
+#                '-x NCCL_DEBUG=INFO'" (runtime/launcher_args.py). The layout options above come from the
+#                environment only (given here they are refused). With a --launcher other than pdsh the arguments
+#                are not quoted for a shell and no DS_ENV_FILE is written (DeepSpeed hands mpirun/srun a list:
+#                pass variables with their -x/--export), and the job is stopped through them (scancel).
 # CPU-only machines: DS_ACCELERATOR=cpu. SLURM: launch/slurm.sbatch runs any launch/*.sh this way.
 # Stopping: on one node (and with NODE_RANK) the launcher runs under runtime/guard.py, which holds this script's
 # pid: a SIGTERM to it (`kill PID`) reaches every rank, which saves its step and exits (the deepspeed runner
@@ -53,42 +54,31 @@ ds_launch() {
         args+=(--num_nodes "${NNODES:--1}")
         [[ -z "${NGPU:-}" ]] || args+=(--num_gpus "$NGPU")  # unset: the hostfile's slots or the GPU count
     fi
-    local extra=() launcher=pdsh i
-    if [[ -n "${LAUNCHER_ARGS:-}" ]]; then
-        # each word NUL-terminated, then "ok": a split that failed (an open quote) lacks it
-        mapfile -d '' extra < <(python3 -c 'import shlex, sys; print(*shlex.split(sys.argv[1]), "ok", sep="\0", end="")' \
-                                 "$LAUNCHER_ARGS" 2>/dev/null)
-        if [[ ${#extra[@]} -eq 0 || ${extra[-1]} != ok ]]; then
-            echo "deepspeed_env.sh: LAUNCHER_ARGS=$LAUNCHER_ARGS: a quote is not closed" >&2
-            exit 2
-        fi
-        unset 'extra[-1]'
-        for ((i = 0; i < ${#extra[@]}; i++)); do  # DeepSpeed's argparse: the last --launcher wins
-            [[ ${extra[i]} == --launcher && $((i + 1)) -lt ${#extra[@]} ]] && launcher=${extra[i + 1]}
-            [[ ${extra[i]} == --launcher=* ]] && launcher=${extra[i]#--launcher=}
-        done
-        args+=("${extra[@]}")
+    if ! command -v python3 > /dev/null; then
+        echo "deepspeed_env.sh: python3 is not on PATH (activate the environment that has deepspeed)" >&2
+        exit 2
     fi
-    local guard=(python3 "$_DS_ROOT/runtime/guard.py")
+    # LAUNCHER_ARGS split, its --launcher, and the hosts DeepSpeed will use: each NUL-terminated, then "ok"
+    local out=() w reserved=0
+    [[ -z "${NGPU:-}" && " ${args[*]} " != *" --include "* ]] || reserved=1
+    while IFS= read -r -d '' w; do out+=("$w"); done < <(python3 -I "$_DS_ROOT/runtime/launcher_args.py" \
+        "${LAUNCHER_ARGS:-}" "$hostfile" "${NNODES:--1}" "$reserved")
+    [[ ${#out[@]} -ge 3 && ${out[${#out[@]}-1]} == ok ]] || exit 2  # it said why
+    local n=${#out[@]}
+    local launcher=${out[n-3]} hosts=${out[n-2]}
+    args+=(${out[@]+"${out[@]:0:n-3}"})
+    local guard=(python3 -I "$_DS_ROOT/runtime/guard.py")
     if [[ -n "${NODE_RANK:-}" ]]; then
         args+=(--no_ssh --node_rank "$NODE_RANK")
-    elif _ds_over_pdsh "$hostfile" && [[ ${launcher,,} != pdsh ]]; then
-        guard=()  # the runner starts the nodes through mpirun/srun, which pass a stop on themselves
-    elif _ds_over_pdsh "$hostfile"; then
+    elif (( hosts > 1 )) && [[ $launcher != pdsh ]]; then
+        guard=()  # the runner starts the nodes through mpirun/srun; stop the job with their own means (scancel)
+    elif (( hosts > 1 )); then
         _DS_ARGS=("$@")
         _ds_pdsh_setup || exit 2
         set -- "${_DS_QUOTED[@]}"
         guard=()  # the runner stops the nodes itself over pdsh (SIGTERM, then its pkill on every node)
     fi
-    exec "${guard[@]}" deepspeed "${args[@]}" "$@"
-}
-
-_ds_over_pdsh() {  # DeepSpeed starts the nodes over pdsh: a hostfile of more than one (used) host, no NODE_RANK
-    [[ -f "$1" ]] || return 1
-    local n
-    n=$(grep -cvE '^[[:space:]]*(#|$)' "$1" || true)
-    if (( ${NNODES:--1} > 0 && n > NNODES )); then n=$NNODES; fi
-    (( n > 1 ))
+    exec ${guard[@]+"${guard[@]}"} deepspeed "${args[@]}" "$@"
 }
 
 _ds_pdsh_setup() {  # _DS_ARGS -> _DS_QUOTED; DS_ENV_FILE exported

@@ -135,26 +135,24 @@ def run_captured(cmd: list[str], port: int, *, timeout: float | None = None, che
     return p
 
 
-def _die_with_parent() -> None:
-    """Run in the child before exec: SIGTERM it when the process that started it dies (Linux's
-    PR_SET_PDEATHSIG; it survives the exec), so that a caller killed with -9 leaves no job training on in its
-    folder: the child is runtime.guard, which stops the whole job. Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 _running: set[subprocess.Popen] = set()
 """run_logged's guards now running (of every thread)."""
 _running_lock = threading.Lock()
+_stopped = threading.Event()
+"""Set by stop_jobs(): no further job starts in this process."""
+
+
+class JobsStopped(RuntimeError):
+    """run_logged after stop_jobs(): the job was not started."""
 
 
 def stop_jobs() -> None:
     """Ask every job run_logged is running (in any thread) to stop, as a scheduler would: its guard sends SIGTERM
-    to each of its processes (the trainers save and exit). For a caller interrupted on its main thread while other
+    to each of its processes (the trainers save and exit); and start no further one (a thread going on from a
+    run's training to its evaluation raises JobsStopped). For a caller interrupted on its main thread while other
     threads wait on jobs (Ctrl-C reaches the jobs too; a SIGINT sent to the caller's pid alone does not)."""
     with _running_lock:
+        _stopped.set()
         jobs = list(_running)
     for p in jobs:
         with contextlib.suppress(ProcessLookupError):
@@ -206,8 +204,9 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
     naming `what` with the log's last lines; a leaked /dev/shm workspace of `port` raises after it is
     removed. MASTER_PORT is set to `port`: a launcher sets the same from --master_port, and a job
     without one uses it for its private process group, which the leak check then finds.
-    The job runs under runtime.guard: when this process dies (kill -9 included) or this call is interrupted
-    (Ctrl-C, `stop_jobs()`), every process of the job gets SIGTERM and this call returns once all are gone.
+    The job runs under runtime/guard.py: when this process dies (kill -9 included: the guard's PR_SET_PDEATHSIG)
+    or this call is interrupted (Ctrl-C, `stop_jobs()`), every process of the job gets SIGTERM and this call
+    returns once all are gone.
     """
     log_file = Path(log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -215,12 +214,14 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
     with open(log_file, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        # by its path: the guard needs only the standard library and psutil, whatever the job's PYTHONPATH.
+        # by its path and isolated (-I): the guard needs only the standard library, whatever the job's PYTHONPATH.
         # The job writes to the log file itself, echoed or not: through a pipe, its ranks' next print after this
         # process died raised BrokenPipeError, in the middle of the save its stop asks for.
-        p = subprocess.Popen([sys.executable, str(ROOT / "runtime" / "guard.py"), *cmd], cwd=cwd, env=env,
-                             stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         with _running_lock:
+            if _stopped.is_set():
+                raise JobsStopped(f"{what or shlex.join(cmd)} was not started: the jobs were stopped (stop_jobs)")
+            p = subprocess.Popen([sys.executable, "-I", str(ROOT / "runtime" / "guard.py"), "--parent",
+                                  str(os.getpid()), *cmd], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
             _running.add(p)
         try:
             if echo is None:

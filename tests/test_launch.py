@@ -241,17 +241,21 @@ def test_deepspeed_env_passes_the_layout(tmp_path, env, expected):
     assert p.stdout.strip() == f"--hostfile {default} --master_port 1234 {expected} -m x --flag"
 
 
-@pytest.mark.parametrize("launcher_args,hosts,expected,env_file", [
-    # options of the runner the scripts had no way to pass; a later option wins over the scripts' own
-    ("--exclude 'node-b:0,1' --bind_cores_to_rank --master_port 7", 2,
-     ["--exclude", "node-b:0,1", "--bind_cores_to_rank", "--master_port", "7", "-m", "x", r"/d/\{0..2\}.tar"], True),
+@pytest.mark.parametrize("launcher_args,hosts,expected,pdsh", [
+    # options of the runner the scripts had no way to pass
+    ("--bind_cores_to_rank --enable_each_rank_log 'my logs'", 2,
+     ["--bind_cores_to_rank", "--enable_each_rank_log", "my logs", "-m", "x", r"/d/\{0..2\}.tar"], True),
     # mpirun/srun get a list from DeepSpeed: the arguments go as given, without pdsh's shell quoting or env file
     ("--launcher openmpi --launcher_args '-x NCCL_DEBUG=INFO'", 2,
      ["--launcher", "openmpi", "--launcher_args", "-x NCCL_DEBUG=INFO", "-m", "x", "/d/{0..2}.tar"], False),
     ("--launcher=SLURM", 2, ["--launcher=SLURM", "-m", "x", "/d/{0..2}.tar"], False),
     ("--bind_cores_to_rank", 1, ["--bind_cores_to_rank", "-m", "x", "/d/{0..2}.tar"], False),  # one node
+    # hosts DeepSpeed drops leave one: it runs locally, where pdsh's quoting reached the ranks as backslashes
+    ("--exclude node-b", 2, ["--exclude", "node-b", "-m", "x", "/d/{0..2}.tar"], False),
+    ("--include node-a:0@node-b:0", 2, ["--include", "node-a:0@node-b:0", "-m", "x", r"/d/\{0..2\}.tar"], True),
+    ("--exclude node-b:0", 2, ["--exclude", "node-b:0", "-m", "x", "/d/{0..2}.tar"], False),  # its one slot
 ])
-def test_launcher_args_reach_the_deepspeed_runner(tmp_path, launcher_args, hosts, expected, env_file):
+def test_launcher_args_reach_the_deepspeed_runner(tmp_path, launcher_args, hosts, expected, pdsh):
     bins = tmp_path / "bin"
     bins.mkdir()
     (bins / "deepspeed").write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\necho "env file: ${DS_ENV_FILE:-}"\n')
@@ -266,11 +270,23 @@ def test_launcher_args_reach_the_deepspeed_runner(tmp_path, launcher_args, hosts
     *argv, env_line = p.stdout.splitlines()
     assert argv == ["--hostfile", str(hostfile), "--master_port", "1234", "--master_addr", "10.0.0.1", "--num_nodes",
                     "-1", *expected]
-    assert (env_line != "env file: ") == env_file
+    assert (env_line != "env file: ") == pdsh  # pdsh's own environment file
+
+
+@pytest.mark.parametrize("launcher_args,env,error", [
+    ("--exclude 'a", {}, "No closing quotation"),
+    # the layout comes from the environment: given again, the host set (and the quoting) changed behind its back
+    ("--num_nodes 1", {}, "--num_nodes is set from the environment here: use NNODES"),
+    ("--hostfile=/h", {}, "--hostfile is set from the environment here: use HOSTFILE"),
+    ("--force_multi", {}, "--force_multi is set from the environment here"),
+    ("--exclude localhost:1", {"NGPU": "2"}, "--exclude beside NGPU or CUDA_VISIBLE_DEVICES, which DeepSpeed refuses"),
+])
+def test_launcher_args_that_would_change_the_layout_are_refused(tmp_path, launcher_args, env, error):
     p = subprocess.run(["bash", "-c", f'source "{ROOT}/launch/deepspeed_env.sh"; ds_launch 1234 -m x'],
-                       env={"PATH": f"{bins}{os.pathsep}{os.environ['PATH']}", "LAUNCHER_ARGS": "--exclude 'a"},
-                       capture_output=True, text=True, timeout=30)
-    assert p.returncode == 2 and "LAUNCHER_ARGS=--exclude 'a: a quote is not closed" in p.stderr
+                       env={"PATH": os.environ["PATH"], "HOSTFILE": str(tmp_path / "none"),
+                            "LAUNCHER_ARGS": launcher_args, **env}, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stderr.startswith(f"deepspeed_env.sh: LAUNCHER_ARGS={launcher_args}: ")
+    assert error in p.stderr
 
 
 def test_deepspeed_env_refuses_a_launcher_per_node_without_master_addr(tmp_path):
@@ -385,12 +401,14 @@ def test_a_job_ends_with_the_process_that_started_it(tmp_path, how, echo):
     assert "runtime.guard: received SIGTERM: SIGTERM sent to the job's processes" in (tmp_path / "job.log").read_text()
 
 
-def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path):
+def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path, monkeypatch):
     """experiments.ablate interrupted on its main thread while its worker threads wait on jobs: `stop_jobs()`."""
     import threading
 
-    from runtime.launch import stop_jobs
+    import runtime.launch
+    from runtime.launch import JobsStopped, stop_jobs
 
+    monkeypatch.setattr(runtime.launch, "_stopped", threading.Event())  # this test's stop only
     (tmp_path / "rank.py").write_text(_RANK)
     errors = {}
 
@@ -415,19 +433,25 @@ def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path):
     # the trainers' exit code on a stop, which the ablation grid records as no failure
     assert all(errors[k].startswith(f"job {k} failed with exit code 143") for k in range(2)), errors
     assert all((tmp_path / f"{k}.pid.stopped").is_file() for k in range(2))
+    # and none starts after it (a run going on from its training to its evaluation)
+    with pytest.raises(JobsStopped, match="job 2 was not started: the jobs were stopped"):
+        run_logged([sys.executable, "-c", "pass"], free_port(), tmp_path / "2.log", what="job 2")
 
 
 def test_what_a_job_leaves_behind_is_stopped_with_it(tmp_path):
-    """A launcher that exits (or crashes) before its ranks: they no longer train on, orphaned; the exit code is the
-    launcher's, and a job killed by a signal reads as killed by it (the ablation grid's interrupted codes)."""
+    """A launcher that exits (or crashes) before its ranks: they no longer train on, orphaned, and the job is no
+    success; a job killed by a signal reads as killed by it (the ablation grid's interrupted codes)."""
     (tmp_path / "rank.py").write_text(_RANK)
     pid_file = tmp_path / "rank.pid"
     leader = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(tmp_path / 'rank.py')!r}, "
-              f"{str(pid_file)!r}]); time.sleep(0.5) if 0 else None\n"
+              f"{str(pid_file)!r}])\n"
               f"while not open({str(pid_file)!r}, 'a+').tell(): time.sleep(0.05)")
-    run_logged([sys.executable, "-c", leader], free_port(), tmp_path / "job.log")
+    # the deepspeed runner exits 0 when its node launcher was killed: the stopped ranks' 143 is the job's code
+    with pytest.raises(RuntimeError, match="leader failed with exit code 143"):
+        run_logged([sys.executable, "-c", leader], free_port(), tmp_path / "job.log", what="leader")
     assert _gone(int(pid_file.read_text()), timeout=0) and (tmp_path / "rank.pid.stopped").is_file()
     assert "exited (0) and left processes behind" in (tmp_path / "job.log").read_text()
+    assert "exited 0 but left processes running, which exited [143]" in (tmp_path / "job.log").read_text()
     with pytest.raises(RuntimeError, match="job failed with exit code -15"):
         run_logged(["bash", "-c", "kill -TERM $$"], free_port(), tmp_path / "killed.log", what="job")
 
@@ -452,9 +476,11 @@ def test_the_deepspeed_runner_s_ranks_stop_with_the_harness(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path):
-    """`bash launch/X.sh ... &` then `kill PID` on one node: the pid was the deepspeed runner's, which died alone
-    and left the ranks training. It is runtime.guard's now: both ranks get SIGTERM (a trainer saves and exits)."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path, sig):
+    """`bash launch/X.sh ... &` then `kill [-INT|-USR1] PID` on one node: the pid was the deepspeed runner's, which
+    died alone and left the ranks training. It is runtime.guard's now: both ranks get SIGTERM (a trainer saves and
+    exits); a SIGINT goes to the runner, whose exit then stops the ranks it leaves."""
     (tmp_path / "rank.py").write_text(_RANK.replace("sys.argv[1]", "sys.argv[-1] + os.environ['LOCAL_RANK']"))
     pids = [tmp_path / f"rank.pid{r}" for r in range(2)]
     env = {**ds_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "NGPU": "2",
@@ -464,11 +490,12 @@ def test_a_launch_script_stopped_with_kill_stops_its_ranks(tmp_path):
                                f'{tmp_path / "rank.py"} {tmp_path / "rank.pid"}'], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ranks = [_wait_for(p, launch, timeout=120) for p in pids]
-    launch.terminate()
+    launch.send_signal(sig)
     out = launch.communicate(timeout=90)[0]
     assert all(_gone(r, timeout=0) for r in ranks)  # the launch ended after its ranks
     assert all(Path(f"{p}.stopped").is_file() for p in pids), out[-3000:]
-    assert "runtime.guard: received SIGTERM" in out
+    assert ("left processes behind" if sig == signal.SIGINT else f"received {sig.name}") in out, out[-3000:]
+    assert launch.returncode != 0
     assert len(list((tmp_path / "rank logs").glob("*.log"))) == 2, out[-3000:]
 
 
