@@ -86,6 +86,10 @@ class MllmTrainConfig(RunConfig):
     """Positions per row (images count h*w each)."""
     pack: bool = True
     """Pack several samples per row (no attention across samples) instead of padding."""
+    attention: Literal["auto", "flash", "flex", "sdpa", "eager"] = "auto"
+    """LLM attention kernel: auto = flash (flash-attn) for bf16 on a GPU where it is installed, else sdpa. In packed
+    rows flash (varlen) and flex (PyTorch flex_attention with a block mask, compiled at the first step) skip the
+    pairs of positions of different samples; sdpa computes every pair of a row under a mask."""
     num_workers: int = 2
     """Data worker processes per rank."""
     gradient_checkpointing: bool | None = None
@@ -114,6 +118,10 @@ class MllmTrainConfig(RunConfig):
         for name in ("micro_batch", "max_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        from mllm.modeling.modeling import attn_implementation
+
+        # before any launch work; build_model checks again with the precision DeepSpeed's config resolved
+        attn_implementation(self.attention, torch.float32 if self.precision == "fp32" else torch.bfloat16)
 
     def resolved(self) -> "MllmTrainConfig":
         """Fill stage defaults and check the starting point (before any engine starts)."""
@@ -177,7 +185,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
 
     import mllm  # noqa: F401  (registers the model type)
     from mllm import UniMLLMConfig, UniMLLMForCausalLM
-    from mllm.modeling.modeling import default_attn_implementation
+    from mllm.modeling.modeling import attn_implementation
     from runtime.distributed import get_rank
     from runtime.zero_load import load_into, read_weights
 
@@ -205,7 +213,7 @@ def build_model(cfg: MllmTrainConfig, ds: dict, log, codes_tokenizer: str | None
     if config.pad_token_id is None:
         config.pad_token_id = text_tok.pad_token_id
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
-    config._attn_implementation = default_attn_implementation(dtype)
+    config._attn_implementation = attn_implementation(cfg.attention, dtype)
     if zero3:
         # Partition at construction; skip random init (weights are loaded or initialised per module
         # in load_into, where each module's parameters are gathered).
@@ -526,6 +534,7 @@ def build(cfg: MllmTrainConfig, info, log) -> MllmTask:
              f"ZeRO-{ds['zero_optimization'].get('stage', 0)}, world {info.world_size}, "
              f"global batch {ds['train_batch_size']} rows of {cfg.max_len}")
     log_partition(model, info, log)
+    log.info(f"attention: {model.config._attn_implementation}")
     if cfg.compile:
         static, dynamic = compiled_blocks(cfg.pack, model.config._attn_implementation)
         n = compile_blocks(model, static=static, dynamic=dynamic, backend=cfg.compile)

@@ -299,6 +299,30 @@ def test_attention_implementation_selection(monkeypatch):
     assert [str(w.message) for w in caught] == ["flash-attn is not available: using PyTorch SDPA attention"]
 
 
+def test_the_attention_flag_names_what_cannot_run(monkeypatch):
+    """mllm.train --attention: flash or flex where they cannot train is an error at start-up, not a fallback."""
+    import types
+
+    from mllm.modeling.modeling import attn_implementation
+    from mllm.train import MllmTrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attn_implementation("sdpa", torch.float32) == "sdpa" and attn_implementation("eager", torch.float32) == "eager"
+    with pytest.raises(ValueError, match="--attention flex trains on a GPU only"):
+        MllmTrainConfig(attention="flex")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not installed
+    with pytest.raises(ValueError, match="--attention flash: flash-attn is not installed"):
+        attn_implementation("flash", torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    with pytest.raises(ValueError, match="--attention flash needs a GPU and bf16"):
+        attn_implementation("flash", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match="--attention flash needs a GPU and bf16"):
+        attn_implementation("flash", torch.float32)
+    assert attn_implementation("flash", torch.bfloat16) == "flash_attention_2"
+    assert attn_implementation("flex", torch.float32) == "flex_attention"
+
+
 def _flash_stand_in(monkeypatch) -> dict:
     """flash-attn's two kernels as exact PyTorch equivalents (no flash-attn or GPU here), so transformers' own
     flash_attention_2 dispatch runs on CPU; returns the kernels' call counts."""
@@ -328,9 +352,10 @@ def _flash_stand_in(monkeypatch) -> dict:
     return calls
 
 
-# sdpa and eager run on CPU; flash_attention_2 (what a GPU with flash-attn gets) through exact stand-in kernels
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash_attention_2"])
-def test_packed_rows_do_not_attend_across_samples(model, attn, monkeypatch):
+# sdpa, eager and flex_attention run on CPU; flash_attention_2 (what a GPU with flash-attn gets) through exact
+# stand-in kernels
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flash_attention_2", "flex_attention"])
+def test_packed_rows_do_not_attend_across_samples(model, attn, monkeypatch, request):
     """Packed rows (position ids restarting per sample, no mask: several rows, as --micro-batch > 1 packs)
     give each sample exactly the logits it has alone. Under flash_attention_2 transformers read restarting
     position ids only in a batch of one row: with more, every sample attended to the ones before it in its row."""
@@ -344,6 +369,9 @@ def test_packed_rows_do_not_attend_across_samples(model, attn, monkeypatch):
     assert packed["input_ids"].shape == (3, 9) and packed["attention_mask"] is None
     emb = model.build_inputs_embeds(packed["input_ids"], packed["image_codes"], packed["image_lens"],
                                     packed["image_starts"])
+    if attn == "flex_attention":  # no backward on CPU (mllm.train refuses it there)
+        torch.set_grad_enabled(False)
+        request.addfinalizer(lambda: torch.set_grad_enabled(True))
     logits = model(inputs_embeds=emb, position_ids=packed["position_ids"]).logits
     if calls is not None:
         assert calls == {"whole_row": 0, "varlen": model.config.num_hidden_layers}
@@ -356,6 +384,8 @@ def test_packed_rows_do_not_attend_across_samples(model, attn, monkeypatch):
                     position_ids=alone["position_ids"]).logits[0]
         n = ref.shape[0]
         assert torch.allclose(logits[row, start:start + n], ref, atol=1e-5)
+    if attn == "flex_attention":
+        return
     # packed training loss equals the token-weighted combination computed on the padded batch
     keys = ("input_ids", "labels", "attention_mask", "position_ids", "image_codes", "image_lens",
             "image_starts", "image_gen")

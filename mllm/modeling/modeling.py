@@ -63,6 +63,31 @@ def default_attn_implementation(dtype: torch.dtype | None = None, device: torch.
     return "sdpa"
 
 
+ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2", "eager": "eager"}
+"""mllm.train --attention -> transformers' attn_implementation."""
+
+
+def attn_implementation(choice: str, dtype: torch.dtype) -> str:
+    """mllm.train's --attention for a model trained in `dtype` -> transformers' attn_implementation ("auto":
+    default_attn_implementation). "flash" where flash-attn cannot run is an error, not a fallback."""
+    if choice == "auto":
+        return default_attn_implementation(dtype)
+    if choice not in ATTENTION:
+        raise ValueError(f"--attention must be auto or one of {sorted(ATTENTION)}, got {choice!r}")
+    if choice == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ValueError("--attention flash: flash-attn is not installed (pip install flash-attn); "
+                             "--attention flex or sdpa need nothing more") from None
+        if not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError("--attention flash needs a GPU and bf16 (--precision bf16): flash-attn has no CPU and "
+                             "no fp32 kernels")
+    if choice == "flex" and not torch.cuda.is_available():
+        raise ValueError("--attention flex trains on a GPU only: PyTorch's flex_attention has no backward on CPU")
+    return ATTENTION[choice]
+
+
 def packed_flash_kwargs(attn_implementation: str | None, position_ids: torch.Tensor) -> dict:
     """Flash-attention's varlen arguments for packed rows (position ids restarting per sample): cu_seq_lens over
     all rows flattened, so no sample attends to another. transformers infers them from position ids only for a
