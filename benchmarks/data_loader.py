@@ -80,12 +80,18 @@ def write_data(root: Path, seed: int = 0) -> Path:
                     turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q},
                               {"from": "gpt", "value": a}]
                 rows.append({"id": key, "image": f"img/{key}.jpg", "conversations": turns})
-    (root / "inst.json").write_text(json.dumps(rows))
-    recipe = {"name": "bench", "root": str(root), "sources": [
-        {"name": "text", "kind": "text", "paths": "text/{00000..00003}.jsonl", "weight": 6},
-        {"name": "pairs", "kind": "pairs", "paths": "codes/{00000..00003}.tar", "weight": 2, "t2i_ratio": 0.5},
+    return _write_recipe(root, "bench", rows, (6, 2, 2))
+
+
+def _write_recipe(root: Path, name: str, instructions: list[dict], weights: tuple[int, int, int]) -> Path:
+    """root/inst.json and root/recipe.yaml over the text, code-shard and instruction files under root -> its path."""
+    (root / "inst.json").write_text(json.dumps(instructions))
+    recipe = {"name": name, "root": str(root), "sources": [
+        {"name": "text", "kind": "text", "paths": "text/{00000..00003}.jsonl", "weight": weights[0]},
+        {"name": "pairs", "kind": "pairs", "paths": "codes/{00000..00003}.tar", "weight": weights[1],
+         "t2i_ratio": 0.5},
         {"name": "chat", "kind": "instructions", "paths": "inst.json", "image_paths": "codes/{00000..00003}.tar",
-         "weight": 2}]}
+         "weight": weights[2]}]}
     path = root / "recipe.yaml"
     path.write_text(json.dumps(recipe))
     return path
@@ -127,15 +133,7 @@ def write_long_mix(root: Path, tok, seed: int = 0) -> Path:
                     turns += [{"from": "human", "value": ("<image>\n" if image and t == 0 else "") + q},
                               {"from": "gpt", "value": a}]
                 rows.append({"id": key, **({"image": f"img/{key}.jpg"} if image else {}), "conversations": turns})
-    (root / "inst.json").write_text(json.dumps(rows))
-    recipe = {"name": "long_mix", "root": str(root), "sources": [
-        {"name": "text", "kind": "text", "paths": "text/{00000..00003}.jsonl", "weight": 4},
-        {"name": "pairs", "kind": "pairs", "paths": "codes/{00000..00003}.tar", "weight": 3, "t2i_ratio": 0.5},
-        {"name": "chat", "kind": "instructions", "paths": "inst.json", "image_paths": "codes/{00000..00003}.tar",
-         "weight": 3}]}
-    path = root / "recipe.yaml"
-    path.write_text(json.dumps(recipe))
-    return path
+    return _write_recipe(root, "long_mix", rows, (4, 3, 3))
 
 
 def write_demo(root: Path) -> list[Path]:
