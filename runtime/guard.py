@@ -159,9 +159,10 @@ def main(argv: list[str]) -> int:
         _say(f"{argv[0]} exited 0 but left processes running, which exited {failed}: the job did not complete")
         code = failed[0]
     if code is not None and code < 0:  # killed by a signal: end the same way, for the caller's returncode
-        if -code in CORE_SIGNALS or -code in (signal.SIGKILL, signal.SIGSTOP):
-            return 128 - code  # no core file of the guard; SIGKILL/SIGSTOP have no handler to reset
-        signal.signal(-code, signal.SIG_DFL)
+        if -code in CORE_SIGNALS:
+            return 128 - code  # no core file of the guard
+        if -code != signal.SIGKILL:  # it has no handler to reset (an out-of-memory kill reads as -9 above too)
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return 1 if code is None else code
 
