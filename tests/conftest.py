@@ -10,6 +10,17 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture(autouse=True)
+def _jobs_allowed(monkeypatch):
+    """Each test starts with runtime.launch's jobs allowed: a test interrupting the ablation grid calls stop_jobs(),
+    after which run_logged starts no job in the process (JobsStopped)."""
+    import threading
+
+    import runtime.launch
+
+    monkeypatch.setattr(runtime.launch, "_stopped", threading.Event())
+
+
 @pytest.fixture
 def debug_model():
     """A randomly initialised debug-preset tokenizer in eval mode, fixed seed."""

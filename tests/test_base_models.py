@@ -143,7 +143,7 @@ def test_stage1_build_follows_the_base(tmp_path, llama3_dir, unitok):
     unitok.save_pretrained(tmp_path / "unitok")
     cfg = SimpleNamespace(init_from=None, llama_dir=str(llama3_dir), tokenizer=str(tmp_path / "unitok"),
                           tokenizer_attn_mode="full", max_len=64, mllm={"depth_num_layers": 1}, trainable=GROUPS,
-                          gradient_checkpointing=False)
+                          gradient_checkpointing=False, attention="auto")
     model, tok = build_model(cfg, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
                              logging.getLogger(__name__))
     c = model.config

@@ -401,14 +401,12 @@ def test_a_job_ends_with_the_process_that_started_it(tmp_path, how, echo):
     assert "runtime.guard: received SIGTERM: SIGTERM sent to the job's processes" in (tmp_path / "job.log").read_text()
 
 
-def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path, monkeypatch):
+def test_stop_jobs_stops_the_jobs_of_every_thread(tmp_path):
     """experiments.ablate interrupted on its main thread while its worker threads wait on jobs: `stop_jobs()`."""
     import threading
 
-    import runtime.launch
     from runtime.launch import JobsStopped, stop_jobs
 
-    monkeypatch.setattr(runtime.launch, "_stopped", threading.Event())  # this test's stop only
     (tmp_path / "rank.py").write_text(_RANK)
     errors = {}
 
