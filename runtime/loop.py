@@ -203,6 +203,10 @@ class Task:
         """Backward and engine steps for a finite loss; returns more 0-d terms to log (may raise StopRun)."""
         raise NotImplementedError
 
+    def discard(self, out: dict[str, Any]) -> None:
+        """`forward`'s micro batch is dropped (a non-finite loss on some rank; every rank drops it): undo what the
+        forward changed besides the graph. Default: nothing."""
+
     def count(self, batch: Any) -> tuple[int, int]:
         """(samples, tokens) in this rank's micro batch, for the throughput figures (tokens may be 0)."""
         raise NotImplementedError
@@ -485,6 +489,7 @@ def _fit(cfg: RunConfig, task: Task, info, log, run_config: dict[str, Any], sign
                 bad = {k: v for k, v in scalars(out).items() if not math.isfinite(v)}
                 log.warning(f"step {step + 1}: non-finite loss on some rank (here: {bad}); micro batch skipped on "
                             "every rank")
+                task.discard(out)
                 bad_in_row += 1
                 skipped += 1
                 if cfg.nan_policy == "stop" or bad_in_row >= MAX_BAD_IN_A_ROW:

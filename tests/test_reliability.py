@@ -100,6 +100,10 @@ def test_nan_loss_is_skipped_and_reported(tmp_path):
     assert "non-finite loss" in log and "'loss': nan" in log
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["loss"] == s["loss"] for s in steps)
+    # the usage EMA counts the 4 trained micro batches: the dropped one's codes left no trace (it counted 5)
+    from runtime.checkpoint import CheckpointManager
+
+    assert CheckpointManager.load_rank_state(run / "step-00000004")["task"]["usage_steps"] == 4
     # resuming a finished run trains nothing and still exports
     p = subprocess.run([c for c in cmd if c != "--no-export"], cwd=ROOT, env=ds_env(), capture_output=True,
                        text=True, timeout=300)

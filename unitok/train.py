@@ -320,7 +320,12 @@ class TokenizerTask(Task):
         # The loader's tensors are on the CPU (pinned); the model is on the engine's device. "images" goes on in
         # the output for the discriminator's step (backward).
         batch = {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+        self._usage_before = self.model.quantizer.usage_state()  # the forward updates the usage EMA (see discard)
         return {**self.generator_losses(batch, step), "images": batch["images"]}
+
+    def discard(self, out):
+        """A dropped micro batch's codes leave the usage EMA as it was (it counted micro batches that trained none)."""
+        self.model.quantizer.load_usage_state(self._usage_before)
 
     def backward(self, out, batch, step):
         """Generator update, then the discriminator's on the same micro batch (after the GAN start)."""

@@ -65,6 +65,17 @@ class _QuantizerBase(nn.Module):
         self.codebooks = nn.ModuleList(Codebook(cfg.codebook_size, cfg.code_dim) for _ in range(cfg.num_codebooks))
         self.usage_steps = 0  # usage EMA updates so far: a host int (a device buffer cost a sync per forward)
 
+    def usage_state(self) -> tuple[int, list[torch.Tensor]]:
+        """The usage EMA (updates so far, each codebook's `vocab_usage`), for `load_usage_state`."""
+        return self.usage_steps, [cb.vocab_usage.clone() for cb in self.codebooks]
+
+    @torch.no_grad()
+    def load_usage_state(self, state: tuple[int, list[torch.Tensor]]) -> None:
+        """Put back a `usage_state()`: a micro batch the trainer dropped (non-finite loss) leaves no trace there."""
+        self.usage_steps = state[0]
+        for cb, usage in zip(self.codebooks, state[1]):
+            cb.vocab_usage.copy_(usage)
+
     def raw_weights(self) -> torch.Tensor:
         """(K, V, d) raw codebook weights."""
         return torch.stack([cb.codebook.weight for cb in self.codebooks])
