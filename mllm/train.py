@@ -112,8 +112,11 @@ class MllmTrainConfig(RunConfig):
 
     @staticmethod
     def stream_flags(config):
-        return {f"--{k.replace('_', '-')}": config.get(k) for k in ("seed", "micro_batch", "max_len", "pack",
-                                                                   "pack_lookahead", "num_workers")}
+        flags = {f"--{k.replace('_', '-')}": config.get(k) for k in ("seed", "micro_batch", "max_len", "pack",
+                                                                    "pack_lookahead", "num_workers")}
+        if flags["--pack"] is False:  # without packing the look-ahead changes nothing
+            flags["--pack-lookahead"] = None
+        return flags
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,10 +127,10 @@ class MllmTrainConfig(RunConfig):
         for name in ("micro_batch", "max_len", "pack_lookahead"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
-        from mllm.modeling.modeling import attn_implementation
+        if self.attention != "auto":  # before any launch work; build_model checks again with the resolved precision
+            from mllm.modeling.modeling import attn_implementation
 
-        # before any launch work; build_model checks again with the precision DeepSpeed's config resolved
-        attn_implementation(self.attention, torch.float32 if self.precision == "fp32" else torch.bfloat16)
+            attn_implementation(self.attention, torch.float32 if self.precision == "fp32" else torch.bfloat16)
 
     def resolved(self) -> "MllmTrainConfig":
         """Fill stage defaults and check the starting point (before any engine starts)."""

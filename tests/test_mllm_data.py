@@ -806,6 +806,28 @@ def test_loader_state_versions(tok, mix_recipe, caplog):
         MixtureLoader(mix_recipe(), tok, **kw).load_state_dict(dict(state, version=3))
 
 
+def test_a_resume_while_samples_are_held_at_the_end_counts_each_skip_once(tok, tmp_path):
+    """Finite mode: the draw that finds the end reads (and counts) a source's trailing bad records while samples
+    are still held; a state saved then predates that draw, and a restored loader counted them twice."""
+    docs = [{"text": f"d{i} " + "word " * ((7 * i) % 29)} for i in range(30)] + [{"text": "x " * 300}]  # too long
+    write_jsonl(tmp_path / "a.jsonl", docs)
+    recipe = Recipe.from_dict({"name": "r", "root": str(tmp_path), "sources": [
+        {"name": "a", "kind": "text", "paths": "a.jsonl", "weight": 1, "text_overflow": "skip", "shuffle": False}]})
+    kw = dict(micro_batch_size=1, max_len=96, infinite=False)
+    ref, seen = MixtureLoader(recipe, tok, **kw), []
+    for batch in ref:
+        seen.append((batch, json.loads(json.dumps(ref.state_dict()))))
+    end = ref.stats()["sources"]["a"]
+    assert (end["records"], end["skipped"]["too_long"]) == (31, 1)
+    cut = max(k for k, (_, st) in enumerate(seen) if st["workers"]["0"]["pending"])  # after the end was found
+    resumed = MixtureLoader(recipe, tok, **kw)
+    resumed.load_state_dict(seen[cut][1])
+    rest = list(resumed)
+    assert len(rest) == len(seen) - cut - 1 and all(tensors_equal(a, b) for a, (b, _) in zip(rest, seen[cut + 1:]))
+    s = resumed.stats()["sources"]["a"]
+    assert (s["records"], s["skipped"]["too_long"]) == (31, 1)  # was (32, 2)
+
+
 def test_ranks_read_different_data(tok, mix_recipe):
     a = take(iter(MixtureLoader(mix_recipe(), tok, micro_batch_size=2, max_len=160, rank=0, world_size=2)), 5)
     b = take(iter(MixtureLoader(mix_recipe(), tok, micro_batch_size=2, max_len=160, rank=1, world_size=2)), 5)

@@ -317,6 +317,10 @@ def test_the_attention_flag_names_what_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="--attention flash needs a GPU and bf16"):
         attn_implementation("flash", torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a GPU machine training on its CPU
+    with pytest.raises(ValueError, match="--attention flex trains on a GPU only"):
+        attn_implementation("flex", torch.bfloat16)
+    monkeypatch.delenv("DS_ACCELERATOR")
     with pytest.raises(ValueError, match="--attention flash needs a GPU and bf16"):
         attn_implementation("flash", torch.float32)
     assert attn_implementation("flash", torch.bfloat16) == "flash_attention_2"

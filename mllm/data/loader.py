@@ -101,6 +101,7 @@ class _MixtureStream:
                       for s, p in zip(self.sources, self.positions)]
         self.taken = 0  # samples drawn by this object
         self.pending: list[_Held] = []  # drawn, not in a batch yet; in draw order
+        self.end_counts: list[dict[str, int]] = [{} for _ in self.sources]  # of the draw that found the end
         if state is not None:
             self._replay(state)
 
@@ -150,8 +151,8 @@ class _MixtureStream:
         out = {**st, "replay": self.taken - base, "pending": [h.seq - base for h in self.pending], "sources": {}}
         for i, s in enumerate(self.sources):
             counters = dict(s.counters)
-            for h in self.pending:
-                for k, v in h.counts[i].items():
+            for counts in [h.counts[i] for h in self.pending] + ([self.end_counts[i]] if self.pending else []):
+                for k, v in counts.items():
                     counters[k] -= v
             out["sources"][s.name] = {**st["sources"][s.name], "counters": {k: v for k, v in counters.items() if v},
                                       "examples": {r: list(v) for r, v in s.examples.items()}}
@@ -162,10 +163,15 @@ class _MixtureStream:
         state = self.position()
         before = [dict(s.counters) for s in self.sources]
         sample = self._draw()
-        if sample is None:
-            return None
         counts = [{k: v - b.get(k, 0) for k, v in s.counters.items() if v != b.get(k, 0)}
                   for s, b in zip(self.sources, before)]
+        if sample is None:
+            # the last draw of a finite stream still counted the records it skipped: a snapshot taken while
+            # samples are held predates it, and a restored stream reads those records again
+            for end, c in zip(self.end_counts, counts):  # (a later call finds the end again and adds nothing)
+                for k, v in c.items():
+                    end[k] = end.get(k, 0) + v
+            return None
         self.taken += 1
         return _Held(self.taken - 1, sample, state, counts)
 
@@ -374,7 +380,8 @@ class MixtureLoader:
         return {"recipe": self.recipe.name, "sources": [s.name for s in self.recipe.sources],
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_workers, "micro_batch_size": self.micro_batch_size,
-                "max_len": self.max_len, "pack": self.pack, "pack_lookahead": self.pack_lookahead,
+                "max_len": self.max_len, "pack": self.pack,
+                "pack_lookahead": self.pack_lookahead if self.pack else None,  # no packing: it changes nothing
                 "infinite": self.infinite}
 
     def state_dict(self) -> dict[str, Any]:
@@ -388,7 +395,7 @@ class MixtureLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state_dict()` output; ValueError if it came from a different setup."""
         if state.get("version") == 1:
-            state = _from_version_1(state, self.pack_lookahead)
+            state = _from_version_1(state, self._identity()["pack_lookahead"])
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported loader state version {state.get('version')!r} (this code reads versions 1 "
                              f"and {STATE_VERSION}): resume with the code that saved it, or start this stage afresh "
@@ -420,12 +427,13 @@ class MixtureLoader:
                 "pad_ratio": _ratio(self._positions_pad, self._positions_total)}
 
 
-def _from_version_1(state: dict[str, Any], pack_lookahead: int) -> dict[str, Any]:
+def _from_version_1(state: dict[str, Any], pack_lookahead: int | None) -> dict[str, Any]:
     """A version-1 state in version-2 form. Its snapshots hold no sample (the one a batch closed on is redrawn),
     so they resume at their exact data position with nothing to replay; the batches from there are packed with
     this loader's look-ahead (version 1 packed as pack_lookahead=1 does)."""
     log.warning("loader state of version 1 (before the packing look-ahead): the data continues at its exact "
-                "position; batches are packed with pack_lookahead=%d from here", pack_lookahead)
+                "position" + ("" if pack_lookahead is None else
+                              f"; batches are packed with pack_lookahead={pack_lookahead} from here"))
     return {**state, "version": 2, "pack_lookahead": pack_lookahead,
             "workers": {k: {**v, "replay": 0, "pending": []} for k, v in state["workers"].items()}}
 

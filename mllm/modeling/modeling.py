@@ -17,6 +17,7 @@ the same sequence of parameter gathers whatever its batch holds (see `build_inpu
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -74,16 +75,18 @@ def attn_implementation(choice: str, dtype: torch.dtype) -> str:
         return default_attn_implementation(dtype)
     if choice not in ATTENTION:
         raise ValueError(f"--attention must be auto or one of {sorted(ATTENTION)}, got {choice!r}")
+    # DeepSpeed trains where its accelerator is: DS_ACCELERATOR=cpu runs on the CPU of a GPU machine too
+    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") in ("", "cuda")
     if choice == "flash":
         try:
             import flash_attn  # noqa: F401
         except ImportError:
             raise ValueError("--attention flash: flash-attn is not installed (pip install flash-attn); "
                              "--attention flex or sdpa need nothing more") from None
-        if not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
+        if not on_gpu or dtype not in (torch.bfloat16, torch.float16):
             raise ValueError("--attention flash needs a GPU and bf16 (--precision bf16): flash-attn has no CPU and "
                              "no fp32 kernels")
-    if choice == "flex" and not torch.cuda.is_available():
+    if choice == "flex" and not on_gpu:
         raise ValueError("--attention flex trains on a GPU only: PyTorch's flex_attention has no backward on CPU")
     return ATTENTION[choice]
 
