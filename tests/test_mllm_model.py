@@ -320,6 +320,8 @@ def test_the_attention_flag_names_what_cannot_run(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # a GPU machine training on its CPU
     with pytest.raises(ValueError, match="--attention flex trains on a GPU only"):
         attn_implementation("flex", torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert attn_implementation("auto", torch.bfloat16) == "sdpa"  # flash-attn has no CPU kernels
     monkeypatch.delenv("DS_ACCELERATOR")
     with pytest.raises(ValueError, match="--attention flash needs a GPU and bf16"):
         attn_implementation("flash", torch.float32)

@@ -71,12 +71,12 @@ ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention
 def attn_implementation(choice: str, dtype: torch.dtype) -> str:
     """mllm.train's --attention for a model trained in `dtype` -> transformers' attn_implementation ("auto":
     default_attn_implementation). "flash" where flash-attn cannot run is an error, not a fallback."""
-    if choice == "auto":
-        return default_attn_implementation(dtype)
-    if choice not in ATTENTION:
-        raise ValueError(f"--attention must be auto or one of {sorted(ATTENTION)}, got {choice!r}")
     # DeepSpeed trains where its accelerator is: DS_ACCELERATOR=cpu runs on the CPU of a GPU machine too
     on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") in ("", "cuda")
+    if choice == "auto":
+        return default_attn_implementation(dtype, None if on_gpu else "cpu")
+    if choice not in ATTENTION:
+        raise ValueError(f"--attention must be auto or one of {sorted(ATTENTION)}, got {choice!r}")
     if choice == "flash":
         try:
             import flash_attn  # noqa: F401
