@@ -214,6 +214,7 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
     with open(log_file, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
+        start = f.tell()  # now: the job shares the file's offset, and moves it as it writes
         # by its path and isolated (-I): the guard needs only the standard library, whatever the job's PYTHONPATH.
         # The job writes to the log file itself, echoed or not: through a pipe, its ranks' next print after this
         # process died raised BrokenPipeError, in the middle of the save its stop asks for.
@@ -227,7 +228,7 @@ def run_logged(cmd: list[str], port: int, log_file: str | Path, *, what: str | N
             if echo is None:
                 returncode = p.wait()
             else:
-                returncode = _tail(log_file, f.tell(), p, echo)
+                returncode = _tail(log_file, start, p, echo)
         except BaseException:
             _stop_and_wait(p)
             raise
