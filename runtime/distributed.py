@@ -354,13 +354,21 @@ def rank0_verdict(problem: str | None) -> str | None:
     return problem
 
 
-def check_shared_outputs(count: Callable[[], int], expected: int, folder: str | os.PathLike, flag: str) -> None:
+def check_shared_outputs(count: Callable[[], int], expected: int, folder: str | os.PathLike, flag: str,
+                         wait_s: float = 60) -> None:
     """Every rank wrote its share of `expected` files into `folder`, which rank 0 then reads whole (torch-fidelity,
     a benchmark's scorer): RuntimeError on every rank when `count()`, called on rank 0, finds fewer. Where `folder`
     was not shared, ranks of other nodes wrote theirs on their own disk, and FID was computed over rank 0's node's
-    images alone, without a word."""
+    images alone, without a word. Rank 0 counts again for up to `wait_s` seconds first: an NFS client may list
+    another node's new files only once its attribute cache expires (acdirmax, 60 s by default)."""
+    import time
+
     problem = None
-    if is_main_process() and (n := count()) != expected:
+    if is_main_process():
+        deadline = time.monotonic() + wait_s
+        while (n := count()) != expected and time.monotonic() < deadline:
+            time.sleep(2)
+    if is_main_process() and n != expected:
         problem = (f"{folder} holds {n} of the {expected} files the ranks wrote: the other ranks' are not there. "
                    f"{flag} must be a folder every node shares (ranks of other nodes wrote theirs on their own "
                    "disk); rank 0 reads them all")

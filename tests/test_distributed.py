@@ -173,7 +173,7 @@ for j in range(rank, 6, 2):  # this rank's share of 6 images
     (folder / f"{j:06d}.png").write_bytes(b"png")
 dist.barrier()
 try:
-    check_shared_outputs(lambda: sum(1 for _ in folder.glob("*.png")), 6, folder, "--out")
+    check_shared_outputs(lambda: sum(1 for _ in folder.glob("*.png")), 6, folder, "--out", wait_s=3)
     print("checked")
 except RuntimeError as e:
     print("refused:", e)
