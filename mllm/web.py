@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     # System fonts: the default theme would fetch Google Fonts from the browser.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
+    early: list[int] = []  # a SIGTERM while the server starts: launch may have served requests already
+    signal.signal(signal.SIGTERM, lambda signum, _: early.append(signum))
     try:
         app.queue().launch(server_name=cfg.host, server_port=cfg.port, share=False, inbrowser=False, theme=theme,
                            footer_links=[], max_file_size=cfg.max_upload_bytes(), prevent_thread_lock=True,
@@ -322,8 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"serving on http://{cfg.host}:{cfg.port}", flush=True)  # only now: launch has bound the port
     # SIGTERM (kill, systemd, docker stop) stops it as Ctrl-C does: gradio's shutdown empties its cache.
-    signal.signal(signal.SIGTERM, lambda *_: _interrupt())
-    app.block_thread()  # until Ctrl-C or SIGTERM
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: _interrupt())
+        if early:
+            raise KeyboardInterrupt
+        app.block_thread()  # until Ctrl-C or SIGTERM
+    except KeyboardInterrupt:  # one that came before block_thread: the shutdown it makes of a Ctrl-C
+        app.server.close()
     return 0
 
 
