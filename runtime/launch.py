@@ -159,19 +159,27 @@ def stop_jobs() -> None:
             p.send_signal(signal.SIGTERM)
 
 
-def _stop_and_wait(p: subprocess.Popen) -> None:
-    """Stop a guarded job and wait for all of it (the guard exits last); a second Ctrl-C kills it at once."""
+def _kill_tree(pid: int) -> None:
+    """kill -9 the process `pid` and everything below it (gone already: nothing to do)."""
     import psutil
 
+    try:
+        victims = [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        return
+    for v in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            v.kill()
+
+
+def _stop_and_wait(p: subprocess.Popen) -> None:
+    """Stop a guarded job and wait for all of it (the guard exits last); a second Ctrl-C kills it at once."""
     try:
         with contextlib.suppress(ProcessLookupError):
             p.send_signal(signal.SIGTERM)
         p.wait()
     except BaseException:
-        with contextlib.suppress(psutil.Error):
-            for q in [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
-                with contextlib.suppress(psutil.Error):
-                    q.kill()
+        _kill_tree(p.pid)
         p.wait()
         raise
 
@@ -306,15 +314,5 @@ class NodeLaunch:
 
     def kill(self) -> None:
         """kill -9 every launcher and rank of every node."""
-        import psutil
-
         for p in self.procs:
-            try:
-                victims = [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]
-            except psutil.NoSuchProcess:
-                continue
-            for v in victims:
-                try:
-                    v.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            _kill_tree(p.pid)

@@ -62,6 +62,12 @@ PACK_LOOKAHEAD = 8
 _MIX_TAG = 0x6D6978  # "mix": separates mixing draws from per-record draws
 
 
+def _add_counts(into: dict[str, int], counts: dict[str, int], sign: int = 1) -> None:
+    """into[k] += sign * counts[k] for every key of `counts` (a source's counters: records, skipped/*, ...)."""
+    for k, v in counts.items():
+        into[k] = into.get(k, 0) + sign * v
+
+
 @dataclass
 class _Held:
     """A drawn sample that is not in a batch yet, with what a snapshot taken before its draw needs."""
@@ -132,8 +138,7 @@ class _MixtureStream:
             ss = st["sources"][s.name]
             s.counters = dict(ss["counters"])
             for h in self.pending:
-                for k, v in h.counts[i].items():
-                    s.counters[k] = s.counters.get(k, 0) + v
+                _add_counts(s.counters, h.counts[i])
             s.examples = {r: list(v) for r, v in ss.get("examples", {}).items()}
 
     def position(self) -> dict[str, Any]:
@@ -152,8 +157,7 @@ class _MixtureStream:
         for i, s in enumerate(self.sources):
             counters = dict(s.counters)
             for counts in [h.counts[i] for h in self.pending] + ([self.end_counts[i]] if self.pending else []):
-                for k, v in counts.items():
-                    counters[k] -= v
+                _add_counts(counters, counts, -1)
             out["sources"][s.name] = {**st["sources"][s.name], "counters": {k: v for k, v in counters.items() if v},
                                       "examples": {r: list(v) for r, v in s.examples.items()}}
         return out
@@ -169,8 +173,7 @@ class _MixtureStream:
             # the last draw of a finite stream still counted the records it skipped: a snapshot taken while
             # samples are held predates it, and a restored stream reads those records again
             for end, c in zip(self.end_counts, counts):  # (a later call finds the end again and adds nothing)
-                for k, v in c.items():
-                    end[k] = end.get(k, 0) + v
+                _add_counts(end, c)
             return None
         self.taken += 1
         return _Held(self.taken - 1, sample, state, counts)
