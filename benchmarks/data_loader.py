@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -51,18 +52,24 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_text(root: Path, per_file: int, doc: Callable[[], str]) -> None:
+    """root/text/0000{0..3}.jsonl, `per_file` documents each, from `doc()`."""
+    (root / "text").mkdir(parents=True)
+    for f in range(4):
+        with open(root / f"text/{f:05d}.jsonl", "w") as fh:
+            for _ in range(per_file):
+                fh.write(json.dumps({"text": doc()}) + "\n")
+
+
 def write_data(root: Path, seed: int = 0) -> Path:
     """Write the synthetic mix under root; returns the recipe path."""
     import webdataset as wds
 
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
-    (root / "text").mkdir(parents=True)
-    for f in range(4):
-        with open(root / f"text/{f:05d}.jsonl", "w") as fh:
-            for _ in range(500):
-                n = int(min(1500, max(5, rng.lognormvariate(3.6, 0.9))))  # words; median ~37 words
-                fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
+    # words; median ~37 words
+    _write_text(root, 500, lambda: " ".join(rng.choice(WORDS)
+                                            for _ in range(int(min(1500, max(5, rng.lognormvariate(3.6, 0.9)))))))
     (root / "codes").mkdir()
     rows = []
     for s in range(4):
@@ -108,12 +115,8 @@ def write_long_mix(root: Path, tok, seed: int = 0) -> Path:
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
     per_word = len(tok(_words(random.Random(1), 2000), add_special_tokens=False).input_ids) / 2000  # tokens / word
-    (root / "text").mkdir(parents=True)
-    for f in range(4):
-        with open(root / f"text/{f:05d}.jsonl", "w") as fh:
-            for _ in range(300):
-                n = min(12000, max(20, rng.lognormvariate(np.log(700), 1.0)))  # tokens
-                fh.write(json.dumps({"text": _words(rng, int(n / per_word))}) + "\n")
+    _write_text(root, 300, lambda: _words(rng, int(min(12000, max(20, rng.lognormvariate(np.log(700), 1.0)))  # tokens
+                                                   / per_word)))
     (root / "codes").mkdir()
     rows = []
     for s in range(4):
